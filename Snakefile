@@ -1,0 +1,21 @@
+# fluxpipe: FLUX.1 training as a Snakemake pipeline.
+#   validate model files -> cache AE latents -> cache text-encoder outputs -> train -> evaluate
+# Settings: config/config.yaml (checked by fluxpipe.config when this file is parsed).
+# Every rule runs one `fluxpipe <stage>` command; the logic lives in the fluxpipe package.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/models.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        VALIDATE_REPORT,

@@ -1,0 +1,140 @@
+"""Typed, frozen configuration, validated once at the boundary (no torch import here).
+
+``load_pipeline(mapping)`` turns ``config/config.yaml`` (as Snakemake parsed it) into a
+``PipelineConfig``: unknown keys, wrong types and inconsistent settings raise ``ConfigError``
+naming the key, so a typo fails when the Snakefile is parsed, before any job starts.
+The Snakefile and the command line use this same loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fluxpipe.errors import FluxpipeError
+
+MODEL_SLOTS = ("flux", "ae", "clip_l", "t5xxl")
+
+
+class ConfigError(FluxpipeError):
+    """A setting that is unknown, of the wrong type or inconsistent with another."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelsConfig:
+    """Model files in the official single-file layouts. All four empty: the embedded demo models."""
+
+    flux: str | None = None
+    """flux1-dev.safetensors or flux1-schnell.safetensors (BFL layout; bf16, fp16, fp32 or float8_e4m3fn)."""
+    ae: str | None = None
+    """ae.safetensors (BFL layout, not the Diffusers vae/ folder)."""
+    clip_l: str | None = None
+    """clip_l.safetensors (text_model.* keys)."""
+    t5xxl: str | None = None
+    """t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors."""
+    clip_tokenizer: str | None = None
+    """Folder with the CLIP ViT-L/14 tokenizer (vocab.json, merges.txt); empty: the hub id when online."""
+    t5_tokenizer: str | None = None
+    """Folder with the T5 v1.1 tokenizer (tokenizer.json); empty: the hub id when online."""
+
+    @property
+    def demo(self) -> bool:
+        return all(getattr(self, s) is None for s in MODEL_SLOTS)
+
+    def __post_init__(self) -> None:
+        given = [s for s in MODEL_SLOTS if getattr(self, s) is not None]
+        if given and len(given) != len(MODEL_SLOTS):
+            missing = [s for s in MODEL_SLOTS if s not in given]
+            raise ConfigError(f"models: set all four model files or none (none = demo models); missing: "
+                              f"{', '.join('models.' + m for m in missing)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineConfig:
+    """Everything in config/config.yaml."""
+
+    models: ModelsConfig = dataclasses.field(default_factory=ModelsConfig)
+    """Model and tokenizer files."""
+    hash_cache: str | None = None
+    """JSON file caching sha256 of model files by size+mtime (empty: ~/.cache/fluxpipe/sha256.json)."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a type annotation (dataclasses, unions, lists, scalars)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(_type_name(o) for o in options)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
+    """PipelineConfig from the parsed config.yaml mapping (empty strings count as unset)."""
+    return from_dict(PipelineConfig, _blank_to_none(data or {}))
+
+
+def load_pipeline_file(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return load_pipeline(data)
+
+
+def _blank_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _blank_to_none(v) for k, v in value.items()}
+    return None if value == "" else value

@@ -1,0 +1,56 @@
+"""Streamed sha256 of (large) files, cached by (size, mtime) so a 24 GB model is hashed once.
+
+The cache is a small JSON file {absolute path: {size, mtime_ns, sha256}}; an entry counts only while
+the file's size and modification time are unchanged. Writes are atomic (temp + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from fluxpipe.safetensors_file import write_text_atomic
+
+CHUNK = 16 * 1024 * 1024
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fluxpipe" / "sha256.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_cache(cache: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a missing or damaged cache only costs a rehash
+
+
+def cached_sha256(path: str | Path, cache: Path | None = None) -> tuple[str, bool]:
+    """(sha256 hex, whether it came from the cache) for ``path``."""
+    path = Path(path).resolve()
+    cache = cache or default_cache_path()
+    stat = path.stat()
+    entries = _load_cache(cache)
+    entry = entries.get(str(path))
+    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry["sha256"], True
+    digest = sha256_file(path)
+    entries = _load_cache(cache)  # re-read: another process may have added entries meanwhile
+    entries[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    try:
+        write_text_atomic(cache, json.dumps(entries, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a read-only cache location only costs a rehash next time
+    return digest, False

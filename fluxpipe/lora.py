@@ -1,0 +1,110 @@
+"""LoRA files in the kohya / ComfyUI layout: ``<prefix>_<module path with . -> _>.{lora_down.weight,
+lora_up.weight,alpha}`` with prefixes ``lora_unet`` (DiT), ``lora_te1`` (CLIP-L), ``lora_te3`` (T5-XXL).
+
+``apply_lora`` merges such a file into models: W += multiplier * (alpha / rank) * up @ down (spec §5.1,
+§5.3). Every LoRA module must find its target; an unmatched name is an error, never skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fluxpipe.errors import CheckpointError, summarize
+
+# module-path prefix of each LoRA prefix inside the model it targets (transformers 5's CLIPTextModel
+# has no `text_model.` level, but the file names keep it, as the reference and ComfyUI write them)
+LORA_PREFIXES = {"lora_unet": "lora_unet_", "lora_te1": "lora_te1_text_model_", "lora_te3": "lora_te3_"}
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    down: Tensor  # [rank, in]
+    up: Tensor  # [out, rank]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> Tensor:
+        """alpha/rank * up @ down in float32, [out, in]."""
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
+def parse_lora(state_dict: Mapping[str, Tensor]) -> dict[str, LoraPair]:
+    """Group a kohya-layout state dict by module name; alpha defaults to the rank when absent or 0."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state_dict.items():
+        name, _, suffix = key.partition(".")
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise CheckpointError(
+                f"LoRA key {key!r} is not in the kohya/ComfyUI layout (expected <name>.lora_down.weight, "
+                ".lora_up.weight, .alpha); convert the file to that layout first"
+            )
+        parts.setdefault(name, {})[suffix] = tensor
+    pairs = {}
+    for name, p in parts.items():
+        if "lora_down.weight" not in p or "lora_up.weight" not in p:
+            raise CheckpointError(f"LoRA module {name!r} lacks its lora_down or lora_up weight")
+        down, up = p["lora_down.weight"], p["lora_up.weight"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise CheckpointError(f"LoRA module {name!r}: up {tuple(up.shape)} and down {tuple(down.shape)} do not chain")
+        alpha = float(p["alpha"]) if "alpha" in p else 0.0
+        pairs[name] = LoraPair(down=down, up=up, alpha=alpha or float(down.shape[0]))
+    return pairs
+
+
+def lora_targets(model: nn.Module, prefix: str) -> dict[str, nn.Linear]:
+    """LoRA module name -> the nn.Linear it adapts, for every Linear in ``model``."""
+    head = LORA_PREFIXES[prefix]
+    return {head + name.replace(".", "_"): m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def merge_pair(linear: nn.Linear, pair: LoraPair, multiplier: float) -> None:
+    """In-place W += multiplier * delta (float32 maths, stored back in the weight's dtype)."""
+    if tuple(linear.weight.shape) != (pair.up.shape[0], pair.down.shape[1]):
+        raise CheckpointError(
+            f"LoRA shape {tuple(pair.up.shape[:1]) + tuple(pair.down.shape[1:])} does not fit weight "
+            f"{tuple(linear.weight.shape)}: the LoRA was made for another model"
+        )
+    w = linear.weight
+    delta = pair.delta().to(w.device)
+    linear.weight.data = (w.float() + multiplier * delta).to(w.dtype)
+
+
+def apply_lora(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    multiplier: float = 1.0,
+    *,
+    clip_l: nn.Module | None = None,
+    t5xxl: nn.Module | None = None,
+) -> int:
+    """Merge a kohya-layout LoRA into the DiT ``model`` (and the text encoders when given).
+
+    Returns the number of merged modules. Raises CheckpointError if any LoRA module matches no layer,
+    or if the file holds text-encoder modules and that encoder was not passed.
+    """
+    models = {"lora_unet": model, "lora_te1": clip_l, "lora_te3": t5xxl}
+    pairs = parse_lora(state_dict)
+    targets: dict[str, nn.Linear] = {}
+    for prefix, m in models.items():
+        if m is not None:
+            targets.update(lora_targets(m, prefix))
+    unmatched = [n for n in pairs if n not in targets]
+    if unmatched:
+        missing_te = {p for p in ("lora_te1", "lora_te3") if models[p] is None and any(n.startswith(p) for n in unmatched)}
+        hint = f"; pass the text encoder(s) for {sorted(missing_te)}" if missing_te else ""
+        raise CheckpointError(f"{len(unmatched)} LoRA modules match no layer: {summarize(unmatched)}{hint}")
+    for name, pair in pairs.items():
+        merge_pair(targets[name], pair, multiplier)
+    return len(pairs)

@@ -1,0 +1,139 @@
+"""CLIP-L and T5-XXL, the FLUX.1 text encoders, through transformers built from config (no hub download).
+
+Single-file layouts (spec §1.6): ``clip_l.safetensors`` holds ``text_model.*`` keys (transformers 5's
+``CLIPTextModel`` has no ``text_model.`` level, so the prefix is mapped here); ``t5xxl_*.safetensors`` holds
+``shared.weight`` and/or ``encoder.embed_tokens.weight`` (one tied tensor) plus ``encoder.*``.
+Configs are inferred from key shapes, so the official files and the tiny demo files use one code path.
+Tokenizers come from a local folder, else the hub ids when online, else a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from fluxpipe.errors import FluxpipeError
+
+CLIP_FILE_PREFIX = "text_model."
+# keys some clip_l.safetensors files carry that FLUX does not use (projection head, logit scale, a buffer)
+CLIP_IGNORED_KEYS = frozenset({"text_projection.weight", "logit_scale", "text_model.embeddings.position_ids"})
+T5_TIED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
+
+CLIP_HUB_ID = "openai/clip-vit-large-patch14"
+T5_HUB_ID = "google/t5-v1_1-xxl"
+
+
+def _count(shapes: dict[str, tuple[int, ...]], pattern: str) -> int:
+    return len({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
+
+
+def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], eos_token_id: int | None = None) -> CLIPTextConfig:
+    """CLIPTextConfig for a ``text_model.*`` state dict (CLIP-L: 49408 x 768, 12 layers, 12 heads of 64).
+
+    FLUX's CLIP-L uses quick_gelu. The pooled output is the hidden state at the first end-of-text token,
+    which is the last id of the vocabulary for CLIP's BPE (and for fluxpipe's demo tokenizer).
+    """
+    vocab, hidden = shapes["text_model.embeddings.token_embedding.weight"]
+    if hidden % 64:
+        raise ValueError(f"CLIP hidden size {hidden} is not a multiple of the head dim 64")
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=_count(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1 if eos_token_id is None else eos_token_id,
+        pad_token_id=vocab - 1,
+    )
+
+
+def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Config:
+    """T5Config (encoder only, gated GELU, no biases) for a T5 v1.1 state dict (XXL: d_model 4096, 64 heads)."""
+    embed_key = next(k for k in T5_TIED_KEYS if k in shapes)
+    vocab, d_model = shapes[embed_key]
+    num_buckets, num_heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // num_heads,
+        d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+        num_layers=_count(shapes, r"encoder\.block\.(\d+)\."),
+        num_heads=num_heads,
+        relative_attention_num_buckets=num_buckets,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def build_clip(config: CLIPTextConfig) -> CLIPTextModel:
+    config._attn_implementation = "sdpa"
+    return CLIPTextModel(config)
+
+
+def build_t5(config: T5Config) -> T5EncoderModel:
+    config._attn_implementation = "sdpa"
+    return T5EncoderModel(config)
+
+
+def _hub_or_error(kind: str, hub_id: str, setting: str, loader):  # noqa: ANN001 - a from_pretrained callable
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return loader(hub_id)
+        except Exception as e:  # network errors, missing repo, no cache: all mean "not available here"
+            reason = f"{type(e).__name__}"
+    raise FluxpipeError(
+        f"{kind} tokenizer not available ({reason}): set `{setting}` in config/config.yaml (or --{setting.replace('_', '-')}) "
+        f"to a local folder holding the files of {hub_id}"
+    )
+
+
+def load_clip_tokenizer(folder: str | Path | None, max_length: int = 77):
+    """CLIP ViT-L/14 BPE tokenizer from ``folder`` (vocab.json + merges.txt), else the hub id when online."""
+    from transformers import CLIPTokenizer
+
+    def load(src: str):  # noqa: ANN202
+        return CLIPTokenizer.from_pretrained(src, model_max_length=max_length, local_files_only=src != CLIP_HUB_ID)
+
+    if folder is None:
+        return _hub_or_error("CLIP-L", CLIP_HUB_ID, "clip_tokenizer", load)
+    _require_files(Path(folder), ("vocab.json", "merges.txt"), "CLIP-L tokenizer", "clip_tokenizer")
+    return load(str(folder))
+
+
+def load_t5_tokenizer(folder: str | Path | None, max_length: int = 512):
+    """T5 v1.1 tokenizer from ``folder`` (tokenizer.json), else the hub id when online."""
+    from transformers import T5TokenizerFast
+
+    def load(src: str):  # noqa: ANN202
+        return T5TokenizerFast.from_pretrained(src, model_max_length=max_length, local_files_only=src != T5_HUB_ID)
+
+    if folder is None:
+        return _hub_or_error("T5", T5_HUB_ID, "t5_tokenizer", load)
+    _require_files(Path(folder), ("tokenizer.json",), "T5 tokenizer", "t5_tokenizer")
+    return load(str(folder))
+
+
+def _require_files(folder: Path, names: tuple[str, ...], what: str, setting: str) -> None:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FluxpipeError(
+            f"{what} folder {folder} lacks {', '.join(missing)}: point `{setting}` at a folder with {', '.join(names)}"
+        )

@@ -1,0 +1,157 @@
+"""Safe, strict access to ``.safetensors`` files: header checks, pickle refusal, atomic writes.
+
+``read_header`` parses and checks the header without reading tensor data (a 24 GB file costs one
+small read), so truncated or corrupt files are reported before any model is built. Pickle-based
+formats (.ckpt/.pt/.pth/.bin or pickle/zip bytes under any name) are refused: they can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fluxpipe.errors import CheckpointError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8_e4m3fn",
+               "F8_E5M2": "fp8_e5m2"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: t.shape for k, t in self.tensors.items()}
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: {path.suffix} files are pickle-based and can run code when loaded; fluxpipe reads only "
+            ".safetensors (convert the file with a trusted tool, or download the .safetensors release)"
+        )
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and check a safetensors header: missing file, pickle bytes, truncation and corruption all raise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found (check the path in config/config.yaml or on the command line)")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the path of a single .safetensors file")
+    refuse_pickle(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(f"{path}: holds pickle/zip (torch.save) data, not safetensors; fluxpipe never unpickles")
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (empty or truncated download)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
+                                  f"file has {size}); download the file again")
+        try:
+            raw = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); download it again") from e
+    metadata = raw.pop("__metadata__", None) or {}
+    tensors, end = {}, 0
+    for key, entry in raw.items():
+        try:
+            start, stop = entry["data_offsets"]
+            tensors[key] = TensorInfo(dtype=entry["dtype"], shape=tuple(int(s) for s in entry["shape"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}; download it again") from e
+        end = max(end, stop)
+    data = size - 8 - n
+    if data < end:
+        raise CheckpointError(f"{path}: truncated: the header describes {end} bytes of tensor data but the file holds "
+                              f"{data}; the download or copy was interrupted, fetch the file again")
+    return Header(path=path, tensors=tensors, metadata=metadata)
+
+
+def read_tensors(path: str | Path, keys: Mapping[str, str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Memory-mapped read of ``keys`` (file key -> returned key), cast to ``dtype`` when given."""
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for file_key, key in keys.items():
+            t = f.get_tensor(file_key)
+            out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def _new_temp(path: Path) -> str:
+    """A temporary file name beside ``path`` (same file system, so the final rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """fsync, give the permissions a plain open() would (umask applied), rename over ``path``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Atomic text write (temp file + rename), for reports and caches."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

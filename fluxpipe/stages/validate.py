@@ -1,0 +1,114 @@
+"""Validate stage: check the four model files (and tokenizers) before anything downstream runs.
+
+Input: paths of the DiT, AE, CLIP-L and T5-XXL files, optional tokenizer folders. Output: a JSON report
+(variant dev/schnell, size class, dtypes, parameter counts, sha256 cached by size+mtime, keys that are
+deliberately ignored). Every file is checked from its header against a meta-device model, strictly;
+the widths that connect the models (CLIP -> vector_in, T5 -> txt_in, AE latents -> img_in) must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxpipe import __version__
+from fluxpipe.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
+from fluxpipe.errors import FluxpipeError
+from fluxpipe.hashing import cached_sha256
+from fluxpipe.models import text_encoders as te
+from fluxpipe.safetensors_file import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ValidateConfig:
+    flux: Path | None = None
+    ae: Path | None = None
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    clip_tokenizer: Path | None = None
+    t5_tokenizer: Path | None = None
+    out: Path | None = None
+    hash_cache: Path | None = None
+
+    def files(self) -> dict[str, Path]:
+        return {s: getattr(self, s) for s in SLOTS if getattr(self, s) is not None}
+
+
+def _inspect_all(files: dict[str, Path]) -> dict[str, ModelSpec]:
+    specs, errors = {}, []
+    for slot, path in files.items():
+        try:
+            specs[slot] = inspect_checkpoint(path, slot)
+        except FluxpipeError as e:
+            errors.append(str(e))
+    if len(errors) == 1:
+        raise FluxpipeError(errors[0])
+    if errors:
+        raise FluxpipeError(f"{len(errors)} model files are unusable: " + " | ".join(errors))
+    return specs
+
+
+def check_widths(specs: dict[str, ModelSpec]) -> None:
+    """The files must fit together: CLIP width = vec_in_dim, T5 width = context_in_dim, AE z*4 = in_channels."""
+    flux = specs.get("flux")
+    if flux is None:
+        return
+    checks = []
+    if "clip_l" in specs:
+        checks.append(("clip_l", specs["clip_l"].params.hidden_size, "vec_in_dim", flux.params.vec_in_dim))
+    if "t5xxl" in specs:
+        checks.append(("t5xxl", specs["t5xxl"].params.d_model, "context_in_dim", flux.params.context_in_dim))
+    if "ae" in specs:
+        checks.append(("ae", specs["ae"].params.z_channels * 4, "in_channels", flux.params.in_channels))
+    for slot, width, field, expected in checks:
+        if width != expected and not (field == "in_channels" and expected == 384):
+            raise FluxpipeError(f"{specs[slot].header.path} gives width {width}, but the DiT "
+                                f"{flux.header.path} expects {field}={expected}: the files belong to different models")
+
+
+def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, loader, slot in (("clip_tokenizer", te.load_clip_tokenizer, "clip_l"),
+                              ("t5_tokenizer", te.load_t5_tokenizer, "t5xxl")):
+        folder = getattr(cfg, key)
+        if folder is None:
+            continue
+        tok = loader(folder)
+        rows = specs[slot].params.vocab_size if slot in specs else None
+        if rows is not None and len(tok) > rows:
+            raise FluxpipeError(f"tokenizer {folder} has {len(tok)} tokens but {specs[slot].header.path} embeds "
+                                f"only {rows}: tokenizer and encoder do not belong together")
+        out[key] = {"path": str(folder), "vocab_size": len(tok)}
+    return out
+
+
+def run(cfg: ValidateConfig) -> dict[str, object]:
+    """Validate the given files; write and return the report. Raises FluxpipeError on any bad input."""
+    files = cfg.files()
+    if not files:
+        raise FluxpipeError("nothing to validate: pass at least one of --flux, --ae, --clip-l, --t5xxl")
+    start = time.perf_counter()
+    specs = _inspect_all(files)
+    check_widths(specs)
+    report: dict[str, object] = {"fluxpipe_version": __version__, "models": {}}
+    for slot, spec in specs.items():
+        digest, cached = cached_sha256(spec.header.path, cfg.hash_cache)
+        report["models"][slot] = {
+            "path": str(spec.header.path), "bytes": spec.header.path.stat().st_size, "sha256": digest,
+            "parameters": spec.num_parameters, "dtypes": spec.dtypes(), **spec.describe(),
+            "ignored_keys": list(spec.ignored),
+        }
+        log.info("%s: %s, %s parameters, %s, sha256 %s%s", slot, spec.header.path, f"{spec.num_parameters:,}",
+                 spec.dtypes(), digest[:12], " (cached)" if cached else "")
+    if "flux" in specs:
+        report["variant"] = report["models"]["flux"]["variant"]
+    report["tokenizers"] = _tokenizer_report(cfg, specs)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    if cfg.out is not None:
+        write_text_atomic(cfg.out, json.dumps(report, indent=2) + "\n")
+    return report
