@@ -5,7 +5,7 @@ rule demo_models:
     output:
         fw.DEMO_OUTPUTS,
     params:
-        out=fw.DEMO_DIR,
+        out=lambda wildcards, output: fw.DEMO_DIR,
         impl=FLUXPIPE_VERSION,
     log:
         "logs/demo_models.log",

@@ -1,0 +1,48 @@
+"""Typed config: unknown keys, wrong types and half-set model paths fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fluxpipe import workflow
+from fluxpipe.config import ConfigError, load_pipeline, load_pipeline_file
+
+
+def test_repository_config_is_valid_and_means_demo() -> None:
+    cfg = load_pipeline_file(REPO / "config" / "config.yaml")
+    assert cfg.models.demo
+    assert workflow.model_files(cfg)["flux"] == "results/demo_models/flux1-dev.safetensors"
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"models: unknown key\(s\) vae"):
+        load_pipeline({"models": {"vae": "x"}})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) modles"):
+        load_pipeline({"modles": {}})
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match="models.flux: 3 is not one of str"):
+        load_pipeline({"models": {"flux": 3}})
+
+
+def test_all_or_no_model_files() -> None:
+    with pytest.raises(ConfigError, match="missing: models.clip_l, models.t5xxl"):
+        load_pipeline({"models": {"flux": "a", "ae": "b"}})
+
+
+def test_configured_files_and_tokenizers_reach_the_rule() -> None:
+    cfg = load_pipeline({"models": {"flux": "f", "ae": "a", "clip_l": "c", "t5xxl": "t", "clip_tokenizer": "tok/clip",
+                                    "t5_tokenizer": ""}, "hash_cache": "h.json"})
+    assert workflow.model_files(cfg) == {"flux": "f", "ae": "a", "clip_l": "c", "t5xxl": "t"}
+    assert workflow.validate_args(cfg) == ["--clip-tokenizer", "tok/clip", "--hash-cache", "h.json"]
+
+
+def test_bad_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("models: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline_file(path)

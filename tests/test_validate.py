@@ -1,0 +1,103 @@
+"""`fluxpipe validate`: the JSON report, the sha256 cache, and one error line + exit 2 for each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_st
+from fluxpipe.cli import main
+from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.hashing import cached_sha256, sha256_file
+
+
+def demo_args(demo_dir: Path, **override: Path) -> list[str]:
+    files = {"flux": demo_dir / FILES["flux"], "ae": demo_dir / FILES["ae"], "clip-l": demo_dir / FILES["clip_l"],
+             "t5xxl": demo_dir / FILES["t5xxl"]} | override
+    return [w for k, v in files.items() for w in (f"--{k}", str(v))]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["validate", *args])
+    return code, capsys.readouterr().err
+
+
+def test_report_of_the_demo_models(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, cache = tmp_path / "report.json", tmp_path / "hashes.json"
+    args = demo_args(demo_dir) + ["--clip-tokenizer", str(demo_dir / CLIP_DIR), "--t5-tokenizer",
+                                  str(demo_dir / T5_DIR), "--out", str(out), "--hash-cache", str(cache)]
+    assert main(["validate", *args]) == 0
+    report = json.loads(out.read_text())
+    assert report["variant"] == "dev"
+    flux = report["models"]["flux"]
+    assert flux["sha256"] == sha256_file(demo_dir / FILES["flux"])
+    assert flux["dtypes"] == {"bf16": len(load_file(str(demo_dir / FILES["flux"])))}
+    assert flux["parameters"] == sum(v.numel() for v in load_file(str(demo_dir / FILES["flux"])).values())
+    assert report["models"]["ae"]["dtypes"] == {"fp32": 176}
+    assert report["tokenizers"]["clip_tokenizer"]["vocab_size"] > 512
+    assert "ok: flux, ae, clip_l, t5xxl valid (FLUX.1 dev)" in capsys.readouterr().out
+
+
+def test_hash_cache_is_keyed_by_size_and_mtime(tmp_path: Path) -> None:
+    path, cache = tmp_path / "big.bin", tmp_path / "cache.json"
+    path.write_bytes(b"a" * 1000)
+    first, hit = cached_sha256(path, cache)
+    assert not hit and first == sha256_file(path)
+    stat = path.stat()
+    path.write_bytes(b"b" * 1000)  # same size; put the old mtime back: the cache must answer without reading
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached_sha256(path, cache) == (first, True)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again
+    second, hit = cached_sha256(path, cache)
+    assert not hit and second == sha256_file(path) != first
+
+
+def _bad_files(demo_dir: Path, tmp: Path) -> dict[str, tuple[dict[str, Path], str]]:
+    cut = tmp / "cut.safetensors"
+    data = (demo_dir / FILES["flux"]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    diffusers = tmp / "FLUX.1-dev"
+    (diffusers / "transformer").mkdir(parents=True)
+    (diffusers / "model_index.json").write_text("{}")
+    odd = load_file(str(demo_dir / FILES["flux"]))
+    odd["txt_in.weight"] = torch.zeros(64, 7, dtype=torch.bfloat16)  # T5 width 7: no model of this family
+    e5m2 = {k: v.to(torch.float8_e5m2) for k, v in load_file(str(demo_dir / FILES["t5xxl"])).items()}
+    return {
+        "diffusers folder": ({"flux": diffusers}, "Diffusers-format folder"),
+        "truncated": ({"flux": cut}, "truncated"),
+        "missing": ({"ae": tmp / "ae.safetensors"}, "file not found"),
+        "ae as dit": ({"flux": demo_dir / FILES["ae"]}, "is a FLUX.1 autoencoder"),
+        "t5 as clip": ({"clip-l": demo_dir / FILES["t5xxl"]}, "is a T5-XXL text encoder"),
+        "width mismatch": ({"flux": write_st(tmp / "odd.safetensors", odd)}, "expects context_in_dim=7"),
+        "fp8 e5m2": ({"t5xxl": write_st(tmp / "t5_e5m2.safetensors", e5m2)}, "F8_E5M2 is not supported"),
+    }
+
+
+@pytest.mark.parametrize("case", ["diffusers folder", "truncated", "missing", "ae as dit", "t5 as clip",
+                                  "width mismatch", "fp8 e5m2"])
+def test_each_bad_input_is_one_error_line_and_exit_2(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    override, says = _bad_files(demo_dir, tmp_path)[case]
+    out = tmp_path / "report.json"
+    code, err = run_cli(demo_args(demo_dir, **override) + ["--out", str(out), "--hash-cache",
+                                                            str(tmp_path / "c.json")], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxpipe: error: ") and says in lines[0], err
+    assert not out.exists()  # nothing downstream gets a report to depend on
+
+
+def test_two_bad_files_are_both_named(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(demo_args(demo_dir, ae=tmp_path / "a.safetensors", t5xxl=tmp_path / "t.safetensors"), capsys)
+    assert code == 2 and "2 model files are unusable" in err and "a.safetensors" in err and "t.safetensors" in err
+
+
+def test_nothing_to_validate(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli([], capsys)
+    assert code == 2 and "nothing to validate" in err

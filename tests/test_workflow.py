@@ -1,0 +1,76 @@
+"""The Snakemake workflow end to end on the demo models, in a scratch copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.workflow
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / ".cache")}
+    return subprocess.run([str(BIN / "snakemake"), "--cores", "1", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    for name in ("Snakefile", "rules", "config"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return tmp_path
+
+
+def test_validate_models_on_the_demo_then_nothing_to_do(workdir: Path) -> None:
+    first = snakemake(workdir, "validate_models")
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((workdir / "results/validate/models.json").read_text())
+    assert report["variant"] == "dev" and set(report["models"]) == {"flux", "ae", "clip_l", "t5xxl"}
+    again = snakemake(workdir, "validate_models")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_config_typo_fails_before_any_job(workdir: Path) -> None:
+    cfg = workdir / "config" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("hash_cache:", "hash_cahce:"))
+    result = snakemake(workdir, "-n", "validate_models")
+    assert result.returncode != 0 and "unknown key(s) hash_cahce" in result.stdout + result.stderr
+
+
+def test_bad_model_file_stops_the_pipeline_with_the_reason(workdir: Path) -> None:
+    models = workdir / "models"
+    models.mkdir()
+    (models / "flux.safetensors").write_bytes(b"\x00" * 16)
+    for name in ("ae", "clip", "t5"):
+        (models / f"{name}.safetensors").write_bytes(b"")
+    cfg = workdir / "config" / "config.yaml"
+    text = cfg.read_text()
+    for slot, name in (("flux", "flux"), ("ae", "ae"), ("clip_l", "clip"), ("t5xxl", "t5")):
+        text = text.replace(f"  {slot}:", f"  {slot}: models/{name}.safetensors #", 1)
+    cfg.write_text(text)
+    result = snakemake(workdir, "validate_models")
+    log = (workdir / "logs/validate_models.log").read_text()
+    assert result.returncode != 0 and "fluxpipe: error: 4 model files are unusable" in log
+    assert not (workdir / "results/validate/models.json").exists()
+
+
+def test_lint_has_no_findings_but_the_environment_one(workdir: Path) -> None:
+    # fluxpipe rules run the `fluxpipe` command of the environment Snakemake runs in (no per-rule conda env)
+    result = snakemake(workdir, "--lint")
+    findings = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.startswith("    * ")]
+    assert findings and all(f.startswith("* Specify a conda environment or container") for f in findings), findings
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["demo-models"]])
+def test_help_of_every_command(command: list[str]) -> None:
+    result = subprocess.run([str(BIN / "fluxpipe"), *command, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage: fluxpipe" in result.stdout
