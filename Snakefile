@@ -13,9 +13,12 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/models.smk"
+include: "rules/cache.smk"
 
 
 rule all:
     default_target: True
     input:
         VALIDATE_REPORT,
+        fw.LATENT_SUMMARY,
+        fw.TEXT_SUMMARY,

@@ -32,6 +32,95 @@ def _demo_models(args: argparse.Namespace) -> None:
     demo_models.run(demo_models.DemoModelsConfig(out=args.out, seed=args.seed))
 
 
+def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
+    from fluxpipe.config import load_pipeline_file
+
+    return load_pipeline_file(*args.config)
+
+
+def _device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def _manifest(args: argparse.Namespace) -> None:
+    from fluxpipe.stages import manifest
+
+    cfg = _pipeline(args)
+    datasets = cfg.datasets()
+    if datasets is None:
+        raise FluxpipeError("no dataset configured: set dataset_config (a TOML file) or dataset in config.yaml")
+    from fluxpipe.dataset_config import check_cacheable
+
+    check_cacheable(datasets, cache_latents=True, cache_text=True)
+    manifest.run(manifest.ManifestConfig(datasets=datasets, out=args.out, latent_shards=cfg.cache.latent_shards,
+                                         text_shards=cfg.cache.text_shards, skip_bad_images=cfg.cache.skip_bad_images,
+                                         hash_cache=cfg.hash_cache, workers=cfg.cache.decode_workers))
+
+
+def _cache_latents(args: argparse.Namespace) -> None:
+    from fluxpipe import workflow
+    from fluxpipe.stages import cache_latents
+
+    cfg = _pipeline(args)
+    c = cfg.cache
+    cache_latents.run(cache_latents.CacheLatentsConfig(
+        manifest=args.manifest, ae=Path(workflow.model_files(cfg)["ae"]), out=args.out, shard=args.shard,
+        batch_size=c.vae_batch_size, dtype=c.latent_dtype, device=_device(c.device),
+        decode_workers=c.decode_workers, hash_cache=cfg.hash_cache))
+
+
+def _cache_text(args: argparse.Namespace) -> None:
+    from fluxpipe import workflow
+    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.stages import cache_text
+    from fluxpipe.text_encoding import default_t5_max_length
+
+    cfg = _pipeline(args)
+    c = cfg.cache
+    files, toks = workflow.model_files(cfg), workflow.tokenizer_dirs(cfg)
+    variant = inspect_checkpoint(files["flux"], "flux").describe()["variant"]
+    cache_text.run(cache_text.CacheTextConfig(
+        manifest=args.manifest, clip_l=Path(files["clip_l"]), t5xxl=Path(files["t5xxl"]),
+        clip_tokenizer=Path(toks["clip_tokenizer"]) if toks["clip_tokenizer"] else None,
+        t5_tokenizer=Path(toks["t5_tokenizer"]) if toks["t5_tokenizer"] else None, out=args.out, shard=args.shard,
+        max_length=c.t5xxl_max_token_length or default_t5_max_length(variant),
+        apply_t5_attn_mask=c.apply_t5_attn_mask, batch_size=c.text_encoder_batch_size, dtype=c.text_dtype,
+        device=_device(c.device), hash_cache=cfg.hash_cache))
+
+
+def _cache_index(args: argparse.Namespace) -> None:
+    from fluxpipe.stages import cache_index
+
+    cache_index.run(cache_index.CacheIndexConfig(kind=args.kind, manifest=args.manifest, shards=tuple(args.shards),
+                                                 index=args.index, summary=args.summary))
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("manifest", help="scan the dataset into a Parquet manifest (hashes, captions, buckets)")
+    p.add_argument("--config", type=Path, action="append", required=True, help="config.yaml (repeatable, later wins)")
+    p.add_argument("--out", type=Path, required=True, help="manifest .parquet")
+    p.set_defaults(func=_manifest)
+    for name, func, what in (("cache-latents", _cache_latents, "AE latents"),
+                             ("cache-text", _cache_text, "CLIP-L / T5-XXL outputs")):
+        p = sub.add_parser(name, help=f"build one shard of the {what} cache")
+        p.add_argument("--config", type=Path, action="append", required=True, help="config.yaml (repeatable)")
+        p.add_argument("--manifest", type=Path, required=True)
+        p.add_argument("--shard", type=int, required=True)
+        p.add_argument("--out", type=Path, required=True, help="shard .safetensors")
+        p.set_defaults(func=func)
+    p = sub.add_parser("cache-index", help="gather cache shards into an index and a summary JSON")
+    p.add_argument("--kind", choices=("latents", "text"), required=True)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--index", type=Path, required=True, help="index .parquet")
+    p.add_argument("--summary", type=Path, required=True, help="summary .json")
+    p.add_argument("shards", type=Path, nargs="+")
+    p.set_defaults(func=_cache_index)
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check model files strictly and write a JSON report",
                        description="Check FLUX.1 model files (keys, shapes, dtypes, variant) without loading them.")
@@ -59,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fluxpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models]
+    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands]
     for add in adders:
         add(sub)
     return parser

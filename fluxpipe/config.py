@@ -55,6 +55,49 @@ class ModelsConfig:
                               f"{', '.join('models.' + m for m in missing)}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheConfig:
+    """How the latent and text-encoder caches are built (changing these re-encodes what they affect)."""
+
+    latent_shards: int = 16
+    """Number of latent shard jobs (items assigned by a stable hash of their path); changing it re-shards."""
+    text_shards: int = 16
+    """Number of text shard jobs (captions assigned by a stable hash of their text)."""
+    vae_batch_size: int = 4
+    """Images per AE encode batch (one bucket per batch)."""
+    text_encoder_batch_size: int = 8
+    """Captions per text-encoder batch."""
+    latent_dtype: str = "float32"
+    """Storage dtype of the AE posterior mean and log-variance."""
+    text_dtype: str = "bfloat16"
+    """Storage dtype of CLIP pooled and T5 outputs."""
+    t5xxl_max_token_length: int | None = None
+    """T5 tokens per caption; empty: 512 for dev, 256 for schnell."""
+    apply_t5_attn_mask: bool = False
+    """Pass the padding mask to T5 (and later to the DiT)."""
+    skip_bad_images: bool = False
+    """Leave unreadable images out (listed in the log) instead of failing."""
+    device: str = "auto"
+    """Where the encoders run: auto (cuda if available), cpu, cuda, cuda:N."""
+    decode_workers: int = 2
+    """Threads decoding and resizing images while the AE encodes."""
+
+    def __post_init__(self) -> None:
+        for name in ("latent_shards", "text_shards", "vae_batch_size", "text_encoder_batch_size", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cache.{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("latent_dtype", "text_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"cache.{name}: {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+        if self.t5xxl_max_token_length is not None and not 1 <= self.t5xxl_max_token_length <= 512:
+            raise ConfigError(f"cache.t5xxl_max_token_length: {self.t5xxl_max_token_length} is outside 1..512")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"cache.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineConfig:
     """Everything in config/config.yaml."""
@@ -63,13 +106,33 @@ class PipelineConfig:
     """Model and tokenizer files."""
     hash_cache: str | None = None
     """JSON file caching sha256 of model files by size+mtime (empty: ~/.cache/fluxpipe/sha256.json)."""
+    dataset_config: str | None = None
+    """A dataset TOML in the reference trainer's format ([general], [[datasets]], [[datasets.subsets]])."""
+    dataset: dict | None = None
+    """The same structure inline (general: {...}, datasets: [{..., subsets: [...]}]); exclusive with dataset_config."""
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    """Latent and text-encoder cache settings."""
+
+    def __post_init__(self) -> None:
+        if self.dataset_config is not None and self.dataset is not None:
+            raise ConfigError("set either dataset_config (a TOML file) or dataset (inline), not both")
+
+    def datasets(self):  # noqa: ANN201 - DatasetsConfig (imported lazily: it reads files)
+        """The validated dataset structure (None when no dataset is configured)."""
+        from fluxpipe.dataset_config import load_dataset_toml, parse_datasets
+
+        if self.dataset_config is not None:
+            return load_dataset_toml(self.dataset_config)
+        if self.dataset is not None:
+            return parse_datasets(self.dataset, source="config.yaml:dataset")
+        return None
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
+def convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one value against a type annotation (dataclasses, unions, lists, scalars)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -82,7 +145,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return None
         for option in (o for o in options if o is not type(None)):
             try:
-                return _convert(value, option, where)
+                return convert(value, option, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(_type_name(o) for o in options)}")
@@ -90,7 +153,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -109,7 +172,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    kwargs = {k: convert(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -117,11 +180,14 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
 
 
 def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
-    """PipelineConfig from the parsed config.yaml mapping (empty strings count as unset)."""
-    return from_dict(PipelineConfig, _blank_to_none(data or {}))
+    """PipelineConfig from the parsed config.yaml mapping (empty strings count as unset); the dataset
+    structure is validated too, so a typo anywhere fails here."""
+    cfg = from_dict(PipelineConfig, _blank_to_none(data or {}))
+    cfg.datasets()
+    return cfg
 
 
-def load_pipeline_file(path: str | Path) -> PipelineConfig:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -131,6 +197,22 @@ def load_pipeline_file(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data or {}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merged key by key (as Snakemake merges --configfile files); other values replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_pipeline_file(*paths: str | Path) -> PipelineConfig:
+    """PipelineConfig from one or more YAML files, later files overriding earlier ones."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = deep_merge(data, read_yaml(path))
     return load_pipeline(data)
 
 

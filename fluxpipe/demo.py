@@ -22,7 +22,8 @@ import torch
 from fluxpipe.models import text_encoders as te
 from fluxpipe.models.autoencoder import AutoEncoder, tiny_ae
 from fluxpipe.models.flux import Flux, tiny
-from fluxpipe.safetensors_file import save_safetensors, write_text_atomic
+from fluxpipe.atomic import write_text_atomic
+from fluxpipe.safetensors_file import save_safetensors
 
 CLIP_DIR = "tokenizers/clip-vit-large-patch14"
 T5_DIR = "tokenizers/t5-v1_1-xxl"

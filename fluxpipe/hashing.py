@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from fluxpipe.safetensors_file import write_text_atomic
+from fluxpipe.atomic import write_text_atomic
 
 CHUNK = 16 * 1024 * 1024
 

@@ -5,6 +5,11 @@ The rules stay thin by asking these functions for their inputs; the functions ar
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+
 from fluxpipe.config import MODEL_SLOTS, PipelineConfig
 
 DEMO_DIR = "results/demo_models"
@@ -22,6 +27,7 @@ DEMO_OUTPUTS = [DEMO_FILES[s] for s in MODEL_SLOTS] + [
     f"{DEMO_FILES['t5_tokenizer']}/tokenizer.json",
 ]
 VALIDATE_REPORT = "results/validate/models.json"
+DEMO_VERSION = 1  # bump when the demo models' content changes
 
 
 def model_files(cfg: PipelineConfig) -> dict[str, str]:
@@ -56,3 +62,97 @@ def validate_args(cfg: PipelineConfig) -> list[str]:
     if cfg.hash_cache:
         args += ["--hash-cache", cfg.hash_cache]
     return args
+
+
+# ---- dataset manifest and caches -------------------------------------------------------------------
+
+MANIFEST = "results/dataset/manifest.parquet"
+LATENT_INDEX = "results/cache/latents/index.parquet"
+LATENT_SUMMARY = "results/cache/latents/summary.json"
+TEXT_INDEX = "results/cache/text/index.parquet"
+TEXT_SUMMARY = "results/cache/text/summary.json"
+CACHE_FORMAT = {"manifest": 1, "latents": 1, "text": 1}  # bump when a stage's output format changes
+
+
+def shard_path(kind: str, shard: int | str) -> str:
+    return f"results/cache/{kind}/shard-{int(shard):03d}.safetensors"
+
+
+def shard_paths(kind: str, count: int) -> list[str]:
+    return [shard_path(kind, k) for k in range(count)]
+
+
+def dataset_files(cfg: PipelineConfig) -> list[str]:
+    """Every file the manifest reads (images, captions, metadata), found by listing folders only."""
+    from fluxpipe.dataset_config import IMAGE_EXTENSIONS
+
+    datasets = cfg.datasets()
+    files: set[str] = set()
+    for ds in datasets.datasets if datasets else ():
+        for sub in ds.subsets:
+            if sub.metadata_file:
+                files.add(sub.metadata_file)
+            for folder in (sub.image_dir, sub.conditioning_data_dir):
+                if folder and os.path.isdir(folder):
+                    with os.scandir(folder) as it:
+                        names = [e.name for e in it if e.is_file()]
+                    stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(IMAGE_EXTENSIONS)}
+                    files.update(os.path.join(folder, n) for n in names
+                                 if n.lower().endswith(IMAGE_EXTENSIONS) or
+                                 (n.endswith(sub.caption_extension) and os.path.splitext(n)[0] in stems))
+    return sorted(files)
+
+
+def manifest_params(cfg: PipelineConfig) -> str:
+    """The settings the manifest depends on, as one string for Snakemake's params trigger."""
+    settings = {"datasets": repr(cfg.datasets()), "shards": [cfg.cache.latent_shards, cfg.cache.text_shards],
+                "skip_bad": cfg.cache.skip_bad_images, "format": CACHE_FORMAT["manifest"]}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def file_identity(path: str | None) -> str:
+    """size:mtime of a file, or of every file in a folder (cheap; the stages hash contents themselves).
+    The demo models are written by the pipeline itself, deterministically: their identity is the version."""
+    if path and path.startswith(DEMO_DIR + "/"):
+        return f"demo:{DEMO_VERSION}"
+    if not path or not os.path.exists(path):
+        return "absent"
+    paths = [path] if os.path.isfile(path) else sorted(os.path.join(path, n) for n in os.listdir(path))
+    return ";".join(f"{os.path.basename(p)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in paths)
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_digests(manifest: str, mtime_ns: int, kind: str) -> dict[int, str]:
+    import pandas as pd
+
+    cols = {"latents": ["latent_shard", "path", "sha256", "bucket_w", "bucket_h", "resized_w", "resized_h",
+                        "crop_left", "crop_top", "flip_aug"],
+            "text": ["text_shard", "caption_sha256"]}[kind]
+    table = pd.read_parquet(manifest, columns=cols)
+    shard_col = cols[0]
+    digests = {}
+    for shard, group in table.groupby(shard_col):
+        rows = sorted(set(map(tuple, group[cols[1:]].astype(str).itertuples(index=False, name=None))))
+        digests[int(shard)] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return digests
+
+
+def shard_digest(manifest: str, kind: str, shard: int | str) -> str:
+    """Digest of what one shard must contain, read from the manifest (its params: only changed shards rerun)."""
+    return _shard_digests(manifest, os.stat(manifest).st_mtime_ns, kind).get(int(shard), "empty")
+
+
+def latent_params(cfg: PipelineConfig) -> str:
+    c = cfg.cache
+    return json.dumps({"ae": file_identity(model_files(cfg)["ae"]), "dtype": c.latent_dtype, "device": c.device,
+                       "format": CACHE_FORMAT["latents"]}, sort_keys=True)
+
+
+def text_params(cfg: PipelineConfig) -> str:
+    c, files = cfg.cache, model_files(cfg)
+    toks = tokenizer_dirs(cfg)
+    return json.dumps({"clip": file_identity(files["clip_l"]), "t5": file_identity(files["t5xxl"]),
+                       "flux": file_identity(files["flux"]), "clip_tok": file_identity(toks["clip_tokenizer"]),
+                       "t5_tok": file_identity(toks["t5_tokenizer"]), "len": c.t5xxl_max_token_length,
+                       "mask": c.apply_t5_attn_mask, "dtype": c.text_dtype, "device": c.device,
+                       "format": CACHE_FORMAT["text"]}, sort_keys=True)

@@ -6,7 +6,7 @@ rule demo_models:
         fw.DEMO_OUTPUTS,
     params:
         out=lambda wildcards, output: fw.DEMO_DIR,
-        impl=FLUXPIPE_VERSION,
+        impl=fw.DEMO_VERSION,
     log:
         "logs/demo_models.log",
     shell:

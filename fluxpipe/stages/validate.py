@@ -19,7 +19,7 @@ from fluxpipe.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.hashing import cached_sha256
 from fluxpipe.models import text_encoders as te
-from fluxpipe.safetensors_file import write_text_atomic
+from fluxpipe.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,147 @@
+"""Latent cache stage: AE posterior moments of every manifest image, one shard job per latent shard.
+
+Each entry is keyed by (image sha256, bucket, resize, crop, flip, AE file sha256, encode and storage
+dtype, format version) and holds ``mean`` and ``logvar`` [16, H/8, W/8] of the AE posterior before
+FLUX's scale/shift, so training can draw fresh noise every epoch. Unchanged entries come from the
+previous shards (.reuse), new ones are encoded batched by bucket while threads decode the next images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from fluxpipe.checkpoints import load_model
+from fluxpipe.hashing import cached_sha256
+from fluxpipe.images import load_rgb, resize_and_crop, to_tensor
+from fluxpipe.shards import ReusePool, ShardStats, content_key, new_build_id, reuse_dir, write_shard
+from fluxpipe.tables import read_parquet
+
+log = logging.getLogger(__name__)
+LATENT_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheLatentsConfig:
+    manifest: Path
+    ae: Path
+    out: Path
+    shard: int
+    batch_size: int = 4
+    dtype: str = "float32"
+    device: str = "cpu"
+    decode_workers: int = 2
+    hash_cache: Path | None = None
+
+
+@dataclass(frozen=True)
+class LatentEntry:
+    key: str
+    path: str  # the image that is encoded
+    paths: tuple[str, ...]  # every manifest image with these bytes and this bucket/crop/flip (identical files)
+    bucket: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+    flip: bool
+
+
+def encode_dtype(device: str) -> torch.dtype:
+    """AE compute dtype: bf16 on a GPU (the reference's default), fp32 on the CPU (exact, and fast enough)."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> list[LatentEntry]:
+    """Entries for the manifest rows (two per image with flip_aug), unique by key, in manifest order."""
+    entries: dict[str, LatentEntry] = {}
+    for r in rows.itertuples(index=False):
+        for flip in (False, True) if r.flip_aug else (False,):
+            fields = {"v": LATENT_CACHE_VERSION, "image": r.sha256, "bucket": [r.bucket_w, r.bucket_h],
+                      "resized": [r.resized_w, r.resized_h], "crop": [r.crop_left, r.crop_top], "flip": flip,
+                      "ae": ae_sha, "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
+            key = content_key(**fields)
+            if key in entries:
+                old = entries[key]
+                entries[key] = LatentEntry(key=key, path=old.path, paths=(*old.paths, r.path), bucket=old.bucket,
+                                           resized=old.resized, crop=old.crop, flip=flip)
+                continue
+            entries[key] = LatentEntry(key=key, path=r.path, paths=(r.path,), bucket=(r.bucket_w, r.bucket_h),
+                                       resized=(r.resized_w, r.resized_h), crop=(r.crop_left, r.crop_top), flip=flip)
+    return list(entries.values())
+
+
+def prepare(entry: LatentEntry) -> torch.Tensor:
+    """Decode, resize, crop (and flip) one image: [3, H, W] in [-1, 1]."""
+    image = resize_and_crop(load_rgb(Path(entry.path)), entry.resized, entry.crop[0], entry.crop[1], entry.bucket)
+    x = to_tensor(image)
+    return x.flip(-1) if entry.flip else x
+
+
+def batches(entries: list[LatentEntry], batch_size: int) -> Iterator[list[LatentEntry]]:
+    """Batches of one bucket each (images in a batch must share a size)."""
+    by_bucket: dict[tuple[int, int], list[LatentEntry]] = {}
+    for e in entries:
+        by_bucket.setdefault(e.bucket, []).append(e)
+    for bucket in sorted(by_bucket):
+        group = by_bucket[bucket]
+        for i in range(0, len(group), batch_size):
+            yield group[i : i + batch_size]
+
+
+@torch.no_grad()
+def encode(entries: list[LatentEntry], cfg: CacheLatentsConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Encode ``entries`` with the AE; image decoding runs in threads one batch ahead of the encoder."""
+    if not entries:
+        return {}
+    dtype = encode_dtype(cfg.device)
+    ae = load_model(cfg.ae, "ae", dtype=dtype, device=cfg.device)
+    store = getattr(torch, cfg.dtype)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    todo = list(batches(entries, cfg.batch_size))
+    with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool, tqdm(
+        total=len(entries), desc=f"latents shard {cfg.shard}", unit="img", mininterval=2
+    ) as bar:
+        pending = [pool.submit(lambda b=b: torch.stack([prepare(e) for e in b])) for b in todo[:2]]
+        for i, batch in enumerate(todo):
+            images = pending[i].result()
+            if i + 2 < len(todo):
+                pending.append(pool.submit(lambda b=todo[i + 2]: torch.stack([prepare(e) for e in b])))
+            moments = ae.encoder(images.to(cfg.device, dtype)).float().cpu()
+            mean, logvar = moments.chunk(2, dim=1)
+            for j, e in enumerate(batch):
+                out[e.key] = {"mean": mean[j].to(store).clone(), "logvar": logvar[j].to(store).clone()}
+            bar.update(len(batch))
+    return out
+
+
+def run(cfg: CacheLatentsConfig) -> ShardStats:
+    """Build one latent shard: reuse what exists, encode the rest, write atomically."""
+    start = time.perf_counter()
+    table, _ = read_parquet(cfg.manifest)
+    rows = table[table.latent_shard == cfg.shard]
+    ae_sha, _ = cached_sha256(cfg.ae, cfg.hash_cache)
+    entries = latent_entries(rows, ae_sha, cfg)
+    pool = ReusePool(reuse_dir(cfg.out))
+    reused_keys = [e.key for e in entries if e.key in pool]
+    missing = [e for e in entries if e.key not in pool]
+    tensors = pool.load(reused_keys)
+    encode_start = time.perf_counter()
+    tensors.update(encode(missing, cfg))
+    encode_seconds = time.perf_counter() - encode_start
+    before = pool.previous.get(cfg.out.name, set())
+    stats = ShardStats(encoded=len(missing), reused=len(reused_keys),
+                       dropped=len(before - {e.key for e in entries}), seconds=round(encode_seconds, 3),
+                       build_id=new_build_id())
+    info = {e.key: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip} for e in entries}
+    write_shard(cfg.out, tensors, info, stats)
+    log.info("latent shard %d: %d entries, %d encoded (%.1f img/s), %d reused, %d dropped, %.1f s",
+             cfg.shard, len(entries), stats.encoded, stats.encoded / max(encode_seconds, 1e-9), stats.reused,
+             stats.dropped, time.perf_counter() - start)
+    return stats

@@ -1,0 +1,120 @@
+"""Text-encoder cache stage: CLIP-L pooled vector and T5-XXL hidden states of every distinct caption.
+
+One shard job per text shard; captions are assigned by a stable hash of their text, and identical
+captions are encoded once. Each entry is keyed by (caption sha256, CLIP and T5 file sha256, tokenizer
+hashes, t5xxl_max_token_length, apply_t5_attn_mask, dtypes, format version) and holds ``pooled`` [768],
+``t5`` [L, 4096] (bf16 unless configured) and ``mask`` [L] (uint8, 1 = real token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fluxpipe.checkpoints import load_model
+from fluxpipe.hashing import cached_sha256
+from fluxpipe.models import text_encoders as te
+from fluxpipe.shards import ReusePool, ShardStats, content_key, new_build_id, reuse_dir, write_shard
+from fluxpipe.tables import read_parquet
+from fluxpipe.text_encoding import encode_prompts
+
+log = logging.getLogger(__name__)
+TEXT_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheTextConfig:
+    manifest: Path
+    clip_l: Path
+    t5xxl: Path
+    clip_tokenizer: Path | None
+    t5_tokenizer: Path | None
+    out: Path
+    shard: int
+    max_length: int
+    apply_t5_attn_mask: bool = False
+    batch_size: int = 8
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    hash_cache: Path | None = None
+
+
+def encode_dtype(device: str) -> torch.dtype:
+    """Encoder compute dtype: bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def tokenizer_identity(folder: Path | None, hub_id: str, hash_cache: Path | None) -> str:
+    """A hash of the tokenizer's files (or the hub id when it comes from the hub)."""
+    if folder is None:
+        return hub_id
+    digest = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        digest.update(f.name.encode() + cached_sha256(f, hash_cache)[0].encode())
+    return digest.hexdigest()
+
+
+def text_identity(cfg: CacheTextConfig) -> dict[str, object]:
+    """Everything besides the caption that determines an entry."""
+    return {"v": TEXT_CACHE_VERSION, "clip": cached_sha256(cfg.clip_l, cfg.hash_cache)[0],
+            "t5": cached_sha256(cfg.t5xxl, cfg.hash_cache)[0],
+            "clip_tok": tokenizer_identity(cfg.clip_tokenizer, te.CLIP_HUB_ID, cfg.hash_cache),
+            "t5_tok": tokenizer_identity(cfg.t5_tokenizer, te.T5_HUB_ID, cfg.hash_cache),
+            "max_length": cfg.max_length, "mask": cfg.apply_t5_attn_mask,
+            "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
+
+
+@torch.no_grad()
+def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """key -> {pooled, t5, mask} for ``captions`` (key -> caption text)."""
+    if not captions:
+        return {}
+    dtype = encode_dtype(cfg.device)
+    clip = load_model(cfg.clip_l, "clip_l", dtype=dtype, device=cfg.device)
+    t5 = load_model(cfg.t5xxl, "t5xxl", dtype=dtype, device=cfg.device)
+    clip_tok = te.load_clip_tokenizer(cfg.clip_tokenizer)
+    t5_tok = te.load_t5_tokenizer(cfg.t5_tokenizer, max_length=cfg.max_length)
+    store = getattr(torch, cfg.dtype)
+    keys = list(captions)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    with tqdm(total=len(keys), desc=f"text shard {cfg.shard}", unit="caption", mininterval=2) as bar:
+        for i in range(0, len(keys), cfg.batch_size):
+            batch = keys[i : i + cfg.batch_size]
+            emb = encode_prompts(clip, t5, clip_tok, t5_tok, [captions[k] for k in batch], cfg.max_length,
+                                 cfg.apply_t5_attn_mask)
+            for j, key in enumerate(batch):
+                out[key] = {"pooled": emb.pooled[j].float().cpu().to(store).clone(),
+                            "t5": emb.t5[j].float().cpu().to(store).clone(),
+                            "mask": emb.mask[j].to(torch.uint8).clone()}
+            bar.update(len(batch))
+    return out
+
+
+def run(cfg: CacheTextConfig) -> ShardStats:
+    """Build one text shard: reuse what exists, encode the rest, write atomically."""
+    start = time.perf_counter()
+    table, _ = read_parquet(cfg.manifest)
+    rows = table[table.text_shard == cfg.shard].drop_duplicates("caption_sha256")
+    identity = text_identity(cfg)
+    entries = {content_key(caption=sha, **identity): (sha, text) for sha, text in zip(rows.caption_sha256, rows.caption)}
+    pool = ReusePool(reuse_dir(cfg.out))
+    reused = [k for k in entries if k in pool]
+    missing = {k: entries[k][1] for k in entries if k not in pool}
+    tensors = pool.load(reused)
+    encode_start = time.perf_counter()
+    tensors.update(encode(missing, cfg))
+    seconds = time.perf_counter() - encode_start
+    stats = ShardStats(encoded=len(missing), reused=len(reused),
+                       dropped=len(pool.previous.get(cfg.out.name, set()) - set(entries)),
+                       seconds=round(seconds, 3), build_id=new_build_id())
+    write_shard(cfg.out, tensors, {k: {"caption_sha256": sha} for k, (sha, _) in entries.items()}, stats)
+    log.info("text shard %d: %d captions, %d encoded (%.1f/s), %d reused, %d dropped, %.1f s", cfg.shard,
+             len(entries), stats.encoded, stats.encoded / max(seconds, 1e-9), stats.reused, stats.dropped,
+             time.perf_counter() - start)
+    return stats

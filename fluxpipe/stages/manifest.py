@@ -1,0 +1,220 @@
+"""Manifest stage: scan the datasets into one Parquet table, the single source for both caches.
+
+One row per (dataset, subset, image): path, sha256 of the bytes (cached by size+mtime), size, width,
+height, caption (prefix/suffix applied) and its sha256, repeats, flags, the bucket and resize/crop plan
+(spec §3.2), validation split, and the latent and text shard (stable hashes of the image path and of
+the caption). Every bad image or caption is collected and reported together (or skipped when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fluxpipe.buckets import BucketSpec, check_spec, make_buckets, plan_resize
+from fluxpipe.dataset_config import DatasetConfig, DatasetsConfig, SubsetConfig
+from fluxpipe.errors import FluxpipeError, summarize
+from fluxpipe.hashing import cached_sha256
+from fluxpipe.images import BadImage, is_image_file, load_rgb, read_caption
+from fluxpipe.atomic import write_text_atomic
+from fluxpipe.shards import stable_shard
+from fluxpipe.tables import write_parquet_atomic
+
+log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ManifestConfig:
+    datasets: DatasetsConfig
+    out: Path
+    latent_shards: int
+    text_shards: int
+    skip_bad_images: bool = False
+    hash_cache: Path | None = None
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    dataset: int
+    subset: int
+    path: Path
+    caption: str | None  # None: read from the caption file beside the image
+    conditioning: Path | None
+
+
+def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candidate], list[str]]:
+    """Images (and captions from a metadata file) of one subset; problems as 'file: reason' strings."""
+    problems: list[str] = []
+    if sub.metadata_file is not None:
+        entries = _read_metadata(Path(sub.metadata_file))
+        base = Path(sub.image_dir) if sub.image_dir else None
+        paths = [((base / p) if base and not Path(p).is_absolute() else Path(p), c) for p, c in entries]
+    else:
+        folder = Path(sub.image_dir)
+        if not folder.is_dir():
+            raise FluxpipeError(f"datasets[{di}].subsets[{si}].image_dir: {folder} is not a folder")
+        paths = [(p, None) for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)]
+    out = []
+    for path, caption in paths:
+        cond = None
+        if sub.conditioning_data_dir is not None:
+            cond = _conditioning_image(Path(sub.conditioning_data_dir), path)
+            if cond is None:
+                problems.append(f"{path}: no conditioning image with this stem in {sub.conditioning_data_dir}")
+                continue
+        out.append(Candidate(dataset=di, subset=si, path=path, caption=caption, conditioning=cond))
+    return out, problems
+
+
+def _conditioning_image(folder: Path, image: Path) -> Path | None:
+    matches = sorted(p for p in folder.glob(f"{image.stem}.*") if is_image_file(p))
+    return matches[0] if matches else None
+
+
+def _read_metadata(path: Path) -> list[tuple[str, str]]:
+    """The reference's fine-tuning metadata: JSON {path: {caption, ...}} or JSONL {image_path, caption}."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            return [(r["image_path"], r.get("caption") or "") for r in rows]
+        return [(k, (v or {}).get("caption") or "") for k, v in json.loads(text).items()]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise FluxpipeError(f"{path}: unreadable metadata file ({type(e).__name__}: {e}); expected JSON "
+                            "{image: {caption: ...}} or JSONL lines {image_path, caption}") from e
+
+
+def _caption(c: Candidate, sub: SubsetConfig) -> str:
+    """The caption the encoders see: caption file (or metadata / class_tokens) plus prefix and suffix."""
+    text = c.caption
+    if text is None:
+        file = c.path.with_suffix(sub.caption_extension)
+        if file.is_file():
+            text = read_caption(file)
+        elif sub.class_tokens is not None:
+            text = sub.class_tokens
+        else:
+            raise FluxpipeError(f"{c.path}: no caption file {file.name} (add it, or set class_tokens)")
+    if sub.caption_prefix:
+        text = f"{sub.caption_prefix} {text}"
+    if sub.caption_suffix:
+        text = f"{text} {sub.caption_suffix}"
+    return text
+
+
+def _bucket_spec(ds: DatasetConfig) -> BucketSpec:
+    return BucketSpec(resolution=tuple(ds.resolution), enable_bucket=ds.enable_bucket,
+                      min_bucket_reso=ds.min_bucket_reso, max_bucket_reso=ds.max_bucket_reso,
+                      bucket_reso_steps=ds.bucket_reso_steps, bucket_no_upscale=ds.bucket_no_upscale)
+
+
+def _describe(c: Candidate, cfg: ManifestConfig, decoded: dict[str, list[int]]) -> dict[str, object]:
+    """One manifest row (raises FluxpipeError for a bad image or caption). ``decoded`` maps the sha256 of
+    images already fully decoded once to their size, so unchanged images are not decoded again."""
+    ds = cfg.datasets.datasets[c.dataset]
+    sub = ds.subsets[c.subset]
+    caption = _caption(c, sub)
+    sha, _ = cached_sha256(c.path, cfg.hash_cache)
+    if sha not in decoded:  # full decode: truncated or corrupt files fail here, not during training
+        decoded[sha] = list(load_rgb(c.path).size)
+    width, height = decoded[sha]
+    spec = _bucket_spec(ds)
+    try:
+        plan = plan_resize(width, height, spec, make_buckets(spec) if spec.enable_bucket else None)
+    except ValueError as e:
+        raise BadImage(f"{c.path}: {width}x{height} cannot be bucketed ({e})") from e
+    return {
+        "path": str(c.path), "dataset": c.dataset, "subset": c.subset, "sha256": sha,
+        "bytes": c.path.stat().st_size, "width": width, "height": height,
+        "caption": caption, "caption_sha256": hashlib.sha256(caption.encode("utf-8")).hexdigest(),
+        "repeats": sub.num_repeats, "is_reg": sub.is_reg, "flip_aug": sub.flip_aug,
+        "bucket_w": plan.bucket[0], "bucket_h": plan.bucket[1], "resized_w": plan.resized[0],
+        "resized_h": plan.resized[1], "crop_left": plan.crop_left, "crop_top": plan.crop_top,
+        "upscaled": plan.upscale, "conditioning": str(c.conditioning) if c.conditioning else None,
+    }
+
+
+def _assign_split(rows: list[dict[str, object]], datasets: DatasetsConfig) -> None:
+    """Deterministic, disjoint validation split per dataset (seeded hash order, not list order)."""
+    for row in rows:
+        row["split"] = "train"
+    for di, ds in enumerate(datasets.datasets):
+        if ds.validation_split <= 0:
+            continue
+        mine = [r for r in rows if r["dataset"] == di and not r["is_reg"]]
+        seed = ds.validation_seed if ds.validation_seed is not None else 0
+        mine.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['sha256']}:{r['path']}".encode()).hexdigest())
+        for row in mine[: round(len(mine) * ds.validation_split)]:
+            row["split"] = "val"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
+    """All manifest rows and all problems ('file: reason')."""
+    candidates, problems = [], []
+    for di, ds in enumerate(cfg.datasets.datasets):
+        check_spec(_bucket_spec(ds))
+        for si, sub in enumerate(ds.subsets):
+            if sub.num_repeats < 1:
+                log.info("datasets[%d].subsets[%d]: num_repeats < 1, subset left out", di, si)
+                continue
+            found, bad = _subset_candidates(di, si, sub)
+            candidates += found
+            problems += bad
+
+    checked_file = cfg.out.with_name(cfg.out.name + ".decoded.json")
+    decoded = _read_json(checked_file)
+
+    def describe(c: Candidate) -> dict[str, object] | str:
+        try:
+            return _describe(c, cfg, decoded)
+        except FluxpipeError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        results = list(pool.map(describe, candidates))
+    write_text_atomic(checked_file, json.dumps(decoded, sort_keys=True))
+    rows = [r for r in results if isinstance(r, dict)]
+    problems += [r for r in results if isinstance(r, str)]
+    return rows, problems
+
+
+def run(cfg: ManifestConfig) -> pd.DataFrame:
+    start = time.perf_counter()
+    rows, problems = scan(cfg)
+    if problems and not cfg.skip_bad_images:
+        raise FluxpipeError(f"{len(problems)} bad dataset files: {summarize(problems, 20)}; fix or remove them, "
+                            "or set cache.skip_bad_images: true to leave them out")
+    for problem in problems:
+        log.warning("left out: %s", problem)
+    if not rows:
+        raise FluxpipeError(f"the dataset ({cfg.datasets.source}) has no usable images: check image_dir and the "
+                            "image extensions (.png .jpg .jpeg .webp .bmp)")
+    _assign_split(rows, cfg.datasets)
+    for row in rows:
+        row["latent_shard"] = stable_shard(str(row["path"]), cfg.latent_shards)
+        row["text_shard"] = stable_shard(str(row["caption_sha256"]), cfg.text_shards)
+    table = pd.DataFrame(rows).sort_values(["dataset", "subset", "path"], kind="stable").reset_index(drop=True)
+    write_parquet_atomic(table, cfg.out, {"fluxpipe.manifest_version": str(MANIFEST_VERSION),
+                                          "fluxpipe.left_out": json.dumps(problems)})
+    buckets = Counter(f"{w}x{h}" for w, h in zip(table.bucket_w, table.bucket_h))
+    log.info("manifest: %d images (%d left out) in %.1f s; buckets %s", len(table), len(problems),
+             time.perf_counter() - start, dict(sorted(buckets.items())))
+    return table

@@ -1,0 +1,54 @@
+"""Prompt encoding for FLUX.1: CLIP-L pooled vector and T5-XXL hidden states (spec §2.1-2.2).
+
+CLIP: 77 tokens, padded with end-of-text, no attention mask, ``pooler_output`` [B, 768].
+T5: ``max_length`` tokens (512 dev, 256 schnell), padded; the attention mask [B, L] goes to T5 only when
+``apply_t5_attn_mask``; output ``last_hidden_state`` [B, L, 4096]. txt_ids are zeros [B, L, 3].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+CLIP_MAX_LENGTH = 77
+
+
+def default_t5_max_length(variant: str) -> int:
+    """The reference's default t5xxl_max_token_length: 512 for dev, 256 for schnell."""
+    return 256 if variant == "schnell" else 512
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    pooled: Tensor  # [B, vec] CLIP-L pooled output
+    t5: Tensor  # [B, L, ctx] T5 last hidden state
+    mask: Tensor  # [B, L] int64, 1 = real token
+
+
+def tokenize(clip_tok, t5_tok, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+    """(clip ids [B, 77], t5 ids [B, L], t5 mask [B, L]) with padding to the full length and truncation."""
+    clip = clip_tok(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
+    t5 = t5_tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return clip.input_ids, t5.input_ids, t5.attention_mask
+
+
+@torch.no_grad()
+def encode_prompts(
+    clip: nn.Module,
+    t5: nn.Module,
+    clip_tok,  # noqa: ANN001 - a transformers tokenizer
+    t5_tok,  # noqa: ANN001
+    prompts: list[str],
+    max_length: int,
+    apply_t5_attn_mask: bool,
+) -> PromptEmbeddings:
+    """Encode ``prompts`` on the encoders' device; outputs stay there, in the encoders' dtype."""
+    clip_ids, t5_ids, mask = tokenize(clip_tok, t5_tok, prompts, max_length)
+    device = next(clip.parameters()).device
+    pooled = clip(clip_ids.to(device)).pooler_output
+    t5_device = next(t5.parameters()).device
+    t5_mask = mask.to(t5_device) if apply_t5_attn_mask else None
+    hidden = t5(t5_ids.to(t5_device), attention_mask=t5_mask).last_hidden_state
+    return PromptEmbeddings(pooled=pooled, t5=hidden, mask=mask.to(torch.int64))

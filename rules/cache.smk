@@ -1,0 +1,82 @@
+# Dataset manifest and the two content-addressed caches (latents, text-encoder outputs).
+# Shard jobs depend on the manifest and the model files through ancient(): what makes a shard rerun is its
+# digest param (the manifest rows it must hold), so an edited image reruns exactly one shard.
+
+
+checkpoint dataset_manifest:
+    input:
+        fw.dataset_files(CFG),
+    output:
+        fw.MANIFEST,
+    params:
+        settings=fw.manifest_params(CFG),
+    log:
+        "logs/dataset_manifest.log",
+    shell:
+        "fluxpipe manifest {CONFIG_ARGS} --out {output:q} > {log:q} 2>&1"
+
+
+rule latent_shard:
+    input:
+        manifest=manifest_file,
+        ae=ancient(fw.model_files(CFG)["ae"]),
+        report=ancient(VALIDATE_REPORT),
+    output:
+        "results/cache/latents/shard-{shard}.safetensors",
+    params:
+        digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "latents", wildcards.shard),
+        settings=fw.latent_params(CFG),
+    resources:
+        gpu=1,
+    log:
+        "logs/cache_latents/shard-{shard}.log",
+    shell:
+        "fluxpipe cache-latents {CONFIG_ARGS} --manifest {input.manifest:q} --shard {wildcards.shard}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+rule cache_latents:
+    input:
+        manifest=manifest_file,
+        shards=fw.shard_paths("latents", CFG.cache.latent_shards),
+    output:
+        index=fw.LATENT_INDEX,
+        summary=fw.LATENT_SUMMARY,
+    log:
+        "logs/cache_latents/index.log",
+    shell:
+        "fluxpipe cache-index --kind latents --manifest {input.manifest:q} --index {output.index:q}"
+        " --summary {output.summary:q} {input.shards:q} > {log:q} 2>&1"
+
+
+rule text_shard:
+    input:
+        manifest=manifest_file,
+        models=[ancient(fw.model_files(CFG)[s]) for s in ("flux", "clip_l", "t5xxl")],
+        report=ancient(VALIDATE_REPORT),
+    output:
+        "results/cache/text/shard-{shard}.safetensors",
+    params:
+        digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "text", wildcards.shard),
+        settings=fw.text_params(CFG),
+    resources:
+        gpu=1,
+    log:
+        "logs/cache_text/shard-{shard}.log",
+    shell:
+        "fluxpipe cache-text {CONFIG_ARGS} --manifest {input.manifest:q} --shard {wildcards.shard}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+rule cache_text_encoder_outputs:
+    input:
+        manifest=manifest_file,
+        shards=fw.shard_paths("text", CFG.cache.text_shards),
+    output:
+        index=fw.TEXT_INDEX,
+        summary=fw.TEXT_SUMMARY,
+    log:
+        "logs/cache_text/index.log",
+    shell:
+        "fluxpipe cache-index --kind text --manifest {input.manifest:q} --index {output.index:q}"
+        " --summary {output.summary:q} {input.shards:q} > {log:q} 2>&1"
