@@ -156,3 +156,15 @@ def text_params(cfg: PipelineConfig) -> str:
                        "t5_tok": file_identity(toks["t5_tokenizer"]), "len": c.t5xxl_max_token_length,
                        "mask": c.apply_t5_attn_mask, "dtype": c.text_dtype, "device": c.device,
                        "format": CACHE_FORMAT["text"]}, sort_keys=True)
+
+
+def effective_config_file(config: dict) -> str:
+    """Write Snakemake's merged config (config.yaml, --configfile files, --config values) once, named by its
+    content, and return the path: the `fluxpipe` commands read exactly the settings this run uses."""
+    from fluxpipe.atomic import write_text_atomic
+
+    text = json.dumps(config, sort_keys=True, indent=1, default=str)
+    path = f"results/.fluxpipe/config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if not os.path.exists(path):
+        write_text_atomic(path, text + "\n")
+    return path

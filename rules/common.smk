@@ -6,8 +6,8 @@ from fluxpipe import workflow as fw
 from fluxpipe.config import load_pipeline
 
 CFG = load_pipeline(config)
-# the config files this run uses, passed on to each `fluxpipe` command (later files override earlier ones)
-CONFIG_ARGS = " ".join(f"--config {shlex.quote(str(f))}" for f in workflow.configfiles)
+# the merged settings of this run (config files and --config values), passed on to each `fluxpipe` command
+CONFIG_ARGS = f"--config {shlex.quote(fw.effective_config_file(config))}"
 FLUXPIPE_VERSION = fluxpipe.__version__
 VALIDATE_REPORT = fw.VALIDATE_REPORT
 

@@ -36,3 +36,43 @@ def write_st(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, s
     """Write a safetensors file for a test (plain, non-atomic: the code under test reads it)."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
+
+
+CAPTIONS = ["a red square", "a blue circle", "a green field", "a photo of a cat", "a small house"]
+
+
+def make_dataset(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n small images of varied sizes and formats with caption files (captions from a pool of five)."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        w, h = rng.choice([(64, 64), (96, 64), (64, 96), (80, 48), (120, 72)])
+        color = tuple(rng.randrange(256) for _ in range(3))
+        image = Image.new("RGB", (w, h), color)
+        image.putpixel((rng.randrange(w), rng.randrange(h)), (255 - color[0], 0, 0))
+        path = folder / f"img{i:04d}.{'png' if i % 2 else 'jpg'}"
+        image.save(path)
+        path.with_suffix(".txt").write_text(CAPTIONS[i % len(CAPTIONS)] + "\n")
+        paths.append(path)
+    return paths
+
+
+def dataset_toml(path: Path, image_dir: Path, resolution: int = 64, extra: str = "") -> Path:
+    path.write_text(f"""[general]
+caption_extension = ".txt"
+[[datasets]]
+resolution = {resolution}
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 16
+{extra}
+[[datasets.subsets]]
+image_dir = "{image_dir}"
+""")
+    return path

@@ -13,9 +13,12 @@ import os
 import re
 from pathlib import Path
 
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from typing import TYPE_CHECKING
 
 from fluxpipe.errors import FluxpipeError
+
+if TYPE_CHECKING:  # transformers is imported where it is used: it costs seconds, and many stages never need it
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 CLIP_FILE_PREFIX = "text_model."
 # keys some clip_l.safetensors files carry that FLUX does not use (projection head, logit scale, a buffer)
@@ -36,6 +39,8 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], eos_token_id: in
     FLUX's CLIP-L uses quick_gelu. The pooled output is the hidden state at the first end-of-text token,
     which is the last id of the vocabulary for CLIP's BPE (and for fluxpipe's demo tokenizer).
     """
+    from transformers import CLIPTextConfig
+
     vocab, hidden = shapes["text_model.embeddings.token_embedding.weight"]
     if hidden % 64:
         raise ValueError(f"CLIP hidden size {hidden} is not a multiple of the head dim 64")
@@ -57,6 +62,8 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], eos_token_id: in
 
 def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Config:
     """T5Config (encoder only, gated GELU, no biases) for a T5 v1.1 state dict (XXL: d_model 4096, 64 heads)."""
+    from transformers import T5Config
+
     embed_key = next(k for k in T5_TIED_KEYS if k in shapes)
     vocab, d_model = shapes[embed_key]
     num_buckets, num_heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
@@ -82,11 +89,15 @@ def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Config:
 
 
 def build_clip(config: CLIPTextConfig) -> CLIPTextModel:
+    from transformers import CLIPTextModel
+
     config._attn_implementation = "sdpa"
     return CLIPTextModel(config)
 
 
 def build_t5(config: T5Config) -> T5EncoderModel:
+    from transformers import T5EncoderModel
+
     config._attn_implementation = "sdpa"
     return T5EncoderModel(config)
 
