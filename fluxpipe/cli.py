@@ -89,7 +89,7 @@ def _cache_text(args: argparse.Namespace) -> None:
         t5_tokenizer=Path(toks["t5_tokenizer"]) if toks["t5_tokenizer"] else None, out=args.out, shard=args.shard,
         max_length=c.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=c.apply_t5_attn_mask, batch_size=c.text_encoder_batch_size, dtype=c.text_dtype,
-        device=_device(c.device), hash_cache=cfg.hash_cache))
+        device=_device(c.device), hash_cache=cfg.hash_cache, compile=c.compile_text_encoder))
 
 
 def _cache_index(args: argparse.Namespace) -> None:
@@ -121,6 +121,38 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cache_index)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from fluxpipe import bench
+
+    device = _device(args.device)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        if args.workload == "caches":
+            bench.bench_caches(Path(tmp), args.images, args.size, device, args.tiny, args.vae_batch,
+                               args.text_batch, args.workers)
+        elif args.workload == "encoders":
+            bench.bench_encoders(device)
+        else:
+            bench.bench_dryrun(Path(tmp), args.images, Path(__file__).resolve().parents[1])
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (one JSON line per measurement)",
+                       description="caches: manifest + latent + text stages on generated data; encoders: pure AE "
+                                   "and T5-XXL throughput (GPU); dryrun: snakemake -n planning time")
+    p.add_argument("workload", choices=("caches", "encoders", "dryrun"))
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (caches)")
+    p.add_argument("--tiny", action="store_true", help="demo-size models instead of full-size ones (caches)")
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--text-batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=8, help="image decoding threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workdir", type=Path, default=None, help="where temporary files go")
+    p.set_defaults(func=_bench)
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check model files strictly and write a JSON report",
                        description="Check FLUX.1 model files (keys, shapes, dtypes, variant) without loading them.")
@@ -148,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fluxpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands]
+    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands, _add_bench]
     for add in adders:
         add(sub)
     return parser

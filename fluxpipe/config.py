@@ -84,6 +84,8 @@ class CacheConfig:
     """Where the encoders run: auto (cuda if available), cpu, cuda, cuda:N."""
     decode_workers: int = 2
     """Threads decoding and resizing images while the AE encodes."""
+    compile_text_encoder: str = "auto"
+    """torch.compile T5-XXL: auto (on CUDA, for 5000+ captions to encode), true, false."""
 
     def __post_init__(self) -> None:
         for name in ("latent_shards", "text_shards", "vae_batch_size", "text_encoder_batch_size", "decode_workers"):
@@ -94,6 +96,8 @@ class CacheConfig:
                 raise ConfigError(f"cache.{name}: {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
         if self.t5xxl_max_token_length is not None and not 1 <= self.t5xxl_max_token_length <= 512:
             raise ConfigError(f"cache.t5xxl_max_token_length: {self.t5xxl_max_token_length} is outside 1..512")
+        if self.compile_text_encoder not in ("auto", "true", "false"):
+            raise ConfigError(f"cache.compile_text_encoder: {self.compile_text_encoder!r} is not auto, true or false")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"cache.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from fluxpipe.atomic import write_text_atomic
@@ -37,20 +38,41 @@ def _load_cache(cache: Path) -> dict[str, dict]:
         return {}  # a missing or damaged cache only costs a rehash
 
 
+class HashCache:
+    """sha256 of many files with one read and one write of the cache file (thread-safe)."""
+
+    def __init__(self, cache: Path | None = None):
+        self.path = Path(cache) if cache else default_cache_path()
+        self.entries = _load_cache(self.path)
+        self.new: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def sha256(self, path: str | Path) -> tuple[str, bool]:
+        """(sha256 hex, whether it came from the cache) for ``path``."""
+        path = Path(path).resolve()
+        stat = path.stat()
+        entry = self.new.get(str(path)) or self.entries.get(str(path))
+        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+            return entry["sha256"], True
+        digest = sha256_file(path)
+        with self._lock:
+            self.new[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        return digest, False
+
+    def save(self) -> None:
+        """Merge the new entries into the cache file (re-read first: another process may have added some)."""
+        if not self.new:
+            return
+        entries = {p: e for p, e in {**_load_cache(self.path), **self.new}.items() if os.path.exists(p)}
+        try:
+            write_text_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True))
+        except OSError:
+            pass  # a read-only cache location only costs a rehash next time
+
+
 def cached_sha256(path: str | Path, cache: Path | None = None) -> tuple[str, bool]:
-    """(sha256 hex, whether it came from the cache) for ``path``."""
-    path = Path(path).resolve()
-    cache = cache or default_cache_path()
-    stat = path.stat()
-    entries = _load_cache(cache)
-    entry = entries.get(str(path))
-    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return entry["sha256"], True
-    digest = sha256_file(path)
-    entries = _load_cache(cache)  # re-read: another process may have added entries meanwhile
-    entries[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    try:
-        write_text_atomic(cache, json.dumps(entries, indent=1, sort_keys=True))
-    except OSError:
-        pass  # a read-only cache location only costs a rehash next time
-    return digest, False
+    """(sha256 hex, whether it came from the cache) for one file."""
+    hashes = HashCache(cache)
+    result = hashes.sha256(path)
+    hashes.save()
+    return result

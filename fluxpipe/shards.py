@@ -2,9 +2,11 @@
 
 A shard holds tensors named ``<key>.<part>`` (e.g. ``<key>.mean``) and, in its metadata, a JSON
 ``fluxpipe.entries`` {key: info} and ``fluxpipe.stats`` (encoded / reused / dropped / seconds / build id).
-Shards are written atomically (temp + rename) and then hard-linked into a ``.reuse`` folder beside them,
-which Snakemake never deletes: the next build of any shard takes unchanged entries from there instead of
-encoding them again, so a rerun encodes exactly what changed, and a killed run loses nothing finished.
+Shards are written atomically (temp + rename) and then hard-linked into a ``.reuse`` folder beside them
+as ``<shard>.<build id>.safetensors``, which Snakemake never deletes: any later shard build takes unchanged
+entries from there instead of encoding them again, so a rerun encodes exactly what changed and a killed run
+loses nothing finished. Older generations stay until the index stage has gathered the new shards (so a
+re-sharding finds every old entry), then it prunes them.
 """
 
 from __future__ import annotations
@@ -51,21 +53,31 @@ def reuse_dir(shard_path: Path) -> Path:
     return shard_path.parent / REUSE_DIR
 
 
+def reuse_name(shard_path: Path, build_id: str) -> str:
+    return f"{shard_path.stem}.{build_id}{shard_path.suffix}"
+
+
+def shard_of_reuse_file(path: Path) -> str:
+    """'shard-000.<build id>.safetensors' -> 'shard-000.safetensors'."""
+    stem = path.name.split(".")[0]
+    return f"{stem}{path.suffix}"
+
+
 class ReusePool:
-    """Entries of previously built shards (in the .reuse folder), found by key."""
+    """Entries of previously built shards (every generation in the .reuse folder), found by key."""
 
     def __init__(self, folder: Path):
         self.where: dict[str, Path] = {}
-        self.previous: dict[str, set[str]] = {}  # shard file name -> keys it held
-        if folder.is_dir():
-            for path in sorted(folder.glob("*.safetensors")):
-                try:
-                    keys = set(json.loads(read_header(path).metadata.get("fluxpipe.entries", "{}")))
-                except Exception:  # a damaged reuse file only costs re-encoding
-                    continue
-                self.previous[path.name] = keys
-                for key in keys:
-                    self.where.setdefault(key, path)
+        self.previous: dict[str, set[str]] = {}  # shard file name -> keys of its newest earlier build
+        files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
+        for path in files:  # oldest first, so `previous` ends with the newest build of each shard
+            try:
+                keys = set(json.loads(read_header(path).metadata.get("fluxpipe.entries", "{}")))
+            except Exception:  # a damaged reuse file only costs re-encoding
+                continue
+            self.previous[shard_of_reuse_file(path)] = keys
+            for key in keys:
+                self.where.setdefault(key, path)
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -100,7 +112,14 @@ def write_shard(path: Path, entries: Mapping[str, Mapping[str, torch.Tensor]], i
         os.link(path, tmp)
     except OSError:  # file systems without hard links: a copy
         shutil.copyfile(path, tmp)
-    os.replace(tmp, folder / path.name)
+    os.replace(tmp, folder / reuse_name(path, stats.build_id))
+
+
+def prune_reuse(folder: Path, keep: set[str]) -> None:
+    """Delete the reuse files not named in ``keep`` (older generations, shards that no longer exist)."""
+    for path in folder.glob("*.safetensors"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def read_shard_metadata(path: Path) -> tuple[dict[str, dict], ShardStats]:

@@ -20,15 +20,17 @@ from fluxpipe.tables import read_parquet
 SHARDS = 3
 
 
-def build(root: Path, toml: Path, demo: Path, batch: int = 4) -> dict[str, dict]:
+def build(root: Path, toml: Path, demo: Path, batch: int = 4, n_shards: int = SHARDS) -> dict[str, dict]:
     """manifest -> shards -> indexes, as the Snakemake rules run them (shard outputs deleted first)."""
     out = root / "results"
     man = out / "manifest.parquet"
-    manifest.run(manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=man, latent_shards=SHARDS,
-                                         text_shards=SHARDS, hash_cache=root / "h.json"))
+    manifest.run(manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=man, latent_shards=n_shards,
+                                         text_shards=n_shards, hash_cache=root / "h.json"))
     summaries = {}
     for kind in ("latents", "text"):
-        shards = tuple(out / kind / f"shard-{k:03d}.safetensors" for k in range(SHARDS))
+        for old in (out / kind).glob("shard-*.safetensors"):
+            old.unlink()  # shard files of an earlier shard count are no longer outputs
+        shards = tuple(out / kind / f"shard-{k:03d}.safetensors" for k in range(n_shards))
         for k, shard in enumerate(shards):
             shard.unlink(missing_ok=True)  # Snakemake removes a job's outputs before it runs
             if kind == "latents":
@@ -87,6 +89,17 @@ def test_resolution_change_reencodes_latents_not_text(tmp_path: Path, demo_dir: 
     build(tmp_path, dataset_toml(tmp_path / "a.toml", tmp_path / "data", 64), demo_dir)
     again = build(tmp_path, dataset_toml(tmp_path / "b.toml", tmp_path / "data", 96), demo_dir)
     assert again["latents"]["encoded"] == 6 and again["text"]["encoded"] == 0
+
+
+def test_resharding_reencodes_nothing(tmp_path: Path, demo_dir: Path) -> None:
+    make_dataset(tmp_path / "data", 12)
+    toml = dataset_toml(tmp_path / "a.toml", tmp_path / "data")
+    build(tmp_path, toml, demo_dir, n_shards=3)
+    again = build(tmp_path, toml, demo_dir, n_shards=5)
+    assert (again["latents"]["encoded"], again["text"]["encoded"]) == (0, 0)
+    assert (again["latents"]["entries"], again["text"]["entries"]) == (12, 5)
+    kept = sorted(p.name.split(".")[0] for p in (tmp_path / "results/latents/.reuse").glob("*.safetensors"))
+    assert kept == [f"shard-{k:03d}" for k in range(5)]  # one generation per current shard after the index
 
 
 def test_cached_latents_are_the_ae_posterior_of_the_cropped_image(tmp_path: Path, demo_dir: Path) -> None:

@@ -39,6 +39,14 @@ def test_validate_models_on_the_demo_then_nothing_to_do(workdir: Path) -> None:
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_default_target_on_the_demo_dataset(workdir: Path) -> None:
+    result = snakemake(workdir)  # the README's main job: validation and both caches of the demo dataset
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("latents", "text"):
+        summary = json.loads((workdir / f"results/cache/{kind}/summary.json").read_text())
+        assert summary["entries"] == 6 and summary["encoded"] == 6, summary
+
+
 def test_config_typo_fails_before_any_job(workdir: Path) -> None:
     cfg = workdir / "config" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("hash_cache:", "hash_cahce:"))

@@ -16,7 +16,7 @@ import pandas as pd
 
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.shards import REUSE_DIR, read_shard_metadata
+from fluxpipe.shards import REUSE_DIR, prune_reuse, read_shard_metadata, reuse_name
 from fluxpipe.tables import read_parquet, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,6 @@ def run(cfg: CacheIndexConfig) -> dict[str, object]:
     if state_file is not None:
         write_text_atomic(state_file, json.dumps({"builds": {n: s["build_id"] for n, s in stats.items()},
                                                   "keys": sorted(index.key)}))
-        current = {s.name for s in cfg.shards}
-        for stale in state_file.parent.glob("*.safetensors"):  # shards that no longer exist (fewer shards now)
-            if stale.name not in current:
-                stale.unlink()
+        prune_reuse(state_file.parent, {reuse_name(s, stats[s.name]["build_id"]) for s in cfg.shards})
     log.info("cache_%s: %s", cfg.kind, json.dumps(summary))
     return summary

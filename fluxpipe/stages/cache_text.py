@@ -43,6 +43,10 @@ class CacheTextConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     hash_cache: Path | None = None
+    compile: str = "auto"  # torch.compile T5: "auto" (CUDA and >= COMPILE_MIN captions), "true", "false"
+
+
+COMPILE_MIN = 5000  # measured on an H200: compiling T5-XXL costs ~45 s and lifts 49 -> 82 prompts/s
 
 
 def encode_dtype(device: str) -> torch.dtype:
@@ -78,6 +82,9 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     dtype = encode_dtype(cfg.device)
     clip = load_model(cfg.clip_l, "clip_l", dtype=dtype, device=cfg.device)
     t5 = load_model(cfg.t5xxl, "t5xxl", dtype=dtype, device=cfg.device)
+    if cfg.compile == "true" or (cfg.compile == "auto" and cfg.device.startswith("cuda")
+                                 and len(captions) >= COMPILE_MIN):
+        t5 = torch.compile(t5)
     clip_tok = te.load_clip_tokenizer(cfg.clip_tokenizer)
     t5_tok = te.load_t5_tokenizer(cfg.t5_tokenizer, max_length=cfg.max_length)
     store = getattr(torch, cfg.dtype)

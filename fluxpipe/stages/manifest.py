@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from fluxpipe.buckets import BucketSpec, check_spec, make_buckets, plan_resize
 from fluxpipe.dataset_config import DatasetConfig, DatasetsConfig, SubsetConfig
 from fluxpipe.errors import FluxpipeError, summarize
-from fluxpipe.hashing import cached_sha256
+from fluxpipe.hashing import HashCache
 from fluxpipe.images import BadImage, is_image_file, load_rgb, read_caption
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.shards import stable_shard
@@ -118,13 +119,13 @@ def _bucket_spec(ds: DatasetConfig) -> BucketSpec:
                       bucket_reso_steps=ds.bucket_reso_steps, bucket_no_upscale=ds.bucket_no_upscale)
 
 
-def _describe(c: Candidate, cfg: ManifestConfig, decoded: dict[str, list[int]]) -> dict[str, object]:
+def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dict[str, list[int]]) -> dict[str, object]:
     """One manifest row (raises FluxpipeError for a bad image or caption). ``decoded`` maps the sha256 of
     images already fully decoded once to their size, so unchanged images are not decoded again."""
     ds = cfg.datasets.datasets[c.dataset]
     sub = ds.subsets[c.subset]
     caption = _caption(c, sub)
-    sha, _ = cached_sha256(c.path, cfg.hash_cache)
+    sha, _ = hashes.sha256(c.path)
     if sha not in decoded:  # full decode: truncated or corrupt files fail here, not during training
         decoded[sha] = list(load_rgb(c.path).size)
     width, height = decoded[sha]
@@ -181,15 +182,18 @@ def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
 
     checked_file = cfg.out.with_name(cfg.out.name + ".decoded.json")
     decoded = _read_json(checked_file)
+    hashes = HashCache(cfg.hash_cache)
 
     def describe(c: Candidate) -> dict[str, object] | str:
         try:
-            return _describe(c, cfg, decoded)
+            return _describe(c, cfg, hashes, decoded)
         except FluxpipeError as e:
             return str(e)
 
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        results = list(pool.map(describe, candidates))
+        results = list(tqdm(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img",
+                            mininterval=2))
+    hashes.save()
     write_text_atomic(checked_file, json.dumps(decoded, sort_keys=True))
     rows = [r for r in results if isinstance(r, dict)]
     problems += [r for r in results if isinstance(r, str)]

@@ -1,0 +1,185 @@
+"""Benchmarks behind `fluxpipe bench <workload>`; each prints one JSON line per measurement.
+
+``caches``: the latent and text caching stages end to end (manifest, image decoding, AE / CLIP-L / T5-XXL
+encoding, shard writing) on random-initialised models of the full FLUX.1 sizes (``--tiny``: the demo sizes)
+and generated 1024² images. ``dryrun``: Snakemake's planning time (`snakemake -n`) on a large dataset.
+Numbers for docs/benchmarks.md come from these commands, never from timed unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def emit(record: dict[str, object]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def make_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
+    """Smooth random colour images (photo-like JPEG sizes) with one-line captions, all distinct."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+        image.save(folder / f"img{i:05d}.jpg", quality=90)
+        (folder / f"img{i:05d}.txt").write_text(f"benchmark image number {i}, a smooth gradient of colours\n")
+
+
+def write_full_models(out: Path, device: str) -> dict[str, Path]:
+    """Random full-size AE, CLIP-L and T5-XXL in the official single-file layouts (weights made on ``device``)."""
+    from fluxpipe.demo import CLIP_DIR, T5_DIR, write_clip_tokenizer, write_t5_tokenizer
+    from fluxpipe.models import text_encoders as te
+    from fluxpipe.models.autoencoder import FLUX1_AE, AutoEncoder
+    from fluxpipe.safetensors_file import save_safetensors
+
+    write_clip_tokenizer(out / CLIP_DIR)
+    write_t5_tokenizer(out / T5_DIR)
+    clip_shapes = {"text_model.embeddings.token_embedding.weight": (49408, 768),
+                   "text_model.embeddings.position_embedding.weight": (77, 768),
+                   **{f"text_model.encoder.layers.{i}.mlp.fc1.weight": (3072, 768) for i in range(12)}}
+    t5_shapes = {"shared.weight": (32128, 4096),
+                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 64),
+                 "encoder.block.0.layer.0.SelfAttention.q.weight": (4096, 4096),
+                 "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (10240, 4096),
+                 **{f"encoder.block.{i}.layer.0.SelfAttention.q.weight": (4096, 4096) for i in range(24)}}
+    builders = {
+        "ae": (lambda: AutoEncoder(FLUX1_AE), torch.float32, "ae.safetensors", ""),
+        "clip_l": (lambda: te.build_clip(te.clip_config_from_shapes(clip_shapes)), torch.float16,
+                   "clip_l.safetensors", te.CLIP_FILE_PREFIX),
+        "t5xxl": (lambda: te.build_t5(te.t5_config_from_shapes(t5_shapes)), torch.float16,
+                  "t5xxl_fp16.safetensors", ""),
+    }
+    paths = {}
+    for slot, (build, dtype, name, prefix) in builders.items():
+        with torch.device(device):
+            model = build().to(dtype)
+        state = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}
+        if slot == "t5xxl":
+            state["encoder.embed_tokens.weight"] = state["encoder.embed_tokens.weight"].clone()
+        paths[slot] = out / name
+        save_safetensors({k: v.cpu() for k, v in state.items()}, paths[slot])
+        del model, state
+    paths["clip_tokenizer"], paths["t5_tokenizer"] = out / CLIP_DIR, out / T5_DIR
+    return paths
+
+
+def bench_caches(work: Path, images: int, size: int, device: str, tiny: bool, vae_batch: int,
+                 text_batch: int, workers: int) -> None:
+    """Time the manifest, latent and text stages on generated data (one shard each)."""
+    from fluxpipe.dataset_config import parse_datasets
+    from fluxpipe.demo import write_demo_models
+    from fluxpipe.stages import cache_latents, cache_text, manifest
+
+    models = write_demo_models(work / "models") if tiny else write_full_models(work / "models", device)
+    make_images(work / "images", images, size)
+    datasets = parse_datasets({"general": {"caption_extension": ".txt"},
+                               "datasets": [{"resolution": size, "subsets": [{"image_dir": str(work / "images")}]}]},
+                              source="bench")
+    man = work / "manifest.parquet"
+    start = time.perf_counter()
+    manifest.run(manifest.ManifestConfig(datasets=datasets, out=man, latent_shards=1, text_shards=1,
+                                         hash_cache=work / "hashes.json", workers=workers))
+    emit({"stage": "manifest", "images": images, "seconds": round(time.perf_counter() - start, 2)})
+    for kind in ("latents", "text"):
+        out = work / f"{kind}.safetensors"
+        start = time.perf_counter()
+        if kind == "latents":
+            stats = cache_latents.run(cache_latents.CacheLatentsConfig(
+                manifest=man, ae=models["ae"], out=out, shard=0, batch_size=vae_batch, dtype="bfloat16",
+                device=device, decode_workers=workers, hash_cache=work / "hashes.json"))
+        else:
+            stats = cache_text.run(cache_text.CacheTextConfig(
+                manifest=man, clip_l=models["clip_l"], t5xxl=models["t5xxl"],
+                clip_tokenizer=models["clip_tokenizer"], t5_tokenizer=models["t5_tokenizer"], out=out, shard=0,
+                max_length=512, batch_size=text_batch, device=device, hash_cache=work / "hashes.json"))
+        wall = time.perf_counter() - start
+        emit({"stage": f"cache_{kind}", "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+              "models": "tiny" if tiny else "full-size", "items": stats.encoded, "size": size,
+              "batch": vae_batch if kind == "latents" else text_batch, "encode_seconds": stats.seconds,
+              "items_per_s": round(stats.encoded / stats.seconds, 2) if stats.seconds else None,
+              "stage_seconds": round(wall, 2), "stage_items_per_s": round(stats.encoded / wall, 2)})
+
+
+def bench_encoders(device: str, repeats: int = 5) -> None:
+    """Pure encoder throughput (no I/O): full-size AE at 1024² and T5-XXL at 512 tokens, bf16; eager and
+    with fluxpipe's speed settings (channels-last + cuDNN autotuning for the AE, torch.compile for T5)."""
+    from fluxpipe.models.autoencoder import FLUX1_AE, AutoEncoder
+
+    with torch.device(device):
+        ae = AutoEncoder(FLUX1_AE).to(torch.bfloat16).eval()
+    for fast in (False, True):
+        torch.backends.cudnn.benchmark = fast
+        ae = ae.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
+        for batch in (8, 16):
+            x = torch.randn(batch, 3, 1024, 1024, device=device, dtype=torch.bfloat16)
+            if fast:
+                x = x.to(memory_format=torch.channels_last)
+            emit({"encoder": "ae", "channels_last+cudnn_benchmark": fast, "batch": batch,
+                  "items_per_s": round(batch / _time(lambda: ae.encoder(x), repeats), 2)})
+    del ae
+    from fluxpipe.models import text_encoders as te
+
+    shapes = {"shared.weight": (32128, 4096),
+              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 64),
+              "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (10240, 4096),
+              **{f"encoder.block.{i}.layer.0.SelfAttention.q.weight": (4096, 4096) for i in range(24)}}
+    with torch.device(device):
+        t5 = te.build_t5(te.t5_config_from_shapes(shapes)).to(torch.bfloat16).eval()
+    for compiled in (False, True):
+        model = torch.compile(t5) if compiled else t5
+        for batch in (32, 64):
+            ids = torch.randint(0, 32000, (batch, 512), device=device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(ids)  # first call: compiles when compiled
+            first = time.perf_counter() - start
+            emit({"encoder": "t5xxl", "compiled": compiled, "tokens": 512, "batch": batch,
+                  "first_call_s": round(first, 1), "items_per_s": round(batch / _time(lambda: model(ids), repeats), 2)})
+
+
+@torch.no_grad()
+def _time(fn, repeats: int) -> float:  # noqa: ANN001
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_dryrun(work: Path, images: int, repo: Path) -> None:
+    """Planning time of `snakemake -n` on a dataset of ``images`` files, before and after the manifest exists."""
+    for name in ("Snakefile", "rules", "config"):
+        src = repo / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    folder = work / "data"
+    folder.mkdir()
+    tiny = Image.new("RGB", (64, 64), (10, 20, 30))
+    for i in range(images):
+        tiny.save(folder / f"img{i:05d}.png")
+        (folder / f"img{i:05d}.txt").write_text(f"caption {i % 100}\n")
+    (work / "data.toml").write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\n'
+                                    '[[datasets.subsets]]\nimage_dir = "data"\n')
+    (work / "bench.yaml").write_text("dataset_config: data.toml\ncache:\n  latent_shards: 100\n  text_shards: 100\n")
+    exe = str(Path(sys.executable).parent / "snakemake")
+    targets = ["cache_latents", "cache_text_encoder_outputs", "--configfile", "bench.yaml"]
+    for label, args in (("dry-run, fresh", ["-n", *targets]), ("manifest job", ["dataset_manifest", *targets[2:]]),
+                        ("dry-run, manifest present", ["-n", *targets])):
+        start = time.perf_counter()
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        result = subprocess.run([exe, "--cores", "1", *args], cwd=work, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-2000:])
+        emit({"step": label, "images": images, "seconds": round(time.perf_counter() - start, 2)})
