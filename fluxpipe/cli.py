@@ -39,11 +39,9 @@ def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
 
 
 def _device(setting: str) -> str:
-    import torch
+    from fluxpipe.devices import resolve_device
 
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
+    return resolve_device(setting)
 
 
 def _manifest(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fluxpipe.checkpoints import load_model
+from fluxpipe.devices import encode_dtype
 from fluxpipe.hashing import cached_sha256
 from fluxpipe.images import load_rgb, resize_and_crop, to_tensor
 from fluxpipe.shards import ReusePool, ShardStats, content_key, new_build_id, reuse_dir, write_shard
@@ -51,11 +52,6 @@ class LatentEntry:
     resized: tuple[int, int]
     crop: tuple[int, int]
     flip: bool
-
-
-def encode_dtype(device: str) -> torch.dtype:
-    """AE compute dtype: bf16 on a GPU (the reference's default), fp32 on the CPU (exact, and fast enough)."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> list[LatentEntry]:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from fluxpipe.checkpoints import load_model
+from fluxpipe.devices import encode_dtype
 from fluxpipe.hashing import cached_sha256
 from fluxpipe.models import text_encoders as te
 from fluxpipe.shards import ReusePool, ShardStats, content_key, new_build_id, reuse_dir, write_shard
@@ -47,11 +48,6 @@ class CacheTextConfig:
 
 
 COMPILE_MIN = 5000  # measured on an H200: compiling T5-XXL costs ~45 s and lifts 49 -> 82 prompts/s
-
-
-def encode_dtype(device: str) -> torch.dtype:
-    """Encoder compute dtype: bf16 on a GPU, fp32 on the CPU."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def tokenizer_identity(folder: Path | None, hub_id: str, hash_cache: Path | None) -> str:
