@@ -126,7 +126,7 @@ def bench_encoders(device: str, repeats: int = 5) -> None:
             if fast:
                 x = x.to(memory_format=torch.channels_last)
             emit({"encoder": "ae", "channels_last+cudnn_benchmark": fast, "batch": batch,
-                  "items_per_s": round(batch / _time(lambda: ae.encoder(x), repeats), 2)})
+                  "items_per_s": round(batch / _time(lambda ae=ae, x=x: ae.encoder(x), repeats), 2)})
     del ae
     from fluxpipe.models import text_encoders as te
 
@@ -145,7 +145,7 @@ def bench_encoders(device: str, repeats: int = 5) -> None:
                 model(ids)  # first call: compiles when compiled
             first = time.perf_counter() - start
             emit({"encoder": "t5xxl", "compiled": compiled, "tokens": 512, "batch": batch,
-                  "first_call_s": round(first, 1), "items_per_s": round(batch / _time(lambda: model(ids), repeats), 2)})
+                  "first_call_s": round(first, 1), "items_per_s": round(batch / _time(lambda model=model, ids=ids: model(ids), repeats), 2)})
 
 
 @torch.no_grad()

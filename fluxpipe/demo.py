@@ -71,7 +71,7 @@ def learn_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for seq, n in seqs.items():
-            for pair in zip(seq, seq[1:]):
+            for pair in zip(seq, seq[1:], strict=False):
                 pairs[pair] += n
         if not pairs:
             break

@@ -54,7 +54,7 @@ def denoise(
     """Integrate the model's velocity over ``timesteps`` (packed latents [B, N, 64] in and out)."""
     batch = img.shape[0]
     guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=img.dtype)
-    for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:]):
+    for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:], strict=True):
         t_vec = torch.full((batch,), t_curr, dtype=img.dtype, device=img.device)
         pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
         img = euler_step(img, pred, t_curr, t_prev)

@@ -28,7 +28,7 @@ def pixels(img: Image.Image) -> list[tuple[int, ...]]:
 
 def near(actual: tuple[int, ...], expected: tuple[int, ...], tol: int = 6) -> bool:
     """JPEG is lossy: a pixel counts as the expected colour within a few levels."""
-    return all(abs(a - e) <= tol for a, e in zip(actual, expected))
+    return all(abs(a - e) <= tol for a, e in zip(actual, expected, strict=True))
 
 
 def test_is_image_file():

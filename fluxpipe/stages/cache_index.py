@@ -50,8 +50,8 @@ def _check_complete(kind: str, manifest: pd.DataFrame, index: pd.DataFrame) -> N
     if kind == "text":
         missing = set(manifest.caption_sha256) - set(index.get("caption_sha256", []))
     else:
-        have = set(zip(index.get("path", []), index.get("bucket", [])))
-        missing = {p for p, w, h in zip(manifest.path, manifest.bucket_w, manifest.bucket_h)
+        have = set(zip(index.get("path", []), index.get("bucket", []), strict=True))
+        missing = {p for p, w, h in zip(manifest.path, manifest.bucket_w, manifest.bucket_h, strict=True)
                    if (p, json.dumps([int(w), int(h)])) not in have}
     if missing:
         raise FluxpipeError(f"{len(missing)} manifest entries have no {kind} cache entry (e.g. {sorted(missing)[0]}); "

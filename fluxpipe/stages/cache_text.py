@@ -105,7 +105,7 @@ def run(cfg: CacheTextConfig) -> ShardStats:
     table, _ = read_parquet(cfg.manifest)
     rows = table[table.text_shard == cfg.shard].drop_duplicates("caption_sha256")
     identity = text_identity(cfg)
-    entries = {content_key(caption=sha, **identity): (sha, text) for sha, text in zip(rows.caption_sha256, rows.caption)}
+    entries = {content_key(caption=sha, **identity): (sha, text) for sha, text in zip(rows.caption_sha256, rows.caption, strict=True)}
     pool = ReusePool(reuse_dir(cfg.out))
     reused = [k for k in entries if k in pool]
     missing = {k: entries[k][1] for k in entries if k not in pool}

@@ -218,7 +218,7 @@ def run(cfg: ManifestConfig) -> pd.DataFrame:
     table = pd.DataFrame(rows).sort_values(["dataset", "subset", "path"], kind="stable").reset_index(drop=True)
     write_parquet_atomic(table, cfg.out, {"fluxpipe.manifest_version": str(MANIFEST_VERSION),
                                           "fluxpipe.left_out": json.dumps(problems)})
-    buckets = Counter(f"{w}x{h}" for w, h in zip(table.bucket_w, table.bucket_h))
+    buckets = Counter(f"{w}x{h}" for w, h in zip(table.bucket_w, table.bucket_h, strict=True))
     log.info("manifest: %d images (%d left out) in %.1f s; buckets %s", len(table), len(problems),
              time.perf_counter() - start, dict(sorted(buckets.items())))
     return table
