@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fluxpipe.models.layers import (
     DoubleStreamBlock,
@@ -114,6 +115,7 @@ class Flux(nn.Module):
             for _ in range(params.depth_single_blocks)
         )
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (training memory)
 
     def forward(
         self,
@@ -140,11 +142,16 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         mask = joint_key_mask(txt_attention_mask, img.shape[1]) if txt_attention_mask is not None else None
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=mask)
+            if checkpointed:
+                img, txt = checkpoint(block, img, txt, vec, pe, mask, use_reentrant=False)
+            else:
+                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=mask)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, vec=vec, pe=pe, attn_mask=mask)
+            x = checkpoint(block, x, vec, pe, mask, use_reentrant=False) if checkpointed else block(
+                x, vec=vec, pe=pe, attn_mask=mask)
         x = x[:, txt.shape[1] :, ...]
         return self.final_layer(x, vec)
 
