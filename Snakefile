@@ -14,11 +14,11 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/cache.smk"
+include: "rules/train.smk"
 
 
 rule all:
     default_target: True
     input:
         VALIDATE_REPORT,
-        fw.LATENT_SUMMARY,
-        fw.TEXT_SUMMARY,
+        fw.lora_output(CFG),

@@ -151,6 +151,36 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from fluxpipe import train_config
+    from fluxpipe.stages import train_lora
+    from fluxpipe.train_args import parse_train_args
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--cache_dir", type=Path, help="use the pipeline's caches under this folder (results/)")
+    extra.add_argument("--clip_tokenizer", type=Path)
+    extra.add_argument("--t5_tokenizer", type=Path)
+    extra.add_argument("--auto_resume", action="store_true", help="resume from the newest state in output_dir")
+    own, rest = extra.parse_known_args(args.flags)
+    ns = parse_train_args(rest)
+    device = _device("auto")
+    if own.cache_dir is not None:
+        caches = train_config.pipeline_caches(own.cache_dir)
+    else:
+        caches = train_config.build_caches(ns, Path(ns.output_dir) / ".fluxpipe-cache", device, own.clip_tokenizer,
+                                           own.t5_tokenizer)
+    train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a LoRA with the reference trainer's flags",
+                       description="fluxpipe train lora <flags of flux_train_network.py> [--cache_dir results] "
+                                   "[--clip_tokenizer DIR --t5_tokenizer DIR] [--auto_resume]")
+    p.add_argument("method", choices=("lora",))
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="the reference's flags (see --help of the method)")
+    p.set_defaults(func=_train)
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check model files strictly and write a JSON report",
                        description="Check FLUX.1 model files (keys, shapes, dtypes, variant) without loading them.")
@@ -178,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fluxpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands, _add_bench]
+    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands, _add_bench, _add_train]
     for add in adders:
         add(sub)
     return parser

@@ -116,6 +116,8 @@ class PipelineConfig:
     """The same structure inline (general: {...}, datasets: [{..., subsets: [...]}]); exclusive with dataset_config."""
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     """Latent and text-encoder cache settings."""
+    train: dict | None = None
+    """LoRA training settings: the reference trainer's flags by name (network_dim: 16, ...)."""
 
     def __post_init__(self) -> None:
         if self.dataset_config is not None and self.dataset is not None:
@@ -188,7 +190,33 @@ def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
     structure is validated too, so a typo anywhere fails here."""
     cfg = from_dict(PipelineConfig, _blank_to_none(data or {}))
     cfg.datasets()
+    if cfg.train is not None:
+        from fluxpipe.train_args import parse_train_args
+
+        parse_train_args(train_argv(cfg.train, {k: "x" for k in PIPELINE_OWNED_FLAGS}))  # fails on any bad flag
     return cfg
+
+
+# training flags that come from the pipeline's own settings (models, dataset, where results go)
+PIPELINE_OWNED_FLAGS = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "dataset_config", "output_dir")
+
+
+def train_argv(train: dict[str, Any], owned: dict[str, str]) -> list[str]:
+    """config.yaml's ``train:`` mapping as the reference's command line (true -> --flag, lists -> nargs)."""
+    clash = sorted(set(train) & set(PIPELINE_OWNED_FLAGS))
+    if clash:
+        raise ConfigError(f"train: {', '.join(clash)} come from models / dataset_config in config.yaml; "
+                          "remove them from train")
+    argv: list[str] = []
+    for key, value in {**owned, **train}.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list | tuple):
+            argv += [str(v) for v in value]
+        elif value is not True:
+            argv.append(str(value))
+    return argv
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

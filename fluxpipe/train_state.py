@@ -59,16 +59,25 @@ def restore_rng(rng: dict[str, Any], generators: dict[str, torch.Generator]) -> 
         g.set_state(rng[f"gen.{k}"])
 
 
-def _split(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON-able skeleton of ``value`` with every tensor moved into ``tensors`` under a path key."""
+def _split(value: Any, prefix: str, tensors: dict[str, torch.Tensor], seen: dict[int, str] | None = None) -> Any:
+    """JSON-able skeleton of ``value`` with every tensor moved into ``tensors`` under a path key. A tensor
+    object met twice (8-bit optimizers share their quantisation maps) is stored once; a view into a larger
+    storage is copied, since safetensors refuses shared storage."""
+    seen = {} if seen is None else seen
     if isinstance(value, torch.Tensor):
-        tensors[prefix] = value.detach().cpu().contiguous()
+        if id(value) in seen:
+            return {"__tensor__": seen[id(value)]}
+        tensor = value.detach().cpu()
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        tensors[prefix] = tensor
+        seen[id(value)] = prefix
         return {"__tensor__": prefix}
     if isinstance(value, dict):
-        return {"__dict__": [[_split(k, f"{prefix}.k{i}", tensors), _split(v, f"{prefix}.{i}", tensors)]
+        return {"__dict__": [[_split(k, f"{prefix}.k{i}", tensors, seen), _split(v, f"{prefix}.{i}", tensors, seen)]
                              for i, (k, v) in enumerate(value.items())]}
     if isinstance(value, (list, tuple)):
-        items = [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
+        items = [_split(v, f"{prefix}.{i}", tensors, seen) for i, v in enumerate(value)]
         return {"__tuple__": items} if isinstance(value, tuple) else items
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -98,7 +107,8 @@ def _sha256(path: Path) -> str:
 def save_state(state: TrainState, folder: Path) -> None:
     """Write ``state`` atomically into ``folder`` (replacing an older state there)."""
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = {name: _split(getattr(state, name), name, tensors)
+    seen: dict[int, str] = {}
+    skeleton = {name: _split(getattr(state, name), name, tensors, seen)
                 for name in ("weights", "optimizer", "scheduler", "rng", "extra")}
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
@@ -135,14 +145,17 @@ def load_state(folder: Path) -> TrainState:
     return TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"], **parts)
 
 
-def newest_state(output_dir: Path, name: str) -> Path | None:
-    """The most advanced complete state folder of a run (``<name>-state`` or numbered ones), if any."""
+def newest_state(output_dir: Path, name: str, settings: str | None = None) -> Path | None:
+    """The most advanced complete state folder of a run (``<name>-state`` or numbered ones), if any; with
+    ``settings``, only states made with that settings digest count."""
     best, best_step = None, -1
     for folder in output_dir.glob(f"{name}*-state"):
         try:
-            step = json.loads((folder / META).read_text(encoding="utf-8"))["step"]
-        except (OSError, ValueError, KeyError):
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+            step = meta["step"]
+            made_with = _join(meta["extra"], {}).get("settings") if settings is not None else None
+        except (OSError, ValueError, KeyError, AttributeError):
             continue  # a damaged or foreign folder is never resumed from
-        if step > best_step:
+        if step > best_step and made_with == settings:
             best, best_step = folder, step
     return best

@@ -168,3 +168,23 @@ def effective_config_file(config: dict) -> str:
     if not os.path.exists(path):
         write_text_atomic(path, text + "\n")
     return path
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+TRAIN_DIR = "results/train/lora"
+
+
+def lora_output(cfg: PipelineConfig) -> str:
+    name = (cfg.train or {}).get("output_name") or "last"
+    return f"{TRAIN_DIR}/{name}.safetensors"
+
+
+def train_lora_argv(cfg: PipelineConfig) -> list[str]:
+    """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
+    from fluxpipe.config import train_argv
+
+    files = model_files(cfg)
+    owned = {"pretrained_model_name_or_path": files["flux"], "clip_l": files["clip_l"], "t5xxl": files["t5xxl"],
+             "ae": files["ae"], "dataset_config": cfg.dataset_config or "", "output_dir": TRAIN_DIR}
+    return train_argv(cfg.train or {}, owned)

@@ -39,12 +39,17 @@ def test_validate_models_on_the_demo_then_nothing_to_do(workdir: Path) -> None:
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
-def test_default_target_on_the_demo_dataset(workdir: Path) -> None:
-    result = snakemake(workdir)  # the README's main job: validation and both caches of the demo dataset
+def test_train_lora_on_the_demo(workdir: Path) -> None:
+    result = snakemake(workdir, "train_lora")  # the README's main job
     assert result.returncode == 0, result.stderr[-3000:]
     for kind in ("latents", "text"):
         summary = json.loads((workdir / f"results/cache/{kind}/summary.json").read_text())
         assert summary["entries"] == 6 and summary["encoded"] == 6, summary
+    lora = workdir / "results/train/lora/demo_lora.safetensors"
+    losses = [json.loads(line) for line in (workdir / "results/train/lora/demo_lora-loss.jsonl").read_text().splitlines()]
+    assert lora.is_file() and len(losses) == 120 and losses[-1]["step"] == 120
+    again = snakemake(workdir, "train_lora")
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_config_typo_fails_before_any_job(workdir: Path) -> None:

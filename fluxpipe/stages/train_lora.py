@@ -1,0 +1,252 @@
+"""LoRA training stage: the DiT learns a kohya-layout LoRA from the cached latents and text outputs.
+
+Input: the strict-loaded DiT, the manifest and both cache indexes. Output: ``<output_dir>/<name>.safetensors``
+(plus per-epoch / per-step files and ``-state`` folders when asked) in the kohya/ComfyUI layout with ss_* and
+modelspec metadata, and ``<name>-loss.jsonl``. One explicit loop; the maths lives in fluxpipe.flow, the
+data in fluxpipe.train_data, the state in fluxpipe.train_state. A run resumes exactly from a state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fluxpipe import flow
+from fluxpipe.atomic import write_text_atomic
+from fluxpipe.checkpoints import load_model
+from fluxpipe.errors import FluxpipeError
+from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
+from fluxpipe.optim import build_optimizer, build_scheduler, resolve_warmup
+from fluxpipe.packing import image_ids, pack_latents, text_ids
+from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
+from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlowSettings:
+    """The training-maths flags (spec §4), names as the reference's."""
+
+    timestep_sampling: str = "flux_shift"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    weighting_scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    model_prediction_type: str = "raw"
+    guidance_scale: float = 1.0
+    loss_type: str = "l2"
+    huber_schedule: str = "constant"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    apply_t5_attn_mask: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainLoraConfig:
+    flux: Path
+    manifest: Path
+    latent_index: Path
+    text_index: Path
+    output_dir: Path
+    output_name: str
+    batch_sizes: dict[int, int]
+    lora: LoraSpec
+    math: FlowSettings = field(default_factory=FlowSettings)
+    network_weights: Path | None = None
+    learning_rate: float = 1e-4
+    unet_lr: float | None = None
+    optimizer_type: str = "AdamW"
+    optimizer_args: dict = field(default_factory=dict)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int | float | str | None = None
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    compute_dtype: torch.dtype = torch.float32
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_precision: torch.dtype | None = None
+    save_state: bool = False
+    resume: Path | None = None
+    auto_resume: bool = False
+    device: str = "cpu"
+    metadata: dict = field(default_factory=dict)
+
+
+def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator) -> torch.Tensor:
+    """Mean loss of one batch: pack, draw t and noise, x_t, velocity prediction against noise - x0."""
+    x0 = batch["latents"]
+    bsz, _, h, w = x0.shape
+    device, dtype = x0.device, x0.dtype
+    t = flow.sample_timesteps(m.timestep_sampling, bsz, (h // 2) * (w // 2), gen, sigmoid_scale=m.sigmoid_scale,
+                              discrete_flow_shift=m.discrete_flow_shift, weighting_scheme=m.weighting_scheme,
+                              logit_mean=m.logit_mean, logit_std=m.logit_std, mode_scale=m.mode_scale).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
+    perturbed = flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength) \
+        if m.ip_noise_gamma else noise
+    x_t = flow.noisy_latents(x0, perturbed, t.to(dtype))
+    img = pack_latents(x_t)
+    txt = batch["t5"]
+    pred = dit(img=img, img_ids=image_ids(bsz, h, w, device=device, dtype=dtype), txt=txt,
+               txt_ids=text_ids(bsz, txt.shape[1], device=device, dtype=dtype), timesteps=t.to(dtype),
+               y=batch["pooled"], guidance=torch.full((bsz,), m.guidance_scale, device=device, dtype=dtype),
+               txt_attention_mask=batch["t5_mask"] if m.apply_t5_attn_mask else None)
+    pred = flow.apply_prediction_type(pred.float(), img.float(), t, m.model_prediction_type)
+    target = pack_latents(flow.velocity_target(x0, noise)).float()
+    weighting = flow.loss_weighting(m.weighting_scheme, t) if m.model_prediction_type == "sigma_scaled" else None
+    c = flow.huber_c(m.huber_schedule, m.huber_c, t, huber_scale=m.huber_scale) \
+        if m.loss_type in ("huber", "smooth_l1") else None
+    return flow.loss(pred, target, m.loss_type, c, weighting=weighting).mean()
+
+
+def plan_steps(num_batches: int, cfg: TrainLoraConfig) -> tuple[int, int]:
+    """(total optimizer steps, epochs): --max_train_epochs overrides --max_train_steps, as the reference."""
+    per_epoch = math.ceil(num_batches / cfg.gradient_accumulation_steps)
+    if cfg.max_train_epochs:
+        return cfg.max_train_epochs * per_epoch, cfg.max_train_epochs
+    return cfg.max_train_steps, math.ceil(cfg.max_train_steps / per_epoch)
+
+
+def save_lora(network: FluxLoRANetwork, cfg: TrainLoraConfig, suffix: str, step: int, epoch: int) -> Path:
+    path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
+    meta = {**cfg.metadata, "ss_steps": str(step), "ss_epoch": str(epoch),
+            "ss_training_finished_at": str(int(time.time()))}
+    network.save(path, meta, cfg.save_precision)
+    log.info("saved %s (step %d, epoch %d)", path, step, epoch)
+    return path
+
+
+def _resume_from(cfg: TrainLoraConfig) -> TrainState | None:
+    """--resume DIR (must match the settings), or with auto_resume the newest state made with these settings
+    and this data (states of other settings are left alone: a changed run starts afresh)."""
+    settings = cfg.metadata.get("fluxpipe_settings")
+    folder = cfg.resume or (newest_state(cfg.output_dir, cfg.output_name, settings) if cfg.auto_resume else None)
+    if folder is None:
+        return None
+    state = load_state(folder)
+    if state.extra.get("settings") != cfg.metadata.get("fluxpipe_settings"):
+        raise FluxpipeError(f"{folder}: this state was made with other training settings; resume it with the same "
+                            "settings, or delete the state folder (or pick another --output_name) to start afresh")
+    log.info("resuming from %s at step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_in_epoch)
+    return state
+
+
+def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
+    weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
+                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=capture_rng({"noise": gen}),
+                          extra={"settings": cfg.metadata.get("fluxpipe_settings")}),
+               cfg.output_dir / f"{cfg.output_name}{suffix}-state")
+
+
+def _log_losses(path: Path, records: list[dict], keep_until: int) -> list[dict]:
+    """Loss records up to ``keep_until`` steps (a resumed run drops the ones it will redo)."""
+    if not path.is_file():
+        return records
+    old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in old if r["step"] <= keep_until] + records
+
+
+def train(cfg: TrainLoraConfig) -> Path:
+    """The LoRA training loop; returns the final LoRA file."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
+    if not items:
+        raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
+    tensors = CachedTensors(cfg.latent_index, cfg.text_index)
+    dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device=cfg.device)
+    dit.gradient_checkpointing = cfg.gradient_checkpointing
+    network = FluxLoRANetwork(dit, cfg.lora).to(cfg.device)
+    if cfg.network_weights is not None:
+        network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
+    network.apply_to()
+    dit.train()
+    groups = network.param_groups(learning_rate=cfg.learning_rate, unet_lr=cfg.unet_lr,
+                                  loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+                                  loraplus_unet_lr_ratio=cfg.lora.loraplus_unet_lr_ratio)
+    opt = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, dict(cfg.optimizer_args))
+    first_batches = epoch_batches(items, cfg.batch_sizes, 0, cfg.seed)
+    total, epochs = plan_steps(len(first_batches), cfg)
+    sched = build_scheduler(cfg.lr_scheduler, opt, total, resolve_warmup(cfg.lr_warmup_steps, total),
+                            cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    step, start_epoch, start_batch = 0, 0, 0
+    state = _resume_from(cfg)
+    if state is not None:
+        network.load_state_dict(state.weights)
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        restore_rng(state.rng, {"noise": gen})
+        step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
+    records: list[dict] = []
+    params = [p for g in opt.param_groups for p in g["params"]]
+    accum = cfg.gradient_accumulation_steps
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        batches = epoch_batches(items, cfg.batch_sizes, epoch, cfg.seed)
+        first = start_batch if epoch == start_epoch else 0
+        for bi in range(first, len(batches)):
+            batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
+            loss = flow_loss(dit, batch, cfg.math, gen)
+            (loss / accum).backward()
+            if (bi + 1 - first) % accum and bi + 1 < len(batches):
+                continue  # accumulate until a step boundary (or the epoch's end)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            records.append({"step": step, "epoch": epoch, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch)
+            bar.update(1)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+                save_lora(network, cfg, f"-step{step:08d}", step, epoch)
+                if cfg.save_state:
+                    _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
+                write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                                     _log_losses(loss_file, records, state.step if state else 0)))
+            if step >= total:
+                break
+        if step >= total:
+            break
+        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < epochs:
+            save_lora(network, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
+            if cfg.save_state:
+                _write_state(network, opt, sched, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
+    bar.close()
+    write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                         _log_losses(loss_file, records, state.step if state else 0)))
+    if cfg.save_state:
+        _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "")
+    final = save_lora(network, cfg, "", step, epoch + 1)
+    tensors.close()
+    return final
+
+
+def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file to continue from (--network_weights): checked as safetensors first, never unpickled."""
+    from fluxpipe.safetensors_file import read_header, read_tensors
+
+    header = read_header(path)
+    return read_tensors(path, {k: k for k in header.tensors})

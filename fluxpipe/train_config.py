@@ -1,0 +1,199 @@
+"""From the reference trainer's flags to fluxpipe's typed LoRA training config (and the caches it reads).
+
+``fluxpipe train lora <flags>`` parses the flags (fluxpipe.train_args), makes sure the manifest and both
+caches exist (the pipeline's, given by ``--cache_dir``, or built in ``<output_dir>/.fluxpipe-cache`` with
+the same stage code), and builds a ``TrainLoraConfig``. Features not built yet fail or warn here, loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxpipe import __version__
+from fluxpipe.errors import FluxpipeError
+from fluxpipe.lora_network import LoraSpec, parse_network_args
+from fluxpipe.optim import parse_optimizer_args
+from fluxpipe.stages.train_lora import FlowSettings, TrainLoraConfig
+
+log = logging.getLogger(__name__)
+DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    manifest: Path
+    latent_index: Path
+    text_index: Path
+
+
+def pipeline_caches(cache_dir: Path) -> CachePaths:
+    """The Snakemake pipeline's caches under ``cache_dir`` (normally results/)."""
+    return CachePaths(manifest=cache_dir / "dataset/manifest.parquet",
+                      latent_index=cache_dir / "cache/latents/index.parquet",
+                      text_index=cache_dir / "cache/text/index.parquet")
+
+
+def build_caches(ns: argparse.Namespace, work: Path, device: str, clip_tokenizer: Path | None,
+                 t5_tokenizer: Path | None) -> CachePaths:
+    """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
+    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.dataset_config import check_cacheable, load_dataset_toml
+    from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
+    from fluxpipe.text_encoding import default_t5_max_length
+
+    if ns.dataset_config is None:
+        raise FluxpipeError("--dataset_config is required (fluxpipe reads the dataset from the reference's TOML)")
+    datasets = load_dataset_toml(ns.dataset_config)
+    check_cacheable(datasets, cache_latents=True, cache_text=True)
+    paths = pipeline_caches(work)
+    manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
+    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    for kind in ("latents", "text"):
+        shard = work / f"cache/{kind}/shard-000.safetensors"
+        shard.unlink(missing_ok=True)
+        if kind == "latents":
+            cache_latents.run(cache_latents.CacheLatentsConfig(manifest=paths.manifest, ae=Path(ns.ae), out=shard,
+                                                               shard=0, batch_size=ns.vae_batch_size or 1,
+                                                               device=device))
+        else:
+            cache_text.run(cache_text.CacheTextConfig(
+                manifest=paths.manifest, clip_l=Path(ns.clip_l), t5xxl=Path(ns.t5xxl),
+                clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer,
+                out=shard, shard=0, max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant),
+                apply_t5_attn_mask=ns.apply_t5_attn_mask, device=device))
+        index = paths.latent_index if kind == "latents" else paths.text_index
+        cache_index.run(cache_index.CacheIndexConfig(kind=kind, manifest=paths.manifest, shards=(shard,), index=index,
+                                                     summary=index.with_name("summary.json")))
+    return paths
+
+
+def compute_dtype(mixed_precision: str, device: str) -> torch.dtype:
+    """Base-model dtype: fp32 for 'no'; bf16 / fp16 on a GPU; on the CPU fp16 falls back to bf16 (fp16 matmuls
+    are unusably slow there)."""
+    if mixed_precision == "no":
+        return torch.float32
+    if mixed_precision == "fp16" and not device.startswith("cuda"):
+        log.warning("--mixed_precision fp16 on the CPU: computing in bf16 instead (fp16 matmuls are unusably slow)")
+        return torch.bfloat16
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def check_supported(ns: argparse.Namespace, device: str) -> None:
+    """Features of the reference that fluxpipe's trainer does not have yet: an error, or a warning when the
+    run is still the same training (never a silent change)."""
+    if ns.blocks_to_swap:
+        if device.startswith("cuda"):
+            raise FluxpipeError("--blocks_to_swap is not implemented yet in fluxpipe's trainer; leave it out")
+        log.warning("--blocks_to_swap %d: nothing to swap on the CPU, ignored", ns.blocks_to_swap)
+    for flag in ("fp8_base", "full_bf16", "full_fp16", "cpu_offload_checkpointing", "network_train_text_encoder_only"):
+        if getattr(ns, flag, False):
+            raise FluxpipeError(f"--{flag} is not implemented yet in fluxpipe's trainer; leave it out")
+    if not ns.network_train_unet_only:
+        log.warning("CLIP-L LoRA training is not implemented yet: training the DiT LoRA only, as with "
+                    "--network_train_unet_only (the saved file says so in ss_network_train_unet_only)")
+
+
+def lora_spec(ns: argparse.Namespace) -> LoraSpec:
+    try:
+        extra = parse_network_args(list(ns.network_args or []))
+        return LoraSpec(network_dim=ns.network_dim or 4, network_alpha=ns.network_alpha,
+                        dropout=ns.network_dropout, **extra)
+    except ValueError as e:
+        raise FluxpipeError(f"--network_args: {e}") from e
+
+
+def settings_digest(ns: argparse.Namespace, data: str = "") -> str:
+    """Digest of every flag that changes the result (not where files go or how often they are saved) and of
+    the cached data (``data``): a state is resumed only by a run with the same digest."""
+    skip = {"output_dir", "save_every_n_epochs", "save_every_n_steps", "save_state", "resume", "cache_dir",
+            "save_last_n_epochs", "save_last_n_steps", "logging_dir", "log_with", "dataset_config",
+            "pretrained_model_name_or_path", "clip_l", "t5xxl", "ae"}
+    values = {k: str(v) for k, v in sorted(vars(ns).items()) if k not in skip}
+    return hashlib.sha256(json.dumps([values, data]).encode()).hexdigest()[:16]
+
+
+def data_digest(caches: CachePaths, flux: Path) -> str:
+    """What the run trains on: the cache entry keys (content hashes) and the DiT file's identity."""
+    from fluxpipe.hashing import cached_sha256
+    from fluxpipe.tables import read_parquet
+
+    keys = [sorted(read_parquet(p)[0].key) for p in (caches.latent_index, caches.text_index)]
+    return hashlib.sha256(json.dumps([keys, cached_sha256(flux)[0]]).encode()).hexdigest()
+
+
+def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images: int, data: str) -> dict[str, str]:
+    """The ss_* and modelspec metadata of the reference (spec §5.7), as strings."""
+    meta = {
+        "ss_session_id": uuid.uuid4().hex[:12], "ss_training_started_at": str(int(time.time())),
+        "ss_output_name": ns.output_name or "last", "ss_learning_rate": str(ns.learning_rate),
+        "ss_unet_lr": str(ns.unet_lr), "ss_text_encoder_lr": str(ns.text_encoder_lr),
+        "ss_num_train_images": str(images), "ss_num_batches_per_epoch": str(batches),
+        "ss_num_epochs": str(ns.max_train_epochs), "ss_gradient_checkpointing": str(ns.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(ns.gradient_accumulation_steps),
+        "ss_max_train_steps": str(ns.max_train_steps), "ss_lr_warmup_steps": str(ns.lr_warmup_steps),
+        "ss_lr_scheduler": ns.lr_scheduler, "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(ns.network_dim), "ss_network_alpha": str(ns.network_alpha),
+        "ss_network_dropout": str(ns.network_dropout), "ss_network_args": json.dumps(ns.network_args or []),
+        "ss_network_train_unet_only": "True", "ss_mixed_precision": ns.mixed_precision, "ss_v2": "False",
+        "ss_base_model_version": "flux1", "ss_cache_latents": "True", "ss_seed": str(ns.seed),
+        "ss_optimizer": f"{ns.optimizer_type}({' '.join(ns.optimizer_args or [])})",
+        "ss_max_grad_norm": str(ns.max_grad_norm), "ss_loss_type": ns.loss_type, "ss_model_type": "flux",
+        "ss_apply_t5_attn_mask": str(ns.apply_t5_attn_mask), "ss_weighting_scheme": ns.weighting_scheme,
+        "ss_logit_mean": str(ns.logit_mean), "ss_logit_std": str(ns.logit_std), "ss_mode_scale": str(ns.mode_scale),
+        "ss_guidance_scale": str(ns.guidance_scale), "ss_timestep_sampling": ns.timestep_sampling,
+        "ss_sigmoid_scale": str(ns.sigmoid_scale), "ss_model_prediction_type": ns.model_prediction_type,
+        "ss_discrete_flow_shift": str(ns.discrete_flow_shift), "ss_ip_noise_gamma": str(ns.ip_noise_gamma),
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"flux-1-{variant}/lora",
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.title": ns.output_name or "last", "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.implementation_version": f"fluxpipe/{__version__}",
+        "fluxpipe_settings": settings_digest(ns, data),
+    }
+    return meta
+
+
+def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool) -> TrainLoraConfig:
+    """The typed training config from the parsed flags."""
+    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.dataset_config import load_dataset_toml
+    from fluxpipe.tables import read_parquet
+
+    check_supported(ns, device)
+    ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
+    datasets = load_dataset_toml(ns.dataset_config)
+    table, _ = read_parquet(caches.manifest)
+    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    math_settings = FlowSettings(
+        timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
+        discrete_flow_shift=ns.discrete_flow_shift, weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean,
+        logit_std=ns.logit_std, mode_scale=ns.mode_scale, model_prediction_type=ns.model_prediction_type,
+        guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
+        huber_schedule=ns.huber_schedule if ns.loss_type in ("huber", "smooth_l1") else "constant",
+        huber_c=ns.huber_c, huber_scale=ns.huber_scale, ip_noise_gamma=ns.ip_noise_gamma,
+        ip_noise_gamma_random_strength=ns.ip_noise_gamma_random_strength, apply_t5_attn_mask=ns.apply_t5_attn_mask)
+    return TrainLoraConfig(
+        flux=Path(ns.pretrained_model_name_or_path), manifest=caches.manifest, latent_index=caches.latent_index,
+        text_index=caches.text_index, output_dir=Path(ns.output_dir), output_name=ns.output_name or "last",
+        batch_sizes={i: ds.batch_size for i, ds in enumerate(datasets.datasets)}, lora=lora_spec(ns),
+        math=math_settings, network_weights=Path(ns.network_weights) if ns.network_weights else None,
+        learning_rate=ns.learning_rate, unet_lr=ns.unet_lr, optimizer_type=ns.optimizer_type,
+        optimizer_args=parse_optimizer_args(ns.optimizer_args or []), lr_scheduler=ns.lr_scheduler,
+        lr_warmup_steps=ns.lr_warmup_steps, lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles,
+        lr_scheduler_power=ns.lr_scheduler_power, max_train_steps=ns.max_train_steps,
+        max_train_epochs=ns.max_train_epochs, gradient_accumulation_steps=ns.gradient_accumulation_steps,
+        max_grad_norm=ns.max_grad_norm, compute_dtype=compute_dtype(ns.mixed_precision, device), seed=ns.seed,
+        gradient_checkpointing=ns.gradient_checkpointing, save_every_n_epochs=ns.save_every_n_epochs,
+        save_every_n_steps=ns.save_every_n_steps, save_precision=DTYPES[ns.save_precision],
+        save_state=ns.save_state or auto_resume, resume=Path(ns.resume) if ns.resume else None,
+        auto_resume=auto_resume, device=device,
+        metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
+                                   data_digest(caches, Path(ns.pretrained_model_name_or_path))))

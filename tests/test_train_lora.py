@@ -1,0 +1,126 @@
+"""LoRA training from the reference's command line on the demo: the file, the loss, exact resume after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import REPO
+from fluxpipe.cli import main
+from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+
+BIN = Path(sys.executable).parent
+
+
+def seed_command(demo: Path, out: Path, *extra: str) -> list[str]:
+    """The seed's command (paths pointed at the demo models and dataset), shortened to a few epochs."""
+    return ["--pretrained_model_name_or_path", str(demo / FILES["flux"]), "--clip_l", str(demo / FILES["clip_l"]),
+            "--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]),
+            "--dataset_config", str(REPO / "config/demo/dataset.toml"), "--output_dir", str(out),
+            "--output_name", "my_flux_lora", "--save_model_as", "safetensors", "--network_module",
+            "networks.lora_flux", "--network_dim", "16", "--network_alpha", "1", "--learning_rate", "1e-4",
+            "--optimizer_type", "AdamW8bit", "--lr_scheduler", "constant", "--sdpa", "--max_train_epochs", "2",
+            "--save_every_n_epochs", "1", "--mixed_precision", "fp16", "--gradient_checkpointing",
+            "--guidance_scale", "1.0", "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw",
+            "--blocks_to_swap", "18", "--cache_text_encoder_outputs", "--cache_latents",
+            "--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR), *extra]
+
+
+@pytest.fixture(autouse=True)
+def _from_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the demo dataset TOML names its images relative to the repository
+
+
+def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> None:
+    assert main(["train", "lora", *seed_command(demo_dir, tmp_path)]) == 0
+    final = tmp_path / "my_flux_lora.safetensors"
+    assert (tmp_path / "my_flux_lora-000001.safetensors").is_file() and final.is_file()
+    state = load_file(str(final))
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+    assert len(names) == 26 and all(n.startswith("lora_unet_") for n in names)  # 2x10 double + 2x3 single
+    down = state["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert down.shape == (16, 64) and state["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (192, 16)
+    assert float(state["lora_unet_single_blocks_1_linear2.alpha"]) == 1.0
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "16"
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "12"
+
+
+def fixed_noise_loss(demo: Path, cache: Path, lora: Path | None) -> float:
+    """Loss of the demo DiT (with the LoRA merged) on fixed timesteps and noise over the demo data."""
+    from fluxpipe.checkpoints import load_model
+    from fluxpipe.lora import apply_lora
+    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+    from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
+
+    idx = (cache / "cache/latents/index.parquet", cache / "cache/text/index.parquet")
+    items = load_items(cache / "dataset/manifest.parquet", *idx)
+    tensors = CachedTensors(*idx)
+    dit = load_model(demo / FILES["flux"], "flux", dtype=torch.float32).eval()
+    if lora is not None:
+        apply_lora(dit, load_file(str(lora)), 1.0)
+    gen, total = torch.Generator().manual_seed(0), 0.0
+    with torch.no_grad():
+        for epoch in range(3):
+            for batch in epoch_batches(items, {0: 2}, epoch, 0):
+                total += float(flow_loss(dit, make_batch(items, batch, tensors, gen, "cpu", torch.float32),
+                                         FlowSettings(), gen))
+    return total
+
+
+def test_training_lowers_the_loss(demo_dir: Path, tmp_path: Path) -> None:
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only")
+    args[args.index("--network_alpha") + 1] = "16"
+    args[args.index("--learning_rate") + 1] = "1e-3"
+    args[args.index("--max_train_epochs") + 1] = "12"
+    assert main(["train", "lora", *args]) == 0
+    cache = tmp_path / ".fluxpipe-cache"
+    before = fixed_noise_loss(demo_dir, cache, None)
+    after = fixed_noise_loss(demo_dir, cache, tmp_path / "my_flux_lora.safetensors")
+    assert after < 0.9 * before, (before, after)
+
+
+def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, tmp_path: Path) -> None:
+    extra = ("--save_every_n_steps", "4", "--network_train_unet_only", "--optimizer_type", "AdamW")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        args = seed_command(demo_dir, out, *extra)
+        args[args.index("--max_train_epochs") + 1] = "3"
+        args[args.index("--optimizer_type") + 1] = "AdamW"  # the later flag wins either way; keep one
+        return [str(BIN / "fluxpipe"), "train", "lora", *args, "--auto_resume"]
+
+    clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not list(killed.glob("*-step00000004-state")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(killed.glob("*-step00000004-state")) and not (killed / "my_flux_lora.safetensors").exists()
+    resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "clean/my_flux_lora.safetensors")), load_file(str(killed / "my_flux_lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
+                                             (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag")])
+def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           flag: list[str], says: str) -> None:
+    assert main(["train", "lora", *seed_command(demo_dir, tmp_path), *flag]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
