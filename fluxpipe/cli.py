@@ -164,6 +164,7 @@ def _train(args: argparse.Namespace) -> None:
     own, rest = extra.parse_known_args(args.flags)
     ns = parse_train_args(rest)
     device = _device("auto")
+    train_config.check_supported(ns, device)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:
         caches = train_config.pipeline_caches(own.cache_dir)
     else:

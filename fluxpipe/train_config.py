@@ -87,16 +87,45 @@ def compute_dtype(mixed_precision: str, device: str) -> torch.dtype:
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
+# flags the trainer honours (the others of the reference either are IGNORED_FOR_FLUX, or are refused below
+# when set to anything but their default, so that no accepted flag is silently dropped)
+HONOURED = frozenset("""
+pretrained_model_name_or_path clip_l t5xxl ae dataset_config output_dir output_name save_model_as network_module
+network_dim network_alpha network_dropout network_args network_weights learning_rate unet_lr optimizer_type
+optimizer_args lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power max_train_steps
+max_train_epochs gradient_accumulation_steps max_grad_norm mixed_precision seed gradient_checkpointing
+save_every_n_epochs save_every_n_steps save_precision save_state resume timestep_sampling sigmoid_scale
+discrete_flow_shift weighting_scheme logit_mean logit_std mode_scale model_prediction_type guidance_scale
+loss_type huber_schedule huber_c huber_scale ip_noise_gamma ip_noise_gamma_random_strength apply_t5_attn_mask
+t5xxl_max_token_length cache_latents cache_latents_to_disk cache_text_encoder_outputs
+cache_text_encoder_outputs_to_disk vae_batch_size network_train_unet_only blocks_to_swap config_file
+use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size
+""".split())
+# handled with a warning or an error of their own in check_supported
+SPECIAL = frozenset({"blocks_to_swap", "network_train_unet_only"})
+
+
+def check_unhonoured(ns: argparse.Namespace) -> None:
+    """Refuse every flag set away from its default that the trainer would not act on."""
+    from fluxpipe.train_args import IGNORED_FOR_FLUX, build_parser
+
+    defaults = vars(build_parser().parse_args([]))
+    ignored = {flag.lstrip("-") for flag in IGNORED_FOR_FLUX}
+    unused = sorted(k for k, v in vars(ns).items() if k in defaults and v != defaults[k]
+                    and k not in HONOURED and k not in ignored)
+    if unused:
+        raise FluxpipeError(f"not implemented yet in fluxpipe's LoRA trainer: {', '.join('--' + k for k in unused)}; "
+                            "leave them out (see the README's list)")
+
+
 def check_supported(ns: argparse.Namespace, device: str) -> None:
     """Features of the reference that fluxpipe's trainer does not have yet: an error, or a warning when the
     run is still the same training (never a silent change)."""
+    check_unhonoured(ns)
     if ns.blocks_to_swap:
         if device.startswith("cuda"):
             raise FluxpipeError("--blocks_to_swap is not implemented yet in fluxpipe's trainer; leave it out")
         log.warning("--blocks_to_swap %d: nothing to swap on the CPU, ignored", ns.blocks_to_swap)
-    for flag in ("fp8_base", "full_bf16", "full_fp16", "cpu_offload_checkpointing", "network_train_text_encoder_only"):
-        if getattr(ns, flag, False):
-            raise FluxpipeError(f"--{flag} is not implemented yet in fluxpipe's trainer; leave it out")
     if not ns.network_train_unet_only:
         log.warning("CLIP-L LoRA training is not implemented yet: training the DiT LoRA only, as with "
                     "--network_train_unet_only (the saved file says so in ss_network_train_unet_only)")
@@ -162,12 +191,11 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
 
 
 def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool) -> TrainLoraConfig:
-    """The typed training config from the parsed flags."""
+    """The typed training config from the parsed flags (already checked with check_supported)."""
     from fluxpipe.checkpoints import inspect_checkpoint
     from fluxpipe.dataset_config import load_dataset_toml
     from fluxpipe.tables import read_parquet
 
-    check_supported(ns, device)
     ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
     datasets = load_dataset_toml(ns.dataset_config)
     table, _ = read_parquet(caches.manifest)

@@ -118,7 +118,9 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
 
 
 @pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
-                                             (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag")])
+                                             (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag"),
+                                             (["--save_last_n_epochs", "2"], "not implemented yet"),
+                                             (["--fp8_base"], "not implemented yet")])
 def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            flag: list[str], says: str) -> None:
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path), *flag]) == 2

@@ -209,6 +209,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
             loss = flow_loss(dit, batch, cfg.math, gen)
             (loss / accum).backward()
+            loss_value = loss.detach().item()
             if (bi + 1 - first) % accum and bi + 1 < len(batches):
                 continue  # accumulate until a step boundary (or the epoch's end)
             if cfg.max_grad_norm:
@@ -217,8 +218,8 @@ def train(cfg: TrainLoraConfig) -> Path:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            records.append({"step": step, "epoch": epoch, "loss": float(loss), "lr": sched.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch)
+            records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": sched.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
             bar.update(1)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_lora(network, cfg, f"-step{step:08d}", step, epoch)
