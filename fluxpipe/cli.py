@@ -170,7 +170,7 @@ def _train(args: argparse.Namespace) -> None:
     else:
         caches = train_config.build_caches(ns, Path(ns.output_dir) / ".fluxpipe-cache", device, own.clip_tokenizer,
                                            own.t5_tokenizer)
-    train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume))
+    train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -98,7 +98,7 @@ save_every_n_epochs save_every_n_steps save_precision save_state resume timestep
 discrete_flow_shift weighting_scheme logit_mean logit_std mode_scale model_prediction_type guidance_scale
 loss_type huber_schedule huber_c huber_scale ip_noise_gamma ip_noise_gamma_random_strength apply_t5_attn_mask
 t5xxl_max_token_length cache_latents cache_latents_to_disk cache_text_encoder_outputs
-cache_text_encoder_outputs_to_disk vae_batch_size network_train_unet_only blocks_to_swap config_file
+cache_text_encoder_outputs_to_disk vae_batch_size network_train_unet_only blocks_to_swap config_file text_encoder_lr
 use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size
 """.split())
 # handled with a warning or an error of their own in check_supported
@@ -126,18 +126,19 @@ def check_supported(ns: argparse.Namespace, device: str) -> None:
         if device.startswith("cuda"):
             raise FluxpipeError("--blocks_to_swap is not implemented yet in fluxpipe's trainer; leave it out")
         log.warning("--blocks_to_swap %d: nothing to swap on the CPU, ignored", ns.blocks_to_swap)
-    if not ns.network_train_unet_only:
-        log.warning("CLIP-L LoRA training is not implemented yet: training the DiT LoRA only, as with "
-                    "--network_train_unet_only (the saved file says so in ss_network_train_unet_only)")
 
 
 def lora_spec(ns: argparse.Namespace) -> LoraSpec:
     try:
         extra = parse_network_args(list(ns.network_args or []))
-        return LoraSpec(network_dim=ns.network_dim or 4, network_alpha=ns.network_alpha,
+        spec = LoraSpec(network_dim=ns.network_dim or 4, network_alpha=ns.network_alpha,
                         dropout=ns.network_dropout, **extra)
     except ValueError as e:
         raise FluxpipeError(f"--network_args: {e}") from e
+    if spec.train_t5xxl:
+        raise FluxpipeError("--network_args train_t5xxl=True: a T5 LoRA needs T5 to run every step, which the "
+                            "cached text-encoder outputs rule out (the reference refuses this too)")
+    return spec
 
 
 def settings_digest(ns: argparse.Namespace, data: str = "") -> str:
@@ -172,7 +173,7 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_lr_scheduler": ns.lr_scheduler, "ss_network_module": "networks.lora_flux",
         "ss_network_dim": str(ns.network_dim), "ss_network_alpha": str(ns.network_alpha),
         "ss_network_dropout": str(ns.network_dropout), "ss_network_args": json.dumps(ns.network_args or []),
-        "ss_network_train_unet_only": "True", "ss_mixed_precision": ns.mixed_precision, "ss_v2": "False",
+        "ss_network_train_unet_only": str(bool(ns.network_train_unet_only)), "ss_mixed_precision": ns.mixed_precision, "ss_v2": "False",
         "ss_base_model_version": "flux1", "ss_cache_latents": "True", "ss_seed": str(ns.seed),
         "ss_optimizer": f"{ns.optimizer_type}({' '.join(ns.optimizer_args or [])})",
         "ss_max_grad_norm": str(ns.max_grad_norm), "ss_loss_type": ns.loss_type, "ss_model_type": "flux",
@@ -190,7 +191,8 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
     return meta
 
 
-def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool) -> TrainLoraConfig:
+def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool,
+                clip_tokenizer: Path | None = None) -> TrainLoraConfig:
     """The typed training config from the parsed flags (already checked with check_supported)."""
     from fluxpipe.checkpoints import inspect_checkpoint
     from fluxpipe.dataset_config import load_dataset_toml
@@ -223,5 +225,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         save_every_n_steps=ns.save_every_n_steps, save_precision=DTYPES[ns.save_precision],
         save_state=ns.save_state or auto_resume, resume=Path(ns.resume) if ns.resume else None,
         auto_resume=auto_resume, device=device,
+        clip_l=None if ns.network_train_unet_only else Path(ns.clip_l), clip_tokenizer=clip_tokenizer,
+        text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))

@@ -187,4 +187,7 @@ def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     files = model_files(cfg)
     owned = {"pretrained_model_name_or_path": files["flux"], "clip_l": files["clip_l"], "t5xxl": files["t5xxl"],
              "ae": files["ae"], "dataset_config": cfg.dataset_config or "", "output_dir": TRAIN_DIR}
-    return train_argv(cfg.train or {}, owned)
+    argv = train_argv(cfg.train or {}, owned)
+    if tokenizer_dirs(cfg)["clip_tokenizer"]:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
+        argv += ["--clip_tokenizer", tokenizer_dirs(cfg)["clip_tokenizer"]]
+    return argv

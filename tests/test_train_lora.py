@@ -46,7 +46,10 @@ def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> Non
     assert (tmp_path / "my_flux_lora-000001.safetensors").is_file() and final.is_file()
     state = load_file(str(final))
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
-    assert len(names) == 26 and all(n.startswith("lora_unet_") for n in names)  # 2x10 double + 2x3 single
+    unet = {n for n in names if n.startswith("lora_unet_")}
+    te1 = {n for n in names if n.startswith("lora_te1_text_model_encoder_layers_")}
+    assert len(unet) == 26 and len(te1) == 12 and names == unet | te1  # 2x10 double + 2x3 single; 2 CLIP layers x 6
+    assert state["lora_te1_text_model_encoder_layers_1_mlp_fc1.lora_up.weight"].abs().sum() > 0  # CLIP LoRA trained
     down = state["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
     assert down.shape == (16, 64) and state["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (192, 16)
     assert float(state["lora_unet_single_blocks_1_linear2.alpha"]) == 1.0
@@ -54,6 +57,7 @@ def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> Non
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "16"
     assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "12"
+    assert meta["ss_network_train_unet_only"] == "False"
 
 
 def fixed_noise_loss(demo: Path, cache: Path, lora: Path | None) -> float:

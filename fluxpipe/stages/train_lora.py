@@ -88,6 +88,9 @@ class TrainLoraConfig:
     auto_resume: bool = False
     device: str = "cpu"
     metadata: dict = field(default_factory=dict)
+    clip_l: Path | None = None  # given: the CLIP-L LoRA is trained too (pooled vector recomputed each step)
+    clip_tokenizer: Path | None = None
+    text_encoder_lr: tuple[float, ...] | None = None
 
 
 def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator) -> torch.Tensor:
@@ -114,6 +117,15 @@ def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Gen
     c = flow.huber_c(m.huber_schedule, m.huber_c, t, huber_scale=m.huber_scale) \
         if m.loss_type in ("huber", "smooth_l1") else None
     return flow.loss(pred, target, m.loss_type, c, weighting=weighting).mean()
+
+
+def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+    """CLIP-L pooled vectors [B, 768] with gradients to the CLIP LoRA (the T5 outputs stay cached)."""
+    from fluxpipe.text_encoding import CLIP_MAX_LENGTH
+
+    ids = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    return clip(ids.to(next(clip.parameters()).device)).pooler_output.to(dtype)
 
 
 def plan_steps(num_batches: int, cfg: TrainLoraConfig) -> tuple[int, int]:
@@ -174,14 +186,25 @@ def train(cfg: TrainLoraConfig) -> Path:
     tensors = CachedTensors(cfg.latent_index, cfg.text_index)
     dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device=cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
-    network = FluxLoRANetwork(dit, cfg.lora).to(cfg.device)
+    clip, clip_tok, captions = None, None, []
+    if cfg.clip_l is not None:
+        from fluxpipe.models.text_encoders import load_clip_tokenizer
+        from fluxpipe.tables import read_parquet
+
+        clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
+        clip_tok = load_clip_tokenizer(cfg.clip_tokenizer)
+        captions = read_parquet(cfg.manifest)[0].caption.tolist()
+    network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip).to(cfg.device)
     if cfg.network_weights is not None:
         network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
     network.apply_to()
     dit.train()
     groups = network.param_groups(learning_rate=cfg.learning_rate, unet_lr=cfg.unet_lr,
+                                  text_encoder_lr=list(cfg.text_encoder_lr) if cfg.text_encoder_lr else None,
                                   loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
-                                  loraplus_unet_lr_ratio=cfg.lora.loraplus_unet_lr_ratio)
+                                  loraplus_unet_lr_ratio=cfg.lora.loraplus_unet_lr_ratio,
+                                  loraplus_text_encoder_lr_ratio=cfg.lora.loraplus_text_encoder_lr_ratio,
+                                  reg_lrs=cfg.lora.network_reg_lrs)
     opt = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, dict(cfg.optimizer_args))
     first_batches = epoch_batches(items, cfg.batch_sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
@@ -207,6 +230,9 @@ def train(cfg: TrainLoraConfig) -> Path:
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
+            if clip is not None:
+                batch["pooled"] = clip_pooled(clip, clip_tok, [captions[items[i].row] for i in batches[bi]],
+                                              cfg.compute_dtype)
             loss = flow_loss(dit, batch, cfg.math, gen)
             (loss / accum).backward()
             loss_value = loss.detach().item()
