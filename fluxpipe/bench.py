@@ -183,3 +183,48 @@ def bench_dryrun(work: Path, images: int, repo: Path) -> None:
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-2000:])
         emit({"step": label, "images": images, "seconds": round(time.perf_counter() - start, 2)})
+
+
+def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (True, False)) -> None:
+    """LoRA training steps on a random-initialised full-size FLUX.1-dev (gpu-targets.md's workload): 1024²
+    (4096 image tokens), 512 text tokens, rank 16, batch 1, bf16 base, AdamW; s/step and peak memory."""
+    from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
+    from fluxpipe.models.flux import PRESETS, Flux
+    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+
+    with torch.device(device):
+        dit = Flux(PRESETS["dev"]).to(torch.bfloat16)
+    dit.requires_grad_(False)
+    network = FluxLoRANetwork(dit, LoraSpec(network_dim=16, network_alpha=16)).to(device)
+    network.apply_to()
+    dit.train()
+    opt = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(1, 16, 128, 128, device=device, dtype=torch.bfloat16),
+             "t5": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16),
+             "pooled": torch.randn(1, 768, device=device, dtype=torch.bfloat16),
+             "t5_mask": torch.ones(1, 512, dtype=torch.bool, device=device)}
+    params = sum(p.numel() for p in dit.parameters())
+    for ckpt in checkpointing:
+        dit.gradient_checkpointing = ckpt
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(steps + 2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            flow_loss(dit, batch, FlowSettings(), gen).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - start)
+        times.sort()
+        median = times[len(times) // 2]
+        # forward 2·N·tokens; backward 2·N·tokens (input gradients only: the base weights are frozen, the LoRA's
+        # own gradients are negligible); checkpointing runs the forward once more
+        flops = (2 + 2 + (2 if ckpt else 0)) * params * (4096 + 512)
+        emit({"workload": "lora rank 16, 1024², 512 tokens, batch 1", "gradient_checkpointing": ckpt,
+              "device": torch.cuda.get_device_name(), "s_per_step_median": round(median, 3),
+              "s_per_step_min": round(times[0], 3), "s_per_step_max": round(times[-1], 3),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "tflops_est": round(flops / median / 1e12, 1)})

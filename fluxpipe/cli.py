@@ -131,6 +131,8 @@ def _bench(args: argparse.Namespace) -> None:
                                args.text_batch, args.workers)
         elif args.workload == "encoders":
             bench.bench_encoders(device)
+        elif args.workload == "train":
+            bench.bench_train(device)
         else:
             bench.bench_dryrun(Path(tmp), args.images, Path(__file__).resolve().parents[1])
 
@@ -139,7 +141,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (one JSON line per measurement)",
                        description="caches: manifest + latent + text stages on generated data; encoders: pure AE "
                                    "and T5-XXL throughput (GPU); dryrun: snakemake -n planning time")
-    p.add_argument("workload", choices=("caches", "encoders", "dryrun"))
+    p.add_argument("workload", choices=("caches", "encoders", "dryrun", "train"))
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (caches)")
     p.add_argument("--tiny", action="store_true", help="demo-size models instead of full-size ones (caches)")
