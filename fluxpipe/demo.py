@@ -11,6 +11,7 @@ Layout of OUT (the official file names and storage dtypes):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -71,7 +72,7 @@ def learn_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for seq, n in seqs.items():
-            for pair in zip(seq, seq[1:], strict=False):
+            for pair in itertools.pairwise(seq):
                 pairs[pair] += n
         if not pairs:
             break
