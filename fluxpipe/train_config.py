@@ -99,6 +99,7 @@ discrete_flow_shift weighting_scheme logit_mean logit_std mode_scale model_predi
 loss_type huber_schedule huber_c huber_scale ip_noise_gamma ip_noise_gamma_random_strength apply_t5_attn_mask
 t5xxl_max_token_length cache_latents cache_latents_to_disk cache_text_encoder_outputs
 cache_text_encoder_outputs_to_disk vae_batch_size network_train_unet_only blocks_to_swap config_file text_encoder_lr
+save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state
 use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size
 """.split())
 # handled with a warning or an error of their own in check_supported
@@ -226,6 +227,8 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         save_state=ns.save_state or auto_resume, resume=Path(ns.resume) if ns.resume else None,
         auto_resume=auto_resume, device=device,
         clip_l=None if ns.network_train_unet_only else Path(ns.clip_l), clip_tokenizer=clip_tokenizer,
+        save_last_n_epochs=ns.save_last_n_epochs, save_last_n_epochs_state=ns.save_last_n_epochs_state,
+        save_last_n_steps=ns.save_last_n_steps, save_last_n_steps_state=ns.save_last_n_steps_state,
         text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))

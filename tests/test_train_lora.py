@@ -58,6 +58,32 @@ def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> Non
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "16"
     assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "12"
     assert meta["ss_network_train_unet_only"] == "False"
+    assert len(meta["sshs_model_hash"]) == 64 and len(meta["sshs_legacy_hash"]) == 8
+
+
+def test_addnet_hashes_by_hand() -> None:
+    import hashlib
+    import struct
+
+    from safetensors.torch import save
+
+    from fluxpipe.stages.train_lora import addnet_hashes
+
+    tensors = {"a.lora_down.weight": torch.arange(300_000, dtype=torch.float32).reshape(3000, 100)}
+    meta = {"ss_network_dim": "4", "modelspec.title": "x"}
+    blob = save(tensors, {"ss_network_dim": "4"})  # only ss_* metadata takes part
+    n = struct.unpack("<Q", blob[:8])[0]
+    assert addnet_hashes(tensors, meta) == {"sshs_model_hash": hashlib.sha256(blob[8 + n:]).hexdigest(),
+                                            "sshs_legacy_hash": hashlib.sha256(blob[1 << 20:(1 << 20) + 65536]).hexdigest()[:8]}
+
+
+def test_save_last_n_epochs_keeps_the_newest(demo_dir: Path, tmp_path: Path) -> None:
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_last_n_epochs", "2", "--save_state")
+    args[args.index("--max_train_epochs") + 1] = "5"
+    assert main(["train", "lora", *args]) == 0
+    files = sorted(p.name for p in tmp_path.glob("my_flux_lora-0*"))
+    assert files == ["my_flux_lora-000003-state", "my_flux_lora-000003.safetensors", "my_flux_lora-000004-state",
+                     "my_flux_lora-000004.safetensors"]
 
 
 def fixed_noise_loss(demo: Path, cache: Path, lora: Path | None) -> float:
@@ -123,7 +149,7 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
 
 @pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
                                              (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag"),
-                                             (["--save_last_n_epochs", "2"], "not implemented yet"),
+                                             (["--save_n_epoch_ratio", "2"], "not implemented yet"),
                                              (["--fp8_base"], "not implemented yet")])
 def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            flag: list[str], says: str) -> None:

@@ -84,6 +84,10 @@ class TrainLoraConfig:
     save_every_n_steps: int | None = None
     save_precision: torch.dtype | None = None
     save_state: bool = False
+    save_last_n_epochs: int | None = None  # keep only the newest n per-epoch files (and states)
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps: int | None = None  # keep only the per-step files of the last n steps
+    save_last_n_steps_state: int | None = None
     resume: Path | None = None
     auto_resume: bool = False
     device: str = "cpu"
@@ -136,13 +140,52 @@ def plan_steps(num_batches: int, cfg: TrainLoraConfig) -> tuple[int, int]:
     return cfg.max_train_steps, math.ceil(cfg.max_train_steps / per_epoch)
 
 
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The reference's sshs_model_hash / sshs_legacy_hash (spec §5.7): sha256 of the tensor-data section, and
+    the first 8 hex digits of sha256 of the 64 KiB at 1 MiB, of a serialization carrying only ss_* metadata."""
+    import hashlib
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    (header,) = struct.unpack("<Q", blob[:8])
+    return {"sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
+
+
 def save_lora(network: FluxLoRANetwork, cfg: TrainLoraConfig, suffix: str, step: int, epoch: int) -> Path:
+    from fluxpipe.safetensors_file import save_safetensors
+
     path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
     meta = {**cfg.metadata, "ss_steps": str(step), "ss_epoch": str(epoch),
             "ss_training_finished_at": str(int(time.time()))}
-    network.save(path, meta, cfg.save_precision)
+    tensors = network.state_dict_kohya(cfg.save_precision)
+    save_safetensors(tensors, path, {**meta, **addnet_hashes(tensors, meta)})
     log.info("saved %s (step %d, epoch %d)", path, step, epoch)
     return path
+
+
+def prune_old(cfg: TrainLoraConfig, kind: str, current: int, every: int | None) -> None:
+    """--save_last_n_epochs / --save_last_n_steps (and their _state forms): remove the file (and state) saved
+    n saves ago, as the reference does."""
+    keep, keep_state = ((cfg.save_last_n_epochs, cfg.save_last_n_epochs_state) if kind == "epoch"
+                        else (cfg.save_last_n_steps, cfg.save_last_n_steps_state))
+    keep_state = keep_state or keep
+    for n, is_state in ((keep, False), (keep_state, True)):
+        if not n or not every:
+            continue
+        old = current - every * n
+        if old <= 0:
+            continue
+        suffix = f"-{old:06d}" if kind == "epoch" else f"-step{old:08d}"
+        target = cfg.output_dir / f"{cfg.output_name}{suffix}{'-state' if is_state else '.safetensors'}"
+        if is_state and target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        elif not is_state:
+            target.unlink(missing_ok=True)
 
 
 def _resume_from(cfg: TrainLoraConfig) -> TrainState | None:
@@ -251,6 +294,7 @@ def train(cfg: TrainLoraConfig) -> Path:
                 save_lora(network, cfg, f"-step{step:08d}", step, epoch)
                 if cfg.save_state:
                     _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
+                prune_old(cfg, "step", step, cfg.save_every_n_steps)
                 write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
                                                      _log_losses(loss_file, records, state.step if state else 0)))
             if step >= total:
@@ -261,6 +305,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             save_lora(network, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
             if cfg.save_state:
                 _write_state(network, opt, sched, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
+            prune_old(cfg, "epoch", epoch + 1, cfg.save_every_n_epochs)
     bar.close()
     write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
                                          _log_losses(loss_file, records, state.step if state else 0)))
