@@ -185,7 +185,8 @@ def bench_dryrun(work: Path, images: int, repo: Path) -> None:
         emit({"step": label, "images": images, "seconds": round(time.perf_counter() - start, 2)})
 
 
-def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (True, False)) -> None:
+def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (True, False),
+                fp8_base: bool = False) -> None:
     """LoRA training steps on a random-initialised full-size FLUX.1-dev (gpu-targets.md's workload): 1024²
     (4096 image tokens), 512 text tokens, rank 16, batch 1, bf16 base, AdamW; s/step and peak memory."""
     from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
@@ -195,6 +196,10 @@ def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (
     with torch.device(device):
         dit = Flux(PRESETS["dev"]).to(torch.bfloat16)
     dit.requires_grad_(False)
+    if fp8_base:
+        from fluxpipe.fp8 import store_linears_fp8
+
+        store_linears_fp8(dit)
     network = FluxLoRANetwork(dit, LoraSpec(network_dim=16, network_alpha=16)).to(device)
     network.apply_to()
     dit.train()
@@ -224,6 +229,7 @@ def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (
         # own gradients are negligible); checkpointing runs the forward once more
         flops = (2 + 2 + (2 if ckpt else 0)) * params * (4096 + 512)
         emit({"workload": "lora rank 16, 1024², 512 tokens, batch 1", "gradient_checkpointing": ckpt,
+              "fp8_base": fp8_base,
               "device": torch.cuda.get_device_name(), "s_per_step_median": round(median, 3),
               "s_per_step_min": round(times[0], 3), "s_per_step_max": round(times[-1], 3),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -132,7 +132,8 @@ def _bench(args: argparse.Namespace) -> None:
         elif args.workload == "encoders":
             bench.bench_encoders(device)
         elif args.workload == "train":
-            bench.bench_train(device)
+            bench.bench_train(device, checkpointing=(True,) if args.fp8_base else (True, False),
+                              fp8_base=args.fp8_base)
         else:
             bench.bench_dryrun(Path(tmp), args.images, Path(__file__).resolve().parents[1])
 
@@ -148,6 +149,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--text-batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=8, help="image decoding threads")
+    p.add_argument("--fp8-base", action="store_true", help="train: base weights stored in fp8")
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", type=Path, default=None, help="where temporary files go")
     p.set_defaults(func=_bench)

@@ -99,7 +99,7 @@ discrete_flow_shift weighting_scheme logit_mean logit_std mode_scale model_predi
 loss_type huber_schedule huber_c huber_scale ip_noise_gamma ip_noise_gamma_random_strength apply_t5_attn_mask
 t5xxl_max_token_length cache_latents cache_latents_to_disk cache_text_encoder_outputs
 cache_text_encoder_outputs_to_disk vae_batch_size network_train_unet_only blocks_to_swap config_file text_encoder_lr
-save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state
+save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state fp8_base fp8_base_unet
 use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size
 """.split())
 # handled with a warning or an error of their own in check_supported
@@ -183,6 +183,7 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_guidance_scale": str(ns.guidance_scale), "ss_timestep_sampling": ns.timestep_sampling,
         "ss_sigmoid_scale": str(ns.sigmoid_scale), "ss_model_prediction_type": ns.model_prediction_type,
         "ss_discrete_flow_shift": str(ns.discrete_flow_shift), "ss_ip_noise_gamma": str(ns.ip_noise_gamma),
+        "ss_fp8_base": str(bool(ns.fp8_base)), "ss_fp8_base_unet": str(bool(ns.fp8_base_unet)),
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"flux-1-{variant}/lora",
         "modelspec.implementation": "https://github.com/black-forest-labs/flux",
         "modelspec.title": ns.output_name or "last", "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -227,6 +228,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         save_state=ns.save_state or auto_resume, resume=Path(ns.resume) if ns.resume else None,
         auto_resume=auto_resume, device=device,
         clip_l=None if ns.network_train_unet_only else Path(ns.clip_l), clip_tokenizer=clip_tokenizer,
+        fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
         save_last_n_epochs=ns.save_last_n_epochs, save_last_n_epochs_state=ns.save_last_n_epochs_state,
         save_last_n_steps=ns.save_last_n_steps, save_last_n_steps_state=ns.save_last_n_steps_state,
         text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,

@@ -61,6 +61,15 @@ def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> Non
     assert len(meta["sshs_model_hash"]) == 64 and len(meta["sshs_legacy_hash"]) == 8
 
 
+def test_fp8_base_trains(demo_dir: Path, tmp_path: Path) -> None:
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--fp8_base")
+    args[args.index("--max_train_epochs") + 1] = "1"
+    assert main(["train", "lora", *args]) == 0
+    with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_fp8_base"] == "True"
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
 def test_addnet_hashes_by_hand() -> None:
     import hashlib
     import struct
@@ -150,7 +159,7 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
 @pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
                                              (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag"),
                                              (["--save_n_epoch_ratio", "2"], "not implemented yet"),
-                                             (["--fp8_base"], "not implemented yet")])
+                                             (["--scale_weight_norms", "1.0"], "not implemented yet")])
 def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            flag: list[str], says: str) -> None:
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path), *flag]) == 2

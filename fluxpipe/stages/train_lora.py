@@ -92,6 +92,7 @@ class TrainLoraConfig:
     auto_resume: bool = False
     device: str = "cpu"
     metadata: dict = field(default_factory=dict)
+    fp8_base: bool = False  # the DiT's Linear weights stored as float8_e4m3fn, upcast per matmul
     clip_l: Path | None = None  # given: the CLIP-L LoRA is trained too (pooled vector recomputed each step)
     clip_tokenizer: Path | None = None
     text_encoder_lr: tuple[float, ...] | None = None
@@ -229,6 +230,10 @@ def train(cfg: TrainLoraConfig) -> Path:
     tensors = CachedTensors(cfg.latent_index, cfg.text_index)
     dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device=cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.fp8_base:
+        from fluxpipe.fp8 import store_linears_fp8
+
+        log.info("fp8_base: %d Linear weights stored as float8_e4m3fn", store_linears_fp8(dit))
     clip, clip_tok, captions = None, None, []
     if cfg.clip_l is not None:
         from fluxpipe.models.text_encoders import load_clip_tokenizer
