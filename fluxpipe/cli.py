@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fluxpipe import __version__
+from fluxpipe.devices import resolve_device
 from fluxpipe.errors import FluxpipeError
 
 
@@ -38,12 +39,6 @@ def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
     return load_pipeline_file(*args.config)
 
 
-def _device(setting: str) -> str:
-    from fluxpipe.devices import resolve_device
-
-    return resolve_device(setting)
-
-
 def _manifest(args: argparse.Namespace) -> None:
     from fluxpipe.stages import manifest
 
@@ -67,7 +62,7 @@ def _cache_latents(args: argparse.Namespace) -> None:
     c = cfg.cache
     cache_latents.run(cache_latents.CacheLatentsConfig(
         manifest=args.manifest, ae=Path(workflow.model_files(cfg)["ae"]), out=args.out, shard=args.shard,
-        batch_size=c.vae_batch_size, dtype=c.latent_dtype, device=_device(c.device),
+        batch_size=c.vae_batch_size, dtype=c.latent_dtype, device=resolve_device(c.device),
         decode_workers=c.decode_workers, hash_cache=cfg.hash_cache))
 
 
@@ -87,7 +82,7 @@ def _cache_text(args: argparse.Namespace) -> None:
         t5_tokenizer=Path(toks["t5_tokenizer"]) if toks["t5_tokenizer"] else None, out=args.out, shard=args.shard,
         max_length=c.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=c.apply_t5_attn_mask, batch_size=c.text_encoder_batch_size, dtype=c.text_dtype,
-        device=_device(c.device), hash_cache=cfg.hash_cache, compile=c.compile_text_encoder))
+        device=resolve_device(c.device), hash_cache=cfg.hash_cache, compile=c.compile_text_encoder))
 
 
 def _cache_index(args: argparse.Namespace) -> None:
@@ -124,7 +119,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     from fluxpipe import bench
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if args.workload == "caches":
             bench.bench_caches(Path(tmp), args.images, args.size, device, args.tiny, args.vae_batch,
@@ -167,7 +162,7 @@ def _train(args: argparse.Namespace) -> None:
     extra.add_argument("--auto_resume", action="store_true", help="resume from the newest state in output_dir")
     own, rest = extra.parse_known_args(args.flags)
     ns = parse_train_args(rest)
-    device = _device("auto")
+    device = resolve_device("auto")
     train_config.check_supported(ns, device)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:
         caches = train_config.pipeline_caches(own.cache_dir)

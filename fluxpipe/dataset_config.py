@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -154,8 +155,18 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def load_dataset_toml(path: str | Path) -> DatasetsConfig:
-    """Read and validate a dataset TOML; every error names the file."""
+    """Read and validate a dataset TOML; every error names the file. The result is remembered per file
+    version (path, size, mtime): the Snakefile asks for it several times while it is parsed, in every job."""
     path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return _load_dataset_toml(path, -1, -1)  # reports the problem
+    return _load_dataset_toml(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_dataset_toml(path: Path, size: int, mtime_ns: int) -> DatasetsConfig:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)

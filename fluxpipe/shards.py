@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,24 @@ def prune_reuse(folder: Path, keep: set[str]) -> None:
     for path in folder.glob("*.safetensors"):
         if path.name not in keep:
             path.unlink(missing_ok=True)
+
+
+def build_shard(out: Path, info: Mapping[str, Mapping[str, object]],
+                encode: Callable[[list[str]], dict[str, dict[str, torch.Tensor]]]) -> ShardStats:
+    """Write shard ``out`` holding the entries ``info`` (key -> facts): entries found in the .reuse pool are
+    copied, the others come from ``encode(missing keys)``; the stats count both and what the shard lost."""
+    pool = ReusePool(reuse_dir(out))
+    reused = [k for k in info if k in pool]
+    missing = [k for k in info if k not in pool]
+    tensors = pool.load(reused)
+    start = time.perf_counter()
+    tensors.update(encode(missing))
+    seconds = time.perf_counter() - start
+    stats = ShardStats(encoded=len(missing), reused=len(reused),
+                       dropped=len(pool.previous.get(out.name, set()) - set(info)), seconds=round(seconds, 3),
+                       build_id=new_build_id())
+    write_shard(out, tensors, info, stats)
+    return stats
 
 
 def read_shard_metadata(path: Path) -> tuple[dict[str, dict], ShardStats]:

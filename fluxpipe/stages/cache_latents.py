@@ -23,7 +23,7 @@ from fluxpipe.checkpoints import load_model
 from fluxpipe.devices import encode_dtype
 from fluxpipe.hashing import cached_sha256
 from fluxpipe.images import load_rgb, resize_and_crop, to_tensor
-from fluxpipe.shards import ReusePool, ShardStats, content_key, new_build_id, reuse_dir, write_shard
+from fluxpipe.shards import ShardStats, build_shard, content_key
 from fluxpipe.tables import read_parquet
 
 log = logging.getLogger(__name__)
@@ -123,21 +123,10 @@ def run(cfg: CacheLatentsConfig) -> ShardStats:
     table, _ = read_parquet(cfg.manifest)
     rows = table[table.latent_shard == cfg.shard]
     ae_sha, _ = cached_sha256(cfg.ae, cfg.hash_cache)
-    entries = latent_entries(rows, ae_sha, cfg)
-    pool = ReusePool(reuse_dir(cfg.out))
-    reused_keys = [e.key for e in entries if e.key in pool]
-    missing = [e for e in entries if e.key not in pool]
-    tensors = pool.load(reused_keys)
-    encode_start = time.perf_counter()
-    tensors.update(encode(missing, cfg))
-    encode_seconds = time.perf_counter() - encode_start
-    before = pool.previous.get(cfg.out.name, set())
-    stats = ShardStats(encoded=len(missing), reused=len(reused_keys),
-                       dropped=len(before - {e.key for e in entries}), seconds=round(encode_seconds, 3),
-                       build_id=new_build_id())
-    info = {e.key: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip} for e in entries}
-    write_shard(cfg.out, tensors, info, stats)
+    entries = {e.key: e for e in latent_entries(rows, ae_sha, cfg)}
+    info = {k: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip} for k, e in entries.items()}
+    stats = build_shard(cfg.out, info, lambda keys: encode([entries[k] for k in keys], cfg))
     log.info("latent shard %d: %d entries, %d encoded (%.1f img/s), %d reused, %d dropped, %.1f s",
-             cfg.shard, len(entries), stats.encoded, stats.encoded / max(encode_seconds, 1e-9), stats.reused,
+             cfg.shard, len(entries), stats.encoded, stats.encoded / max(stats.seconds, 1e-9), stats.reused,
              stats.dropped, time.perf_counter() - start)
     return stats

@@ -21,7 +21,7 @@ from fluxpipe.checkpoints import load_model
 from fluxpipe.devices import encode_dtype
 from fluxpipe.hashing import cached_sha256
 from fluxpipe.models import text_encoders as te
-from fluxpipe.shards import ReusePool, ShardStats, content_key, new_build_id, reuse_dir, write_shard
+from fluxpipe.shards import ShardStats, build_shard, content_key
 from fluxpipe.tables import read_parquet
 from fluxpipe.text_encoding import encode_prompts
 
@@ -106,18 +106,9 @@ def run(cfg: CacheTextConfig) -> ShardStats:
     rows = table[table.text_shard == cfg.shard].drop_duplicates("caption_sha256")
     identity = text_identity(cfg)
     entries = {content_key(caption=sha, **identity): (sha, text) for sha, text in zip(rows.caption_sha256, rows.caption, strict=True)}
-    pool = ReusePool(reuse_dir(cfg.out))
-    reused = [k for k in entries if k in pool]
-    missing = {k: entries[k][1] for k in entries if k not in pool}
-    tensors = pool.load(reused)
-    encode_start = time.perf_counter()
-    tensors.update(encode(missing, cfg))
-    seconds = time.perf_counter() - encode_start
-    stats = ShardStats(encoded=len(missing), reused=len(reused),
-                       dropped=len(pool.previous.get(cfg.out.name, set()) - set(entries)),
-                       seconds=round(seconds, 3), build_id=new_build_id())
-    write_shard(cfg.out, tensors, {k: {"caption_sha256": sha} for k, (sha, _) in entries.items()}, stats)
+    info = {k: {"caption_sha256": sha} for k, (sha, _) in entries.items()}
+    stats = build_shard(cfg.out, info, lambda keys: encode({k: entries[k][1] for k in keys}, cfg))
     log.info("text shard %d: %d captions, %d encoded (%.1f/s), %d reused, %d dropped, %.1f s", cfg.shard,
-             len(entries), stats.encoded, stats.encoded / max(seconds, 1e-9), stats.reused, stats.dropped,
+             len(entries), stats.encoded, stats.encoded / max(stats.seconds, 1e-9), stats.reused, stats.dropped,
              time.perf_counter() - start)
     return stats
