@@ -11,10 +11,14 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
@@ -22,3 +26,4 @@ rule all:
     input:
         VALIDATE_REPORT,
         fw.lora_output(CFG),
+        rules.evaluate_samples.output.grid,

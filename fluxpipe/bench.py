@@ -8,6 +8,7 @@ Numbers for docs/benchmarks.md come from these commands, never from timed unit t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -185,35 +186,69 @@ def bench_dryrun(work: Path, images: int, repo: Path) -> None:
         emit({"step": label, "images": images, "seconds": round(time.perf_counter() - start, 2)})
 
 
-def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (True, False),
-                fp8_base: bool = False) -> None:
-    """LoRA training steps on a random-initialised full-size FLUX.1-dev (gpu-targets.md's workload): 1024²
-    (4096 image tokens), 512 text tokens, rank 16, batch 1, bf16 base, AdamW; s/step and peak memory."""
+TRAIN_CONFIGS = ("ckpt", "none", "ckpt+compile", "none+compile", "swap18", "swap28", "fp8+ckpt", "fp8+swap28",
+                 "offload+ckpt")
+
+
+def parse_train_config(name: str) -> dict[str, object]:
+    """'ckpt' / 'none' (gradient checkpointing or not), '+compile' (compiled blocks), 'swapN' (blocks_to_swap N,
+    checkpointed), 'fp8+' (fp8 base weights), 'offload+ckpt' (cpu_offload_checkpointing)."""
+    parts = name.split("+")
+    swap = next((int(p[4:]) for p in parts if p.startswith("swap")), 0)
+    known = {"ckpt", "none", "compile", "fp8", "offload"}
+    if any(p not in known and not p.startswith("swap") for p in parts):
+        raise ValueError(f"unknown benchmark configuration {name!r}; known: {', '.join(TRAIN_CONFIGS)}")
+    return {"gradient_checkpointing": "none" not in parts, "compile": "compile" in parts, "blocks_to_swap": swap,
+            "fp8_base": "fp8" in parts, "cpu_offload_checkpointing": "offload" in parts}
+
+
+def _bench_model(device: str, cfg: dict[str, object]):  # noqa: ANN202
+    from fluxpipe.block_swap import BlockSwapper
     from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
     from fluxpipe.models.flux import PRESETS, Flux
-    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
 
     with torch.device(device):
         dit = Flux(PRESETS["dev"]).to(torch.bfloat16)
     dit.requires_grad_(False)
-    if fp8_base:
+    if cfg["fp8_base"]:
         from fluxpipe.fp8 import store_linears_fp8
 
         store_linears_fp8(dit)
+    if cfg["blocks_to_swap"]:
+        dit.block_swapper = BlockSwapper(dit, int(cfg["blocks_to_swap"]), device)
+        dit.block_swapper.place(dit)
+        torch.cuda.empty_cache()
+    dit.gradient_checkpointing = bool(cfg["gradient_checkpointing"])
+    dit.cpu_offload_checkpointing = bool(cfg["cpu_offload_checkpointing"])
     network = FluxLoRANetwork(dit, LoraSpec(network_dim=16, network_alpha=16)).to(device)
     network.apply_to()
-    dit.train()
-    opt = torch.optim.AdamW(network.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    batch = {"latents": torch.randn(1, 16, 128, 128, device=device, dtype=torch.bfloat16),
-             "t5": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16),
-             "pooled": torch.randn(1, 768, device=device, dtype=torch.bfloat16),
-             "t5_mask": torch.ones(1, 512, dtype=torch.bool, device=device)}
-    params = sum(p.numel() for p in dit.parameters())
-    for ckpt in checkpointing:
-        dit.gradient_checkpointing = ckpt
+    if cfg["compile"]:
+        from fluxpipe.sampler import compile_resident_blocks
+
+        compile_resident_blocks(dit)
+    return dit.train(), network
+
+
+def bench_train(device: str, configs: tuple[str, ...] = ("ckpt", "none"), steps: int = 6) -> None:
+    """LoRA training steps on a random-initialised full-size FLUX.1-dev (gpu-targets.md's workload): 1024²
+    (4096 image tokens), 512 text tokens, rank 16, batch 1, bf16 base, AdamW; s/step and peak memory. Each
+    configuration builds its model afresh on the device (the swapped weights then move to pinned host memory)."""
+    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+
+    for name in configs:
+        cfg = parse_train_config(name)
+        torch._dynamo.reset()
+        dit, network = _bench_model(device, cfg)
+        gc.collect()
+        opt = torch.optim.AdamW(network.parameters(), lr=1e-4)
+        gen = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(1, 16, 128, 128, device=device, dtype=torch.bfloat16),
+                 "t5": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16),
+                 "pooled": torch.randn(1, 768, device=device, dtype=torch.bfloat16),
+                 "t5_mask": torch.ones(1, 512, dtype=torch.bool, device=device)}
+        params = sum(p.numel() for p in dit.parameters())
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, first = [], 0.0
         for i in range(steps + 2):
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -221,16 +256,56 @@ def bench_train(device: str, steps: int = 8, checkpointing: tuple[bool, ...] = (
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-            if i >= 2:  # two warm-up steps
+            if i == 0:
+                first = time.perf_counter() - start
+            if i >= 2:  # two warm-up steps (the first compiles)
                 times.append(time.perf_counter() - start)
         times.sort()
         median = times[len(times) // 2]
         # forward 2·N·tokens; backward 2·N·tokens (input gradients only: the base weights are frozen, the LoRA's
-        # own gradients are negligible); checkpointing runs the forward once more
-        flops = (2 + 2 + (2 if ckpt else 0)) * params * (4096 + 512)
-        emit({"workload": "lora rank 16, 1024², 512 tokens, batch 1", "gradient_checkpointing": ckpt,
-              "fp8_base": fp8_base,
-              "device": torch.cuda.get_device_name(), "s_per_step_median": round(median, 3),
-              "s_per_step_min": round(times[0], 3), "s_per_step_max": round(times[-1], 3),
-              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        # own gradients are negligible); recomputed blocks run the forward once more
+        recompute = cfg["gradient_checkpointing"] or cfg["blocks_to_swap"]
+        flops = (2 + 2 + (2 if recompute else 0)) * params * (4096 + 512)
+        emit({"workload": "lora rank 16, 1024², 512 tokens, batch 1", "config": name, **cfg,
+              "device": torch.cuda.get_device_name(), "first_step_s": round(first, 1),
+              "s_per_step_median": round(median, 3), "s_per_step_min": round(times[0], 3),
+              "s_per_step_max": round(times[-1], 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "tflops_est": round(flops / median / 1e12, 1)})
+        del dit, network, opt, batch
+        gc.collect()  # the model, its swapper and its LoRA reference each other: free them before the next one
+        torch.cuda.empty_cache()
+
+
+def bench_sample(device: str, steps: int = 28, size: int = 1024, images: int = 3, compile_blocks: bool = False) -> None:
+    """Seconds per image of the official sampler on a random-initialised full-size FLUX.1-dev and AE (bf16):
+    ``size``² pixels, ``steps`` Euler steps, 512 text tokens (random conditioning: the encoders are not part of
+    the per-image time); the first image is a warm-up."""
+    from fluxpipe.models.autoencoder import FLUX1_AE, AutoEncoder
+    from fluxpipe.models.flux import PRESETS, Flux
+    from fluxpipe.prompts import SamplePrompt
+    from fluxpipe.sampler import Conditioning, Sampler, compile_resident_blocks
+
+    with torch.device(device):
+        dit = Flux(PRESETS["dev"]).to(torch.bfloat16).requires_grad_(False).eval()
+        ae = AutoEncoder(FLUX1_AE).to(torch.bfloat16).requires_grad_(False).eval()
+    if compile_blocks:
+        compile_resident_blocks(dit)
+    sampler = Sampler(dit, ae, device=device, dtype=torch.bfloat16)
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    cond = Conditioning(torch.randn(1, 512, 4096), torch.randn(1, 768), torch.ones(1, 512, dtype=torch.int64))
+    prompt = SamplePrompt(index=0, prompt="bench", width=size, height=size, steps=steps)
+    times = []
+    for i in range(images + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        sampler.image(prompt, cond, None, seed=i)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    emit({"workload": f"sample {size}² {steps} steps, 512 tokens", "compiled_blocks": compile_blocks,
+          "device": torch.cuda.get_device_name(), "first_image_s": round(times[0], 2),
+          "s_per_image_median": round(sorted(times[1:])[len(times[1:]) // 2], 3), "s_per_image_min": round(min(times[1:]), 3),
+          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+    del dit, ae, sampler
+    gc.collect()
+    torch.cuda.empty_cache()

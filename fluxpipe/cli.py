@@ -126,9 +126,11 @@ def _bench(args: argparse.Namespace) -> None:
                                args.text_batch, args.workers)
         elif args.workload == "encoders":
             bench.bench_encoders(device)
+        elif args.workload == "sample":
+            for compiled in (False, True) if args.compile else (False,):
+                bench.bench_sample(device, steps=28, compile_blocks=compiled)
         elif args.workload == "train":
-            bench.bench_train(device, checkpointing=(True,) if args.fp8_base else (True, False),
-                              fp8_base=args.fp8_base)
+            bench.bench_train(device, tuple(args.configs.split(",")), steps=args.steps)
         else:
             bench.bench_dryrun(Path(tmp), args.images, Path(__file__).resolve().parents[1])
 
@@ -137,14 +139,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (one JSON line per measurement)",
                        description="caches: manifest + latent + text stages on generated data; encoders: pure AE "
                                    "and T5-XXL throughput (GPU); dryrun: snakemake -n planning time")
-    p.add_argument("workload", choices=("caches", "encoders", "dryrun", "train"))
+    p.add_argument("workload", choices=("caches", "encoders", "dryrun", "train", "sample"))
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (caches)")
     p.add_argument("--tiny", action="store_true", help="demo-size models instead of full-size ones (caches)")
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--text-batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=8, help="image decoding threads")
-    p.add_argument("--fp8-base", action="store_true", help="train: base weights stored in fp8")
+    p.add_argument("--configs", default="ckpt,none",
+                   help="train: comma-separated configurations, e.g. ckpt,none,ckpt+compile,swap18,swap28,fp8+swap28")
+    p.add_argument("--steps", type=int, default=6, help="train: measured steps (after two warm-up steps)")
+    p.add_argument("--compile", action="store_true", help="sample: also with compiled blocks")
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", type=Path, default=None, help="where temporary files go")
     p.set_defaults(func=_bench)
@@ -165,11 +170,15 @@ def _train(args: argparse.Namespace) -> None:
     device = resolve_device("auto")
     train_config.check_supported(ns, device)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:
+        if ns.validation_split or ns.validation_seed is not None:
+            raise FluxpipeError("--validation_split / --validation_seed: the pipeline's caches are built from the "
+                                "dataset TOML; set validation_split (and validation_seed) there")
         caches = train_config.pipeline_caches(own.cache_dir)
     else:
         caches = train_config.build_caches(ns, Path(ns.output_dir) / ".fluxpipe-cache", device, own.clip_tokenizer,
                                            own.t5_tokenizer)
-    train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer))
+    train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
+                                              own.t5_tokenizer))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -179,6 +188,110 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("method", choices=("lora",))
     p.add_argument("flags", nargs=argparse.REMAINDER, help="the reference's flags (see --help of the method)")
     p.set_defaults(func=_train)
+
+
+def _pipeline_models(config: Path):  # noqa: ANN202 - (PipelineConfig, ModelFiles, variant)
+    """The pipeline config, its model files (the demo's when none is set) and the DiT's variant."""
+    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.config import load_pipeline_file
+    from fluxpipe.sampler import ModelFiles
+    from fluxpipe.workflow import model_files, tokenizer_dirs
+
+    cfg = load_pipeline_file(config)  # YAML, or the JSON effective config a Snakemake rule passes
+    files, toks = model_files(cfg), tokenizer_dirs(cfg)
+    if cfg.models.demo and not Path(files["flux"]).is_file():
+        raise FluxpipeError(f"{files['flux']}: the demo models are not there yet; run `snakemake --cores 1 "
+                            "demo_models` (or set the model files in the config)")
+    models = ModelFiles(**{k: Path(v) for k, v in files.items()},
+                        **{k: Path(v) if v else None for k, v in toks.items()})
+    return cfg, models, inspect_checkpoint(models.flux, "flux").describe()["variant"]
+
+
+def _compute_dtype(device: str):  # noqa: ANN202
+    import torch
+
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from fluxpipe.prompts import SamplePrompt, load_prompts
+    from fluxpipe.sampler import default_steps
+    from fluxpipe.stages import sample
+    from fluxpipe.text_encoding import default_t5_max_length
+
+    _, models, variant = _pipeline_models(args.config)
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise FluxpipeError("give either --prompt TEXT or --prompts-file FILE")
+    if args.prompt is not None:
+        prompts = [SamplePrompt(index=0, prompt=args.prompt, negative_prompt=args.negative or "", width=args.width,
+                                height=args.height, seed=args.seed, steps=args.steps or default_steps(variant),
+                                guidance=args.guidance, cfg_scale=args.cfg_scale)]
+    else:
+        prompts = load_prompts(args.prompts_file)
+    device = resolve_device(args.device)
+    sample.run(sample.SampleConfig(
+        models=models, prompts=tuple(prompts), out=args.out, seed=args.seed,
+        loras=tuple(sample.parse_lora_arg(v) for v in args.lora), merge=not args.unmerged, device=device,
+        dtype=_compute_dtype(device), t5_max_length=args.t5xxl_max_token_length or default_t5_max_length(variant),
+        apply_t5_attn_mask=args.apply_t5_attn_mask, blocks_to_swap=args.blocks_to_swap,
+        compile_blocks=args.compile))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from fluxpipe.prompts import SamplePrompt, load_prompts
+    from fluxpipe.sampler import default_steps
+    from fluxpipe.stages import evaluate
+    from fluxpipe.text_encoding import default_t5_max_length
+
+    cfg, models, variant = _pipeline_models(args.config)
+    ev = cfg.evaluate
+    if ev.prompts_file:
+        prompts = load_prompts(Path(ev.prompts_file))
+    else:
+        prompts = [SamplePrompt(index=i, prompt=text, width=ev.width, height=ev.height,
+                                steps=ev.steps or default_steps(variant), guidance=ev.guidance)
+                   for i, text in enumerate(ev.prompts)]
+    device = resolve_device(ev.device)
+    name = args.name or (cfg.train or {}).get("output_name") or "last"
+    evaluate.run(evaluate.EvaluateConfig(
+        models=models, train_dir=args.train_dir, output_name=name, prompts=tuple(prompts), seeds=ev.seeds,
+        out=args.out, lora_multiplier=ev.lora_multiplier, device=device, dtype=_compute_dtype(device),
+        t5_max_length=cfg.cache.t5xxl_max_token_length or default_t5_max_length(variant),
+        apply_t5_attn_mask=cfg.cache.apply_t5_attn_mask, blocks_to_swap=ev.blocks_to_swap))
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="sample grids of every saved LoRA of a run, loss plots, metrics.json",
+                       description="Prompts, seeds and sizes come from the config's evaluate: section.")
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="pipeline config")
+    p.add_argument("--train-dir", type=Path, default=Path("results/train/lora"))
+    p.add_argument("--name", help="the run's output_name (default: train.output_name of the config)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_evaluate)
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate images with the official FLUX.1 sampler (LoRAs optional)",
+                       description="Model files come from the pipeline config (empty: the demo models).")
+    p.add_argument("--prompt", help="the prompt (or --prompts-file)")
+    p.add_argument("--prompts-file", type=Path, help="prompts in the reference's .txt / .toml / .json format")
+    p.add_argument("--negative", help="negative prompt (true CFG; used when --cfg-scale is not 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--steps", type=int, help="default: 50 for dev, 4 for schnell")
+    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance (dev)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="true CFG scale with --negative")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:MULT]", help="repeatable")
+    p.add_argument("--unmerged", action="store_true", help="attach LoRAs as branches instead of merging them")
+    p.add_argument("--blocks-to-swap", type=int, default=0)
+    p.add_argument("--t5xxl-max-token-length", type=int, help="default: 512 dev, 256 schnell")
+    p.add_argument("--apply-t5-attn-mask", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; pays off from a few images)")
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="pipeline config (models)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder (a prompt file)")
+    p.set_defaults(func=_sample)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -208,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fluxpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands, _add_bench, _add_train]
+    adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands, _add_bench, _add_train,
+                                                                   _add_sample, _add_evaluate]
     for add in adders:
         add(sub)
     return parser

@@ -103,6 +103,32 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class EvaluateConfig:
+    """Rule evaluate_samples: every saved LoRA of the run (and the base model) on fixed prompts x seeds."""
+
+    prompts: tuple[str, ...] = ("a photo of an astronaut", "a cup of coffee on a wooden table")
+    """Prompts (plain text; ignored when prompts_file is set)."""
+    prompts_file: str | None = None
+    """A prompt file in the reference's .txt / .toml / .json format (per-prompt sizes, steps, seeds, ...)."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds for prompts without their own (official noise: the same images in other FLUX.1 tools)."""
+    width: int = 1024
+    height: int = 1024
+    steps: int | None = None
+    """Euler steps (empty: 50 for dev, 4 for schnell)."""
+    guidance: float = 3.5
+    lora_multiplier: float = 1.0
+    blocks_to_swap: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("evaluate.seeds: give at least one seed")
+        if not self.prompts and not self.prompts_file:
+            raise ConfigError("evaluate: set prompts (a list) or prompts_file")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineConfig:
     """Everything in config/config.yaml."""
 
@@ -118,6 +144,8 @@ class PipelineConfig:
     """Latent and text-encoder cache settings."""
     train: dict | None = None
     """LoRA training settings: the reference trainer's flags by name (network_dim: 16, ...)."""
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    """The evaluate stage: sample grids across the saved LoRAs, loss curves, metrics."""
 
     def __post_init__(self) -> None:
         if self.dataset_config is not None and self.dataset is not None:

@@ -88,8 +88,10 @@ def apply_lora(
     *,
     clip_l: nn.Module | None = None,
     t5xxl: nn.Module | None = None,
+    merge: bool = True,
 ) -> int:
-    """Merge a kohya-layout LoRA into the DiT ``model`` (and the text encoders when given).
+    """Merge a kohya-layout LoRA into the DiT ``model`` (and the text encoders when given); with
+    ``merge=False`` the LoRA is attached as a separate branch instead (weights untouched, e.g. fp8 storage).
 
     Returns the number of merged modules. Raises CheckpointError if any LoRA module matches no layer,
     or if the file holds text-encoder modules and that encoder was not passed.
@@ -106,5 +108,36 @@ def apply_lora(
         hint = f"; pass the text encoder(s) for {sorted(missing_te)}" if missing_te else ""
         raise CheckpointError(f"{len(unmatched)} LoRA modules match no layer: {summarize(unmatched)}{hint}")
     for name, pair in pairs.items():
-        merge_pair(targets[name], pair, multiplier)
+        (merge_pair if merge else attach_pair)(targets[name], pair, multiplier)
     return len(pairs)
+
+
+def attach_pair(linear: nn.Linear, pair: LoraPair, multiplier: float) -> None:
+    """Unmerged LoRA: the Linear's forward becomes forward(x) + multiplier·scale·up(down(x)); several LoRAs
+    attached to one Linear add up."""
+    if tuple(linear.weight.shape) != (pair.up.shape[0], pair.down.shape[1]):
+        raise CheckpointError(f"LoRA shape {(pair.up.shape[0], pair.down.shape[1])} does not fit weight "
+                              f"{tuple(linear.weight.shape)}: the LoRA was made for another model")
+    down, up = pair.down.to(linear.weight.device), pair.up.to(linear.weight.device)
+    previous, factor = linear.forward, multiplier * pair.scale
+    if "_lora_base_forward" not in linear.__dict__:  # what detach_loras restores
+        linear._lora_base_forward = linear.__dict__.get("forward")
+
+    def forward(x: Tensor) -> Tensor:
+        return previous(x) + factor * nn.functional.linear(nn.functional.linear(x, down.to(x.dtype)), up.to(x.dtype))
+
+    linear.forward = forward
+
+
+def detach_loras(model: nn.Module) -> int:
+    """Remove every LoRA branch ``attach_pair`` added to ``model``; returns how many Linears were restored."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and "_lora_base_forward" in m.__dict__:
+            base = m.__dict__.pop("_lora_base_forward")
+            if base is None:
+                del m.forward
+            else:
+                m.forward = base
+            count += 1
+    return count

@@ -41,6 +41,20 @@ def euler_step(img: Tensor, pred: Tensor, t_curr: float, t_prev: float) -> Tenso
     return img + (t_prev - t_curr) * pred
 
 
+def get_noise(num_samples: int, height: int, width: int, seed: int, device: torch.device | str,
+              dtype: torch.dtype) -> Tensor:
+    """The official initial noise: [B, 16, 2⌈H/16⌉, 2⌈W/16⌉] for a H x W image, drawn in float32 on the CPU
+    from ``seed`` and then moved, so a seed gives the same noise (and image) on any device."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    shape = (num_samples, 16, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def cfg_combine(v_neg: Tensor, v_pos: Tensor, scale: float) -> Tensor:
+    """True classifier-free guidance: v_neg + scale · (v_pos − v_neg)."""
+    return v_neg + scale * (v_pos - v_neg)
+
+
 def denoise(
     model: torch.nn.Module,
     img: Tensor,
@@ -50,12 +64,34 @@ def denoise(
     vec: Tensor,
     timesteps: list[float],
     guidance: float = 4.0,
+    *,
+    txt_mask: Tensor | None = None,
+    negative: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    cfg_scale: float = 1.0,
 ) -> Tensor:
-    """Integrate the model's velocity over ``timesteps`` (packed latents [B, N, 64] in and out)."""
+    """Integrate the model's velocity over ``timesteps`` (packed latents [B, N, 64] in and out).
+
+    ``negative`` = (txt, vec, txt_mask) of a negative prompt turns on true CFG at ``cfg_scale`` (≠ 1): the
+    negative and positive conditions run as one batch [neg; pos] and combine with ``cfg_combine``.
+    """
     batch = img.shape[0]
-    guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=img.dtype)
+    cfg = negative is not None and cfg_scale != 1.0
+    if cfg:
+        n_txt, n_vec, n_mask = negative
+        txt, vec, txt_ids = torch.cat((n_txt, txt)), torch.cat((n_vec, vec)), torch.cat((txt_ids, txt_ids))
+        if txt_mask is not None or n_mask is not None:
+            ones = torch.ones(batch, txt.shape[1], dtype=torch.int64, device=txt.device)
+            txt_mask = torch.cat((ones if n_mask is None else n_mask, ones if txt_mask is None else txt_mask))
+        img_ids = torch.cat((img_ids, img_ids))
+    rows = 2 * batch if cfg else batch
+    guidance_vec = torch.full((rows,), guidance, device=img.device, dtype=img.dtype)
     for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:], strict=True):
-        t_vec = torch.full((batch,), t_curr, dtype=img.dtype, device=img.device)
-        pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
+        t_vec = torch.full((rows,), t_curr, dtype=img.dtype, device=img.device)
+        x = torch.cat((img, img)) if cfg else img
+        kwargs = {} if txt_mask is None else {"txt_attention_mask": txt_mask}
+        pred = model(img=x, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec,
+                     **kwargs)
+        if cfg:
+            pred = cfg_combine(pred[:batch], pred[batch:], cfg_scale)
         img = euler_step(img, pred, t_curr, t_prev)
     return img

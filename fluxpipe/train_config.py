@@ -22,7 +22,10 @@ from fluxpipe import __version__
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.lora_network import LoraSpec, parse_network_args
 from fluxpipe.optim import parse_optimizer_args
+from fluxpipe.sampler import ModelFiles
 from fluxpipe.stages.train_lora import FlowSettings, TrainLoraConfig
+from fluxpipe.text_encoding import default_t5_max_length
+from fluxpipe.train_monitor import MonitorSettings
 
 log = logging.getLogger(__name__)
 DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +45,18 @@ def pipeline_caches(cache_dir: Path) -> CachePaths:
                       text_index=cache_dir / "cache/text/index.parquet")
 
 
+def with_cli_validation(datasets, ns: argparse.Namespace):  # noqa: ANN001, ANN201 - DatasetsConfig
+    """--validation_split / --validation_seed for the datasets whose TOML sets none (the TOML wins)."""
+    from dataclasses import replace
+
+    if not ns.validation_split and ns.validation_seed is None:
+        return datasets
+    out = [replace(ds, validation_split=ds.validation_split or (ns.validation_split or 0.0),
+                   validation_seed=ds.validation_seed if ds.validation_seed is not None else ns.validation_seed)
+           for ds in datasets.datasets]
+    return replace(datasets, datasets=tuple(out) if isinstance(datasets.datasets, tuple) else out)
+
+
 def build_caches(ns: argparse.Namespace, work: Path, device: str, clip_tokenizer: Path | None,
                  t5_tokenizer: Path | None) -> CachePaths:
     """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
@@ -52,7 +67,7 @@ def build_caches(ns: argparse.Namespace, work: Path, device: str, clip_tokenizer
 
     if ns.dataset_config is None:
         raise FluxpipeError("--dataset_config is required (fluxpipe reads the dataset from the reference's TOML)")
-    datasets = load_dataset_toml(ns.dataset_config)
+    datasets = with_cli_validation(load_dataset_toml(ns.dataset_config), ns)
     check_cacheable(datasets, cache_latents=True, cache_text=True)
     paths = pipeline_caches(work)
     manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
@@ -100,7 +115,10 @@ loss_type huber_schedule huber_c huber_scale ip_noise_gamma ip_noise_gamma_rando
 t5xxl_max_token_length cache_latents cache_latents_to_disk cache_text_encoder_outputs
 cache_text_encoder_outputs_to_disk vae_batch_size network_train_unet_only blocks_to_swap config_file text_encoder_lr
 save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state fp8_base fp8_base_unet
-use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size
+use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size cpu_offload_checkpointing
+full_bf16 save_n_epoch_ratio logging_dir log_with log_prefix log_tracker_name torch_compile dynamo_backend
+sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first validation_seed validation_split
+validate_every_n_steps validate_every_n_epochs max_validation_steps
 """.split())
 # handled with a warning or an error of their own in check_supported
 SPECIAL = frozenset({"blocks_to_swap", "network_train_unet_only"})
@@ -122,11 +140,16 @@ def check_unhonoured(ns: argparse.Namespace) -> None:
 def check_supported(ns: argparse.Namespace, device: str) -> None:
     """Features of the reference that fluxpipe's trainer does not have yet: an error, or a warning when the
     run is still the same training (never a silent change)."""
+    from fluxpipe.train_log import check_logging
+
     check_unhonoured(ns)
-    if ns.blocks_to_swap:
-        if device.startswith("cuda"):
-            raise FluxpipeError("--blocks_to_swap is not implemented yet in fluxpipe's trainer; leave it out")
-        log.warning("--blocks_to_swap %d: nothing to swap on the CPU, ignored", ns.blocks_to_swap)
+    check_logging(ns.logging_dir, ns.log_with)
+    if ns.blocks_to_swap and not device.startswith("cuda"):
+        log.warning("--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored",
+                    ns.blocks_to_swap)
+    if ns.cpu_offload_checkpointing and not ns.gradient_checkpointing:
+        raise FluxpipeError("--cpu_offload_checkpointing offloads the inputs of checkpointed blocks: add "
+                            "--gradient_checkpointing (without it the flag would do nothing)")
 
 
 def lora_spec(ns: argparse.Namespace) -> LoraSpec:
@@ -147,6 +170,12 @@ def settings_digest(ns: argparse.Namespace, data: str = "") -> str:
     the cached data (``data``): a state is resumed only by a run with the same digest."""
     skip = {"output_dir", "save_every_n_epochs", "save_every_n_steps", "save_state", "resume", "cache_dir",
             "save_last_n_epochs", "save_last_n_steps", "logging_dir", "log_with", "dataset_config",
+            "log_prefix", "log_tracker_name", "save_n_epoch_ratio", "save_last_n_epochs_state",
+            "save_last_n_steps_state",
+            # memory and speed modes compute the same training: a run may resume in another one
+            "blocks_to_swap", "cpu_offload_checkpointing", "gradient_checkpointing", "torch_compile",
+            "dynamo_backend", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
+            "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
             "pretrained_model_name_or_path", "clip_l", "t5xxl", "ae"}
     values = {k: str(v) for k, v in sorted(vars(ns).items()) if k not in skip}
     return hashlib.sha256(json.dumps([values, data]).encode()).hexdigest()[:16]
@@ -193,8 +222,24 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
     return meta
 
 
+def monitor_settings(ns: argparse.Namespace) -> MonitorSettings:
+    """Samples (--sample_prompts and its triggers) and validation-loss settings."""
+    from fluxpipe.prompts import load_prompts
+
+    if (ns.sample_every_n_steps or ns.sample_every_n_epochs or ns.sample_at_first) and not ns.sample_prompts:
+        raise FluxpipeError("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first need "
+                            "--sample_prompts FILE (a .txt, .toml or .json prompt file)")
+    prompts = tuple(load_prompts(Path(ns.sample_prompts))) if ns.sample_prompts else ()
+    return MonitorSettings(
+        sample_prompts=prompts, sample_every_n_steps=ns.sample_every_n_steps,
+        sample_every_n_epochs=ns.sample_every_n_epochs, sample_at_first=ns.sample_at_first,
+        validate_every_n_epochs=ns.validate_every_n_epochs or (None if ns.validate_every_n_steps else 1),
+        validate_every_n_steps=ns.validate_every_n_steps, max_validation_steps=ns.max_validation_steps,
+        validation_seed=ns.validation_seed if ns.validation_seed is not None else ns.seed)
+
+
 def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool,
-                clip_tokenizer: Path | None = None) -> TrainLoraConfig:
+                clip_tokenizer: Path | None = None, t5_tokenizer: Path | None = None) -> TrainLoraConfig:
     """The typed training config from the parsed flags (already checked with check_supported)."""
     from fluxpipe.checkpoints import inspect_checkpoint
     from fluxpipe.dataset_config import load_dataset_toml
@@ -204,6 +249,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
     datasets = load_dataset_toml(ns.dataset_config)
     table, _ = read_parquet(caches.manifest)
     variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    t5_max_length = ns.t5xxl_max_token_length or default_t5_max_length(variant)
     math_settings = FlowSettings(
         timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
         discrete_flow_shift=ns.discrete_flow_shift, weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean,
@@ -232,5 +278,13 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         save_last_n_epochs=ns.save_last_n_epochs, save_last_n_epochs_state=ns.save_last_n_epochs_state,
         save_last_n_steps=ns.save_last_n_steps, save_last_n_steps_state=ns.save_last_n_steps_state,
         text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,
+        blocks_to_swap=ns.blocks_to_swap or 0, cpu_offload_checkpointing=ns.cpu_offload_checkpointing,
+        torch_compile=ns.torch_compile, dynamo_backend=ns.dynamo_backend,
+        network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32, save_n_epoch_ratio=ns.save_n_epoch_ratio,
+        logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
+        monitor=monitor_settings(ns), t5_max_length=t5_max_length,
+        sample_models=ModelFiles(flux=Path(ns.pretrained_model_name_or_path), ae=Path(ns.ae), clip_l=Path(ns.clip_l),
+                                 t5xxl=Path(ns.t5xxl), clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer)
+        if ns.ae and ns.clip_l and ns.t5xxl else None,
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))

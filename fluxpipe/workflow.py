@@ -191,3 +191,11 @@ def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     if tokenizer_dirs(cfg)["clip_tokenizer"]:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
         argv += ["--clip_tokenizer", tokenizer_dirs(cfg)["clip_tokenizer"]]
     return argv
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+
+
+def evaluate_dir(cfg: PipelineConfig) -> str:
+    name = (cfg.train or {}).get("output_name") or "last"
+    return f"results/evaluate/{name}"

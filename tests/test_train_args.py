@@ -222,3 +222,9 @@ def test_namespace_to_dict_is_plain() -> None:
     assert values["dataset_config"] == "d.toml" and values["base_weights"] == ["a", "b"]
     assert all(isinstance(v, str | int | float | bool | list | type(None)) for v in values.values())
     assert "help" not in values and len(values) > 150
+
+
+def test_the_readme_lists_every_ignored_flag() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("Accepted and ignored for FLUX"):readme.index("**Memory options.**")]
+    assert [f for f in IGNORED_FOR_FLUX if f"`{f}`" not in section] == []

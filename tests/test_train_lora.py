@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -56,7 +58,7 @@ def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> Non
     with safe_open(str(final), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "16"
-    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "12"
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "10"  # 5 training images x 2 repeats / 2 x 2 epochs
     assert meta["ss_network_train_unet_only"] == "False"
     assert len(meta["sshs_model_hash"]) == 64 and len(meta["sshs_legacy_hash"]) == 8
 
@@ -68,6 +70,70 @@ def test_fp8_base_trains(demo_dir: Path, tmp_path: Path) -> None:
     with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_fp8_base"] == "True"
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_epoch_ratio_full_bf16_and_tensorboard(demo_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_n_epoch_ratio", "2",
+                        "--full_bf16", "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "demo_")
+    args[args.index("--max_train_epochs") + 1] = "4"
+    args[args.index("--mixed_precision") + 1] = "bf16"
+    args[args.index("--save_every_n_epochs") + 1] = "1"  # overridden: 4 epochs // ratio 2 -> every 2nd epoch
+    assert main(["train", "lora", *args]) == 0
+    assert sorted(p.name for p in tmp_path.glob("my_flux_lora*.safetensors")) == [
+        "my_flux_lora-000002.safetensors", "my_flux_lora.safetensors"]
+    with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # the LoRA itself was bf16
+    (run,) = (tmp_path / "logs").iterdir()
+    assert run.name.startswith("demo_") and len(run.name) == len("demo_") + 14
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "loss/epoch_average", "lr/unet"} <= tags
+    assert [e.step for e in events.Scalars("loss/current")] == list(range(1, 21))  # 5 batches x 4 epochs
+    assert [e.step for e in events.Scalars("loss/epoch_average")] == [1, 2, 3, 4]
+
+
+def test_cpu_offload_checkpointing_trains_the_same_lora(demo_dir: Path, tmp_path: Path) -> None:
+    results = []
+    for name, extra in (("plain", ()), ("offload", ("--cpu_offload_checkpointing",))):
+        args = seed_command(demo_dir, tmp_path / name, "--network_train_unet_only", "--blocks_to_swap", "0",
+                            "--network_dropout", "0.1", *extra)
+        args[args.index("--max_train_epochs") + 1] = "1"
+        assert main(["train", "lora", *args]) == 0
+        results.append(load_file(str(tmp_path / name / "my_flux_lora.safetensors")))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert any(v.abs().sum() > 0 for k, v in results[0].items() if "lora_up" in k)
+
+
+def test_samples_and_validation_leave_the_training_unchanged(demo_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red cube --w 64 --h 64 --s 2 --d 5\na blue sphere --w 96 --h 64 --s 2\n")
+    runs = {}
+    for name, extra in (("plain", ()), ("sampled", ("--sample_prompts", str(prompts), "--sample_every_n_steps", "3",
+                                                    "--sample_at_first"))):
+        args = seed_command(demo_dir, tmp_path / name, "--network_dropout", "0.1", *extra)
+        assert main(["train", "lora", *args]) == 0
+        runs[name] = load_file(str(tmp_path / name / "my_flux_lora.safetensors"))
+        lines = (tmp_path / name / "my_flux_lora-validation.jsonl").read_text().splitlines()
+        runs[name + "-validation"] = [json.loads(line) for line in lines]
+    assert all(torch.equal(runs["plain"][k], runs["sampled"][k]) for k in runs["plain"])  # RNG streams untouched
+    assert runs["plain-validation"] == runs["sampled-validation"]
+    assert [r["epoch"] for r in runs["plain-validation"]] == [0, 1, 2]  # before training, then each epoch
+    assert set(runs["plain-validation"][0]["by_sigma"]) == {"0.2", "0.4", "0.6", "0.8"}
+    samples = sorted(p.name.split("_")[3] + "_" + p.name.split("_")[4] for p in (tmp_path / "sampled/sample").iterdir())
+    # steps 0 (at first), 3, 6, 9 of 10; prompt 0 has its own seed 5, prompt 1 gets seed 42 + 1
+    assert len(samples) == 8 and {s.split("_")[0] for s in samples} == {"e000000", "000003", "000006", "000009"}
+    with Image.open(next((tmp_path / "sampled/sample").glob("*_01_*_43.png"))) as image:
+        assert image.size == (96, 64)
+
+
+def test_sample_triggers_need_a_prompt_file(demo_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "lora", *seed_command(demo_dir, tmp_path, "--sample_every_n_epochs", "1")]) == 2
+    assert "need --sample_prompts FILE" in capsys.readouterr().err
 
 
 def test_addnet_hashes_by_hand() -> None:
@@ -158,7 +224,10 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
 
 @pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
                                              (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag"),
-                                             (["--save_n_epoch_ratio", "2"], "not implemented yet"),
+                                             (["--full_fp16"], "not implemented yet"),
+                                             (["--log_with", "wandb"], "TensorBoard only"),
+                                             (["--log_with", "tensorboard"], "needs --logging_dir"),
+                                             (["--cpu_offload_checkpointing"], "cannot be combined"),
                                              (["--scale_weight_norms", "1.0"], "not implemented yet")])
 def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            flag: list[str], says: str) -> None:

@@ -24,7 +24,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    for name in ("Snakefile", "rules", "config"):
+    for name in ("Snakefile", "rules", "config", "report"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     return tmp_path
@@ -47,9 +47,41 @@ def test_train_lora_on_the_demo(workdir: Path) -> None:
         assert summary["entries"] == 6 and summary["encoded"] == 6, summary
     lora = workdir / "results/train/lora/demo_lora.safetensors"
     losses = [json.loads(line) for line in (workdir / "results/train/lora/demo_lora-loss.jsonl").read_text().splitlines()]
-    assert lora.is_file() and len(losses) == 120 and losses[-1]["step"] == 120
+    # 5 training images (one of 6 held out for validation) x 2 repeats / batch 2 = 5 steps x 20 epochs
+    assert lora.is_file() and len(losses) == 100 and losses[-1]["step"] == 100
+    validation = [json.loads(line) for line in
+                  (workdir / "results/train/lora/demo_lora-validation.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in validation] == list(range(21)) and validation[-1]["loss"] < validation[0]["loss"]
     again = snakemake(workdir, "train_lora")
     assert "Nothing to be done" in again.stdout + again.stderr
+    evaluate_then_report(workdir)
+
+
+def evaluate_then_report(workdir: Path) -> None:
+    """Rule evaluate_samples on the trained demo LoRA, then `snakemake --report` with every figure in it."""
+    from PIL import Image
+
+    result = snakemake(workdir, "evaluate_samples")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workdir / "results/evaluate/demo_lora"
+    pngs = [out / "grid.png", out / "loss.png", out / "validation_loss.png",
+            *(out / "checkpoints" / f"{n}.png" for n in ("base", "epoch-000005", "epoch-000010", "epoch-000015",
+                                                         "final"))]
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG"
+    with Image.open(out / "grid.png") as grid:  # 5 columns (base, epochs 5/10/15, final) of 256-pixel images
+        assert grid.width > 5 * 256 and grid.height > 4 * 256
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [c["label"] for c in metrics["checkpoints"]] == ["base", "epoch 5", "epoch 10", "epoch 15", "final"]
+    assert [c["step"] for c in metrics["checkpoints"]] == [0, 25, 50, 75, 100]
+    assert all(c["validation_loss"] is not None for c in metrics["checkpoints"])
+    report = snakemake(workdir, "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (workdir / "report.html").read_text()
+    for name in ("grid.png", "validation_loss.png", "loss.png", "metrics.json", "epoch-000010.png"):
+        assert name in html, name
 
 
 def test_config_typo_fails_before_any_job(workdir: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fluxpipe.offload_checkpoint import offloaded_checkpoint
 from fluxpipe.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -116,6 +117,8 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
         self.gradient_checkpointing = False  # recompute each block in the backward pass (training memory)
+        self.cpu_offload_checkpointing = False  # ... and keep the checkpointed block inputs in host memory
+        self.block_swapper = None  # a fluxpipe.block_swap.BlockSwapper streams the last blocks' weights
 
     def forward(
         self,
@@ -127,9 +130,11 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         txt_attention_mask: Tensor | None = None,
+        controlnet_residuals: list[Tensor] | None = None,
     ) -> Tensor:
         """img [B, N, in], img_ids [B, N, 3], txt [B, L, ctx], txt_ids [B, L, 3], timesteps [B] in [0, 1],
-        y [B, vec], guidance [B] (dev), txt_attention_mask [B, L] (1 = real token; masks text keys only)."""
+        y [B, vec], guidance [B] (dev), txt_attention_mask [B, L] (1 = real token; masks text keys only),
+        controlnet_residuals: [B, N, C] tensors from a ControlNet, residual i % len added after double block i."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must be [batch, tokens, features] tensors")
         img = self.img_in(img)
@@ -142,18 +147,26 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         mask = joint_key_mask(txt_attention_mask, img.shape[1]) if txt_attention_mask is not None else None
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.double_blocks:
-            if checkpointed:
-                img, txt = checkpoint(block, img, txt, vec, pe, mask, use_reentrant=False)
-            else:
-                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=mask)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run_block(("double", i), block, (img, txt, vec, pe, mask))
+            if controlnet_residuals:
+                img = img + controlnet_residuals[i % len(controlnet_residuals)]
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = checkpoint(block, x, vec, pe, mask, use_reentrant=False) if checkpointed else block(
-                x, vec=vec, pe=pe, attn_mask=mask)
+        for j, block in enumerate(self.single_blocks):
+            x = self._run_block(("single", j), block, (x, vec, pe, mask))
         x = x[:, txt.shape[1] :, ...]
         return self.final_layer(x, vec)
+
+    def _run_block(self, key: tuple[str, int], block: nn.Module, args: tuple) -> Tensor | tuple[Tensor, Tensor]:
+        """One block: streamed by the block swapper, checkpointed (optionally with its inputs in host memory),
+        or called directly."""
+        if self.block_swapper is not None and key in self.block_swapper.blocks:
+            return self.block_swapper.run(key, block, args, self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.cpu_offload_checkpointing:
+                return offloaded_checkpoint(block, *args)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
 
 def joint_key_mask(txt_mask: Tensor, n_img: int) -> Tensor:

@@ -26,6 +26,9 @@ from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
 from fluxpipe.optim import build_optimizer, build_scheduler, resolve_warmup
 from fluxpipe.packing import image_ids, pack_latents, text_ids
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
+from fluxpipe.sampler import ModelFiles
+from fluxpipe.train_log import TrainLogger
+from fluxpipe.train_monitor import Monitor, MonitorSettings, validation_loss
 from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 
 log = logging.getLogger(__name__)
@@ -96,20 +99,40 @@ class TrainLoraConfig:
     clip_l: Path | None = None  # given: the CLIP-L LoRA is trained too (pooled vector recomputed each step)
     clip_tokenizer: Path | None = None
     text_encoder_lr: tuple[float, ...] | None = None
+    blocks_to_swap: int = 0  # stream the last blocks' weights from pinned host memory (fluxpipe.block_swap)
+    cpu_offload_checkpointing: bool = False
+    torch_compile: bool = False  # compile each resident block (regional compilation)
+    dynamo_backend: str = "inductor"
+    network_dtype: torch.dtype = torch.float32  # --full_bf16: the LoRA weights (and their optimizer) in bf16
+    save_n_epoch_ratio: int | None = None  # at least this many per-epoch saves: every max(1, epochs // n) epochs
+    logging_dir: Path | None = None
+    log_prefix: str = ""
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)  # samples and validation loss
+    sample_models: ModelFiles | None = None  # AE and text encoders for the samples' prompts
+    t5_max_length: int = 512
 
 
 def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator) -> torch.Tensor:
-    """Mean loss of one batch: pack, draw t and noise, x_t, velocity prediction against noise - x0."""
+    """Mean loss of one batch: draw t and noise (spec §4.2), then ``prediction_loss``."""
+    x0 = batch["latents"]
+    bsz, _, h, w = x0.shape
+    t = flow.sample_timesteps(m.timestep_sampling, bsz, (h // 2) * (w // 2), gen, sigmoid_scale=m.sigmoid_scale,
+                              discrete_flow_shift=m.discrete_flow_shift, weighting_scheme=m.weighting_scheme,
+                              logit_mean=m.logit_mean, logit_std=m.logit_std, mode_scale=m.mode_scale).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+    perturbed = flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength) \
+        if m.ip_noise_gamma else noise
+    return prediction_loss(dit, batch, m, t, noise, perturbed).mean()
+
+
+def prediction_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, t: torch.Tensor, noise: torch.Tensor,
+                    perturbed: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-item loss [B] at timesteps ``t``: x_t from ``perturbed`` noise (default ``noise``), velocity prediction
+    against noise - x0 (the validation loss calls this with fixed t and noise)."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
     device, dtype = x0.device, x0.dtype
-    t = flow.sample_timesteps(m.timestep_sampling, bsz, (h // 2) * (w // 2), gen, sigmoid_scale=m.sigmoid_scale,
-                              discrete_flow_shift=m.discrete_flow_shift, weighting_scheme=m.weighting_scheme,
-                              logit_mean=m.logit_mean, logit_std=m.logit_std, mode_scale=m.mode_scale).to(device)
-    noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
-    perturbed = flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength) \
-        if m.ip_noise_gamma else noise
-    x_t = flow.noisy_latents(x0, perturbed, t.to(dtype))
+    x_t = flow.noisy_latents(x0, noise if perturbed is None else perturbed, t.to(dtype))
     img = pack_latents(x_t)
     txt = batch["t5"]
     pred = dit(img=img, img_ids=image_ids(bsz, h, w, device=device, dtype=dtype), txt=txt,
@@ -121,7 +144,8 @@ def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Gen
     weighting = flow.loss_weighting(m.weighting_scheme, t) if m.model_prediction_type == "sigma_scaled" else None
     c = flow.huber_c(m.huber_schedule, m.huber_c, t, huber_scale=m.huber_scale) \
         if m.loss_type in ("huber", "smooth_l1") else None
-    return flow.loss(pred, target, m.loss_type, c, weighting=weighting).mean()
+    loss = flow.loss(pred, target, m.loss_type, c, weighting=weighting)
+    return loss.reshape(bsz, -1).mean(dim=1)
 
 
 def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
@@ -131,6 +155,14 @@ def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: to
     ids = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
     return clip(ids.to(next(clip.parameters()).device)).pooler_output.to(dtype)
+
+
+def epoch_save_interval(save_every_n_epochs: int | None, save_n_epoch_ratio: int | None, epochs: int) -> int | None:
+    """Epochs between per-epoch saves: --save_n_epoch_ratio n (at least n saves) overrides --save_every_n_epochs
+    with max(1, epochs // n), as the reference."""
+    if save_n_epoch_ratio:
+        return max(1, epochs // save_n_epoch_ratio)
+    return save_every_n_epochs
 
 
 def plan_steps(num_batches: int, cfg: TrainLoraConfig) -> tuple[int, int]:
@@ -220,6 +252,65 @@ def _log_losses(path: Path, records: list[dict], keep_until: int) -> list[dict]:
     return [r for r in old if r["step"] <= keep_until] + records
 
 
+def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
+    """The frozen DiT on the device: fp8 storage, block swap (swapped weights stay in pinned host memory),
+    checkpointing mode and compiled blocks as configured."""
+    swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
+    dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
+    dit.gradient_checkpointing = cfg.gradient_checkpointing
+    dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
+    if cfg.fp8_base:
+        from fluxpipe.fp8 import store_linears_fp8
+
+        log.info("fp8_base: %d Linear weights stored as float8_e4m3fn", store_linears_fp8(dit))
+    if swap:
+        from fluxpipe.block_swap import BlockSwapper
+
+        try:
+            swapper = BlockSwapper(dit, cfg.blocks_to_swap, cfg.device)
+        except ValueError as e:
+            raise FluxpipeError(f"{cfg.flux}: {e}") from e
+        swapper.place(dit)
+        dit.block_swapper = swapper
+        log.info("blocks_to_swap %d: %d double + %d single blocks stream %.2f GB from pinned host memory",
+                 cfg.blocks_to_swap, len(swapper.plan.double), len(swapper.plan.single), swapper.host_bytes() / 1e9)
+    if cfg.torch_compile:
+        from fluxpipe.sampler import compile_resident_blocks
+
+        log.info("torch_compile: %d blocks compiled (%s)", compile_resident_blocks(dit, cfg.dynamo_backend),
+                 cfg.dynamo_backend)
+    return dit
+
+
+def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.Module, tensors: CachedTensors,
+                  pooled_fn, captions: list[str], logger: TrainLogger) -> Monitor:  # noqa: ANN001
+    """Samples (prompts encoded now, encoders freed; the AE kept for decoding) and the validation loss."""
+    from fluxpipe.devices import encode_dtype
+
+    s = cfg.monitor
+    sampler, conds = None, {}
+    if s.sample_prompts:
+        from fluxpipe.sampler import Sampler, encode_texts
+
+        if cfg.sample_models is None:
+            raise FluxpipeError("--sample_prompts needs the model files of --ae, --clip_l and --t5xxl")
+        texts = [p.prompt for p in s.sample_prompts] + [p.negative_prompt for p in s.sample_prompts]
+        conds = encode_texts(cfg.sample_models, texts, device=cfg.device, dtype=encode_dtype(cfg.device),
+                             max_length=cfg.t5_max_length, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
+        ae = load_model(cfg.sample_models.ae, "ae", dtype=encode_dtype(cfg.device), device=cfg.device)
+        sampler = Sampler(dit, ae, device=cfg.device, dtype=cfg.compute_dtype,
+                          apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
+    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val")
+    validation = None
+    if items and (s.validate_every_n_epochs or s.validate_every_n_steps):
+        def validation() -> dict:
+            return validation_loss(dit, network, items, tensors, cfg.math, sigmas=s.sigmas, seed=s.validation_seed,
+                                   device=cfg.device, dtype=cfg.compute_dtype, limit=s.max_validation_steps,
+                                   pooled_fn=pooled_fn, captions=captions)
+    return Monitor(s, output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed, sampler=sampler,
+                   conds=conds, pooled_fn=pooled_fn, validation=validation, logger=logger)
+
+
 def train(cfg: TrainLoraConfig) -> Path:
     """The LoRA training loop; returns the final LoRA file."""
     torch.manual_seed(cfg.seed)
@@ -228,12 +319,7 @@ def train(cfg: TrainLoraConfig) -> Path:
     if not items:
         raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
     tensors = CachedTensors(cfg.latent_index, cfg.text_index)
-    dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device=cfg.device)
-    dit.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.fp8_base:
-        from fluxpipe.fp8 import store_linears_fp8
-
-        log.info("fp8_base: %d Linear weights stored as float8_e4m3fn", store_linears_fp8(dit))
+    dit = load_dit(cfg)
     clip, clip_tok, captions = None, None, []
     if cfg.clip_l is not None:
         from fluxpipe.models.text_encoders import load_clip_tokenizer
@@ -242,7 +328,7 @@ def train(cfg: TrainLoraConfig) -> Path:
         clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
         clip_tok = load_clip_tokenizer(cfg.clip_tokenizer)
         captions = read_parquet(cfg.manifest)[0].caption.tolist()
-    network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip).to(cfg.device)
+    network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype).to(cfg.device)
     if cfg.network_weights is not None:
         network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
     network.apply_to()
@@ -271,6 +357,11 @@ def train(cfg: TrainLoraConfig) -> Path:
     records: list[dict] = []
     params = [p for g in opt.param_groups for p in g["params"]]
     accum = cfg.gradient_accumulation_steps
+    every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
+    logger = TrainLogger(cfg.logging_dir, cfg.log_prefix, window=math.ceil(len(first_batches) / accum))
+    pooled_fn = (lambda texts: clip_pooled(clip, clip_tok, texts, cfg.compute_dtype)) if clip is not None else None
+    monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger)
+    monitor.at_start(step)
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
@@ -293,8 +384,10 @@ def train(cfg: TrainLoraConfig) -> Path:
             opt.zero_grad(set_to_none=True)
             step += 1
             records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": sched.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
+            average = logger.step(step, loss_value, {g["description"]: g["lr"] for g in opt.param_groups})
+            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
             bar.update(1)
+            monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_lora(network, cfg, f"-step{step:08d}", step, epoch)
                 if cfg.save_state:
@@ -304,14 +397,17 @@ def train(cfg: TrainLoraConfig) -> Path:
                                                      _log_losses(loss_file, records, state.step if state else 0)))
             if step >= total:
                 break
+        logger.epoch(epoch + 1)
+        monitor.after_epoch(epoch + 1, step)
         if step >= total:
             break
-        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < epochs:
+        if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
             save_lora(network, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
             if cfg.save_state:
                 _write_state(network, opt, sched, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
-            prune_old(cfg, "epoch", epoch + 1, cfg.save_every_n_epochs)
+            prune_old(cfg, "epoch", epoch + 1, every_epochs)
     bar.close()
+    logger.close()
     write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
                                          _log_losses(loss_file, records, state.step if state else 0)))
     if cfg.save_state:

@@ -1,0 +1,176 @@
+"""Images from prompts with the official FLUX.1 sampler, used by `fluxpipe sample`, by the trainer's samples and
+by the evaluate stage.
+
+Prompts are encoded first (CLIP-L and T5-XXL loaded, every distinct text encoded once, the encoders freed), so
+the DiT and the AE never share the device with the text encoders. Generation follows the official code: noise
+from ``fluxpipe.sampling.get_noise`` (CPU generator, any device gives the same image), packing, the shifted
+schedule (unshifted for schnell), Euler ``denoise`` (guidance embedding for dev, optional true CFG with a
+negative prompt), unpacking, AE decoding, and the official conversion to 8-bit pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from fluxpipe.packing import image_ids, pack_latents, text_ids, unpack_latents
+from fluxpipe.prompts import SamplePrompt
+from fluxpipe.sampling import denoise, get_noise, get_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelFiles:
+    flux: Path
+    ae: Path
+    clip_l: Path
+    t5xxl: Path
+    clip_tokenizer: Path | None = None
+    t5_tokenizer: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Conditioning:
+    """One prompt's encoder outputs (kept on the CPU until used)."""
+
+    txt: Tensor  # [1, L, ctx] T5 hidden states
+    vec: Tensor  # [1, vec] CLIP-L pooled
+    mask: Tensor  # [1, L] T5 attention mask (1 = real token)
+
+
+def split_lora(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A kohya LoRA's tensors by the model they adapt: lora_unet / lora_te1 / lora_te3."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        parts.setdefault(key.split("_", 2)[0] + "_" + key.split("_", 2)[1], {})[key] = tensor
+    return parts
+
+
+def read_loras(loras: list[tuple[Path, float]]) -> list[tuple[dict[str, dict[str, Tensor]], float]]:
+    from fluxpipe.stages.train_lora import load_lora_file
+
+    return [(split_lora(load_lora_file(path)), mult) for path, mult in loras]
+
+
+@torch.no_grad()
+def encode_texts(files: ModelFiles, texts: list[str], *, device: str, dtype: torch.dtype, max_length: int,
+                 apply_t5_attn_mask: bool, loras: list[tuple[dict, float]] = (), batch_size: int = 8,
+                 ) -> dict[str, Conditioning]:
+    """Every distinct text encoded once; the encoders (with their LoRA parts merged) are freed afterwards."""
+    from fluxpipe.checkpoints import load_model
+    from fluxpipe.lora import apply_lora
+    from fluxpipe.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+    from fluxpipe.text_encoding import encode_prompts
+
+    clip = load_model(files.clip_l, "clip_l", dtype=dtype, device=device)
+    t5 = load_model(files.t5xxl, "t5xxl", dtype=dtype, device=device)
+    for parts, mult in loras:
+        if "lora_te1" in parts:
+            apply_lora(nn.Identity(), parts["lora_te1"], mult, clip_l=clip)
+        if "lora_te3" in parts:
+            apply_lora(nn.Identity(), parts["lora_te3"], mult, t5xxl=t5)
+    clip_tok, t5_tok = load_clip_tokenizer(files.clip_tokenizer), load_t5_tokenizer(files.t5_tokenizer, max_length)
+    unique = list(dict.fromkeys(texts))
+    out: dict[str, Conditioning] = {}
+    for i in range(0, len(unique), batch_size):
+        chunk = unique[i:i + batch_size]
+        emb = encode_prompts(clip, t5, clip_tok, t5_tok, chunk, max_length, apply_t5_attn_mask)
+        for j, text in enumerate(chunk):
+            out[text] = Conditioning(emb.t5[j:j + 1].cpu(), emb.pooled[j:j + 1].cpu(), emb.mask[j:j + 1].cpu())
+    del clip, t5
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def to_pil(pixels: Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> 8-bit RGB, as the official code converts (clamp, 127.5·(x + 1), truncate)."""
+    x = pixels.float().clamp(-1, 1).permute(1, 2, 0)
+    return Image.fromarray((127.5 * (x + 1.0)).cpu().byte().numpy())
+
+
+class Sampler:
+    """The DiT and the AE on one device, generating one image per call."""
+
+    def __init__(self, dit: nn.Module, ae: nn.Module, *, device: str, dtype: torch.dtype,
+                 apply_t5_attn_mask: bool = False) -> None:
+        self.dit, self.ae, self.device, self.dtype = dit, ae, device, dtype
+        self.apply_t5_attn_mask = apply_t5_attn_mask
+        self.shift = bool(dit.params.guidance_embed)  # the official sampler shifts for dev, not for schnell
+
+    def _cond(self, c: Conditioning) -> tuple[Tensor, Tensor, Tensor | None]:
+        mask = c.mask.to(self.device) if self.apply_t5_attn_mask else None
+        return c.txt.to(self.device, self.dtype), c.vec.to(self.device, self.dtype), mask
+
+    @torch.no_grad()
+    def latents(self, p: SamplePrompt, cond: Conditioning, negative: Conditioning | None, seed: int) -> Tensor:
+        """The denoised latent [1, 16, 2⌈H/16⌉, 2⌈W/16⌉] of one prompt."""
+        noise = get_noise(1, p.height, p.width, seed, self.device, self.dtype)
+        lh, lw = noise.shape[2:]
+        img = pack_latents(noise)
+        txt, vec, mask = self._cond(cond)
+        timesteps = get_schedule(p.steps, img.shape[1], shift=self.shift)
+        neg = self._cond(negative) if negative is not None and p.cfg_scale != 1.0 else None
+        was_training = self.dit.training
+        self.dit.eval()
+        try:
+            x = denoise(self.dit, img, image_ids(1, lh, lw, self.device, self.dtype), txt,
+                        text_ids(1, txt.shape[1], self.device, self.dtype), vec, timesteps, p.guidance,
+                        txt_mask=mask, negative=neg, cfg_scale=p.cfg_scale)
+        finally:
+            self.dit.train(was_training)
+        return unpack_latents(x.float(), lh, lw)
+
+    @torch.no_grad()
+    def image(self, p: SamplePrompt, cond: Conditioning, negative: Conditioning | None, seed: int) -> Image.Image:
+        z = self.latents(p, cond, negative, seed)
+        ae_dtype = next(self.ae.parameters()).dtype
+        return to_pil(self.ae.decode(z.to(ae_dtype))[0])
+
+
+def load_sampler(files: ModelFiles, *, device: str, dtype: torch.dtype, loras: list[tuple[dict, float]] = (),
+                 merge: bool = True, blocks_to_swap: int = 0, apply_t5_attn_mask: bool = False,
+                 compile_blocks: bool = False) -> Sampler:
+    """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
+    training's --torch_compile) and AE on ``device``."""
+    from fluxpipe.checkpoints import load_model
+    from fluxpipe.lora import apply_lora
+
+    swap = blocks_to_swap and device.startswith("cuda")
+    dit = load_model(files.flux, "flux", dtype=dtype, device="cpu" if swap else device)
+    for parts, mult in loras:
+        if "lora_unet" in parts:
+            apply_lora(dit, parts["lora_unet"], mult, merge=merge)
+    if swap:
+        from fluxpipe.block_swap import BlockSwapper
+
+        dit.block_swapper = BlockSwapper(dit, blocks_to_swap, device)
+        dit.block_swapper.place(dit)
+    if compile_blocks:
+        compile_resident_blocks(dit)
+    ae = load_model(files.ae, "ae", dtype=torch.float32 if device == "cpu" else dtype, device=device)
+    return Sampler(dit, ae, device=device, dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask)
+
+
+def compile_resident_blocks(dit: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each block that is not streamed by a block swapper (regional compilation: the blocks of a
+    kind share one compiled graph); returns how many."""
+    swapper = dit.block_swapper
+    count = 0
+    for kind in ("double", "single"):
+        for i, block in enumerate(getattr(dit, f"{kind}_blocks")):
+            if swapper is None or (kind, i) not in swapper.blocks:
+                block.compile(backend=backend)
+                count += 1
+    return count
+
+
+def default_steps(variant: str) -> int:
+    """The official defaults: 50 steps for dev, 4 for schnell."""
+    return 4 if variant == "schnell" else 50

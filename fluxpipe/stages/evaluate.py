@@ -1,0 +1,178 @@
+"""Evaluate stage (rule ``evaluate_samples``): what each saved LoRA of a run does, side by side.
+
+Input: the training folder (``<name>-000005.safetensors`` per-epoch files, ``<name>-step00000100.safetensors``
+per-step files, the final ``<name>.safetensors``, ``<name>-loss.jsonl`` and, with a validation split,
+``<name>-validation.jsonl``), the model files and fixed prompts x seeds. Output in ``out``:
+
+* ``checkpoints/<label>.png``: one grid per checkpoint (rows: prompts, columns: seeds), ``base`` included;
+* ``grid.png``: every prompt x seed (rows) across base and all checkpoints in training order (columns);
+* ``loss.png``: the training loss per step (raw and smoothed); ``validation_loss.png``: the validation loss per
+  step at each fixed sigma and their mean (a note when the dataset has no validation split);
+* ``metrics.json``: per checkpoint its step, epoch, file and validation loss; the loss summaries.
+
+The DiT and the AE are loaded once; each LoRA is attached unmerged at ``lora_multiplier`` and detached again, so
+every column starts from the same base weights. All writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fluxpipe.atomic import write_text_atomic
+from fluxpipe.errors import FluxpipeError
+from fluxpipe.prompts import SamplePrompt
+from fluxpipe.sampler import ModelFiles, Sampler, encode_texts, load_sampler, read_loras
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvaluateConfig:
+    models: ModelFiles
+    train_dir: Path
+    output_name: str
+    prompts: tuple[SamplePrompt, ...]
+    seeds: tuple[int, ...]
+    out: Path
+    lora_multiplier: float = 1.0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    t5_max_length: int = 512
+    apply_t5_attn_mask: bool = False
+    blocks_to_swap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    label: str  # "base", "epoch 5", "step 100", "final"
+    path: Path | None  # None: the base model
+    step: int
+    epoch: int | None
+
+
+def find_checkpoints(train_dir: Path, name: str) -> list[Checkpoint]:
+    """Base, then the run's saved LoRAs in training order (by step), the final file last."""
+    from safetensors import safe_open
+
+    found = []
+    pattern = re.compile(rf"^{re.escape(name)}(?:-(\d{{6}})|-step(\d{{8}}))?\.safetensors$")
+    for path in train_dir.glob(f"{name}*.safetensors"):
+        m = pattern.match(path.name)
+        if not m:
+            continue
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        step, epoch = int(meta.get("ss_steps", 0)), int(meta.get("ss_epoch", 0)) or None
+        label = (f"epoch {int(m.group(1))}" if m.group(1) else f"step {int(m.group(2))}" if m.group(2) else "final")
+        found.append(Checkpoint(label, path, step, epoch))
+    if not any(c.label == "final" for c in found):
+        raise FluxpipeError(f"{train_dir / (name + '.safetensors')}: the run's final LoRA is missing; train first "
+                            "(snakemake --cores 1 train_lora)")
+    found.sort(key=lambda c: (c.label == "final", c.step))
+    return [Checkpoint("base", None, 0, 0), *found]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def render(sampler: Sampler, prompts: tuple[SamplePrompt, ...], seeds: tuple[int, ...], conds: dict,
+           ) -> list[list[Image.Image]]:
+    """Images [prompt][seed] (a prompt's own seed replaces the list)."""
+    rows = []
+    for p in prompts:
+        neg = conds.get(p.negative_prompt) if p.cfg_scale != 1.0 else None
+        rows.append([sampler.image(p, conds[p.prompt], neg, s) for s in ((p.seed,) if p.seed is not None else seeds)])
+    return rows
+
+
+def write_plots(cfg: EvaluateConfig, losses: list[dict], validation: list[dict]) -> None:
+    from fluxpipe.report_images import labelled_grid, plot_curves, save_png
+
+    if losses:
+        plot_curves({"training loss": [(r["step"], r["loss"]) for r in losses]}, cfg.out / "loss.png",
+                    title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss",
+                    smooth=max(2, len(losses) // 20))
+    else:
+        save_png(labelled_grid([[Image.new("RGB", (400, 40), "white")]], ["loss"], ["no training loss recorded"]),
+                 cfg.out / "loss.png")
+    if validation:
+        sigmas = list(validation[0]["by_sigma"])
+        series = {"mean": [(r["step"], r["loss"]) for r in validation]}
+        series.update({f"sigma {s}": [(r["step"], r["by_sigma"][s]) for r in validation] for s in sigmas})
+        plot_curves(series, cfg.out / "validation_loss.png", title=f"{cfg.output_name}: validation loss "
+                    "(held-out images, fixed sigmas and noise)", xlabel="step", ylabel="loss")
+    else:
+        note = Image.new("RGB", (400, 40), "white")
+        save_png(labelled_grid([[note]], ["validation"], ["no validation split (set validation_split in the "
+                                                          "dataset TOML)"]), cfg.out / "validation_loss.png")
+
+
+def metrics(checkpoints: list[Checkpoint], losses: list[dict], validation: list[dict]) -> dict:
+    by_step = {r["step"]: r for r in validation}
+    last = losses[-max(1, len(losses) // 10):] if losses else []
+    return {
+        "checkpoints": [{"label": c.label, "file": str(c.path) if c.path else None, "step": c.step,
+                         "epoch": c.epoch, "validation_loss": by_step.get(c.step, {}).get("loss")}
+                        for c in checkpoints],
+        "training_loss": {"steps": len(losses), "first": losses[0]["loss"] if losses else None,
+                          "last_10pct_mean": sum(r["loss"] for r in last) / len(last) if last else None},
+        "validation_loss": validation,
+    }
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    from fluxpipe.lora import apply_lora, detach_loras
+    from fluxpipe.report_images import labelled_grid, save_png
+
+    checkpoints = find_checkpoints(cfg.train_dir, cfg.output_name)
+    texts = [p.prompt for p in cfg.prompts] + [p.negative_prompt for p in cfg.prompts if p.cfg_scale != 1.0]
+    enc = {"device": cfg.device, "dtype": cfg.dtype, "max_length": cfg.t5_max_length,
+           "apply_t5_attn_mask": cfg.apply_t5_attn_mask}
+    base_conds = encode_texts(cfg.models, texts, **enc)
+    sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, blocks_to_swap=cfg.blocks_to_swap,
+                           apply_t5_attn_mask=cfg.apply_t5_attn_mask)
+    row_labels = [f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts
+                  for s in ((p.seed,) if p.seed is not None else cfg.seeds)]
+    columns = []
+    for c in checkpoints:
+        conds = base_conds
+        if c.path is not None:
+            ((parts, mult),) = read_loras([(c.path, cfg.lora_multiplier)])
+            if "lora_unet" in parts:
+                apply_lora(sampler.dit, parts["lora_unet"], mult, merge=False)
+            if "lora_te1" in parts or "lora_te3" in parts:  # a text-encoder LoRA changes the conditioning
+                conds = encode_texts(cfg.models, texts, loras=[(parts, mult)], **enc)
+        images = render(sampler, cfg.prompts, cfg.seeds, conds)
+        detach_loras(sampler.dit)
+        seeds = [str(s) for s in cfg.seeds] if all(p.seed is None for p in cfg.prompts) else ["images"] * max(
+            len(r) for r in images)
+        padded = [r + [Image.new("RGB", r[0].size, "white")] * (len(seeds) - len(r)) for r in images]
+        save_png(labelled_grid(padded, [p.prompt[:60] for p in cfg.prompts], [f"seed {s}" for s in seeds],
+                               title=f"{cfg.output_name}: {c.label}"), cfg.out / "checkpoints" / f"{slug(c.label)}.png")
+        columns.append([img for row in images for img in row])
+        log.info("evaluated %s", c.label)
+    grid = labelled_grid([list(r) for r in zip(*columns, strict=True)], row_labels, [c.label for c in checkpoints],
+                         title=f"{cfg.output_name}: samples across training")
+    save_png(grid, cfg.out / "grid.png")
+    losses = read_jsonl(cfg.train_dir / f"{cfg.output_name}-loss.jsonl")
+    validation = read_jsonl(cfg.train_dir / f"{cfg.output_name}-validation.jsonl")
+    write_plots(cfg, losses, validation)
+    result = metrics(checkpoints, losses, validation)
+    write_text_atomic(cfg.out / "metrics.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def slug(label: str) -> str:
+    """'epoch 5' -> 'epoch-000005'; 'step 100' -> 'step-00000100'; 'base' / 'final' unchanged (sortable names)."""
+    kind, _, number = label.partition(" ")
+    return f"{kind}-{int(number):06d}" if kind == "epoch" else f"{kind}-{int(number):08d}" if number else kind
