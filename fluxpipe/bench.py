@@ -309,3 +309,75 @@ def bench_sample(device: str, steps: int = 28, size: int = 1024, images: int = 3
     del dit, ae, sampler
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def _bench_batch(device: str) -> dict[str, torch.Tensor]:
+    return {"latents": torch.randn(1, 16, 128, 128, device=device, dtype=torch.bfloat16),
+            "t5": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16),
+            "pooled": torch.randn(1, 768, device=device, dtype=torch.bfloat16),
+            "t5_mask": torch.ones(1, 512, dtype=torch.bool, device=device)}
+
+
+def _timed_steps(step, steps: int) -> tuple[float, list[float]]:  # noqa: ANN001 - a callable doing one step
+    times, first = [], 0.0
+    for i in range(steps + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i == 0:
+            first = time.perf_counter() - start
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return first, sorted(times)
+
+
+def bench_weights(device: str, methods: tuple[str, ...] = ("full", "controlnet"), steps: int = 4) -> None:
+    """Full fine-tune (every DiT weight trained: bf16 weights, Adafactor with the fused backward pass,
+    checkpointing — the reference README's 24 GB recipe) and ControlNet training (frozen bf16 base, fp32
+    ControlNet, AdamW, checkpointing, a 1024² control image) on the gpu-targets workload: s/step, peak GiB."""
+    from fluxpipe.models.controlnet import ControlNetFlux
+    from fluxpipe.models.flux import PRESETS, Flux
+    from fluxpipe.models.controlnet import ControlledFlux
+    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+    from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers
+
+    for method in methods:
+        with torch.device(device):
+            dit = Flux(PRESETS["dev"]).to(torch.bfloat16)
+        dit.gradient_checkpointing = True
+        gen, batch = torch.Generator().manual_seed(0), _bench_batch(device)
+        if method == "full":
+            dit.requires_grad_(True).train()
+            model, trained = dit, dit
+            settings = OptimizerSettings(optimizer_type="Adafactor", learning_rate=1e-5, fused_backward_pass=True,
+                                         max_grad_norm=0.0, optimizer_args={"relative_step": False,
+                                                                            "scale_parameter": False,
+                                                                            "warmup_init": False})
+        else:
+            dit.requires_grad_(False).train()
+            with torch.device(device):
+                trained = ControlNetFlux(dit.params)
+            trained.gradient_checkpointing = True
+            hint = torch.rand(1, 3, 1024, 1024, device=device) * 2 - 1
+            model = ControlledFlux(dit, trained, hint)
+            settings = OptimizerSettings(optimizer_type="AdamW", learning_rate=1e-5)
+        optim = WeightOptimizers(trained, settings, total_steps=steps + 2)
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+
+        def step(model=model, optim=optim, batch=batch, gen=gen, mixed=method == "controlnet") -> None:  # noqa: ANN001
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed):
+                loss = flow_loss(model, batch, FlowSettings(), gen)
+            loss.backward()
+            optim.step()
+
+        first, times = _timed_steps(step, steps)
+        emit({"workload": "1024², 512 tokens, batch 1, gradient checkpointing", "method": method,
+              "trained_params": sum(p.numel() for p in trained.parameters()), "device": torch.cuda.get_device_name(),
+              "first_step_s": round(first, 1), "s_per_step_median": round(times[len(times) // 2], 3),
+              "s_per_step_min": round(times[0], 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+        optim.remove()
+        del dit, model, trained, optim, batch, step  # (step's defaults hold the model too)
+        gc.collect()
+        torch.cuda.empty_cache()

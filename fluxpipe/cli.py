@@ -129,6 +129,8 @@ def _bench(args: argparse.Namespace) -> None:
         elif args.workload == "sample":
             for compiled in (False, True) if args.compile else (False,):
                 bench.bench_sample(device, steps=28, compile_blocks=compiled)
+        elif args.workload == "weights":
+            bench.bench_weights(device, steps=args.steps)
         elif args.workload == "train":
             bench.bench_train(device, tuple(args.configs.split(",")), steps=args.steps)
         else:
@@ -139,7 +141,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (one JSON line per measurement)",
                        description="caches: manifest + latent + text stages on generated data; encoders: pure AE "
                                    "and T5-XXL throughput (GPU); dryrun: snakemake -n planning time")
-    p.add_argument("workload", choices=("caches", "encoders", "dryrun", "train", "sample"))
+    p.add_argument("workload", choices=("caches", "encoders", "dryrun", "train", "sample", "weights"))
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (caches)")
     p.add_argument("--tiny", action="store_true", help="demo-size models instead of full-size ones (caches)")
@@ -166,9 +168,9 @@ def _train(args: argparse.Namespace) -> None:
     extra.add_argument("--t5_tokenizer", type=Path)
     extra.add_argument("--auto_resume", action="store_true", help="resume from the newest state in output_dir")
     own, rest = extra.parse_known_args(args.flags)
-    ns = parse_train_args(rest)
+    ns = parse_train_args(rest, args.method)
     device = resolve_device("auto")
-    train_config.check_supported(ns, device)  # before any work: a refused flag costs nothing
+    train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:
         if ns.validation_split or ns.validation_seed is not None:
             raise FluxpipeError("--validation_split / --validation_seed: the pipeline's caches are built from the "
@@ -177,15 +179,26 @@ def _train(args: argparse.Namespace) -> None:
     else:
         caches = train_config.build_caches(ns, Path(ns.output_dir) / ".fluxpipe-cache", device, own.clip_tokenizer,
                                            own.t5_tokenizer)
+    if args.method == "full":
+        from fluxpipe.stages import train_full
+
+        train_full.train(train_config.full_config(ns, caches, device, own.auto_resume))
+        return
+    if args.method == "controlnet":
+        from fluxpipe.stages import train_controlnet
+
+        train_controlnet.train(train_config.controlnet_config(ns, caches, device, own.auto_resume))
+        return
     train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
                                               own.t5_tokenizer))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a LoRA with the reference trainer's flags",
-                       description="fluxpipe train lora <flags of flux_train_network.py> [--cache_dir results] "
-                                   "[--clip_tokenizer DIR --t5_tokenizer DIR] [--auto_resume]")
-    p.add_argument("method", choices=("lora",))
+    p = sub.add_parser("train", help="train a LoRA or the whole DiT with the reference trainer's flags",
+                       description="fluxpipe train lora <flags of flux_train_network.py> | train full <flags of "
+                                   "flux_train.py> | train controlnet <flags of flux_train_control_net.py> [--cache_dir results] [--clip_tokenizer DIR --t5_tokenizer DIR] "
+                                   "[--auto_resume]")
+    p.add_argument("method", choices=("lora", "full", "controlnet"))
     p.add_argument("flags", nargs=argparse.REMAINDER, help="the reference's flags (see --help of the method)")
     p.set_defaults(func=_train)
 
@@ -225,7 +238,7 @@ def _sample(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         prompts = [SamplePrompt(index=0, prompt=args.prompt, negative_prompt=args.negative or "", width=args.width,
                                 height=args.height, seed=args.seed, steps=args.steps or default_steps(variant),
-                                guidance=args.guidance, cfg_scale=args.cfg_scale)]
+                                guidance=args.guidance, cfg_scale=args.cfg_scale, control_image=args.control_image)]
     else:
         prompts = load_prompts(args.prompts_file)
     device = resolve_device(args.device)
@@ -234,7 +247,7 @@ def _sample(args: argparse.Namespace) -> None:
         loras=tuple(sample.parse_lora_arg(v) for v in args.lora), merge=not args.unmerged, device=device,
         dtype=_compute_dtype(device), t5_max_length=args.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=args.apply_t5_attn_mask, blocks_to_swap=args.blocks_to_swap,
-        compile_blocks=args.compile))
+        compile_blocks=args.compile, controlnet=args.controlnet))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -257,7 +270,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         models=models, train_dir=args.train_dir, output_name=name, prompts=tuple(prompts), seeds=ev.seeds,
         out=args.out, lora_multiplier=ev.lora_multiplier, device=device, dtype=_compute_dtype(device),
         t5_max_length=cfg.cache.t5xxl_max_token_length or default_t5_max_length(variant),
-        apply_t5_attn_mask=cfg.cache.apply_t5_attn_mask, blocks_to_swap=ev.blocks_to_swap))
+        apply_t5_attn_mask=cfg.cache.apply_t5_attn_mask, blocks_to_swap=ev.blocks_to_swap,
+        controlnet=Path(ev.controlnet) if ev.controlnet else None))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -288,6 +302,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t5xxl-max-token-length", type=int, help="default: 512 dev, 256 schnell")
     p.add_argument("--apply-t5-attn-mask", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; pays off from a few images)")
+    p.add_argument("--controlnet", type=Path, help="a ControlNet-Flux file (for --control-image or --cn in a prompt file)")
+    p.add_argument("--control-image", type=Path, help="control image of --prompt (needs --controlnet)")
     p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="pipeline config (models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder (a prompt file)")

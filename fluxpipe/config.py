@@ -118,6 +118,8 @@ class EvaluateConfig:
     """Euler steps (empty: 50 for dev, 4 for schnell)."""
     guidance: float = 3.5
     lora_multiplier: float = 1.0
+    controlnet: str | None = None
+    """A ControlNet-Flux file for prompts with a control image (--cn in the prompt file)."""
     blocks_to_swap: int = 0
     device: str = "auto"
 
@@ -144,6 +146,10 @@ class PipelineConfig:
     """Latent and text-encoder cache settings."""
     train: dict | None = None
     """LoRA training settings: the reference trainer's flags by name (network_dim: 16, ...)."""
+    train_full: dict | None = None
+    """Full fine-tune settings (rule train_full): flux_train.py's flags by name."""
+    train_controlnet: dict | None = None
+    """ControlNet settings (rule train_controlnet): flux_train_control_net.py's flags by name."""
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     """The evaluate stage: sample grids across the saved LoRAs, loss curves, metrics."""
 
@@ -218,10 +224,15 @@ def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
     structure is validated too, so a typo anywhere fails here."""
     cfg = from_dict(PipelineConfig, _blank_to_none(data or {}))
     cfg.datasets()
-    if cfg.train is not None:
-        from fluxpipe.train_args import parse_train_args
+    from fluxpipe.train_args import parse_train_args
 
-        parse_train_args(train_argv(cfg.train, {k: "x" for k in PIPELINE_OWNED_FLAGS}))  # fails on any bad flag
+    for section, method in (("train", "lora"), ("train_full", "full"), ("train_controlnet", "controlnet")):
+        flags = getattr(cfg, section)
+        if flags is not None:
+            try:  # fails on any bad flag, naming the section
+                parse_train_args(train_argv(flags, {k: "x" for k in PIPELINE_OWNED_FLAGS}), method)
+            except FluxpipeError as e:
+                raise ConfigError(f"{section}: {e}") from e
     return cfg
 
 
@@ -233,8 +244,8 @@ def train_argv(train: dict[str, Any], owned: dict[str, str]) -> list[str]:
     """config.yaml's ``train:`` mapping as the reference's command line (true -> --flag, lists -> nargs)."""
     clash = sorted(set(train) & set(PIPELINE_OWNED_FLAGS))
     if clash:
-        raise ConfigError(f"train: {', '.join(clash)} come from models / dataset_config in config.yaml; "
-                          "remove them from train")
+        raise ConfigError(f"{', '.join(clash)} come from models / dataset_config in config.yaml; "
+                          "remove them from the training section")
     argv: list[str] = []
     for key, value in {**owned, **train}.items():
         if value is None or value is False:

@@ -133,3 +133,16 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
         extra.update(num_decay_steps=max(total_steps // 10, 1), min_lr_ratio=min_lr_ratio or 0.0)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          scheduler_specific_kwargs=extra or None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` without its cast of the state to the parameters' dtype: Adafactor keeps
+    fp32 moments for bf16 weights, and the cast would round them (a resumed run would then drift from an
+    uninterrupted one)."""
+    optimizer.load_state_dict(state)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, saved in state["state"].items():
+        param = params[int(index)]
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step":
+                optimizer.state[param][key] = value.to(param.device)

@@ -99,8 +99,9 @@ class Sampler:
     """The DiT and the AE on one device, generating one image per call."""
 
     def __init__(self, dit: nn.Module, ae: nn.Module, *, device: str, dtype: torch.dtype,
-                 apply_t5_attn_mask: bool = False) -> None:
+                 apply_t5_attn_mask: bool = False, controlnet: nn.Module | None = None) -> None:
         self.dit, self.ae, self.device, self.dtype = dit, ae, device, dtype
+        self.controlnet = controlnet  # a ControlNet-Flux for prompts with a control image (--cn)
         self.apply_t5_attn_mask = apply_t5_attn_mask
         self.shift = bool(dit.params.guidance_embed)  # the official sampler shifts for dev, not for schnell
 
@@ -117,15 +118,34 @@ class Sampler:
         txt, vec, mask = self._cond(cond)
         timesteps = get_schedule(p.steps, img.shape[1], shift=self.shift)
         neg = self._cond(negative) if negative is not None and p.cfg_scale != 1.0 else None
+        model = self._model(p, lh, lw)
         was_training = self.dit.training
         self.dit.eval()
         try:
-            x = denoise(self.dit, img, image_ids(1, lh, lw, self.device, self.dtype), txt,
+            x = denoise(model, img, image_ids(1, lh, lw, self.device, self.dtype), txt,
                         text_ids(1, txt.shape[1], self.device, self.dtype), vec, timesteps, p.guidance,
                         txt_mask=mask, negative=neg, cfg_scale=p.cfg_scale)
         finally:
             self.dit.train(was_training)
         return unpack_latents(x.float(), lh, lw)
+
+    def _model(self, p: SamplePrompt, lh: int, lw: int) -> nn.Module:
+        """The DiT, or with a control image the DiT steered by the ControlNet (the image resized to the
+        sample's pixel grid, 8 x the latent size)."""
+        if p.control_image is None:
+            return self.dit
+        from fluxpipe.errors import FluxpipeError
+        from fluxpipe.images import load_rgb, to_tensor
+        from fluxpipe.models.controlnet import ControlledFlux
+
+        if self.controlnet is None:
+            raise FluxpipeError(f"prompt {p.index} has a control image (--cn {p.control_image}) but no ControlNet "
+                                "was given (--controlnet FILE)")
+        if not Path(p.control_image).is_file():
+            raise FluxpipeError(f"{p.control_image}: no such control image (prompt {p.index}, --cn)")
+        image = load_rgb(Path(p.control_image)).resize((lw * 8, lh * 8), Image.Resampling.LANCZOS)
+        hint = to_tensor(image)[None].to(self.device, self.dtype)
+        return ControlledFlux(self.dit, self.controlnet.eval(), hint)
 
     @torch.no_grad()
     def image(self, p: SamplePrompt, cond: Conditioning, negative: Conditioning | None, seed: int) -> Image.Image:
@@ -136,7 +156,7 @@ class Sampler:
 
 def load_sampler(files: ModelFiles, *, device: str, dtype: torch.dtype, loras: list[tuple[dict, float]] = (),
                  merge: bool = True, blocks_to_swap: int = 0, apply_t5_attn_mask: bool = False,
-                 compile_blocks: bool = False) -> Sampler:
+                 compile_blocks: bool = False, controlnet: Path | None = None) -> Sampler:
     """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
     training's --torch_compile) and AE on ``device``."""
     from fluxpipe.checkpoints import load_model
@@ -155,7 +175,15 @@ def load_sampler(files: ModelFiles, *, device: str, dtype: torch.dtype, loras: l
     if compile_blocks:
         compile_resident_blocks(dit)
     ae = load_model(files.ae, "ae", dtype=torch.float32 if device == "cpu" else dtype, device=device)
-    return Sampler(dit, ae, device=device, dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask)
+    net = None
+    if controlnet is not None:
+        from fluxpipe.models.controlnet import ControlNetFlux, load_controlnet_state
+        from fluxpipe.safetensors_file import read_header, read_tensors
+
+        net = ControlNetFlux(dit.params)
+        load_controlnet_state(net, read_tensors(controlnet, {k: k for k in read_header(controlnet).tensors}))
+        net = net.to(device, dtype).requires_grad_(False)
+    return Sampler(dit, ae, device=device, dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, controlnet=net)
 
 
 def compile_resident_blocks(dit: nn.Module, backend: str = "inductor") -> int:

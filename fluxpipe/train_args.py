@@ -108,6 +108,9 @@ GROUPS: tuple[tuple[str, tuple[tuple[Any, ...], ...]], ...] = (
     ("custom train functions, all no-op for FLUX (spec §10.8)", (
         ("min_snr_gamma", float), ("scale_v_pred_loss_like_noise_pred", FLAG), ("v_pred_like_loss", float),
         ("debiased_estimation_loss", FLAG), ("weighted_captions", FLAG))),
+    ("full fine-tune / ControlNet (spec §6.3, §7)", (
+        ("blockwise_fused_optimizers", FLAG), ("mem_eff_save", FLAG), ("fused_optimizer_groups", int),
+        ("double_blocks_to_swap", int), ("single_blocks_to_swap", int))),
     ("DeepSpeed (spec §10.9)", (
         ("deepspeed", FLAG), ("zero_stage", int, 2), ("offload_optimizer_device", str),
         ("offload_optimizer_nvme_path", str), ("offload_param_device", str), ("offload_param_nvme_path", str),
@@ -328,7 +331,7 @@ def _resolve_optimizer(ns: argparse.Namespace) -> None:
     ns.optimizer_type = _OPTIMIZER_BY_LOWER[name.lower()]
 
 
-def _check_combinations(ns: argparse.Namespace) -> None:
+def _check_combinations(ns: argparse.Namespace, method: str = "lora") -> None:
     if ns.blocks_to_swap and ns.cpu_offload_checkpointing:
         _fail("blocks_to_swap", "cannot be combined with --cpu_offload_checkpointing (spec §6.1): use one")
     if ns.fused_backward_pass and ns.optimizer_type != "Adafactor":
@@ -343,6 +346,13 @@ def _check_combinations(ns: argparse.Namespace) -> None:
     for flag, precision in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if getattr(ns, flag) and ns.mixed_precision != precision:
             _fail(flag, f"needs --mixed_precision {precision}")
+    if ns.blockwise_fused_optimizers and ns.fused_backward_pass:
+        _fail("blockwise_fused_optimizers", "cannot be combined with --fused_backward_pass")
+    if ns.fused_optimizer_groups:
+        _fail("fused_optimizer_groups", "is a dead option of the reference (it does nothing): use "
+                                        "--blockwise_fused_optimizers")
+    if method != "lora":
+        return
     if ns.network_module not in NETWORK_MODULES:
         given = "is required" if ns.network_module is None else f"{ns.network_module!r} is not supported"
         _fail("network_module", f"{given}: fluxpipe trains LoRA with {' or '.join(NETWORK_MODULES)} "
@@ -356,34 +366,47 @@ def _apply_implications(ns: argparse.Namespace) -> None:
     ns.cache_latents = ns.cache_latents or ns.cache_latents_to_disk
     ns.cache_text_encoder_outputs = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
     ns.fp8_base = ns.fp8_base or ns.fp8_base_unet
-    ns.network_module = NETWORK_MODULES[ns.network_module]
+    ns.network_module = NETWORK_MODULES.get(ns.network_module)
+    if ns.double_blocks_to_swap or ns.single_blocks_to_swap:  # deprecated full fine-tune options (spec §6.1)
+        n = (ns.double_blocks_to_swap or 0) + (ns.single_blocks_to_swap or 0) // 2
+        logger.warning("--double_blocks_to_swap/--single_blocks_to_swap are deprecated: using --blocks_to_swap %d", n)
+        ns.blocks_to_swap, ns.double_blocks_to_swap, ns.single_blocks_to_swap = n, None, None
 
 
-def _warn_ignored(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    given = [flag for flag in IGNORED_FOR_FLUX if getattr(ns, flag[2:]) != parser.get_default(flag[2:])]
+def ignored_for(method: str) -> tuple[str, ...]:
+    """The flags a method accepts and ignores: the full fine-tune uses --fused_backward_pass, ControlNet training
+    also --controlnet_model_name_or_path."""
+    used = {"lora": set(), "full": {"--fused_backward_pass"},
+            "controlnet": {"--fused_backward_pass", "--controlnet_model_name_or_path"}}[method]
+    return tuple(f for f in IGNORED_FOR_FLUX if f not in used)
+
+
+def _warn_ignored(ns: argparse.Namespace, parser: argparse.ArgumentParser, method: str) -> None:
+    given = [flag for flag in ignored_for(method) if getattr(ns, flag[2:]) != parser.get_default(flag[2:])]
     if given:
         logger.warning("accepted for compatibility but ignored for FLUX (as by the reference): %s", ", ".join(given))
 
 
-def validate_train_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def validate_train_args(ns: argparse.Namespace, parser: argparse.ArgumentParser, method: str = "lora") -> None:
     """Refuse, validate and normalise a parsed namespace in place (see the module docstring)."""
     _check_rejected_and_choices(ns)
     _check_numbers(ns)
     _resolve_optimizer(ns)
-    _check_combinations(ns)
+    _check_combinations(ns, method)
     _apply_implications(ns)
-    _warn_ignored(ns, parser)
+    _warn_ignored(ns, parser, method)
 
 
-def parse_train_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` as flux_train_network.py would (``--config_file`` first, the command line on top), then
+def parse_train_args(argv: list[str], method: str = "lora") -> argparse.Namespace:
+    """Parse ``argv`` as flux_train_network.py (method "lora"), flux_train.py ("full") or
+    flux_train_control_net.py ("controlnet") would (``--config_file`` first, the command line on top), then
     validate. Any problem raises ``FluxpipeError`` with one line naming the flag (or the TOML key and file)."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.config_file:
         values = load_config_file(ns.config_file, parser)
         ns = parser.parse_args(argv, namespace=argparse.Namespace(**values))
-    validate_train_args(ns, parser)
+    validate_train_args(ns, parser, method)
     return ns
 
 

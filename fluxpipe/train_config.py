@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,10 @@ from fluxpipe.lora_network import LoraSpec, parse_network_args
 from fluxpipe.optim import parse_optimizer_args
 from fluxpipe.sampler import ModelFiles
 from fluxpipe.stages.train_lora import FlowSettings, TrainLoraConfig
+
+if TYPE_CHECKING:
+    from fluxpipe.stages.train_controlnet import TrainControlNetConfig
+    from fluxpipe.stages.train_full import TrainFullConfig
 from fluxpipe.text_encoding import default_t5_max_length
 from fluxpipe.train_monitor import MonitorSettings
 
@@ -119,30 +124,52 @@ use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch
 full_bf16 save_n_epoch_ratio logging_dir log_with log_prefix log_tracker_name torch_compile dynamo_backend
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first validation_seed validation_split
 validate_every_n_steps validate_every_n_epochs max_validation_steps
-""".split())
+""".split()) | {"max_data_loader_n_workers", "persistent_data_loader_workers"}
+# (the data-loader flags change no result: the trainer reads the cached tensors in its own process, with no
+# loader workers to configure; they are accepted so that reference commands run unchanged)
 # handled with a warning or an error of their own in check_supported
 SPECIAL = frozenset({"blocks_to_swap", "network_train_unet_only"})
 
 
-def check_unhonoured(ns: argparse.Namespace) -> None:
+# the full fine-tune: the maths, data, loop and saving flags, its own memory options; no network, no fp8 base
+# (the reference's has no fp8 path either), no samples or validation yet
+HONOURED_FULL = frozenset(HONOURED - {
+    "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",
+    "unet_lr", "text_encoder_lr", "network_train_unet_only", "fp8_base", "fp8_base_unet", "blocks_to_swap",
+    "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "validation_seed",
+    "validation_split", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+    "torch_compile", "dynamo_backend"} | {"fused_backward_pass", "blockwise_fused_optimizers", "mem_eff_save"})
+
+
+# ControlNet: the full fine-tune's flags, plus what concerns the frozen base model and the starting ControlNet
+HONOURED_CONTROLNET = frozenset(HONOURED_FULL | {"blocks_to_swap", "fp8_base", "fp8_base_unet", "torch_compile",
+                                                 "dynamo_backend", "controlnet_model_name_or_path"})
+
+
+def check_unhonoured(ns: argparse.Namespace, method: str = "lora") -> None:
     """Refuse every flag set away from its default that the trainer would not act on."""
-    from fluxpipe.train_args import IGNORED_FOR_FLUX, build_parser
+    from fluxpipe.train_args import build_parser, ignored_for
 
     defaults = vars(build_parser().parse_args([]))
-    ignored = {flag.lstrip("-") for flag in IGNORED_FOR_FLUX}
+    ignored = {flag.lstrip("-") for flag in ignored_for(method)}
+    honoured = {"lora": HONOURED, "full": HONOURED_FULL, "controlnet": HONOURED_CONTROLNET}[method]
     unused = sorted(k for k, v in vars(ns).items() if k in defaults and v != defaults[k]
-                    and k not in HONOURED and k not in ignored)
+                    and k not in honoured and k not in ignored and k != "network_module")
     if unused:
-        raise FluxpipeError(f"not implemented yet in fluxpipe's LoRA trainer: {', '.join('--' + k for k in unused)}; "
+        what = {"lora": "LoRA trainer", "full": "full fine-tune", "controlnet": "ControlNet trainer"}[method]
+        raise FluxpipeError(f"not implemented yet in fluxpipe's {what}: {', '.join('--' + k for k in unused)}; "
                             "leave them out (see the README's list)")
 
 
-def check_supported(ns: argparse.Namespace, device: str) -> None:
+def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -> None:
     """Features of the reference that fluxpipe's trainer does not have yet: an error, or a warning when the
     run is still the same training (never a silent change)."""
     from fluxpipe.train_log import check_logging
 
-    check_unhonoured(ns)
+    check_unhonoured(ns, method)
+    if method == "controlnet" and ns.loss_type in ("huber", "smooth_l1"):
+        raise FluxpipeError(f"--loss_type {ns.loss_type}: ControlNet training uses l2 or l1 (the reference passes "
+                            "no Huber threshold here)")
     check_logging(ns.logging_dir, ns.log_with)
     if ns.blocks_to_swap and not device.startswith("cuda"):
         log.warning("--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored",
@@ -222,6 +249,18 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
     return meta
 
 
+def flow_settings(ns: argparse.Namespace) -> FlowSettings:
+    """The training-maths flags (spec §4)."""
+    return FlowSettings(
+        timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
+        discrete_flow_shift=ns.discrete_flow_shift, weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean,
+        logit_std=ns.logit_std, mode_scale=ns.mode_scale, model_prediction_type=ns.model_prediction_type,
+        guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
+        huber_schedule=ns.huber_schedule if ns.loss_type in ("huber", "smooth_l1") else "constant",
+        huber_c=ns.huber_c, huber_scale=ns.huber_scale, ip_noise_gamma=ns.ip_noise_gamma,
+        ip_noise_gamma_random_strength=ns.ip_noise_gamma_random_strength, apply_t5_attn_mask=ns.apply_t5_attn_mask)
+
+
 def monitor_settings(ns: argparse.Namespace) -> MonitorSettings:
     """Samples (--sample_prompts and its triggers) and validation-loss settings."""
     from fluxpipe.prompts import load_prompts
@@ -250,14 +289,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
     table, _ = read_parquet(caches.manifest)
     variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
     t5_max_length = ns.t5xxl_max_token_length or default_t5_max_length(variant)
-    math_settings = FlowSettings(
-        timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
-        discrete_flow_shift=ns.discrete_flow_shift, weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean,
-        logit_std=ns.logit_std, mode_scale=ns.mode_scale, model_prediction_type=ns.model_prediction_type,
-        guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
-        huber_schedule=ns.huber_schedule if ns.loss_type in ("huber", "smooth_l1") else "constant",
-        huber_c=ns.huber_c, huber_scale=ns.huber_scale, ip_noise_gamma=ns.ip_noise_gamma,
-        ip_noise_gamma_random_strength=ns.ip_noise_gamma_random_strength, apply_t5_attn_mask=ns.apply_t5_attn_mask)
+    math_settings = flow_settings(ns)
     return TrainLoraConfig(
         flux=Path(ns.pretrained_model_name_or_path), manifest=caches.manifest, latent_index=caches.latent_index,
         text_index=caches.text_index, output_dir=Path(ns.output_dir), output_name=ns.output_name or "last",
@@ -288,3 +320,50 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         if ns.ae and ns.clip_l and ns.t5xxl else None,
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))
+
+
+def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool) -> TrainFullConfig:
+    """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
+    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.dataset_config import load_dataset_toml
+    from fluxpipe.stages.train_full import TrainFullConfig
+    from fluxpipe.train_weights import OptimizerSettings
+
+    ns.seed = 42 if ns.seed is None else ns.seed
+    datasets = load_dataset_toml(ns.dataset_config)
+    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    optim = OptimizerSettings(
+        optimizer_type=ns.optimizer_type, optimizer_args=parse_optimizer_args(ns.optimizer_args or []),
+        learning_rate=ns.learning_rate, lr_scheduler=ns.lr_scheduler, lr_warmup_steps=ns.lr_warmup_steps,
+        lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles, lr_scheduler_power=ns.lr_scheduler_power,
+        max_grad_norm=ns.max_grad_norm, fused_backward_pass=ns.fused_backward_pass,
+        blockwise_fused_optimizers=ns.blockwise_fused_optimizers)
+    return TrainFullConfig(
+        flux=Path(ns.pretrained_model_name_or_path), manifest=caches.manifest, latent_index=caches.latent_index,
+        text_index=caches.text_index, output_dir=Path(ns.output_dir), output_name=ns.output_name or "last",
+        batch_sizes={i: ds.batch_size for i, ds in enumerate(datasets.datasets)}, variant=variant,
+        math=flow_settings(ns), optim=optim, max_train_steps=ns.max_train_steps,
+        max_train_epochs=ns.max_train_epochs, gradient_accumulation_steps=ns.gradient_accumulation_steps,
+        compute_dtype=compute_dtype(ns.mixed_precision, device), full_bf16=ns.full_bf16, seed=ns.seed,
+        gradient_checkpointing=ns.gradient_checkpointing, cpu_offload_checkpointing=ns.cpu_offload_checkpointing,
+        save_every_n_epochs=ns.save_every_n_epochs, save_every_n_steps=ns.save_every_n_steps,
+        save_n_epoch_ratio=ns.save_n_epoch_ratio, save_precision=DTYPES[ns.save_precision],
+        save_state=ns.save_state or auto_resume, save_last_n_epochs=ns.save_last_n_epochs,
+        save_last_n_epochs_state=ns.save_last_n_epochs_state, save_last_n_steps=ns.save_last_n_steps,
+        save_last_n_steps_state=ns.save_last_n_steps_state, resume=Path(ns.resume) if ns.resume else None,
+        auto_resume=auto_resume, device=device,
+        settings=settings_digest(ns, data_digest(caches, Path(ns.pretrained_model_name_or_path))),
+        logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "")
+
+
+def controlnet_config(ns: argparse.Namespace, caches: CachePaths, device: str,
+                      auto_resume: bool) -> TrainControlNetConfig:
+    """The typed ControlNet config: the full fine-tune's settings plus the base model's memory options."""
+    from fluxpipe.stages.train_controlnet import TrainControlNetConfig
+
+    full = full_config(ns, caches, device, auto_resume)
+    values = {f: getattr(full, f) for f in TrainControlNetConfig.__dataclass_fields__ if hasattr(full, f)}
+    return TrainControlNetConfig(
+        **values, controlnet=Path(ns.controlnet_model_name_or_path) if ns.controlnet_model_name_or_path else None,
+        blocks_to_swap=ns.blocks_to_swap or 0, fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
+        torch_compile=ns.torch_compile, dynamo_backend=ns.dynamo_backend)

@@ -180,6 +180,26 @@ def lora_output(cfg: PipelineConfig) -> str:
     return f"{TRAIN_DIR}/{name}.safetensors"
 
 
+METHOD_DIRS = {"full": "results/train/full", "controlnet": "results/train/controlnet"}
+METHOD_SECTIONS = {"full": "train_full", "controlnet": "train_controlnet"}
+
+
+def method_output(cfg: PipelineConfig, method: str) -> str:
+    """The final file of rule train_full / train_controlnet."""
+    flags = getattr(cfg, METHOD_SECTIONS[method]) or {}
+    return f"{METHOD_DIRS[method]}/{flags.get('output_name') or 'last'}.safetensors"
+
+
+def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
+    """The reference's flags for `fluxpipe train full|controlnet`: the pipeline's files plus its section."""
+    from fluxpipe.config import train_argv
+
+    files = model_files(cfg)
+    owned = {"pretrained_model_name_or_path": files["flux"], "clip_l": files["clip_l"], "t5xxl": files["t5xxl"],
+             "ae": files["ae"], "dataset_config": cfg.dataset_config or "", "output_dir": METHOD_DIRS[method]}
+    return train_argv(getattr(cfg, METHOD_SECTIONS[method]) or {}, owned)
+
+
 def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
     from fluxpipe.config import train_argv

@@ -46,3 +46,23 @@ def test_bad_yaml_file(tmp_path: Path) -> None:
     path.write_text("models: [1, 2")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_pipeline_file(path)
+
+
+@pytest.mark.parametrize(("section", "flags", "says"), [
+    ("train", {"network_dim": "x"}, "train: argument --network_dim"),
+    ("train_full", {"fused_backward_pass": True, "optimizer_type": "AdamW"}, "train_full: --fused_backward_pass"),
+    ("train_controlnet", {"bogus_flag": 1}, "train_controlnet:"),
+    ("train_full", {"output_dir": "elsewhere"}, "output_dir come from models / dataset_config"),
+])
+def test_bad_training_flags_name_their_section(section: str, flags: dict, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_pipeline({section: flags})
+
+
+def test_full_and_controlnet_rules_get_the_pipeline_files() -> None:
+    cfg = load_pipeline_file(REPO / "config/config.yaml")
+    argv = workflow.method_argv(cfg, "full")
+    assert argv[argv.index("--output_dir") + 1] == "results/train/full"
+    assert argv[argv.index("--pretrained_model_name_or_path") + 1] == workflow.DEMO_FILES["flux"]
+    assert "--fused_backward_pass" in argv and "--full_bf16" in argv
+    assert workflow.method_output(cfg, "controlnet") == "results/train/controlnet/demo_controlnet.safetensors"

@@ -69,3 +69,23 @@ def test_bitsandbytes_optimizer_or_a_clear_error() -> None:
             build_optimizer("AdamW8bit", params(), 1e-3, {})
     else:
         assert type(build_optimizer("AdamW8bit", params(), 1e-3, {})).__name__ == "AdamW8bit"
+
+
+def test_resumed_adafactor_keeps_fp32_moments_of_bf16_weights() -> None:
+    from fluxpipe.optim import build_optimizer, load_optimizer_state
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    opt = build_optimizer("Adafactor", [{"params": [param], "lr": 1e-3}], 1e-3,
+                          {"relative_step": False, "scale_parameter": False, "warmup_init": False})
+    param.grad = torch.randn(8, 4).bfloat16()
+    opt.step()
+    saved = opt.state_dict()
+    row = opt.state[param]["exp_avg_sq_row"]
+    assert row.dtype == torch.float32
+    fresh = build_optimizer("Adafactor", [{"params": [param], "lr": 1e-3}], 1e-3,
+                            {"relative_step": False, "scale_parameter": False, "warmup_init": False})
+    fresh.load_state_dict(saved)  # torch's own load casts to bf16: the moments get rounded
+    assert fresh.state[param]["exp_avg_sq_row"].dtype == torch.bfloat16
+    load_optimizer_state(fresh, saved)
+    assert torch.equal(fresh.state[param]["exp_avg_sq_row"], row)

@@ -142,3 +142,30 @@ def test_lora_argument_and_checkpoint_labels(tmp_path: Path) -> None:
     found = find_checkpoints(tmp_path, "run")
     assert [(c.label, c.step) for c in found] == [("base", 0), ("step 5", 5), ("epoch 2", 10), ("epoch 4", 20),
                                                   ("final", 30)]
+
+
+def test_control_image_steers_the_sample(demo_dir: Path, tmp_path: Path) -> None:
+    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.errors import FluxpipeError
+    from fluxpipe.models.controlnet import ControlNetFlux
+
+    params = inspect_checkpoint(demo_dir / FILES["flux"], "flux").build().params
+    torch.manual_seed(0)
+    net = ControlNetFlux(params)
+    for name, tensor in net.state_dict().items():  # wake the zero-initialised layers
+        if name.startswith(("controlnet_blocks", "input_hint_block.14")):
+            tensor.normal_(std=0.05)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "cn.safetensors"))
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        Image.new("RGB", (70, 50), colour).save(tmp_path / f"{name}.png")
+    conds = encode_texts(files(demo_dir), ["a cube"], device="cpu", dtype=torch.float32, max_length=32,
+                         apply_t5_attn_mask=False)
+    sampler = load_sampler(files(demo_dir), device="cpu", dtype=torch.float32, controlnet=tmp_path / "cn.safetensors")
+    plain = SamplePrompt(index=0, prompt="a cube", width=64, height=48, steps=2)
+    red = SamplePrompt(index=0, prompt="a cube", width=64, height=48, steps=2, control_image=tmp_path / "red.png")
+    blue = SamplePrompt(index=0, prompt="a cube", width=64, height=48, steps=2, control_image=tmp_path / "blue.png")
+    a, b, c = (sampler.latents(p, conds["a cube"], None, seed=1) for p in (plain, red, blue))
+    assert not torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, c, atol=1e-5)
+    without = load_sampler(files(demo_dir), device="cpu", dtype=torch.float32)
+    with pytest.raises(FluxpipeError, match="no ControlNet"):
+        without.latents(red, conds["a cube"], None, seed=1)

@@ -84,6 +84,22 @@ def evaluate_then_report(workdir: Path) -> None:
         assert name in html, name
 
 
+def test_full_fine_tune_and_controlnet_rules_on_the_demo(workdir: Path) -> None:
+    from safetensors import safe_open
+
+    result = snakemake(workdir, "--cores", "2", "train_full", "train_controlnet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    full = workdir / "results/train/full/demo_full.safetensors"
+    controlnet = workdir / "results/train/controlnet/demo_controlnet.safetensors"
+    check = subprocess.run([str(BIN / "fluxpipe"), "validate", "--flux", str(full)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    with safe_open(str(controlnet), "pt") as f:
+        assert "controlnet_blocks.1.weight" in f.keys() and "input_hint_block.14.weight" in f.keys()
+    assert (workdir / "results/train/full/demo_full-000002.safetensors").is_file()
+    again = snakemake(workdir, "train_full", "train_controlnet")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
 def test_config_typo_fails_before_any_job(workdir: Path) -> None:
     cfg = workdir / "config" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("hash_cache:", "hash_cahce:"))

@@ -3,7 +3,11 @@
 One row per (dataset, subset, image): path, sha256 of the bytes (cached by size+mtime), size, width,
 height, caption (prefix/suffix applied) and its sha256, repeats, flags, the bucket and resize/crop plan
 (spec §3.2), validation split, and the latent and text shard (stable hashes of the image path and of
-the caption). Every bad image or caption is collected and reported together (or skipped when asked).
+the caption). ControlNet subsets (``conditioning_data_dir``) pair each image with the conditioning image of
+the same stem (spec §7.2): a missing or doubled conditioning image, a conditioning image without a target and,
+with buckets, a conditioning image of another size are bad inputs; the row stores the conditioning path and
+its sha256 ("" for other datasets). Every bad image, caption or pairing is collected and reported together
+(or skipped when asked).
 """
 
 from __future__ import annotations
@@ -61,25 +65,66 @@ def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candid
         base = Path(sub.image_dir) if sub.image_dir else None
         paths = [((base / p) if base and not Path(p).is_absolute() else Path(p), c) for p, c in entries]
     else:
-        folder = Path(sub.image_dir)
-        if not folder.is_dir():
-            raise FluxpipeError(f"datasets[{di}].subsets[{si}].image_dir: {folder} is not a folder")
-        paths = [(p, None) for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)]
+        paths = [(p, None) for p in _image_files(Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir")]
+    by_stem = None
+    if sub.conditioning_data_dir is not None:
+        by_stem = _by_stem(_image_files(Path(sub.conditioning_data_dir),
+                                        f"datasets[{di}].subsets[{si}].conditioning_data_dir"))
     out = []
     for path, caption in paths:
         cond = None
-        if sub.conditioning_data_dir is not None:
-            cond = _conditioning_image(Path(sub.conditioning_data_dir), path)
-            if cond is None:
-                problems.append(f"{path}: no conditioning image with this stem in {sub.conditioning_data_dir}")
+        if by_stem is not None:
+            cond, problem = _pair(path, by_stem, Path(sub.conditioning_data_dir))
+            if problem:
+                problems.append(problem)
                 continue
         out.append(Candidate(dataset=di, subset=si, path=path, caption=caption, conditioning=cond))
     return out, problems
 
 
-def _conditioning_image(folder: Path, image: Path) -> Path | None:
-    matches = sorted(p for p in folder.glob(f"{image.stem}.*") if is_image_file(p))
-    return matches[0] if matches else None
+def _image_files(folder: Path, key: str) -> list[Path]:
+    """The image files of a folder (by extension), sorted; FluxpipeError naming the setting if it is no folder."""
+    if not folder.is_dir():
+        raise FluxpipeError(f"{key}: {folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _by_stem(paths: list[Path]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for path in paths:
+        out.setdefault(path.stem, []).append(path)
+    return out
+
+
+def _pair(image: Path, by_stem: dict[str, list[Path]], folder: Path) -> tuple[Path | None, str | None]:
+    """(the conditioning image of ``image``, None) or (None, the problem): none, or several with its stem."""
+    matches = by_stem.get(image.stem, [])
+    if len(matches) == 1:
+        return matches[0], None
+    if not matches:
+        return None, (f"{image}: no conditioning image {image.stem}.* in {folder} (add one with the same stem, "
+                      f"or remove the image)")
+    names = ", ".join(p.name for p in matches)
+    return None, f"{image}: {len(matches)} conditioning images with its stem in {folder}: {names} (keep one)"
+
+
+def _unpaired_conditioning(cfg: DatasetsConfig) -> list[str]:
+    """Conditioning images whose stem no image of the (used) subsets reading that folder has (spec §7.2: no
+    extras). A folder shared by several subsets pairs with the images of all of them."""
+    folders: dict[Path, tuple[Path, set[str], list[str]]] = {}  # resolved -> (as written, target stems, dirs)
+    for ds in cfg.datasets:
+        for sub in ds.subsets:
+            if sub.conditioning_data_dir is None or sub.num_repeats < 1 or not sub.image_dir:
+                continue
+            cond = Path(sub.conditioning_data_dir)
+            _, stems, dirs = folders.setdefault(cond.resolve(), (cond, set(), []))
+            stems.update(p.stem for p in _image_files(Path(sub.image_dir), "image_dir"))
+            dirs.append(sub.image_dir)
+    problems = []
+    for cond, stems, dirs in folders.values():
+        problems += [f"{p}: conditioning image without a target (no image {p.stem}.* in {', '.join(dirs)}; remove "
+                     f"it or add the image)" for p in _image_files(cond, "conditioning_data_dir") if p.stem not in stems]
+    return problems
 
 
 def _read_metadata(path: Path) -> list[tuple[str, str]]:
@@ -119,16 +164,37 @@ def _bucket_spec(ds: DatasetConfig) -> BucketSpec:
                       bucket_reso_steps=ds.bucket_reso_steps, bucket_no_upscale=ds.bucket_no_upscale)
 
 
+def _decoded_size(path: Path, sha: str, decoded: dict[str, list[int]]) -> tuple[int, int]:
+    """(width, height) after a full decode (truncated or corrupt files fail here, not during training);
+    ``decoded`` maps the sha256 of files decoded once to their size, so unchanged files are not decoded again."""
+    if sha not in decoded:
+        decoded[sha] = list(load_rgb(path).size)
+    width, height = decoded[sha]
+    return width, height
+
+
+def _conditioning_columns(c: Candidate, size: tuple[int, int], bucketed: bool, hashes: HashCache,
+                          decoded: dict[str, list[int]]) -> dict[str, str]:
+    """``conditioning`` (path) and ``conditioning_sha256`` of a row ("" without one); with buckets the
+    conditioning image must have its target's size (spec §7.2)."""
+    if c.conditioning is None:
+        return {"conditioning": "", "conditioning_sha256": ""}
+    sha, _ = hashes.sha256(c.conditioning)
+    cond_size = _decoded_size(c.conditioning, sha, decoded)
+    if bucketed and cond_size != size:
+        raise BadImage(f"{c.path}: {size[0]}x{size[1]} but its conditioning image {c.conditioning} is "
+                       f"{cond_size[0]}x{cond_size[1]} (with enable_bucket both must have the same size; resize "
+                       f"the conditioning image)")
+    return {"conditioning": str(c.conditioning), "conditioning_sha256": sha}
+
+
 def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dict[str, list[int]]) -> dict[str, object]:
-    """One manifest row (raises FluxpipeError for a bad image or caption). ``decoded`` maps the sha256 of
-    images already fully decoded once to their size, so unchanged images are not decoded again."""
+    """One manifest row (raises FluxpipeError for a bad image, caption or conditioning image)."""
     ds = cfg.datasets.datasets[c.dataset]
     sub = ds.subsets[c.subset]
     caption = _caption(c, sub)
     sha, _ = hashes.sha256(c.path)
-    if sha not in decoded:  # full decode: truncated or corrupt files fail here, not during training
-        decoded[sha] = list(load_rgb(c.path).size)
-    width, height = decoded[sha]
+    width, height = _decoded_size(c.path, sha, decoded)
     spec = _bucket_spec(ds)
     try:
         plan = plan_resize(width, height, spec, make_buckets(spec) if spec.enable_bucket else None)
@@ -141,7 +207,7 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
         "repeats": sub.num_repeats, "is_reg": sub.is_reg, "flip_aug": sub.flip_aug,
         "bucket_w": plan.bucket[0], "bucket_h": plan.bucket[1], "resized_w": plan.resized[0],
         "resized_h": plan.resized[1], "crop_left": plan.crop_left, "crop_top": plan.crop_top,
-        "upscaled": plan.upscale, "conditioning": str(c.conditioning) if c.conditioning else None,
+        "upscaled": plan.upscale, **_conditioning_columns(c, (width, height), ds.enable_bucket, hashes, decoded),
     }
 
 
@@ -179,6 +245,7 @@ def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
             found, bad = _subset_candidates(di, si, sub)
             candidates += found
             problems += bad
+    problems += _unpaired_conditioning(cfg.datasets)
 
     checked_file = cfg.out.with_name(cfg.out.name + ".decoded.json")
     decoded = _read_json(checked_file)

@@ -34,6 +34,7 @@ class SampleConfig:
     apply_t5_attn_mask: bool = False
     blocks_to_swap: int = 0
     compile_blocks: bool = False
+    controlnet: Path | None = None  # a ControlNet-Flux for prompts with a control image
 
 
 def parse_lora_arg(value: str) -> tuple[Path, float]:
@@ -67,7 +68,7 @@ def run(cfg: SampleConfig) -> list[Path]:
                          apply_t5_attn_mask=cfg.apply_t5_attn_mask, loras=loras)
     sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, loras=loras, merge=cfg.merge,
                            blocks_to_swap=cfg.blocks_to_swap, apply_t5_attn_mask=cfg.apply_t5_attn_mask,
-                           compile_blocks=cfg.compile_blocks)
+                           compile_blocks=cfg.compile_blocks, controlnet=cfg.controlnet)
     written = []
     for p, out in zip(cfg.prompts, output_paths(cfg), strict=True):
         seed = cfg.seed if p.seed is None else p.seed

@@ -23,7 +23,7 @@ from fluxpipe.atomic import write_text_atomic
 from fluxpipe.checkpoints import load_model
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
-from fluxpipe.optim import build_optimizer, build_scheduler, resolve_warmup
+from fluxpipe.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
 from fluxpipe.packing import image_ids, pack_latents, text_ids
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.sampler import ModelFiles
@@ -348,7 +348,7 @@ def train(cfg: TrainLoraConfig) -> Path:
     state = _resume_from(cfg)
     if state is not None:
         network.load_state_dict(state.weights)
-        opt.load_state_dict(state.optimizer)
+        load_optimizer_state(opt, state.optimizer)
         sched.load_state_dict(state.scheduler)
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch

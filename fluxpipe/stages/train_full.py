@@ -1,0 +1,187 @@
+"""Full fine-tuning stage (`fluxpipe train full`, rule ``train_full``): every DiT parameter trained.
+
+Input: the strict-loaded DiT, the manifest and both caches (text encoders and AE frozen, not even loaded: their
+outputs are cached). Output: ``<output_dir>/<name>.safetensors`` (and ``-000001`` / ``-step00000100`` files) in
+the official BFL layout with ModelSpec metadata naming the right variant, written one tensor at a time;
+``<name>-loss.jsonl``; ``-state`` folders that restore the step and epoch counters (the reference's full
+fine-tune does not). The maths is the LoRA trainer's (``flow_loss``); weights are fp32 with bf16/fp16 autocast,
+or bf16 with ``--full_bf16``; optimizer modes in ``fluxpipe.train_weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fluxpipe.atomic import write_text_atomic
+from fluxpipe.checkpoints import load_model
+from fluxpipe.errors import FluxpipeError
+from fluxpipe.stages.train_lora import FlowSettings, _log_losses, epoch_save_interval, flow_loss, plan_steps, prune_old
+from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
+from fluxpipe.train_log import TrainLogger
+from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
+from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainFullConfig:
+    flux: Path
+    manifest: Path
+    latent_index: Path
+    text_index: Path
+    output_dir: Path
+    output_name: str
+    batch_sizes: dict[int, int]
+    variant: str  # "dev" / "schnell": the saved file's ModelSpec architecture
+    math: FlowSettings = field(default_factory=FlowSettings)
+    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None
+    gradient_accumulation_steps: int = 1
+    compute_dtype: torch.dtype = torch.float32  # autocast dtype (bf16/fp16) or fp32
+    full_bf16: bool = False  # the weights themselves in bf16 (fused Adafactor rounds stochastically)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    cpu_offload_checkpointing: bool = False
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_n_epoch_ratio: int | None = None
+    save_precision: torch.dtype | None = None
+    save_state: bool = False
+    save_last_n_epochs: int | None = None
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_steps_state: int | None = None
+    resume: Path | None = None
+    auto_resume: bool = False
+    device: str = "cpu"
+    settings: str = ""  # digest of the settings and data: a state resumes only a run with the same one
+    logging_dir: Path | None = None
+    log_prefix: str = ""
+
+
+def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
+    dtype = torch.bfloat16 if cfg.full_bf16 else torch.float32
+    dit = load_model(cfg.flux, "flux", dtype=dtype, device=cfg.device)
+    dit.gradient_checkpointing = cfg.gradient_checkpointing or cfg.cpu_offload_checkpointing
+    dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
+    return dit.requires_grad_(True).train()
+
+
+def autocast(cfg: TrainFullConfig) -> contextlib.AbstractContextManager:
+    """Mixed precision over fp32 weights; nothing to do with --full_bf16 or --mixed_precision no."""
+    if cfg.full_bf16 or cfg.compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.compute_dtype)
+
+
+def save_dit(dit: torch.nn.Module, cfg: TrainFullConfig, suffix: str, step: int, epoch: int) -> Path:
+    meta = {**modelspec(f"flux-1-{cfg.variant}", cfg.output_name), "ss_steps": str(step), "ss_epoch": str(epoch),
+            "fluxpipe_settings": cfg.settings}
+    path = save_weights(dit, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision)
+    log.info("saved %s (step %d, epoch %d)", path, step, epoch)
+    return path
+
+
+def resume_state(cfg: TrainFullConfig) -> TrainState | None:
+    folder = cfg.resume or (newest_state(cfg.output_dir, cfg.output_name, cfg.settings) if cfg.auto_resume else None)
+    if folder is None:
+        return None
+    state = load_state(folder)
+    if state.extra.get("settings") != cfg.settings:
+        raise FluxpipeError(f"{folder}: this state was made with other training settings; resume it with the same "
+                            "settings, or delete the state folder to start afresh")
+    log.info("resuming from %s at step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_in_epoch)
+    return state
+
+
+def write_state(dit, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
+    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=dict(dit.state_dict()),
+                          optimizer=optim.state_dict(), scheduler={}, rng=capture_rng({"noise": gen}),
+                          extra={"settings": cfg.settings}), cfg.output_dir / f"{cfg.output_name}{suffix}-state")
+
+
+def train(cfg: TrainFullConfig) -> Path:
+    """The full fine-tuning loop; returns the final DiT file."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
+    if not items:
+        raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
+    tensors = CachedTensors(cfg.latent_index, cfg.text_index)
+    dit = load_trainable_dit(cfg)
+    accum = cfg.gradient_accumulation_steps
+    if accum > 1 and (cfg.optim.fused_backward_pass or cfg.optim.blockwise_fused_optimizers):
+        raise FluxpipeError("--gradient_accumulation_steps > 1 cannot be combined with --fused_backward_pass or "
+                            "--blockwise_fused_optimizers (each backward pass updates the weights)")
+    first_batches = epoch_batches(items, cfg.batch_sizes, 0, cfg.seed)
+    total, epochs = plan_steps(len(first_batches), cfg)
+    optim = WeightOptimizers(dit, cfg.optim, total)
+    step, start_epoch, start_batch = 0, 0, 0
+    state = resume_state(cfg)
+    if state is not None:
+        dit.load_state_dict(state.weights)
+        optim.load_state_dict(state.optimizer)
+        restore_rng(state.rng, {"noise": gen})
+        step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
+    records: list[dict] = []
+    every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
+    logger = TrainLogger(cfg.logging_dir, cfg.log_prefix, window=math.ceil(len(first_batches) / accum))
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        batches = epoch_batches(items, cfg.batch_sizes, epoch, cfg.seed)
+        first = start_batch if epoch == start_epoch else 0
+        for bi in range(first, len(batches)):
+            batch = make_batch(items, batches[bi], tensors, gen, cfg.device,
+                               torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype)
+            with autocast(cfg):
+                loss = flow_loss(dit, batch, cfg.math, gen)
+            (loss / accum).backward()
+            loss_value = loss.detach().item()
+            if (bi + 1 - first) % accum and bi + 1 < len(batches):
+                continue
+            optim.step()
+            step += 1
+            records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": optim.lrs().popitem()[1]})
+            average = logger.step(step, loss_value, optim.lrs())
+            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
+            bar.update(1)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+                save_dit(dit, cfg, f"-step{step:08d}", step, epoch)
+                if cfg.save_state:
+                    write_state(dit, optim, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
+                prune_old(cfg, "step", step, cfg.save_every_n_steps)
+            if step >= total:
+                break
+        logger.epoch(epoch + 1)
+        if step >= total:
+            break
+        if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
+            save_dit(dit, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
+            if cfg.save_state:
+                write_state(dit, optim, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
+            prune_old(cfg, "epoch", epoch + 1, every_epochs)
+            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                                 _log_losses(loss_file, records, state.step if state else 0)))
+    bar.close()
+    logger.close()
+    write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                         _log_losses(loss_file, records, state.step if state else 0)))
+    if cfg.save_state:
+        write_state(dit, optim, gen, cfg, step, epochs, 0, "")
+    final = save_dit(dit, cfg, "", step, epoch + 1)
+    optim.remove()
+    tensors.close()
+    return final
