@@ -347,8 +347,13 @@ def bench_weights(device: str, methods: tuple[str, ...] = ("full", "controlnet")
             dit = Flux(PRESETS["dev"]).to(torch.bfloat16)
         dit.gradient_checkpointing = True
         gen, batch = torch.Generator().manual_seed(0), _bench_batch(device)
-        if method == "full":
+        if method.startswith("full"):  # "full" or "full+swapN" (the swapped weights trained in host memory)
             dit.requires_grad_(True).train()
+            if "swap" in method:
+                from fluxpipe.block_swap import BlockSwapper
+
+                dit.block_swapper = BlockSwapper(dit, int(method.split("swap")[1]), device)
+                dit.block_swapper.place(dit)
             model, trained = dit, dit
             settings = OptimizerSettings(optimizer_type="Adafactor", learning_rate=1e-5, fused_backward_pass=True,
                                          max_grad_norm=0.0, optimizer_args={"relative_step": False,
@@ -366,11 +371,14 @@ def bench_weights(device: str, methods: tuple[str, ...] = ("full", "controlnet")
         gc.collect()
         torch.cuda.reset_peak_memory_stats()
 
-        def step(model=model, optim=optim, batch=batch, gen=gen, mixed=method == "controlnet") -> None:  # noqa: ANN001
+        def step(model=model, optim=optim, batch=batch, gen=gen, mixed=method == "controlnet",  # noqa: ANN001
+                 swapper=dit.block_swapper) -> None:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed):
                 loss = flow_loss(model, batch, FlowSettings(), gen)
             loss.backward()
             optim.step()
+            if swapper is not None:
+                swapper.invalidate()
 
         first, times = _timed_steps(step, steps)
         emit({"workload": "1024², 512 tokens, batch 1, gradient checkpointing", "method": method,

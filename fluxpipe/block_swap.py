@@ -9,6 +9,10 @@ in the forward pass; the previous one while the backward pass recomputes). A swa
 activation checkpointing, so its GPU weights are dropped when its forward (and later its backward) is done;
 autograd never holds a reused buffer, and the caching allocator recycles the memory.
 
+Trainable weights (the full fine-tune) stay in host memory too: they are copied with autograd, so their
+gradients flow back into the host parameters and the optimizer updates them there (``invalidate`` after each
+step drops the copies made before it).
+
 The schedule is plain Python over block keys (``("double", i)`` / ``("single", j)``) and is tested on the CPU;
 on a CUDA device the copies are asynchronous (``non_blocking`` from pinned memory) and ordered by events.
 """
@@ -105,6 +109,10 @@ class BlockSwapper:
             for name, b in module.named_buffers(recurse=False):
                 setattr(module, name, b.to(self.device))
 
+    def invalidate(self) -> None:
+        """Drop prefetched copies (call after an optimizer step changed trainable host weights)."""
+        self._ready.clear()
+
     def host_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for w in self.host.values() for p in w.values())
 
@@ -113,13 +121,17 @@ class BlockSwapper:
             return
         if self.trace is not None:
             self.trace.append(("fetch", key))
+        # a trainable weight (full fine-tune) is copied with autograd: its gradient flows back through the copy
+        # into the host parameter, where the optimizer updates it
         if not self.cuda:  # a copy keeps the CPU path honest: the block computes on fetched tensors
-            self._ready[key] = ({n: p.detach().clone() for n, p in self.host[key].items()}, None)
+            self._ready[key] = ({n: (p if p.requires_grad else p.detach()).clone()
+                                 for n, p in self.host[key].items()}, None)
             return
         # no wait on the compute stream: the source is pinned host memory that never changes, and the
         # destination is fresh (record_stream in acquire keeps the allocator from reusing it too early)
         with torch.cuda.stream(self.copy_stream):
-            tensors = {n: p.detach().to(self.device, non_blocking=True) for n, p in self.host[key].items()}
+            tensors = {n: (p if p.requires_grad else p.detach()).to(self.device, non_blocking=True)
+                       for n, p in self.host[key].items()}
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self._ready[key] = (tensors, event)

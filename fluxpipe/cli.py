@@ -130,7 +130,8 @@ def _bench(args: argparse.Namespace) -> None:
             for compiled in (False, True) if args.compile else (False,):
                 bench.bench_sample(device, steps=28, compile_blocks=compiled)
         elif args.workload == "weights":
-            bench.bench_weights(device, steps=args.steps)
+            bench.bench_weights(device, tuple(args.configs.split(",")) if args.configs != "ckpt,none" else
+                                ("full", "controlnet"), steps=args.steps)
         elif args.workload == "train":
             bench.bench_train(device, tuple(args.configs.split(",")), steps=args.steps)
         else:
@@ -182,12 +183,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.method == "full":
         from fluxpipe.stages import train_full
 
-        train_full.train(train_config.full_config(ns, caches, device, own.auto_resume))
+        train_full.train(train_config.full_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
+                                                  own.t5_tokenizer))
         return
     if args.method == "controlnet":
         from fluxpipe.stages import train_controlnet
 
-        train_controlnet.train(train_config.controlnet_config(ns, caches, device, own.auto_resume))
+        train_controlnet.train(train_config.controlnet_config(ns, caches, device, own.auto_resume,
+                                                              own.clip_tokenizer, own.t5_tokenizer))
         return
     train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
                                               own.t5_tokenizer))

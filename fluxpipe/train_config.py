@@ -131,19 +131,21 @@ validate_every_n_steps validate_every_n_epochs max_validation_steps
 SPECIAL = frozenset({"blocks_to_swap", "network_train_unet_only"})
 
 
-# the full fine-tune: the maths, data, loop and saving flags, its own memory options; no network, no fp8 base
-# (the reference's has no fp8 path either), no samples or validation yet
+# the full fine-tune: the maths, data, loop, saving, sample and validation flags, its own memory options; no
+# network, no fp8 base (the reference's has no fp8 path either)
 HONOURED_FULL = frozenset(HONOURED - {
     "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "network_weights",
-    "unet_lr", "text_encoder_lr", "network_train_unet_only", "fp8_base", "fp8_base_unet", "blocks_to_swap",
-    "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "validation_seed",
-    "validation_split", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+    "unet_lr", "text_encoder_lr", "network_train_unet_only", "fp8_base", "fp8_base_unet",
     "torch_compile", "dynamo_backend"} | {"fused_backward_pass", "blockwise_fused_optimizers", "mem_eff_save"})
 
 
 # ControlNet: the full fine-tune's flags, plus what concerns the frozen base model and the starting ControlNet
-HONOURED_CONTROLNET = frozenset(HONOURED_FULL | {"blocks_to_swap", "fp8_base", "fp8_base_unet", "torch_compile",
-                                                 "dynamo_backend", "controlnet_model_name_or_path"})
+# (samples and validation loss during ControlNet training are not wired yet: refused, not ignored)
+HONOURED_CONTROLNET = frozenset((HONOURED_FULL | {"blocks_to_swap", "fp8_base", "fp8_base_unet", "torch_compile",
+                                                  "dynamo_backend", "controlnet_model_name_or_path"})
+                                - {"sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
+                                   "sample_at_first", "validation_seed", "validation_split", "validate_every_n_steps",
+                                   "validate_every_n_epochs", "max_validation_steps"})
 
 
 def check_unhonoured(ns: argparse.Namespace, method: str = "lora") -> None:
@@ -261,6 +263,14 @@ def flow_settings(ns: argparse.Namespace) -> FlowSettings:
         ip_noise_gamma_random_strength=ns.ip_noise_gamma_random_strength, apply_t5_attn_mask=ns.apply_t5_attn_mask)
 
 
+def sample_models(ns: argparse.Namespace, clip_tokenizer: Path | None, t5_tokenizer: Path | None) -> ModelFiles | None:
+    """The model files samples need (the text encoders for the prompts, the AE for decoding)."""
+    if not (ns.ae and ns.clip_l and ns.t5xxl):
+        return None
+    return ModelFiles(flux=Path(ns.pretrained_model_name_or_path), ae=Path(ns.ae), clip_l=Path(ns.clip_l),
+                      t5xxl=Path(ns.t5xxl), clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer)
+
+
 def monitor_settings(ns: argparse.Namespace) -> MonitorSettings:
     """Samples (--sample_prompts and its triggers) and validation-loss settings."""
     from fluxpipe.prompts import load_prompts
@@ -315,14 +325,13 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32, save_n_epoch_ratio=ns.save_n_epoch_ratio,
         logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
         monitor=monitor_settings(ns), t5_max_length=t5_max_length,
-        sample_models=ModelFiles(flux=Path(ns.pretrained_model_name_or_path), ae=Path(ns.ae), clip_l=Path(ns.clip_l),
-                                 t5xxl=Path(ns.t5xxl), clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer)
-        if ns.ae and ns.clip_l and ns.t5xxl else None,
+        sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))
 
 
-def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool) -> TrainFullConfig:
+def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool,
+                clip_tokenizer: Path | None = None, t5_tokenizer: Path | None = None) -> TrainFullConfig:
     """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
     from fluxpipe.checkpoints import inspect_checkpoint
     from fluxpipe.dataset_config import load_dataset_toml
@@ -346,6 +355,7 @@ def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         max_train_epochs=ns.max_train_epochs, gradient_accumulation_steps=ns.gradient_accumulation_steps,
         compute_dtype=compute_dtype(ns.mixed_precision, device), full_bf16=ns.full_bf16, seed=ns.seed,
         gradient_checkpointing=ns.gradient_checkpointing, cpu_offload_checkpointing=ns.cpu_offload_checkpointing,
+        blocks_to_swap=ns.blocks_to_swap or 0,
         save_every_n_epochs=ns.save_every_n_epochs, save_every_n_steps=ns.save_every_n_steps,
         save_n_epoch_ratio=ns.save_n_epoch_ratio, save_precision=DTYPES[ns.save_precision],
         save_state=ns.save_state or auto_resume, save_last_n_epochs=ns.save_last_n_epochs,
@@ -353,16 +363,20 @@ def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         save_last_n_steps_state=ns.save_last_n_steps_state, resume=Path(ns.resume) if ns.resume else None,
         auto_resume=auto_resume, device=device,
         settings=settings_digest(ns, data_digest(caches, Path(ns.pretrained_model_name_or_path))),
-        logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "")
+        logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
+        monitor=monitor_settings(ns), sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
+        t5_max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant))
 
 
-def controlnet_config(ns: argparse.Namespace, caches: CachePaths, device: str,
-                      auto_resume: bool) -> TrainControlNetConfig:
+def controlnet_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool,
+                      clip_tokenizer: Path | None = None, t5_tokenizer: Path | None = None) -> TrainControlNetConfig:
     """The typed ControlNet config: the full fine-tune's settings plus the base model's memory options."""
     from fluxpipe.stages.train_controlnet import TrainControlNetConfig
 
-    full = full_config(ns, caches, device, auto_resume)
-    values = {f: getattr(full, f) for f in TrainControlNetConfig.__dataclass_fields__ if hasattr(full, f)}
+    full = full_config(ns, caches, device, auto_resume, clip_tokenizer, t5_tokenizer)
+    own = {"controlnet", "blocks_to_swap", "fp8_base", "torch_compile", "dynamo_backend"}
+    values = {f: getattr(full, f) for f in TrainControlNetConfig.__dataclass_fields__
+              if hasattr(full, f) and f not in own}
     return TrainControlNetConfig(
         **values, controlnet=Path(ns.controlnet_model_name_or_path) if ns.controlnet_model_name_or_path else None,
         blocks_to_swap=ns.blocks_to_swap or 0, fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),

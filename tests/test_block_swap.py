@@ -161,3 +161,53 @@ def test_gpu_offloaded_checkpointing_equals_plain_training() -> None:
     out_b, grads_b = loss_and_grads(offloaded, net_b, "cuda")
     assert torch.equal(out_a, out_b)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def full_grads(model: Flux, device: str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(**{k: v.to(device) for k, v in inputs().items()})
+    out.float().square().mean().backward()
+    grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out.detach().float().cpu(), grads
+
+
+def trainable_pair(device: str) -> tuple[Flux, Flux, BlockSwapper]:
+    plain, streamed = deep_tiny().requires_grad_(True), deep_tiny().requires_grad_(True)
+    plain.to(device)
+    swapper = BlockSwapper(streamed, 4, device)
+    swapper.place(streamed)
+    streamed.block_swapper = swapper
+    for m in (plain, streamed):
+        m.train().gradient_checkpointing = True
+    return plain, streamed, swapper
+
+
+def test_trainable_swapped_weights_get_their_gradients_on_the_host() -> None:
+    plain, streamed, swapper = trainable_pair("cpu")
+    out_a, grads_a = full_grads(plain)
+    out_b, grads_b = full_grads(streamed)
+    assert torch.equal(out_a, out_b) and grads_a.keys() == grads_b.keys()
+    assert all(torch.allclose(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7) for n in grads_a)
+    swapped = dict(streamed.named_parameters())["single_blocks.5.linear1.weight"]
+    assert swapped.device.type == "cpu" and grads_b["single_blocks.5.linear1.weight"].abs().sum() > 0
+    with torch.no_grad():  # an optimizer step on the host weight; the next forward must see it
+        swapped.add_(1.0)
+        dict(plain.named_parameters())["single_blocks.5.linear1.weight"].add_(1.0)
+    swapper.invalidate()
+    assert torch.equal(full_grads(plain)[0], full_grads(streamed)[0])
+
+
+@pytest.mark.gpu
+def test_gpu_trainable_swapped_weights_get_their_gradients_on_the_host() -> None:
+    plain, streamed, swapper = trainable_pair("cuda")
+    for _ in range(2):
+        out_a, grads_a = full_grads(plain, "cuda")
+        out_b, grads_b = full_grads(streamed, "cuda")
+        assert torch.equal(out_a, out_b)
+        assert all(torch.allclose(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-6) for n in grads_a)
+        with torch.no_grad():  # one SGD step on both (the swapped weights are updated in host memory)
+            for (name, a), (_, b) in zip(plain.named_parameters(), streamed.named_parameters(), strict=True):
+                a.sub_(0.01 * grads_a[name].to(a.device))
+                b.sub_(0.01 * grads_a[name].to(b.device))
+        swapper.invalidate()
+    assert dict(streamed.named_parameters())["single_blocks.5.linear1.weight"].is_pinned()

@@ -89,7 +89,9 @@ def test_a_dataset_without_conditioning_images_is_refused(demo_dir: Path, tmp_pa
 
 @pytest.mark.parametrize(("extra", "says"), [(("--loss_type", "huber", "--huber_schedule", "constant"), "l2 or l1"),
                                              (("--network_dim", "4"), "not implemented yet"),
-                                             (("--fused_backward_pass",), "Adafactor")])
+                                             (("--fused_backward_pass",), "Adafactor"),
+                                             (("--sample_every_n_epochs", "1", "--sample_prompts", "p.txt"),
+                                              "not implemented yet")])
 def test_refused_flags(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple,
                        says: str) -> None:
     assert main(["train", "controlnet", *cn_command(demo_dir, tmp_path, *extra)]) == 2

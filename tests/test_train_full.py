@@ -70,6 +70,17 @@ def test_readme_command_writes_a_strict_loading_dit(demo_dir: Path, tmp_path: Pa
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
 
 
+def test_samples_and_validation_during_a_full_fine_tune(demo_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube --w 64 --h 64 --s 2 --d 5\n")
+    args = full_command(demo_dir, tmp_path / "out", "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1")
+    args[args.index("--max_train_epochs") + 1] = "1"
+    assert main(["train", "full", *args]) == 0
+    assert len(list((tmp_path / "out/sample").glob("ft_e000001_00_*_5.png"))) == 1
+    lines = (tmp_path / "out/ft-validation.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # before the first step and after the epoch (the demo holds one photo out)
+
+
 def test_schnell_is_saved_as_schnell(demo_dir: Path, tmp_path: Path) -> None:
     args = full_command(demo_dir, tmp_path, flux="flux_schnell")
     args[args.index("--max_train_epochs") + 1] = "1"
@@ -129,7 +140,7 @@ def test_kill_then_resume_equals_an_uninterrupted_run(demo_dir: Path, tmp_path: 
     (lambda a: a.__setitem__(a.index("--optimizer_type") + 1, "AdamW"), "Adafactor"),
     (lambda a: a.extend(["--gradient_accumulation_steps", "2"]), "gradient_accumulation_steps"),
     (lambda a: a.extend(["--blockwise_fused_optimizers"]), "cannot be combined"),
-    (lambda a: a.extend(["--blocks_to_swap", "4"]), "not implemented yet in fluxpipe's full fine-tune"),
+    (lambda a: a.extend(["--fp8_base"]), "not implemented yet in fluxpipe's full fine-tune"),
     (lambda a: a.extend(["--network_dim", "4"]), "not implemented yet in fluxpipe's full fine-tune"),
 ])
 def test_refused_inputs_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],

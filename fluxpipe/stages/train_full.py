@@ -23,9 +23,12 @@ from tqdm import tqdm
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.checkpoints import load_model
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.stages.train_lora import FlowSettings, _log_losses, epoch_save_interval, flow_loss, plan_steps, prune_old
+from fluxpipe.sampler import ModelFiles
+from fluxpipe.stages.train_lora import FlowSettings, _log_losses, build_monitor, epoch_save_interval, flow_loss, \
+    plan_steps, prune_old
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
+from fluxpipe.train_monitor import MonitorSettings
 from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
 
@@ -52,6 +55,7 @@ class TrainFullConfig:
     seed: int = 42
     gradient_checkpointing: bool = False
     cpu_offload_checkpointing: bool = False
+    blocks_to_swap: int = 0
     save_every_n_epochs: int | None = None
     save_every_n_steps: int | None = None
     save_n_epoch_ratio: int | None = None
@@ -67,14 +71,31 @@ class TrainFullConfig:
     settings: str = ""  # digest of the settings and data: a state resumes only a run with the same one
     logging_dir: Path | None = None
     log_prefix: str = ""
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)  # samples and validation loss
+    sample_models: ModelFiles | None = None
+    t5_max_length: int = 512
 
 
 def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
+    """The DiT with every weight trainable; with --blocks_to_swap (on a GPU) the last blocks' Linear weights
+    stay in pinned host memory, stream to the device for each use, and are updated there by the optimizer."""
     dtype = torch.bfloat16 if cfg.full_bf16 else torch.float32
-    dit = load_model(cfg.flux, "flux", dtype=dtype, device=cfg.device)
+    swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
+    dit = load_model(cfg.flux, "flux", dtype=dtype, device="cpu" if swap else cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing or cfg.cpu_offload_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
-    return dit.requires_grad_(True).train()
+    dit.requires_grad_(True)
+    if swap:
+        from fluxpipe.block_swap import BlockSwapper
+
+        try:
+            dit.block_swapper = BlockSwapper(dit, cfg.blocks_to_swap, cfg.device)
+        except ValueError as e:
+            raise FluxpipeError(f"{cfg.flux}: {e}") from e
+        dit.block_swapper.place(dit)
+        log.info("blocks_to_swap %d: %.2f GB of trained weights stay in host memory (updated there)",
+                 cfg.blocks_to_swap, dit.block_swapper.host_bytes() / 1e9)
+    return dit.train()
 
 
 def autocast(cfg: TrainFullConfig) -> contextlib.AbstractContextManager:
@@ -138,6 +159,9 @@ def train(cfg: TrainFullConfig) -> Path:
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
     logger = TrainLogger(cfg.logging_dir, cfg.log_prefix, window=math.ceil(len(first_batches) / accum))
+    # samples and validation run the trained weights as they are (fp32 or bf16), without autocast
+    monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype)
+    monitor.at_start(step)
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
@@ -153,11 +177,14 @@ def train(cfg: TrainFullConfig) -> Path:
             if (bi + 1 - first) % accum and bi + 1 < len(batches):
                 continue
             optim.step()
+            if dit.block_swapper is not None:
+                dit.block_swapper.invalidate()  # the host weights changed: drop copies fetched before the step
             step += 1
             records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": optim.lrs().popitem()[1]})
             average = logger.step(step, loss_value, optim.lrs())
             bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
             bar.update(1)
+            monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_dit(dit, cfg, f"-step{step:08d}", step, epoch)
                 if cfg.save_state:
@@ -166,6 +193,7 @@ def train(cfg: TrainFullConfig) -> Path:
             if step >= total:
                 break
         logger.epoch(epoch + 1)
+        monitor.after_epoch(epoch + 1, step)
         if step >= total:
             break
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:

@@ -283,11 +283,14 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
 
 
 def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.Module, tensors: CachedTensors,
-                  pooled_fn, captions: list[str], logger: TrainLogger) -> Monitor:  # noqa: ANN001
-    """Samples (prompts encoded now, encoders freed; the AE kept for decoding) and the validation loss."""
+                  pooled_fn, captions: list[str], logger: TrainLogger,  # noqa: ANN001
+                  dtype: torch.dtype | None = None) -> Monitor:
+    """Samples (prompts encoded now, encoders freed; the AE kept for decoding) and the validation loss, with the
+    DiT computing in ``dtype`` (default: the training's compute dtype). Shared with the full fine-tune."""
     from fluxpipe.devices import encode_dtype
 
     s = cfg.monitor
+    dtype = dtype or cfg.compute_dtype
     sampler, conds = None, {}
     if s.sample_prompts:
         from fluxpipe.sampler import Sampler, encode_texts
@@ -298,14 +301,13 @@ def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.
         conds = encode_texts(cfg.sample_models, texts, device=cfg.device, dtype=encode_dtype(cfg.device),
                              max_length=cfg.t5_max_length, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
         ae = load_model(cfg.sample_models.ae, "ae", dtype=encode_dtype(cfg.device), device=cfg.device)
-        sampler = Sampler(dit, ae, device=cfg.device, dtype=cfg.compute_dtype,
-                          apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
+        sampler = Sampler(dit, ae, device=cfg.device, dtype=dtype, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val")
     validation = None
     if items and (s.validate_every_n_epochs or s.validate_every_n_steps):
         def validation() -> dict:
             return validation_loss(dit, network, items, tensors, cfg.math, sigmas=s.sigmas, seed=s.validation_seed,
-                                   device=cfg.device, dtype=cfg.compute_dtype, limit=s.max_validation_steps,
+                                   device=cfg.device, dtype=dtype, limit=s.max_validation_steps,
                                    pooled_fn=pooled_fn, captions=captions)
     return Monitor(s, output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed, sampler=sampler,
                    conds=conds, pooled_fn=pooled_fn, validation=validation, logger=logger)
