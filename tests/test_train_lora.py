@@ -234,3 +234,15 @@ def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsy
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path), *flag]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_training_scales_the_loss(demo_dir: Path, tmp_path: Path) -> None:
+    from fluxpipe.train_state import load_state
+
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_state", "--blocks_to_swap", "0")
+    args[args.index("--max_train_epochs") + 1] = "1"
+    assert main(["train", "lora", *args]) == 0  # the seed's --mixed_precision fp16, on the GPU
+    state = load_state(tmp_path / "my_flux_lora-state")
+    assert state.extra["grad_scaler"]["scale"] > 0  # the GradScaler ran and its state is saved for resume
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "my_flux_lora.safetensors")).values())

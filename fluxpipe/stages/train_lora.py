@@ -236,11 +236,12 @@ def _resume_from(cfg: TrainLoraConfig) -> TrainState | None:
     return state
 
 
-def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
+def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler) -> None:  # noqa: ANN001
     weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
     save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
                           optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=capture_rng({"noise": gen}),
-                          extra={"settings": cfg.metadata.get("fluxpipe_settings")}),
+                          extra={"settings": cfg.metadata.get("fluxpipe_settings"),
+                                 "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}),
                cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
@@ -347,6 +348,8 @@ def train(cfg: TrainLoraConfig) -> Path:
     sched = build_scheduler(cfg.lr_scheduler, opt, total, resolve_warmup(cfg.lr_warmup_steps, total),
                             cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
     step, start_epoch, start_batch = 0, 0, 0
+    # fp16 (on a GPU only: the CPU computes fp16 runs in bf16) scales the loss so that small gradients survive
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.compute_dtype == torch.float16 and cfg.device.startswith("cuda"))
     state = _resume_from(cfg)
     if state is not None:
         network.load_state_dict(state.weights)
@@ -354,6 +357,8 @@ def train(cfg: TrainLoraConfig) -> Path:
         sched.load_state_dict(state.scheduler)
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
+        if scaler.is_enabled() and state.extra.get("grad_scaler"):
+            scaler.load_state_dict(state.extra["grad_scaler"])
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
@@ -375,13 +380,15 @@ def train(cfg: TrainLoraConfig) -> Path:
                 batch["pooled"] = clip_pooled(clip, clip_tok, [captions[items[i].row] for i in batches[bi]],
                                               cfg.compute_dtype)
             loss = flow_loss(dit, batch, cfg.math, gen)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             loss_value = loss.detach().item()
             if (bi + 1 - first) % accum and bi + 1 < len(batches):
                 continue  # accumulate until a step boundary (or the epoch's end)
+            scaler.unscale_(opt)  # (no-op unless fp16 on a GPU)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
+            scaler.step(opt)  # skips the step when an fp16 gradient overflowed, as accelerate does
+            scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -393,7 +400,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_lora(network, cfg, f"-step{step:08d}", step, epoch)
                 if cfg.save_state:
-                    _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
+                    _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}", scaler)
                 prune_old(cfg, "step", step, cfg.save_every_n_steps)
                 write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
                                                      _log_losses(loss_file, records, state.step if state else 0)))
@@ -406,14 +413,14 @@ def train(cfg: TrainLoraConfig) -> Path:
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
             save_lora(network, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
             if cfg.save_state:
-                _write_state(network, opt, sched, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
+                _write_state(network, opt, sched, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}", scaler)
             prune_old(cfg, "epoch", epoch + 1, every_epochs)
     bar.close()
     logger.close()
     write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
                                          _log_losses(loss_file, records, state.step if state else 0)))
     if cfg.save_state:
-        _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "")
+        _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler)
     final = save_lora(network, cfg, "", step, epoch + 1)
     tensors.close()
     return final
