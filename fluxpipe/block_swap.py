@@ -159,6 +159,7 @@ class BlockSwapper:
         """Call a swapped block; with gradients it runs checkpointed, so its weights are fetched again (and
         then dropped) in the backward pass."""
         def call(*inputs: Tensor | None) -> Tensor | tuple[Tensor, ...]:
+            # strict=False: only the streamed Linear weights are substituted; every other tensor is the block's own
             return functional_call(block, self.acquire(key), inputs, strict=False)
 
         if training and torch.is_grad_enabled():

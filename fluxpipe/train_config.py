@@ -373,11 +373,11 @@ def controlnet_config(ns: argparse.Namespace, caches: CachePaths, device: str, a
     """The typed ControlNet config: the full fine-tune's settings plus the base model's memory options."""
     from fluxpipe.stages.train_controlnet import TrainControlNetConfig
 
+    import dataclasses
+
     full = full_config(ns, caches, device, auto_resume, clip_tokenizer, t5_tokenizer)
-    own = {"controlnet", "blocks_to_swap", "fp8_base", "torch_compile", "dynamo_backend"}
-    values = {f: getattr(full, f) for f in TrainControlNetConfig.__dataclass_fields__
-              if hasattr(full, f) and f not in own}
     return TrainControlNetConfig(
-        **values, controlnet=Path(ns.controlnet_model_name_or_path) if ns.controlnet_model_name_or_path else None,
-        blocks_to_swap=ns.blocks_to_swap or 0, fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
-        torch_compile=ns.torch_compile, dynamo_backend=ns.dynamo_backend)
+        **{f.name: getattr(full, f.name) for f in dataclasses.fields(full)},
+        controlnet=Path(ns.controlnet_model_name_or_path) if ns.controlnet_model_name_or_path else None,
+        fp8_base=bool(ns.fp8_base or ns.fp8_base_unet), torch_compile=ns.torch_compile,
+        dynamo_backend=ns.dynamo_backend)

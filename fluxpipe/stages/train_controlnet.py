@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,57 +25,26 @@ from tqdm import tqdm
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
-from fluxpipe.stages.train_full import resume_state
-from fluxpipe.stages.train_lora import FlowSettings, _log_losses, epoch_save_interval, flow_loss, load_dit, plan_steps, \
+from fluxpipe.stages.train_full import TrainFullConfig, resume_state, write_state
+from fluxpipe.stages.train_lora import _log_losses, epoch_save_interval, flow_loss, load_dit, plan_steps, \
     prune_old
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
-from fluxpipe.train_state import TrainState, capture_rng, restore_rng, save_state
-from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
+from fluxpipe.train_state import restore_rng
+from fluxpipe.train_weights import WeightOptimizers, modelspec, save_weights
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TrainControlNetConfig:
-    flux: Path
-    manifest: Path
-    latent_index: Path
-    text_index: Path
-    output_dir: Path
-    output_name: str
-    batch_sizes: dict[int, int]
-    variant: str
+class TrainControlNetConfig(TrainFullConfig):
+    """The full fine-tune's settings (they apply to the ControlNet's weights here; blocks_to_swap to the base)
+    plus the frozen base model's options and the starting ControlNet."""
+
     controlnet: Path | None = None  # start from this ControlNet (strict), else fresh
-    math: FlowSettings = field(default_factory=FlowSettings)
-    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
-    max_train_steps: int = 1600
-    max_train_epochs: int | None = None
-    gradient_accumulation_steps: int = 1
-    compute_dtype: torch.dtype = torch.float32
-    full_bf16: bool = False  # the ControlNet's weights in bf16
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    cpu_offload_checkpointing: bool = False
-    blocks_to_swap: int = 0  # the base model's blocks (the ControlNet stays on the device)
     fp8_base: bool = False
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
-    save_every_n_epochs: int | None = None
-    save_every_n_steps: int | None = None
-    save_n_epoch_ratio: int | None = None
-    save_precision: torch.dtype | None = None
-    save_state: bool = False
-    save_last_n_epochs: int | None = None
-    save_last_n_epochs_state: int | None = None
-    save_last_n_steps: int | None = None
-    save_last_n_steps_state: int | None = None
-    resume: Path | None = None
-    auto_resume: bool = False
-    device: str = "cpu"
-    settings: str = ""
-    logging_dir: Path | None = None
-    log_prefix: str = ""
 
 
 def build_controlnet(cfg: TrainControlNetConfig, params) -> ControlNetFlux:  # noqa: ANN001 - FluxParams
@@ -119,13 +88,6 @@ def save_controlnet(controlnet: ControlNetFlux, cfg: TrainControlNetConfig, suff
                         cfg.save_precision)
     log.info("saved %s (step %d, epoch %d)", path, step, epoch)
     return path
-
-
-def write_state(controlnet, optim, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
-    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                          weights=dict(controlnet.state_dict()), optimizer=optim.state_dict(), scheduler={},
-                          rng=capture_rng({"noise": gen}), extra={"settings": cfg.settings}),
-               cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
 def train(cfg: TrainControlNetConfig) -> Path:

@@ -125,8 +125,9 @@ def resume_state(cfg: TrainFullConfig) -> TrainState | None:
     return state
 
 
-def write_state(dit, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
-    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=dict(dit.state_dict()),
+def write_state(model, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
+    """The trained module's weights (the DiT, or the ControlNet), the optimizers, counters and RNG states."""
+    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=dict(model.state_dict()),
                           optimizer=optim.state_dict(), scheduler={}, rng=capture_rng({"noise": gen}),
                           extra={"settings": cfg.settings}), cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
