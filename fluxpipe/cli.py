@@ -170,7 +170,12 @@ def _train(args: argparse.Namespace) -> None:
     extra.add_argument("--auto_resume", action="store_true", help="resume from the newest state in output_dir")
     own, rest = extra.parse_known_args(args.flags)
     ns = parse_train_args(rest, args.method)
-    device = resolve_device("auto")
+    from fluxpipe.distributed import device_for, world
+
+    w = world()  # under torchrun: this process's rank (LoRA training runs data-parallel)
+    if w.size > 1 and args.method != "lora":
+        raise FluxpipeError(f"train {args.method}: data-parallel training (torchrun) is implemented for LoRA only")
+    device = device_for(w, resolve_device("auto"))
     train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:
         if ns.validation_split or ns.validation_seed is not None:
@@ -178,8 +183,11 @@ def _train(args: argparse.Namespace) -> None:
                                 "dataset TOML; set validation_split (and validation_seed) there")
         caches = train_config.pipeline_caches(own.cache_dir)
     else:
-        caches = train_config.build_caches(ns, Path(ns.output_dir) / ".fluxpipe-cache", device, own.clip_tokenizer,
-                                           own.t5_tokenizer)
+        work = Path(ns.output_dir) / ".fluxpipe-cache"
+        if w.main:  # rank 0 encodes; the others use its caches
+            train_config.build_caches(ns, work, device, own.clip_tokenizer, own.t5_tokenizer)
+        w.barrier()
+        caches = train_config.pipeline_caches(work)
     if args.method == "full":
         from fluxpipe.stages import train_full
 

@@ -146,6 +146,8 @@ class PipelineConfig:
     """Latent and text-encoder cache settings."""
     train: dict | None = None
     """LoRA training settings: the reference trainer's flags by name (network_dim: 16, ...)."""
+    train_processes: int = 1
+    """Data-parallel processes of rule train_lora (torchrun, one per GPU; each takes the dataset's batch_size)."""
     train_full: dict | None = None
     """Full fine-tune settings (rule train_full): flux_train.py's flags by name."""
     train_controlnet: dict | None = None
@@ -156,6 +158,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.dataset_config is not None and self.dataset is not None:
             raise ConfigError("set either dataset_config (a TOML file) or dataset (inline), not both")
+        if self.train_processes < 1:
+            raise ConfigError(f"train_processes: {self.train_processes} is not a positive number of processes")
 
     def datasets(self):  # noqa: ANN201 - DatasetsConfig (imported lazily: it reads files)
         """The validated dataset structure (None when no dataset is configured)."""

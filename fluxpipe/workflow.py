@@ -200,6 +200,13 @@ def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
     return train_argv(getattr(cfg, METHOD_SECTIONS[method]) or {}, owned)
 
 
+def train_launcher(cfg: PipelineConfig) -> str:
+    """The command that starts `fluxpipe train lora`: itself, or torchrun with one process per GPU."""
+    if cfg.train_processes == 1:
+        return "fluxpipe"
+    return f"torchrun --standalone --nproc-per-node {cfg.train_processes} -m fluxpipe.cli"
+
+
 def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
     from fluxpipe.config import train_argv

@@ -11,12 +11,13 @@ rule train_lora:
         fw.lora_output(CFG),
     params:
         flags=fw.train_lora_argv(CFG),
+        launcher=fw.train_launcher(CFG),
     resources:
-        gpu=1,
+        gpu=CFG.train_processes,
     log:
         "logs/train_lora.log",
     shell:
-        "fluxpipe train lora {params.flags:q} --cache_dir results --auto_resume > {log:q} 2>&1"
+        "{params.launcher} train lora {params.flags:q} --cache_dir results --auto_resume > {log:q} 2>&1"
 
 
 # Full fine-tuning (config.yaml's train_full:, flux_train.py's flags) and ControlNet training

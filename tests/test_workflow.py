@@ -142,3 +142,10 @@ def test_lint_has_no_findings_but_the_accepted_ones(workdir: Path) -> None:
 def test_help_of_every_command(command: list[str]) -> None:
     result = subprocess.run([str(BIN / "fluxpipe"), *command, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "usage: fluxpipe" in result.stdout
+
+
+def test_train_processes_launch_torchrun(workdir: Path) -> None:
+    result = snakemake(workdir, "-n", "-p", "train_lora", "--config", "train_processes=2")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-2000:]
+    assert "torchrun --standalone --nproc-per-node 2 -m fluxpipe.cli train lora" in text

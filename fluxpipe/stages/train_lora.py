@@ -8,6 +8,7 @@ data in fluxpipe.train_data, the state in fluxpipe.train_state. A run resumes ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from fluxpipe import flow
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.checkpoints import load_model
+from fluxpipe.distributed import world, wrap
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
 from fluxpipe.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
@@ -112,8 +114,10 @@ class TrainLoraConfig:
     t5_max_length: int = 512
 
 
-def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator) -> torch.Tensor:
-    """Mean loss of one batch: draw t and noise (spec §4.2), then ``prediction_loss``."""
+def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator,
+              rows: list[int] | None = None) -> torch.Tensor:
+    """Mean loss of one batch: draw t and noise (spec §4.2), then ``prediction_loss``. With ``rows`` (a
+    data-parallel rank's share) every draw is still made for the whole batch, then only those rows compute."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
     t = flow.sample_timesteps(m.timestep_sampling, bsz, (h // 2) * (w // 2), gen, sigmoid_scale=m.sigmoid_scale,
@@ -122,7 +126,28 @@ def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Gen
     noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     perturbed = flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength) \
         if m.ip_noise_gamma else noise
+    if rows is not None:
+        index = torch.tensor(rows, dtype=torch.long)
+        batch = {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        t, noise, perturbed = t[index.to(t.device)], noise[index.to(noise.device)], perturbed[index.to(noise.device)]
     return prediction_loss(dit, batch, m, t, noise, perturbed).mean()
+
+
+class LoraLoss(torch.nn.Module):
+    """One rank's loss of a batch, as a module whose only parameters are the LoRA's (what DDP wraps)."""
+
+    def __init__(self, network: FluxLoRANetwork, dit: torch.nn.Module, m: FlowSettings, pooled_fn=None) -> None:  # noqa: ANN001
+        super().__init__()
+        self.network, self.dit, self.m, self.pooled_fn = network, [dit], m, pooled_fn  # (the DiT is not registered)
+
+    def forward(self, batch: dict, gen: torch.Generator, rows: list[int] | None, captions: list[str] | None,
+                ) -> torch.Tensor:
+        if self.pooled_fn is not None:  # a trained CLIP-L LoRA: its pooled vector, inside DDP's forward
+            batch = {**batch, "pooled": self.pooled_fn(captions)}
+        if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
+            flow_loss(self.dit[0], batch, self.m, gen, rows=[0])  # (the same draws as the other ranks)
+            return sum(p.sum() for p in self.network.parameters()) * 0.0
+        return flow_loss(self.dit[0], batch, self.m, gen, rows=rows)
 
 
 def prediction_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, t: torch.Tensor, noise: torch.Tensor,
@@ -343,7 +368,9 @@ def train(cfg: TrainLoraConfig) -> Path:
                                   loraplus_text_encoder_lr_ratio=cfg.lora.loraplus_text_encoder_lr_ratio,
                                   reg_lrs=cfg.lora.network_reg_lrs)
     opt = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, dict(cfg.optimizer_args))
-    first_batches = epoch_batches(items, cfg.batch_sizes, 0, cfg.seed)
+    w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)
+    sizes = {k: v * w.size for k, v in cfg.batch_sizes.items()}
+    first_batches = epoch_batches(items, sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
     sched = build_scheduler(cfg.lr_scheduler, opt, total, resolve_warmup(cfg.lr_warmup_steps, total),
                             cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
@@ -365,25 +392,44 @@ def train(cfg: TrainLoraConfig) -> Path:
     params = [p for g in opt.param_groups for p in g["params"]]
     accum = cfg.gradient_accumulation_steps
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(cfg.logging_dir, cfg.log_prefix, window=math.ceil(len(first_batches) / accum))
+    logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
+                         window=math.ceil(len(first_batches) / accum))
     pooled_fn = (lambda texts: clip_pooled(clip, clip_tok, texts, cfg.compute_dtype)) if clip is not None else None
-    monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger)
+    monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger) if w.main else \
+        Monitor(MonitorSettings(), output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed)
     monitor.at_start(step)
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
+    model = wrap(LoraLoss(network, dit, cfg.math, pooled_fn), w)
+
+    def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str, every: int) -> None:
+        if not w.main:  # only rank 0 writes
+            return
+        save_lora(network, cfg, suffix, step, epoch)
+        if cfg.save_state:
+            _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler)
+        if kind:
+            prune_old(cfg, kind, step if kind == "step" else epoch, every)
+        write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                             _log_losses(loss_file, records, state.step if state else 0)))
+
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
+               disable=not w.main)
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, cfg.batch_sizes, epoch, cfg.seed)
+        batches = epoch_batches(items, sizes, epoch, cfg.seed)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
+            boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
-            if clip is not None:
-                batch["pooled"] = clip_pooled(clip, clip_tok, [captions[items[i].row] for i in batches[bi]],
-                                              cfg.compute_dtype)
-            loss = flow_loss(dit, batch, cfg.math, gen)
-            scaler.scale(loss / accum).backward()
-            loss_value = loss.detach().item()
-            if (bi + 1 - first) % accum and bi + 1 < len(batches):
-                continue  # accumulate until a step boundary (or the epoch's end)
+            rows = w.rows(len(batches[bi])) if w.size > 1 else None
+            texts = [captions[items[i].row] for i in batches[bi]] if clip is not None else None
+            # DDP averages over ranks: weight each rank's mean by its share, so a short batch counts right
+            share = w.size * len(rows) / len(batches[bi]) if rows is not None else 1.0
+            with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
+                loss = model(batch, gen, rows, texts)
+                scaler.scale(loss * share / accum).backward()
+            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
+            if not boundary:
+                continue
             scaler.unscale_(opt)  # (no-op unless fp16 on a GPU)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -398,12 +444,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             bar.update(1)
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-                save_lora(network, cfg, f"-step{step:08d}", step, epoch)
-                if cfg.save_state:
-                    _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}", scaler)
-                prune_old(cfg, "step", step, cfg.save_every_n_steps)
-                write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                                     _log_losses(loss_file, records, state.step if state else 0)))
+                save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
             if step >= total:
                 break
         logger.epoch(epoch + 1)
@@ -411,18 +452,17 @@ def train(cfg: TrainLoraConfig) -> Path:
         if step >= total:
             break
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
-            save_lora(network, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
-            if cfg.save_state:
-                _write_state(network, opt, sched, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}", scaler)
-            prune_old(cfg, "epoch", epoch + 1, every_epochs)
+            save_point(f"-{epoch + 1:06d}", step, epoch + 1, 0, "epoch", every_epochs)
     bar.close()
     logger.close()
-    write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                         _log_losses(loss_file, records, state.step if state else 0)))
-    if cfg.save_state:
-        _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler)
-    final = save_lora(network, cfg, "", step, epoch + 1)
+    if w.main:
+        write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                             _log_losses(loss_file, records, state.step if state else 0)))
+        if cfg.save_state:
+            _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler)
+    final = save_lora(network, cfg, "", step, epoch + 1) if w.main else cfg.output_dir / f"{cfg.output_name}.safetensors"
     tensors.close()
+    w.barrier()  # the others wait for rank 0's files
     return final
 
 
