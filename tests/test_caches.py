@@ -201,3 +201,14 @@ def test_validation_split_is_disjoint_and_seeded(tmp_path: Path) -> None:
     first = manifest.run(cfg)
     assert (first.split == "val").sum() == 5 and (first.split == "train").sum() == 15
     assert list(manifest.run(cfg).split) == list(first.split)
+
+
+def test_sharded_caches_equal_the_single_job_cache(tmp_path: Path, demo_dir: Path) -> None:
+    make_dataset(tmp_path / "data", 9)
+    toml = dataset_toml(tmp_path / "a.toml", tmp_path / "data")
+    build(tmp_path / "one", toml, demo_dir, n_shards=1)
+    build(tmp_path / "four", toml, demo_dir, n_shards=4)  # scatter over four shard jobs, then gather
+    for kind in ("latents", "text"):
+        single, gathered = tensors(tmp_path / "one", kind), tensors(tmp_path / "four", kind)
+        assert single.keys() == gathered.keys() and len(single) > 0
+        assert all(torch.equal(single[k], gathered[k]) for k in single)

@@ -66,3 +66,16 @@ def test_full_and_controlnet_rules_get_the_pipeline_files() -> None:
     assert argv[argv.index("--pretrained_model_name_or_path") + 1] == workflow.DEMO_FILES["flux"]
     assert "--fused_backward_pass" in argv and "--full_bf16" in argv
     assert workflow.method_output(cfg, "controlnet") == "results/train/controlnet/demo_controlnet.safetensors"
+
+
+def test_profiles_name_only_rules_of_the_workflow() -> None:
+    import re
+
+    import yaml
+
+    rules = set(re.findall(r"^rule (\w+):", "".join(p.read_text() for p in (REPO / "rules").glob("*.smk")), re.M))
+    slurm = yaml.safe_load((REPO / "config/profiles/slurm/config.yaml").read_text())
+    assert slurm["executor"] == "slurm" and set(slurm["set-resources"]) <= rules
+    assert all(r["gpu"] >= 1 and r.get("tasks_per_gpu", 1) in (0, 1) for r in slurm["set-resources"].values())
+    local = yaml.safe_load((REPO / "config/profiles/local/config.yaml").read_text())
+    assert local["cores"] >= 1
