@@ -48,7 +48,7 @@ def split_lora(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """A kohya LoRA's tensors by the model they adapt: lora_unet / lora_te1 / lora_te3."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
-        parts.setdefault(key.split("_", 2)[0] + "_" + key.split("_", 2)[1], {})[key] = tensor
+        parts.setdefault("_".join(key.split("_", 2)[:2]), {})[key] = tensor
     return parts
 
 

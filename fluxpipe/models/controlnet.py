@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fluxpipe.errors import CheckpointError, summarize
-from fluxpipe.models.flux import FluxParams, joint_key_mask
-from fluxpipe.models.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, timestep_embedding
+from fluxpipe.models.flux import FluxParams, conditioning_vector, joint_key_mask
+from fluxpipe.models.layers import DoubleStreamBlock, EmbedND, MLPEmbedder
 
 HINT_CHANNELS = 16  # channels out of input_hint_block
 HINT_FEATURES = HINT_CHANNELS * 2 * 2  # per token after 2x2 packing
@@ -118,12 +118,7 @@ class ControlNetFlux(nn.Module):
             raise ValueError(f"control image gives {hint.shape[1]} tokens but the latents have {img.shape[1]}: "
                              f"its height and width must be 16 x the packed latent grid")
         img = self.img_in(img) + hint
-        vec = self.time_in(timestep_embedding(timesteps, 256))
-        if self.params.guidance_embed:
-            if guidance is None:
-                raise ValueError("this FLUX.1 ControlNet has a guidance embedding (dev): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
-        vec = vec + self.vector_in(y)
+        vec = conditioning_vector(self, timesteps, y, guidance)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         mask = joint_key_mask(txt_attention_mask, img.shape[1]) if txt_attention_mask is not None else None

@@ -138,12 +138,7 @@ class Flux(nn.Module):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must be [batch, tokens, features] tensors")
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256))
-        if self.params.guidance_embed:
-            if guidance is None:
-                raise ValueError("this FLUX.1 model has a guidance embedding (dev): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
-        vec = vec + self.vector_in(y)
+        vec = conditioning_vector(self, timesteps, y, guidance)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         mask = joint_key_mask(txt_attention_mask, img.shape[1]) if txt_attention_mask is not None else None
@@ -167,6 +162,17 @@ class Flux(nn.Module):
                 return offloaded_checkpoint(block, *args)
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+
+def conditioning_vector(model: nn.Module, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+    """The modulation vector of a FLUX.1 model (or a ControlNet-Flux, which has the same embedders):
+    time_in(t) [+ guidance_in(g) for dev] + vector_in(y)."""
+    vec = model.time_in(timestep_embedding(timesteps, 256))
+    if model.params.guidance_embed:
+        if guidance is None:
+            raise ValueError("this FLUX.1 model has a guidance embedding (dev): pass `guidance`")
+        vec = vec + model.guidance_in(timestep_embedding(guidance, 256))
+    return vec + model.vector_in(y)
 
 
 def joint_key_mask(txt_mask: Tensor, n_img: int) -> Tensor:

@@ -114,10 +114,9 @@ class TrainLoraConfig:
     t5_max_length: int = 512
 
 
-def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator,
-              rows: list[int] | None = None) -> torch.Tensor:
-    """Mean loss of one batch: draw t and noise (spec §4.2), then ``prediction_loss``. With ``rows`` (a
-    data-parallel rank's share) every draw is still made for the whole batch, then only those rows compute."""
+def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A batch's random draws, in order (spec §4.2): timesteps t [B], noise, and the noise that makes x_t
+    (``--ip_noise_gamma`` perturbed, else the noise itself)."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
     t = flow.sample_timesteps(m.timestep_sampling, bsz, (h // 2) * (w // 2), gen, sigmoid_scale=m.sigmoid_scale,
@@ -126,6 +125,14 @@ def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Gen
     noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     perturbed = flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength) \
         if m.ip_noise_gamma else noise
+    return t, noise, perturbed
+
+
+def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator,
+              rows: list[int] | None = None) -> torch.Tensor:
+    """Mean loss of one batch: ``draw_flow_noise``, then ``prediction_loss``. With ``rows`` (a data-parallel
+    rank's share) every draw is still made for the whole batch, then only those rows compute."""
+    t, noise, perturbed = draw_flow_noise(batch, m, gen)
     if rows is not None:
         index = torch.tensor(rows, dtype=torch.long)
         batch = {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -145,7 +152,7 @@ class LoraLoss(torch.nn.Module):
         if self.pooled_fn is not None:  # a trained CLIP-L LoRA: its pooled vector, inside DDP's forward
             batch = {**batch, "pooled": self.pooled_fn(captions)}
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
-            flow_loss(self.dit[0], batch, self.m, gen, rows=[0])  # (the same draws as the other ranks)
+            draw_flow_noise(batch, self.m, gen)  # the same draws as the other ranks, no forward pass
             return sum(p.sum() for p in self.network.parameters()) * 0.0
         return flow_loss(self.dit[0], batch, self.m, gen, rows=rows)
 
