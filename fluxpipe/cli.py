@@ -159,6 +159,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from fluxpipe import train_config
     from fluxpipe.stages import train_lora
     from fluxpipe.train_args import parse_train_args
@@ -168,7 +170,11 @@ def _train(args: argparse.Namespace) -> None:
     extra.add_argument("--clip_tokenizer", type=Path)
     extra.add_argument("--t5_tokenizer", type=Path)
     extra.add_argument("--auto_resume", action="store_true", help="resume from the newest state in output_dir")
+    extra.add_argument("--stop_at_step", type=int, help="end this job at this optimizer step and write its state "
+                       "(<output_name>-segNNNNNNNN-state): one segment of a run chained as several jobs")
     own, rest = extra.parse_known_args(args.flags)
+    if own.stop_at_step is not None and own.stop_at_step < 1:
+        raise FluxpipeError(f"--stop_at_step {own.stop_at_step}: give a positive optimizer step")
     ns = parse_train_args(rest, args.method)
     from fluxpipe.distributed import device_for, world
 
@@ -188,20 +194,21 @@ def _train(args: argparse.Namespace) -> None:
             train_config.build_caches(ns, work, device, own.clip_tokenizer, own.t5_tokenizer)
         w.barrier()
         caches = train_config.pipeline_caches(work)
+    segment = {"stop_at_step": own.stop_at_step}
     if args.method == "full":
         from fluxpipe.stages import train_full
 
-        train_full.train(train_config.full_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
-                                                  own.t5_tokenizer))
+        train_full.train(replace(train_config.full_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
+                                                          own.t5_tokenizer), **segment))
         return
     if args.method == "controlnet":
         from fluxpipe.stages import train_controlnet
 
-        train_controlnet.train(train_config.controlnet_config(ns, caches, device, own.auto_resume,
-                                                              own.clip_tokenizer, own.t5_tokenizer))
+        train_controlnet.train(replace(train_config.controlnet_config(ns, caches, device, own.auto_resume,
+                                                                      own.clip_tokenizer, own.t5_tokenizer), **segment))
         return
-    train_lora.train(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
-                                              own.t5_tokenizer))
+    train_lora.train(replace(train_config.lora_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
+                                                      own.t5_tokenizer), **segment))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

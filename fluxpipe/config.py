@@ -147,7 +147,11 @@ class PipelineConfig:
     train: dict | None = None
     """LoRA training settings: the reference trainer's flags by name (network_dim: 16, ...)."""
     train_processes: int = 1
-    """Data-parallel processes of rule train_lora (torchrun, one per GPU; each takes the dataset's batch_size)."""
+    """Data-parallel processes of the training rules (torchrun, one per GPU; each takes the dataset's batch_size):
+    DDP for LoRA and ControlNet, FSDP2 for the full fine-tune."""
+    train_segment_steps: int = 0
+    """0: each training run is one job. K: chained jobs of K optimizer steps each, every one resuming the state
+    of the one before (for queues with wall-time limits); the result equals one job's."""
     train_full: dict | None = None
     """Full fine-tune settings (rule train_full): flux_train.py's flags by name."""
     train_controlnet: dict | None = None
@@ -160,6 +164,8 @@ class PipelineConfig:
             raise ConfigError("set either dataset_config (a TOML file) or dataset (inline), not both")
         if self.train_processes < 1:
             raise ConfigError(f"train_processes: {self.train_processes} is not a positive number of processes")
+        if self.train_segment_steps < 0:
+            raise ConfigError(f"train_segment_steps: {self.train_segment_steps} is negative (0: no segments)")
 
     def datasets(self):  # noqa: ANN201 - DatasetsConfig (imported lazily: it reads files)
         """The validated dataset structure (None when no dataset is configured)."""

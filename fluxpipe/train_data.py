@@ -191,6 +191,16 @@ def _batch_size(batch_size: int | Mapping[int, int], dataset: int) -> int:
     return size
 
 
+def batches_per_epoch(manifest: Path, batch_size: int | Mapping[int, int]) -> int:
+    """How many batches an epoch of the manifest's training split has (the same count in every epoch), from the
+    manifest alone: what the workflow needs to plan a run's segments before the caches exist."""
+    table, _ = read_parquet(manifest)
+    items = [TrainItem(row=int(row), dataset=int(r.dataset), latent_keys=(), text_key="",
+                       bucket=(int(r.bucket_w), int(r.bucket_h)), is_reg=bool(r.is_reg), repeats=int(r.repeats))
+             for row, r in zip(table.index, table.itertuples(index=False), strict=True) if r.split == "train"]
+    return len(epoch_batches(items, batch_size, 0, 0))
+
+
 def epoch_batches(items: Sequence[TrainItem], batch_size: int | Mapping[int, int], epoch: int,
                   seed: int) -> list[list[int]]:
     """The epoch's batches as lists of indices into ``items`` (spec §3.2), a pure function of its arguments.

@@ -200,8 +200,52 @@ def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
     return train_argv(getattr(cfg, METHOD_SECTIONS[method]) or {}, owned)
 
 
+def method_dir(method: str) -> str:
+    return TRAIN_DIR if method == "lora" else METHOD_DIRS[method]
+
+
+def method_flags(cfg: PipelineConfig, method: str) -> dict:
+    """config.yaml's section of a training method (train:, train_full:, train_controlnet:)."""
+    return (cfg.train if method == "lora" else getattr(cfg, METHOD_SECTIONS[method])) or {}
+
+
+def planned_steps(cfg: PipelineConfig, method: str, manifest: str) -> int:
+    """The optimizer steps a run will make, as the trainer plans them (max_train_epochs over max_train_steps)."""
+    import math
+    from pathlib import Path
+
+    from fluxpipe.train_data import batches_per_epoch
+
+    flags = method_flags(cfg, method)
+    if not flags.get("max_train_epochs"):
+        return int(flags.get("max_train_steps") or 1600)
+    sizes = {i: ds.batch_size * cfg.train_processes for i, ds in enumerate(cfg.datasets().datasets)}
+    per_epoch = math.ceil(batches_per_epoch(Path(manifest), sizes) / int(flags.get("gradient_accumulation_steps") or 1))
+    return int(flags["max_train_epochs"]) * per_epoch
+
+
+def segment_state(cfg: PipelineConfig, method: str, end: int) -> str:
+    """The state folder the segment that stops at step ``end`` leaves (`fluxpipe train --stop_at_step`)."""
+    name = method_flags(cfg, method).get("output_name") or "last"
+    return f"{method_dir(method)}/{name}-seg{end:08d}-state"
+
+
+def segment_ends(cfg: PipelineConfig, method: str, manifest: str) -> list[int]:
+    """Where the chained jobs of a run stop: K, 2K, ... below its total steps (none: the run is one job)."""
+    k = cfg.train_segment_steps
+    return list(range(k, planned_steps(cfg, method, manifest), k)) if k else []
+
+
+def previous_segment(cfg: PipelineConfig, method: str, end: int) -> list[str]:
+    """The state a segment resumes from (none for the first)."""
+    k = cfg.train_segment_steps
+    if not k or end % k:
+        raise ValueError(f"{segment_state(cfg, method, end)}: not a segment of train_segment_steps {k}")
+    return [segment_state(cfg, method, end - k)] if end > k else []
+
+
 def train_launcher(cfg: PipelineConfig) -> str:
-    """The command that starts `fluxpipe train lora`: itself, or torchrun with one process per GPU."""
+    """The command that starts `fluxpipe train`: itself, or torchrun with one process per GPU."""
     if cfg.train_processes == 1:
         return "fluxpipe"
     return f"torchrun --standalone --nproc-per-node {cfg.train_processes} -m fluxpipe.cli"
@@ -221,6 +265,11 @@ def train_lora_argv(cfg: PipelineConfig) -> list[str]:
 
 
 # ---- evaluation --------------------------------------------------------------------------------------
+
+
+def training_argv(cfg: PipelineConfig, method: str) -> list[str]:
+    """`fluxpipe train <method>`'s flags from config.yaml."""
+    return train_lora_argv(cfg) if method == "lora" else method_argv(cfg, method)
 
 
 def evaluate_dir(cfg: PipelineConfig) -> str:

@@ -14,8 +14,27 @@ VALIDATE_REPORT = fw.VALIDATE_REPORT
 
 wildcard_constraints:
     shard=r"\d{3}",
+    method="lora|full|controlnet",
+    end=r"\d{8}",
 
 
 def manifest_file(wildcards):
     """The manifest, once its checkpoint ran; ancient(): a rewritten manifest alone reruns no shard."""
     return ancient(checkpoints.dataset_manifest.get().output[0])
+
+
+def last_segment(method):
+    """The state the final job resumes when the run is segmented (the manifest tells how many steps it has)."""
+
+    def inner(wildcards):
+        if not CFG.train_segment_steps:
+            return []
+        ends = fw.segment_ends(CFG, method, checkpoints.dataset_manifest.get().output[0])
+        return [fw.segment_state(CFG, method, ends[-1])] if ends else []
+
+    return inner
+
+
+def resume_flag(wildcards, input):
+    """A segmented run's final job resumes the last segment; otherwise the newest state, if any."""
+    return f"--resume {shlex.quote(input.segment[0])}" if input.segment else "--auto_resume"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -149,3 +150,27 @@ def test_train_processes_launch_torchrun(workdir: Path) -> None:
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-2000:]
     assert "torchrun --standalone --nproc-per-node 2 -m fluxpipe.cli train lora" in text
+
+
+def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:
+    from safetensors.torch import load_file
+
+    segmented = snakemake(workdir, "-p", "train_lora", "--config", "train_segment_steps=40")
+    assert segmented.returncode == 0, segmented.stderr[-3000:]
+    log = segmented.stdout + segmented.stderr
+    # 100 steps in jobs of 40: two segments, then the final job resuming the second
+    assert log.count("rule train_segment:") == 2 and "--stop_at_step 80 --resume" in log, log[-3000:]
+    assert "--resume results/train/lora/demo_lora-seg00000080-state" in log
+    out = workdir / "results/train/lora"
+    assert not list(out.glob("*-seg*-state"))  # temporary: deleted once the chain finished
+    chained = {p.name: load_file(str(p)) for p in out.glob("demo_lora*.safetensors")}
+    chained_losses = (out / "demo_lora-loss.jsonl").read_text()
+    shutil.rmtree(out)
+    single = snakemake(workdir, "train_lora")
+    assert single.returncode == 0 and "rule train_segment:" not in single.stdout + single.stderr
+    assert sorted(chained) == sorted(p.name for p in out.glob("demo_lora*.safetensors"))
+    for name, tensors in chained.items():
+        again = load_file(str(out / name))
+        assert all(torch.equal(tensors[k], again[k]) for k in tensors), name
+    assert [json.loads(x)["loss"] for x in chained_losses.splitlines()] == \
+        [json.loads(x)["loss"] for x in (out / "demo_lora-loss.jsonl").read_text().splitlines()]

@@ -26,8 +26,8 @@ from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.stages.train_full import TrainFullConfig, resume_state, write_state
-from fluxpipe.stages.train_lora import _log_losses, epoch_save_interval, flow_loss, load_dit, plan_steps, \
-    prune_old
+from fluxpipe.stages.train_lora import _log_losses, check_segment, epoch_save_interval, flow_loss, load_dit, \
+    plan_steps, prune_old, segment_suffix
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
 from fluxpipe.train_state import restore_rng
@@ -110,6 +110,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
     step, start_epoch, start_batch = 0, 0, 0
     state = resume_state(cfg)
     if state is not None:
+        check_segment(cfg.stop_at_step, state.step)
         controlnet.load_state_dict(state.weights)
         optim.load_state_dict(state.optimizer)
         restore_rng(state.rng, {"noise": gen})
@@ -145,8 +146,17 @@ def train(cfg: TrainControlNetConfig) -> Path:
                 if cfg.save_state:
                     write_state(controlnet, optim, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
                 prune_old(cfg, "step", step, cfg.save_every_n_steps)
-            if step >= total:
+            if step >= total or step == cfg.stop_at_step:
                 break
+        if step == cfg.stop_at_step and step < total:  # this segment ends; the next job resumes its state
+            bar.close()
+            logger.close()
+            write_state(controlnet, optim, gen, cfg, step, epoch, bi + 1, segment_suffix(step))
+            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                                 _log_losses(loss_file, records, state.step if state else 0)))
+            optim.remove()
+            tensors.close()
+            return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
         logger.epoch(epoch + 1)
         if step >= total:
             break

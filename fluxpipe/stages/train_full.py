@@ -24,8 +24,8 @@ from fluxpipe.atomic import write_text_atomic
 from fluxpipe.checkpoints import load_model
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.sampler import ModelFiles
-from fluxpipe.stages.train_lora import FlowSettings, _log_losses, build_monitor, epoch_save_interval, flow_loss, \
-    plan_steps, prune_old
+from fluxpipe.stages.train_lora import FlowSettings, _log_losses, build_monitor, check_segment, \
+    epoch_save_interval, flow_loss, plan_steps, prune_old, segment_suffix
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
 from fluxpipe.train_monitor import MonitorSettings
@@ -74,6 +74,7 @@ class TrainFullConfig:
     monitor: MonitorSettings = field(default_factory=MonitorSettings)  # samples and validation loss
     sample_models: ModelFiles | None = None
     t5_max_length: int = 512
+    stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
 
 
 def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
@@ -151,6 +152,7 @@ def train(cfg: TrainFullConfig) -> Path:
     step, start_epoch, start_batch = 0, 0, 0
     state = resume_state(cfg)
     if state is not None:
+        check_segment(cfg.stop_at_step, state.step)
         dit.load_state_dict(state.weights)
         optim.load_state_dict(state.optimizer)
         restore_rng(state.rng, {"noise": gen})
@@ -191,8 +193,17 @@ def train(cfg: TrainFullConfig) -> Path:
                 if cfg.save_state:
                     write_state(dit, optim, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
                 prune_old(cfg, "step", step, cfg.save_every_n_steps)
-            if step >= total:
+            if step >= total or step == cfg.stop_at_step:
                 break
+        if step == cfg.stop_at_step and step < total:  # this segment ends; the next job resumes its state
+            bar.close()
+            logger.close()
+            write_state(dit, optim, gen, cfg, step, epoch, bi + 1, segment_suffix(step))
+            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                                 _log_losses(loss_file, records, state.step if state else 0)))
+            optim.remove()
+            tensors.close()
+            return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
         logger.epoch(epoch + 1)
         monitor.after_epoch(epoch + 1, step)
         if step >= total:

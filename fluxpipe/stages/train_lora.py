@@ -112,6 +112,7 @@ class TrainLoraConfig:
     monitor: MonitorSettings = field(default_factory=MonitorSettings)  # samples and validation loss
     sample_models: ModelFiles | None = None  # AE and text encoders for the samples' prompts
     t5_max_length: int = 512
+    stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
 
 
 def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -187,6 +188,17 @@ def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: to
     ids = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
     return clip(ids.to(next(clip.parameters()).device)).pooler_output.to(dtype)
+
+
+def segment_suffix(step: int) -> str:
+    """The state folder a segment that stops at ``step`` leaves: ``<name>-seg00000100-state``."""
+    return f"-seg{step:08d}"
+
+
+def check_segment(stop_at_step: int | None, step: int) -> None:
+    if stop_at_step is not None and stop_at_step <= step:
+        raise FluxpipeError(f"--stop_at_step {stop_at_step}: the resumed run is already at step {step}; give a "
+                            "later step, or resume from an earlier state")
 
 
 def epoch_save_interval(save_every_n_epochs: int | None, save_n_epoch_ratio: int | None, epochs: int) -> int | None:
@@ -347,7 +359,7 @@ def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.
 
 
 def train(cfg: TrainLoraConfig) -> Path:
-    """The LoRA training loop; returns the final LoRA file."""
+    """The LoRA training loop; returns the final LoRA file (or, when a segment stops early, its state folder)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
@@ -386,6 +398,7 @@ def train(cfg: TrainLoraConfig) -> Path:
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.compute_dtype == torch.float16 and cfg.device.startswith("cuda"))
     state = _resume_from(cfg)
     if state is not None:
+        check_segment(cfg.stop_at_step, state.step)
         network.load_state_dict(state.weights)
         load_optimizer_state(opt, state.optimizer)
         sched.load_state_dict(state.scheduler)
@@ -452,8 +465,18 @@ def train(cfg: TrainLoraConfig) -> Path:
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
-            if step >= total:
+            if step >= total or step == cfg.stop_at_step:
                 break
+        if step == cfg.stop_at_step and step < total:  # this segment ends; the next job resumes its state
+            bar.close()
+            logger.close()
+            if w.main:
+                _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, segment_suffix(step), scaler)
+                write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                                     _log_losses(loss_file, records, state.step if state else 0)))
+            tensors.close()
+            w.barrier()
+            return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
         logger.epoch(epoch + 1)
         monitor.after_epoch(epoch + 1, step)
         if step >= total:
