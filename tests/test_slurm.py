@@ -23,7 +23,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
-GPU_RULES = ("latent_shard", "text_shard", "train_lora", "train_full", "train_controlnet", "evaluate_samples")
+GPU_RULES = ("latent_shard", "text_shard", "train_lora", "train_full", "train_controlnet", "train_segment",
+             "evaluate_samples")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,9 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(slurm: None, tmp_path: Path) -> None:
     cluster = copy_workflow(tmp_path / "cluster")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
-    result = snakemake(cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora")
+    # in segments of 40 steps (a queue's wall-time limit): two train_segment jobs, then train_lora resumes
+    result = snakemake(cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config",
+                       "train_segment_steps=40")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ran = int(re.findall(r"(\d+) of \d+ steps \(100%\) done", result.stdout + result.stderr)[-1])
     jobs = subprocess.run(["sacct", "-X", "-n", "-P", "-S", since, "--format=JobID,Comment,State,WorkDir"],
@@ -75,8 +78,8 @@ def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(slurm: None, 
     rules = sorted(comment.split("_wildcards_")[0].removeprefix("rule_") for _, comment, _, _ in ours)
     assert len(ours) == ran and all(state == "COMPLETED" for _, _, state, _ in ours), jobs
     assert {"demo_models", "validate_models", "dataset_manifest", "latent_shard", "text_shard",
-            "train_lora"} <= set(rules), rules
-    local = copy_workflow(tmp_path / "local")
+            "train_lora"} <= set(rules) and rules.count("train_segment") == 2, rules
+    local = copy_workflow(tmp_path / "local")  # one job, no segments: the same LoRA
     assert snakemake(local, "--cores", "1", "train_lora").returncode == 0
     a = load_file(str(cluster / "results/train/lora/demo_lora.safetensors"))
     b = load_file(str(local / "results/train/lora/demo_lora.safetensors"))
