@@ -178,9 +178,7 @@ def _train(args: argparse.Namespace) -> None:
     ns = parse_train_args(rest, args.method)
     from fluxpipe.distributed import device_for, world
 
-    w = world()  # under torchrun: this process's rank (LoRA training runs data-parallel)
-    if w.size > 1 and args.method != "lora":
-        raise FluxpipeError(f"train {args.method}: data-parallel training (torchrun) is implemented for LoRA only")
+    w = world()  # under torchrun: this process's rank (DDP for LoRA and ControlNet, FSDP2 for the full fine-tune)
     device = device_for(w, resolve_device("auto"))
     train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:

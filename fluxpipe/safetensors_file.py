@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +126,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
 
 
 def save_safetensors_streaming(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                               metadata: Mapping[str, str] | None = None) -> None:
+                               metadata: Mapping[str, str] | None = None,
+                               fetch: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """The same file as ``save_safetensors``, written one tensor at a time (``--mem_eff_save``): the host never
     holds more than one tensor's bytes beyond the model itself (a 24 GB DiT saves without 24 GB of extra RAM).
-    Header first (offsets from shapes and dtypes, padded to 8 bytes), then the data in header order; atomic."""
+    Header first (offsets from shapes and dtypes, padded to 8 bytes), then the data in header order; atomic.
+    ``fetch`` turns each tensor into the one written, as it is reached (e.g. gathers an FSDP shard)."""
     codes = {v: k for k, v in DTYPES.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +148,7 @@ def save_safetensors_streaming(tensors: Mapping[str, torch.Tensor], path: str | 
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for t in tensors.values():
-                data = t.detach().contiguous().cpu()
+                data = (fetch(t) if fetch is not None else t).detach().contiguous().cpu()
                 f.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
             f.flush()
         publish(tmp, path)

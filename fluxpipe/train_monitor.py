@@ -81,8 +81,10 @@ class Monitor:
 
     def __init__(self, s: MonitorSettings, *, output_dir: Path, output_name: str, seed: int, sampler=None,  # noqa: ANN001
                  conds: dict | None = None, pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
-                 validation: Callable[[], dict[str, float]] | None = None, logger=None) -> None:  # noqa: ANN001
+                 validation: Callable[[], dict[str, float]] | None = None, logger=None,  # noqa: ANN001
+                 writes: bool = True) -> None:
         self.s, self.output_dir, self.output_name, self.seed = s, output_dir, output_name, seed
+        self.writes = writes  # False: compute (a sharded model needs every process) but leave the files to rank 0
         self.sampler, self.conds, self.pooled_fn = sampler, conds or {}, pooled_fn
         self.validation, self.logger = validation, logger
         self.validation_file = output_dir / f"{output_name}-validation.jsonl"
@@ -124,13 +126,16 @@ class Monitor:
                         neg = None if neg is None else replace(neg, vec=self.pooled_fn([p.negative_prompt]).cpu())
                 image = self.sampler.image(p, cond, neg, seed)
                 path = self.output_dir / "sample" / sample_name(self.output_name, step, epoch, p.index, seed, stamp)
-                written.append(save_png(image, path))
+                if self.writes:
+                    written.append(save_png(image, path))
         log.info("samples at step %d: %s", step, ", ".join(p.name for p in written))
         return written
 
     def validate(self, step: int, epoch: int) -> float:
         with torch.random.fork_rng(devices=[]):
             result = self.validation()
+        if not self.writes:
+            return result["loss"]
         record = {"step": step, "epoch": epoch, **result}
         old = self.validation_file.read_text().splitlines() if self.validation_file.is_file() else []
         kept = [line for line in old if line.strip() and json.loads(line)["step"] < step]

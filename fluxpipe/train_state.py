@@ -87,7 +87,7 @@ def _split(value: Any, prefix: str, tensors: dict[str, torch.Tensor], seen: dict
 def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, dict):
         if "__tensor__" in value:
-            return tensors[value["__tensor__"]]
+            return tensors.get(value["__tensor__"])  # (None: left unread, see load_state)
         if "__tuple__" in value:
             return tuple(_join(v, tensors) for v in value["__tuple__"])
         return {_join(k, tensors): _join(v, tensors) for k, v in value["__dict__"]}
@@ -130,8 +130,22 @@ def save_state(state: TrainState, folder: Path) -> None:
         raise
 
 
-def load_state(folder: Path) -> TrainState:
-    """Read and verify a state folder; a damaged one raises FluxpipeError naming it."""
+def _tensor_names(value: Any, names: set[str]) -> set[str]:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            names.add(value["__tensor__"])
+        for v in value.values():
+            _tensor_names(v, names)
+    elif isinstance(value, list):
+        for v in value:
+            _tensor_names(v, names)
+    return names
+
+
+def load_state(folder: Path, *, large: bool = True) -> TrainState:
+    """Read and verify a state folder; a damaged one raises FluxpipeError naming it. ``large=False`` leaves
+    the weights' and the optimizer's tensors unread (None in their place): what a sharded rank other than 0
+    needs, since rank 0 broadcasts them."""
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -140,8 +154,18 @@ def load_state(folder: Path) -> TrainState:
         raise FluxpipeError(f"{folder}: training state version {meta.get('version')} is not {STATE_VERSION}")
     if _sha256(folder / TENSORS) != meta["tensors_sha256"]:
         raise FluxpipeError(f"{folder}: {TENSORS} does not match its checksum (damaged); delete the folder")
-    tensors = load_file(str(folder / TENSORS))
-    parts = {name: _join(meta[name], tensors) for name in ("weights", "optimizer", "scheduler", "rng", "extra")}
+    parts_ = ("weights", "optimizer", "scheduler", "rng", "extra")
+    if large:
+        tensors = load_file(str(folder / TENSORS))
+    else:
+        from safetensors import safe_open
+
+        wanted: set[str] = set()
+        for name in ("scheduler", "rng", "extra"):
+            _tensor_names(meta[name], wanted)
+        with safe_open(str(folder / TENSORS), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in wanted}
+    parts = {name: _join(meta[name], tensors) for name in parts_}
     return TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"], **parts)
 
 

@@ -109,14 +109,22 @@ def modelspec(architecture: str, title: str) -> dict[str, str]:
             "modelspec.implementation_version": f"fluxpipe/{__version__}"}
 
 
-def save_weights(module: nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype | None) -> Path:
+def save_weights(module: nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype | None,
+                 main: bool = True) -> Path:
     """The module's state dict (official key names, no prefix) as safetensors, one tensor at a time, atomically;
-    floating tensors cast to ``dtype`` when given (--save_precision)."""
+    floating tensors cast to ``dtype`` when given (--save_precision). Only the ``main`` process writes; a
+    sharded (FSDP) module is gathered one tensor at a time, so every process must call this."""
+    from fluxpipe.fsdp import full, is_sharded
     from fluxpipe.safetensors_file import save_safetensors_streaming
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
 
     tensors = {k: cast(v) for k, v in module.state_dict().items()}
-    save_safetensors_streaming(tensors, path, metadata)
+    sharded = is_sharded(module)
+    if main:
+        save_safetensors_streaming(tensors, path, metadata, fetch=full if sharded else None)
+    elif sharded:
+        for t in tensors.values():  # the gathers rank 0 makes while writing, in its order
+            full(t)
     return path

@@ -58,3 +58,88 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     c = load_file(str(tmp_path / "resumed/my_flux_lora.safetensors"))
     assert max(float((a[k].float() - c[k].float()).abs().max()) for k in a) < 1e-5
+
+
+def _run(command: list[str], processes: int) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    launch = [str(BIN / "fluxpipe")] if processes == 1 else \
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "-m", "fluxpipe.cli"]
+    return subprocess.run([*launch, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _batch1(tmp_path: Path) -> Path:
+    per_process = tmp_path / "batch1.toml"
+    per_process.write_text((REPO / "config/demo/dataset.toml").read_text().replace("batch_size = 2", "batch_size = 1"))
+    return per_process
+
+
+def test_two_processes_train_the_controlnet_of_one_with_twice_the_batch(demo_dir: Path, tmp_path: Path) -> None:
+    from test_train_controlnet import cn_command
+
+    def args(out: Path, dataset: Path | None = None) -> list[str]:
+        a = cn_command(demo_dir, out, "--save_state", "--max_grad_norm", "0.01", dataset=dataset)
+        a[a.index("--mixed_precision") + 1] = "no"  # fp32: the two layouts differ only by float summation order
+        return ["train", "controlnet", *a]
+
+    one = _run(args(tmp_path / "one"), 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(args(tmp_path / "two", _batch1(tmp_path)), 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one/cn.safetensors")), load_file(str(tmp_path / "two/cn.safetensors"))
+    assert _worst(a, b) < 1e-5
+    fresh = load_file(str(tmp_path / "one/cn-000001.safetensors"))
+    assert _worst(a, fresh) > 1e-4  # it trained
+    assert not list((tmp_path / "two").glob("*.tmp*")) and not list((tmp_path / "two").glob(".*.tmp"))
+
+
+def test_two_fsdp_processes_fine_tune_the_dit_of_one_with_twice_the_batch(demo_dir: Path, tmp_path: Path) -> None:
+    """FSDP2: each process holds half of every weight, gradient and Adam moment; the saved DiT, its state and a
+    resume across a change of world size are the one-process run's."""
+    from test_train_full import full_command
+
+    def args(out: Path, dataset: Path, *extra: str) -> list[str]:
+        a = full_command(demo_dir, out, "--save_state", *extra)
+        for flag in ("--fused_backward_pass", "--full_bf16"):
+            a.remove(flag)
+        del a[a.index("--optimizer_args"):a.index("--optimizer_args") + 4]
+        # fp32 AdamW with the gradient norm clipped (the clip sees the whole sharded gradient)
+        for flag, value in (("--optimizer_type", "AdamW"), ("--mixed_precision", "no"), ("--save_precision", "float"),
+                            ("--max_grad_norm", "0.01"), ("--dataset_config", str(dataset))):
+            a[a.index(flag) + 1] = value
+        return ["train", "full", *a]
+
+    demo_toml = REPO / "config/demo/dataset.toml"
+    one = _run(args(tmp_path / "one", demo_toml), 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(args(tmp_path / "two", _batch1(tmp_path)), 2)
+    assert two.returncode == 0 and "sharded across 2 processes" in two.stderr, two.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one/ft.safetensors")), load_file(str(tmp_path / "two/ft.safetensors"))
+    assert _worst(a, b) < 1e-5
+    assert _worst(a, load_file(str(tmp_path / "one/ft-000001.safetensors"))) > 1e-5  # it trained
+    # the states hold the same full weights and Adam moments, in the one-process layout
+    sa = load_file(str(tmp_path / "one/ft-000001-state/tensors.safetensors"))
+    sb = load_file(str(tmp_path / "two/ft-000001-state/tensors.safetensors"))
+    assert _worst(sa, sb) < 1e-5
+    # the 2-process epoch-1 state resumed by 1 process, and the 1-process one by 2: both end as the run did
+    resumed = _run([*args(tmp_path / "r1", demo_toml), "--resume", str(tmp_path / "two/ft-000001-state")], 1)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert _worst(a, load_file(str(tmp_path / "r1/ft.safetensors"))) < 1e-5
+    resumed = _run([*args(tmp_path / "r2", _batch1(tmp_path)), "--resume", str(tmp_path / "one/ft-000001-state")], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _worst(a, load_file(str(tmp_path / "r2/ft.safetensors"))) < 1e-5
+
+
+def test_fsdp_refuses_what_cannot_step_sharded_weights(demo_dir: Path, tmp_path: Path) -> None:
+    from test_train_full import full_command
+
+    result = _run(["train", "full", *full_command(demo_dir, tmp_path)], 2)  # the README's: fused Adafactor
+    assert result.returncode != 0 and "--fused_backward_pass" in result.stderr, result.stderr[-2000:]
+    a = full_command(demo_dir, tmp_path)
+    a.remove("--fused_backward_pass")
+    result = _run(["train", "full", *a], 2)
+    assert result.returncode != 0 and "cannot step FSDP-sharded weights" in result.stderr, result.stderr[-2000:]

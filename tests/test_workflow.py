@@ -146,10 +146,13 @@ def test_help_of_every_command(command: list[str]) -> None:
 
 
 def test_train_processes_launch_torchrun(workdir: Path) -> None:
-    result = snakemake(workdir, "-n", "-p", "train_lora", "--config", "train_processes=2")
+    result = snakemake(workdir, "-n", "-p", "train_lora", "train_full", "train_controlnet", "--config",
+                       "train_processes=2")
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-2000:]
-    assert "torchrun --standalone --nproc-per-node 2 -m fluxpipe.cli train lora" in text
+    for method in ("lora", "full", "controlnet"):
+        assert f"torchrun --standalone --nproc-per-node 2 -m fluxpipe.cli train {method}" in text
+    assert text.count("gpu=2") >= 3
 
 
 def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:

@@ -12,6 +12,7 @@ ControlNet's weights in the reference's key layout (``<name>.safetensors`` and p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,9 +26,10 @@ from tqdm import tqdm
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
-from fluxpipe.stages.train_full import TrainFullConfig, resume_state, write_state
-from fluxpipe.stages.train_lora import _log_losses, check_segment, epoch_save_interval, flow_loss, load_dit, \
-    plan_steps, prune_old, segment_suffix
+from fluxpipe.distributed import world, wrap
+from fluxpipe.stages.train_full import TrainFullConfig, check_parallel, restore, resume_state, write_state
+from fluxpipe.stages.train_lora import FlowSettings, _log_losses, check_segment, draw_flow_noise, \
+    epoch_save_interval, load_dit, plan_steps, prediction_loss, prune_old, segment_suffix, select_rows
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
 from fluxpipe.train_state import restore_rng
@@ -90,20 +92,42 @@ def save_controlnet(controlnet: ControlNetFlux, cfg: TrainControlNetConfig, suff
     return path
 
 
+class ControlNetLoss(torch.nn.Module):
+    """One rank's loss of a batch, as a module whose only parameters are the ControlNet's (what DDP wraps; the
+    frozen base model is not registered)."""
+
+    def __init__(self, controlnet: ControlNetFlux, dit: torch.nn.Module, m: FlowSettings) -> None:
+        super().__init__()
+        self.controlnet, self.dit, self.m = controlnet, [dit], m
+
+    def forward(self, batch: dict, gen: torch.Generator, rows: list[int] | None) -> Tensor:
+        draws = draw_flow_noise(batch, self.m, gen)  # every rank draws for the whole batch, in the same order
+        if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
+            return sum(p.sum() for p in self.controlnet.parameters()) * 0.0
+        if rows is not None:
+            batch, draws = select_rows(batch, draws, rows)
+        model = ControlledFlux(self.dit[0], self.controlnet, batch["hint"])
+        return prediction_loss(model, batch, self.m, *draws).mean()
+
+
 def train(cfg: TrainControlNetConfig) -> Path:
-    """The ControlNet training loop; returns the final ControlNet file."""
+    """The ControlNet training loop (DDP across torchrun's processes); returns the final ControlNet file, or,
+    when a segment stops early, its state folder."""
     from fluxpipe.conditioning import ConditioningImages
 
     gen = torch.Generator().manual_seed(cfg.seed)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
     if not items:
         raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
-    rows, images = conditioning_rows(cfg, items), ConditioningImages()
+    w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)
+    check_parallel(cfg, w, sharded=False)
+    rows_table, images = conditioning_rows(cfg, items), ConditioningImages()
     tensors = CachedTensors(cfg.latent_index, cfg.text_index)
     dit = load_dit(cfg).train()  # frozen, but in training mode: its blocks are checkpointed when asked
     controlnet = build_controlnet(cfg, dit.params)
     accum = cfg.gradient_accumulation_steps
-    first_batches = epoch_batches(items, cfg.batch_sizes, 0, cfg.seed)
+    sizes = {k: v * w.size for k, v in cfg.batch_sizes.items()}
+    first_batches = epoch_batches(items, sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
     optim = WeightOptimizers(controlnet, cfg.optim, total)
     torch.manual_seed(cfg.seed)
@@ -111,29 +135,49 @@ def train(cfg: TrainControlNetConfig) -> Path:
     state = resume_state(cfg)
     if state is not None:
         check_segment(cfg.stop_at_step, state.step)
-        controlnet.load_state_dict(state.weights)
-        optim.load_state_dict(state.optimizer)
+        restore(controlnet, optim, state, w)
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(cfg.logging_dir, cfg.log_prefix, window=math.ceil(len(first_batches) / accum))
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
+    logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
+                         window=math.ceil(len(first_batches) / accum))
+    model = wrap(ControlNetLoss(controlnet, dit, cfg.math), w)
+
+    def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str = "", every: int | None = None,
+                   model_file: bool = True, state_too: bool = cfg.save_state) -> None:
+        if not w.main:  # only rank 0 writes
+            return
+        if model_file:
+            save_controlnet(controlnet, cfg, suffix, step, epoch)
+        if state_too:
+            write_state(controlnet, optim, gen, cfg, step, epoch, batch_in_epoch, suffix)
+        if kind:
+            prune_old(cfg, kind, step if kind == "step" else epoch, every)
+        write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                             _log_losses(loss_file, records, state.step if state else 0)))
+
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
+               disable=not w.main)
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, cfg.batch_sizes, epoch, cfg.seed)
+        batches = epoch_batches(items, sizes, epoch, cfg.seed)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
+            boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
-            model = ControlledFlux(dit, controlnet, hints(rows, items, batch, images, cfg.device))
-            with torch.autocast(torch.device(cfg.device).type, dtype=cfg.compute_dtype,
-                                enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16):
-                loss = flow_loss(model, batch, cfg.math, gen)
-            (loss / accum).backward()
-            loss_value = loss.detach().item()
-            if (bi + 1 - first) % accum and bi + 1 < len(batches):
+            batch["hint"] = hints(rows_table, items, batch, images, cfg.device)
+            rows = w.rows(len(batches[bi])) if w.size > 1 else None
+            share = w.size * len(rows) / len(batches[bi]) if rows is not None else 1.0  # DDP averages the ranks
+            with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
+                with torch.autocast(torch.device(cfg.device).type, dtype=cfg.compute_dtype,
+                                    enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16):
+                    loss = model(batch, gen, rows)
+                (loss * share / accum).backward()
+            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
+            if not boundary:
                 continue
             optim.step()
             step += 1
@@ -142,36 +186,28 @@ def train(cfg: TrainControlNetConfig) -> Path:
             bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
             bar.update(1)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-                save_controlnet(controlnet, cfg, f"-step{step:08d}", step, epoch)
-                if cfg.save_state:
-                    write_state(controlnet, optim, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
-                prune_old(cfg, "step", step, cfg.save_every_n_steps)
+                save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
             if step >= total or step == cfg.stop_at_step:
                 break
         if step == cfg.stop_at_step and step < total:  # this segment ends; the next job resumes its state
+            save_point(segment_suffix(step), step, epoch, bi + 1, model_file=False, state_too=True)
             bar.close()
             logger.close()
-            write_state(controlnet, optim, gen, cfg, step, epoch, bi + 1, segment_suffix(step))
-            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                                 _log_losses(loss_file, records, state.step if state else 0)))
             optim.remove()
             tensors.close()
+            w.barrier()
             return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
         logger.epoch(epoch + 1)
         if step >= total:
             break
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
-            save_controlnet(controlnet, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
-            if cfg.save_state:
-                write_state(controlnet, optim, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
-            prune_old(cfg, "epoch", epoch + 1, every_epochs)
+            save_point(f"-{epoch + 1:06d}", step, epoch + 1, 0, "epoch", every_epochs)
     bar.close()
     logger.close()
-    write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                         _log_losses(loss_file, records, state.step if state else 0)))
-    if cfg.save_state:
-        write_state(controlnet, optim, gen, cfg, step, epochs, 0, "")
-    final = save_controlnet(controlnet, cfg, "", step, epoch + 1)
+    save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
+    final = save_controlnet(controlnet, cfg, "", step, epoch + 1) if w.main else \
+        cfg.output_dir / f"{cfg.output_name}.safetensors"
     optim.remove()
     tensors.close()
+    w.barrier()  # the others wait for rank 0's files
     return final

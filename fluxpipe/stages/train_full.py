@@ -30,9 +30,12 @@ from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_b
 from fluxpipe.train_log import TrainLogger
 from fluxpipe.train_monitor import MonitorSettings
 from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
+from fluxpipe.distributed import World, world
+from fluxpipe.optim import canonical_optimizer
 from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
 
 log = logging.getLogger(__name__)
+FSDP_OPTIMIZERS = ("AdamW", "SGDNesterov")  # torch.optim's: they step DTensor shards
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,19 +109,40 @@ def autocast(cfg: TrainFullConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.compute_dtype)
 
 
-def save_dit(dit: torch.nn.Module, cfg: TrainFullConfig, suffix: str, step: int, epoch: int) -> Path:
+def save_dit(dit: torch.nn.Module, cfg: TrainFullConfig, suffix: str, step: int, epoch: int,
+             main: bool = True) -> Path:
+    """The DiT file (a sharded DiT is gathered tensor by tensor: every rank calls this; rank 0 writes)."""
     meta = {**modelspec(f"flux-1-{cfg.variant}", cfg.output_name), "ss_steps": str(step), "ss_epoch": str(epoch),
             "fluxpipe_settings": cfg.settings}
-    path = save_weights(dit, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision)
-    log.info("saved %s (step %d, epoch %d)", path, step, epoch)
+    path = save_weights(dit, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision,
+                        main)
+    if main:
+        log.info("saved %s (step %d, epoch %d)", path, step, epoch)
     return path
 
 
-def resume_state(cfg: TrainFullConfig) -> TrainState | None:
+def check_parallel(cfg: TrainFullConfig, w: World, sharded: bool) -> None:
+    """Refuse, before any work, what data-parallel (torchrun) training cannot do."""
+    if w.size == 1:
+        return
+    o = cfg.optim
+    if o.fused_backward_pass or o.blockwise_fused_optimizers:
+        raise FluxpipeError("--fused_backward_pass / --blockwise_fused_optimizers update each weight from this "
+                            "process's gradient before the processes average theirs: run them in one process, or "
+                            "drop the flag under torchrun")
+    if sharded and (cfg.blocks_to_swap or cfg.cpu_offload_checkpointing):
+        raise FluxpipeError("--blocks_to_swap / --cpu_offload_checkpointing: under torchrun the full fine-tune "
+                            "shards the weights across the GPUs (FSDP2) instead; drop the flag")
+    if sharded and canonical_optimizer(o.optimizer_type) not in FSDP_OPTIMIZERS:
+        raise FluxpipeError(f"--optimizer_type {o.optimizer_type}: it cannot step FSDP-sharded weights; under "
+                            f"torchrun use one of {', '.join(FSDP_OPTIMIZERS)} (or train in one process)")
+
+
+def resume_state(cfg: TrainFullConfig, large: bool = True) -> TrainState | None:
     folder = cfg.resume or (newest_state(cfg.output_dir, cfg.output_name, cfg.settings) if cfg.auto_resume else None)
     if folder is None:
         return None
-    state = load_state(folder)
+    state = load_state(folder, large=large)
     if state.extra.get("settings") != cfg.settings:
         raise FluxpipeError(f"{folder}: this state was made with other training settings; resume it with the same "
                             "settings, or delete the state folder to start afresh")
@@ -126,58 +150,117 @@ def resume_state(cfg: TrainFullConfig) -> TrainState | None:
     return state
 
 
-def write_state(model, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix) -> None:  # noqa: ANN001
-    """The trained module's weights (the DiT, or the ControlNet), the optimizers, counters and RNG states."""
-    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=dict(model.state_dict()),
-                          optimizer=optim.state_dict(), scheduler={}, rng=capture_rng({"noise": gen}),
-                          extra={"settings": cfg.settings}), cfg.output_dir / f"{cfg.output_name}{suffix}-state")
+def restore(model: torch.nn.Module, optim: WeightOptimizers, state: TrainState, w: World) -> None:
+    """A state's weights and optimizer state into the (possibly sharded) model."""
+    from fluxpipe import fsdp
+
+    if not fsdp.is_sharded(model):
+        model.load_state_dict(state.weights)
+        optim.load_state_dict(state.optimizer)
+        return
+    fsdp.load_model_state(model, state.weights, w.main)
+    fsdp.load_optimizer_state(model, optim.optimizers["main"], state.optimizer["optimizers"]["main"], w.main)
+    for k, sched in optim.schedulers.items():
+        sched.load_state_dict(state.optimizer["schedulers"][k])
+
+
+def write_state(model, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix,  # noqa: ANN001
+                w: World | None = None) -> None:
+    """The trained module's weights (the DiT, or the ControlNet), the optimizers, counters and RNG states; a
+    sharded model is gathered (every rank calls this), rank 0 writes."""
+    from fluxpipe import fsdp
+
+    w = w or World()
+    if fsdp.is_sharded(model):
+        weights = fsdp.model_state(model)
+        optimizer = {"optimizers": {"main": fsdp.optimizer_state(model, optim.optimizers["main"])},
+                     "schedulers": {k: s.state_dict() for k, s in optim.schedulers.items()}}
+    elif w.main:
+        weights, optimizer = dict(model.state_dict()), optim.state_dict()
+    if w.main:
+        save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
+                              optimizer=optimizer, scheduler={}, rng=capture_rng({"noise": gen}),
+                              extra={"settings": cfg.settings}), cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
 def train(cfg: TrainFullConfig) -> Path:
-    """The full fine-tuning loop; returns the final DiT file."""
+    """The full fine-tuning loop (FSDP2 across torchrun's processes); returns the final DiT file, or, when a
+    segment stops early, its state folder."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
     if not items:
         raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
-    tensors = CachedTensors(cfg.latent_index, cfg.text_index)
-    dit = load_trainable_dit(cfg)
+    w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)
+    check_parallel(cfg, w, sharded=True)
     accum = cfg.gradient_accumulation_steps
     if accum > 1 and (cfg.optim.fused_backward_pass or cfg.optim.blockwise_fused_optimizers):
         raise FluxpipeError("--gradient_accumulation_steps > 1 cannot be combined with --fused_backward_pass or "
                             "--blockwise_fused_optimizers (each backward pass updates the weights)")
-    first_batches = epoch_batches(items, cfg.batch_sizes, 0, cfg.seed)
+    tensors = CachedTensors(cfg.latent_index, cfg.text_index)
+    dit = load_trainable_dit(cfg)
+    if w.size > 1:
+        from fluxpipe.fsdp import shard_dit
+
+        shard_dit(dit)
+        if w.main:
+            log.info("FSDP2: every weight, gradient and optimizer moment sharded across %d processes", w.size)
+    sizes = {k: v * w.size for k, v in cfg.batch_sizes.items()}
+    first_batches = epoch_batches(items, sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
     optim = WeightOptimizers(dit, cfg.optim, total)
     step, start_epoch, start_batch = 0, 0, 0
-    state = resume_state(cfg)
+    state = resume_state(cfg, large=w.main or w.size == 1)  # sharded: rank 0 reads the tensors and broadcasts
     if state is not None:
         check_segment(cfg.stop_at_step, state.step)
-        dit.load_state_dict(state.weights)
-        optim.load_state_dict(state.optimizer)
+        restore(dit, optim, state, w)
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(cfg.logging_dir, cfg.log_prefix, window=math.ceil(len(first_batches) / accum))
-    # samples and validation run the trained weights as they are (fp32 or bf16), without autocast
-    monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype)
+    logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
+                         window=math.ceil(len(first_batches) / accum))
+    # samples and validation run the trained weights as they are (fp32 or bf16), without autocast; on every
+    # rank when sharded (each forward needs them all), written by rank 0
+    monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype,
+                            writes=w.main)
     monitor.at_start(step)
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2)
+
+    def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str = "", every: int | None = None,
+                   model_file: bool = True, state_too: bool = cfg.save_state) -> None:
+        if model_file:
+            save_dit(dit, cfg, suffix, step, epoch, w.main)
+        if state_too:
+            write_state(dit, optim, gen, cfg, step, epoch, batch_in_epoch, suffix, w)
+        if w.main:
+            if kind:
+                prune_old(cfg, kind, step if kind == "step" else epoch, every)
+            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
+                                                 _log_losses(loss_file, records, state.step if state else 0)))
+
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
+               disable=not w.main)
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, cfg.batch_sizes, epoch, cfg.seed)
+        batches = epoch_batches(items, sizes, epoch, cfg.seed)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
+            boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device,
                                torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype)
+            rows = w.rows(len(batches[bi])) if w.size > 1 else None
+            # FSDP averages over ranks: weight each rank's mean by its share; a rank left no rows of a short
+            # batch still runs one (weighted 0), since every forward gathers the weights from all ranks
+            share = w.size * len(rows) / len(batches[bi]) if rows is not None else 1.0
+            if w.size > 1:
+                dit.set_requires_gradient_sync(boundary)
             with autocast(cfg):
-                loss = flow_loss(dit, batch, cfg.math, gen)
-            (loss / accum).backward()
-            loss_value = loss.detach().item()
-            if (bi + 1 - first) % accum and bi + 1 < len(batches):
+                loss = flow_loss(dit, batch, cfg.math, gen, rows=(rows or [0]) if rows is not None else None)
+            (loss * share / accum).backward()
+            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
+            if not boundary:
                 continue
             optim.step()
             if dit.block_swapper is not None:
@@ -189,39 +272,28 @@ def train(cfg: TrainFullConfig) -> Path:
             bar.update(1)
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-                save_dit(dit, cfg, f"-step{step:08d}", step, epoch)
-                if cfg.save_state:
-                    write_state(dit, optim, gen, cfg, step, epoch, bi + 1, f"-step{step:08d}")
-                prune_old(cfg, "step", step, cfg.save_every_n_steps)
+                save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
             if step >= total or step == cfg.stop_at_step:
                 break
         if step == cfg.stop_at_step and step < total:  # this segment ends; the next job resumes its state
+            save_point(segment_suffix(step), step, epoch, bi + 1, model_file=False, state_too=True)
             bar.close()
             logger.close()
-            write_state(dit, optim, gen, cfg, step, epoch, bi + 1, segment_suffix(step))
-            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                                 _log_losses(loss_file, records, state.step if state else 0)))
             optim.remove()
             tensors.close()
+            w.barrier()
             return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
         logger.epoch(epoch + 1)
         monitor.after_epoch(epoch + 1, step)
         if step >= total:
             break
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
-            save_dit(dit, cfg, f"-{epoch + 1:06d}", step, epoch + 1)
-            if cfg.save_state:
-                write_state(dit, optim, gen, cfg, step, epoch + 1, 0, f"-{epoch + 1:06d}")
-            prune_old(cfg, "epoch", epoch + 1, every_epochs)
-            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                                 _log_losses(loss_file, records, state.step if state else 0)))
+            save_point(f"-{epoch + 1:06d}", step, epoch + 1, 0, "epoch", every_epochs)
     bar.close()
     logger.close()
-    write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                         _log_losses(loss_file, records, state.step if state else 0)))
-    if cfg.save_state:
-        write_state(dit, optim, gen, cfg, step, epochs, 0, "")
-    final = save_dit(dit, cfg, "", step, epoch + 1)
+    save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
+    final = save_dit(dit, cfg, "", step, epoch + 1, w.main)
     optim.remove()
     tensors.close()
+    w.barrier()
     return final

@@ -133,12 +133,17 @@ def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Gen
               rows: list[int] | None = None) -> torch.Tensor:
     """Mean loss of one batch: ``draw_flow_noise``, then ``prediction_loss``. With ``rows`` (a data-parallel
     rank's share) every draw is still made for the whole batch, then only those rows compute."""
-    t, noise, perturbed = draw_flow_noise(batch, m, gen)
+    draws = draw_flow_noise(batch, m, gen)
     if rows is not None:
-        index = torch.tensor(rows, dtype=torch.long)
-        batch = {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        t, noise, perturbed = t[index.to(t.device)], noise[index.to(noise.device)], perturbed[index.to(noise.device)]
-    return prediction_loss(dit, batch, m, t, noise, perturbed).mean()
+        batch, draws = select_rows(batch, draws, rows)
+    return prediction_loss(dit, batch, m, *draws).mean()
+
+
+def select_rows(batch: dict, draws: tuple[torch.Tensor, ...], rows: list[int]) -> tuple[dict, tuple]:
+    """A data-parallel rank's rows of a batch and of its random draws."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return ({k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+            tuple(d[index.to(d.device)] for d in draws))
 
 
 class LoraLoss(torch.nn.Module):
@@ -329,7 +334,7 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
 
 def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.Module, tensors: CachedTensors,
                   pooled_fn, captions: list[str], logger: TrainLogger,  # noqa: ANN001
-                  dtype: torch.dtype | None = None) -> Monitor:
+                  dtype: torch.dtype | None = None, writes: bool = True) -> Monitor:
     """Samples (prompts encoded now, encoders freed; the AE kept for decoding) and the validation loss, with the
     DiT computing in ``dtype`` (default: the training's compute dtype). Shared with the full fine-tune."""
     from fluxpipe.devices import encode_dtype
@@ -355,7 +360,7 @@ def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.
                                    device=cfg.device, dtype=dtype, limit=s.max_validation_steps,
                                    pooled_fn=pooled_fn, captions=captions)
     return Monitor(s, output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed, sampler=sampler,
-                   conds=conds, pooled_fn=pooled_fn, validation=validation, logger=logger)
+                   conds=conds, pooled_fn=pooled_fn, validation=validation, logger=logger, writes=writes)
 
 
 def train(cfg: TrainLoraConfig) -> Path:
