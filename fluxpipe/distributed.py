@@ -1,4 +1,5 @@
-"""Data-parallel training through torch.distributed (launched by ``torchrun``): who does what.
+"""Data-parallel training through torch.distributed (launched by ``torchrun``): who does what. DDP for LoRA and
+ControlNet (``wrap``), FSDP2 for the full fine-tune (``fluxpipe.fsdp``); the batch logic below is shared.
 
 Every process builds the same global batch (the epoch order and every random draw come from the same seeded
 generator on every rank) and computes the loss of its own rows of it; DDP averages the gradients. So N
@@ -52,6 +53,8 @@ def world() -> World:
     if size == 1:
         return World()
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # before the group: NCCL and FSDP2 place each rank on its current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return World(rank=dist.get_rank(), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
