@@ -212,8 +212,10 @@ def _train(args: argparse.Namespace) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a LoRA or the whole DiT with the reference trainer's flags",
                        description="fluxpipe train lora <flags of flux_train_network.py> | train full <flags of "
-                                   "flux_train.py> | train controlnet <flags of flux_train_control_net.py> [--cache_dir results] [--clip_tokenizer DIR --t5_tokenizer DIR] "
-                                   "[--auto_resume]")
+                                   "flux_train.py> | train controlnet <flags of flux_train_control_net.py> "
+                                   "[--cache_dir results] [--clip_tokenizer DIR --t5_tokenizer DIR] [--auto_resume] "
+                                   "[--stop_at_step N: end the job at step N with its state, one segment of a chained "
+                                   "run]. Under torchrun: data parallel (DDP; FSDP2 for full).")
     p.add_argument("method", choices=("lora", "full", "controlnet"))
     p.add_argument("flags", nargs=argparse.REMAINDER, help="the reference's flags (see --help of the method)")
     p.set_defaults(func=_train)

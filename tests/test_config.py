@@ -79,3 +79,10 @@ def test_profiles_name_only_rules_of_the_workflow() -> None:
     assert all(r["gpu"] >= 1 and r.get("tasks_per_gpu", 1) in (0, 1) for r in slurm["set-resources"].values())
     local = yaml.safe_load((REPO / "config/profiles/local/config.yaml").read_text())
     assert local["cores"] >= 1
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [("train_processes", 0, "not a positive number"),
+                                                    ("train_segment_steps", -5, "is negative")])
+def test_scale_out_settings_are_checked(key: str, value: int, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_pipeline({key: value})

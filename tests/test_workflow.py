@@ -177,3 +177,19 @@ def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:
         assert all(torch.equal(tensors[k], again[k]) for k in tensors), name
     assert [json.loads(x)["loss"] for x in chained_losses.splitlines()] == \
         [json.loads(x)["loss"] for x in (out / "demo_lora-loss.jsonl").read_text().splitlines()]
+
+
+def test_segments_are_planned_from_max_train_steps() -> None:
+    from fluxpipe.config import PipelineConfig
+    from fluxpipe.workflow import previous_segment, segment_ends, segment_state
+
+    cfg = PipelineConfig(train={"output_name": "x", "max_train_steps": 100}, train_segment_steps=40)
+    assert segment_ends(cfg, "lora", "unused.parquet") == [40, 80]  # the final job runs steps 81-100
+    assert segment_state(cfg, "lora", 80) == "results/train/lora/x-seg00000080-state"
+    assert previous_segment(cfg, "lora", 80) == ["results/train/lora/x-seg00000040-state"]
+    assert previous_segment(cfg, "lora", 40) == []
+    with pytest.raises(ValueError, match="not a segment"):
+        previous_segment(cfg, "lora", 50)
+    cfg = PipelineConfig(train_full={"max_train_steps": 80}, train_segment_steps=40)
+    assert segment_ends(cfg, "full", "unused.parquet") == [40]
+    assert segment_ends(PipelineConfig(train={"max_train_steps": 80}), "lora", "unused.parquet") == []
