@@ -58,6 +58,17 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     c = load_file(str(tmp_path / "resumed/my_flux_lora.safetensors"))
     assert max(float((a[k].float() - c[k].float()).abs().max()) for k in a) < 1e-5
+    # segments under torchrun: 2 processes stop at step 3 (mid-epoch), 2 processes resume and finish
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fluxpipe.cli", "train", "lora"]
+    first = subprocess.run([*torchrun, *args(tmp_path / "chain", per_process), "--stop_at_step", "3"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = subprocess.run([*torchrun, *args(tmp_path / "chain", per_process), "--resume",
+                           str(tmp_path / "chain/my_flux_lora-seg00000003-state")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    d = load_file(str(tmp_path / "chain/my_flux_lora.safetensors"))
+    assert max(float((b[k].float() - d[k].float()).abs().max()) for k in b) == 0.0  # the 2-process run, exactly
 
 
 def _run(command: list[str], processes: int) -> subprocess.CompletedProcess[str]:
