@@ -34,6 +34,14 @@ class World:
         start = self.rank * base + min(self.rank, extra)
         return list(range(start, start + base + (self.rank < extra)))
 
+    def part(self, n: int) -> tuple[list[int] | None, float]:
+        """This rank's rows of a global batch of ``n`` (None: one process, every row) and the weight of its mean
+        loss: DDP and FSDP average the ranks' gradients, so a rank's mean counts by its share of the batch."""
+        if self.size == 1:
+            return None, 1.0
+        rows = self.rows(n)
+        return rows, self.size * len(rows) / n
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

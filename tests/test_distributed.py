@@ -154,3 +154,9 @@ def test_fsdp_refuses_what_cannot_step_sharded_weights(demo_dir: Path, tmp_path:
     a.remove("--fused_backward_pass")
     result = _run(["train", "full", *a], 2)
     assert result.returncode != 0 and "cannot step FSDP-sharded weights" in result.stderr, result.stderr[-2000:]
+
+
+def test_part_weights_each_rank_by_its_share() -> None:
+    assert World().part(3) == (None, 1.0)
+    assert [World(r, 2).part(3) for r in range(2)] == [([0, 1], 4 / 3), ([2], 2 / 3)]  # 2 x mean: sum / 3 x 2
+    assert World(1, 2).part(1) == ([], 0.0)

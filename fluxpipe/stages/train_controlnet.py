@@ -13,7 +13,6 @@ ControlNet's weights in the reference's key layout (``<name>.safetensors`` and p
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.distributed import world, wrap
 from fluxpipe.stages.train_full import TrainFullConfig, check_parallel, restore, resume_state, write_state
-from fluxpipe.stages.train_lora import FlowSettings, _log_losses, check_segment, draw_flow_noise, \
+from fluxpipe.stages.train_lora import FlowSettings, check_segment, write_losses, draw_flow_noise, \
     epoch_save_interval, load_dit, plan_steps, prediction_loss, prune_old, segment_suffix, select_rows
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
@@ -156,8 +154,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
             write_state(controlnet, optim, gen, cfg, step, epoch, batch_in_epoch, suffix)
         if kind:
             prune_old(cfg, kind, step if kind == "step" else epoch, every)
-        write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                             _log_losses(loss_file, records, state.step if state else 0)))
+        write_losses(loss_file, records, state.step if state else 0)
 
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
                disable=not w.main)
@@ -169,8 +166,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
             batch["hint"] = hints(rows_table, items, batch, images, cfg.device)
-            rows = w.rows(len(batches[bi])) if w.size > 1 else None
-            share = w.size * len(rows) / len(batches[bi]) if rows is not None else 1.0  # DDP averages the ranks
+            rows, share = w.part(len(batches[bi]))
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
                 with torch.autocast(torch.device(cfg.device).type, dtype=cfg.compute_dtype,
                                     enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16):

@@ -11,7 +11,6 @@ or bf16 with ``--full_bf16``; optimizer modes in ``fluxpipe.train_weights``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,11 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe.atomic import write_text_atomic
 from fluxpipe.checkpoints import load_model
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.sampler import ModelFiles
-from fluxpipe.stages.train_lora import FlowSettings, _log_losses, build_monitor, check_segment, \
+from fluxpipe.stages.train_lora import FlowSettings, build_monitor, check_segment, write_losses, \
     epoch_save_interval, flow_loss, plan_steps, prune_old, segment_suffix
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
@@ -237,8 +235,7 @@ def train(cfg: TrainFullConfig) -> Path:
         if w.main:
             if kind:
                 prune_old(cfg, kind, step if kind == "step" else epoch, every)
-            write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                                 _log_losses(loss_file, records, state.step if state else 0)))
+            write_losses(loss_file, records, state.step if state else 0)
 
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
                disable=not w.main)
@@ -250,10 +247,8 @@ def train(cfg: TrainFullConfig) -> Path:
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device,
                                torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype)
-            rows = w.rows(len(batches[bi])) if w.size > 1 else None
-            # FSDP averages over ranks: weight each rank's mean by its share; a rank left no rows of a short
-            # batch still runs one (weighted 0), since every forward gathers the weights from all ranks
-            share = w.size * len(rows) / len(batches[bi]) if rows is not None else 1.0
+            rows, share = w.part(len(batches[bi]))
+            # a rank left no rows of a short batch still runs one (weighted 0): every forward gathers from all ranks
             if w.size > 1:
                 dit.set_requires_gradient_sync(boundary)
             with autocast(cfg):

@@ -294,6 +294,11 @@ def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suf
                cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
+def write_losses(path: Path, records: list[dict], keep_until: int) -> None:
+    """``<name>-loss.jsonl``: the records of this job after those of the resumed run up to ``keep_until``."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in _log_losses(path, records, keep_until)))
+
+
 def _log_losses(path: Path, records: list[dict], keep_until: int) -> list[dict]:
     """Loss records up to ``keep_until`` steps (a resumed run drops the ones it will redo)."""
     if not path.is_file():
@@ -433,8 +438,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler)
         if kind:
             prune_old(cfg, kind, step if kind == "step" else epoch, every)
-        write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                             _log_losses(loss_file, records, state.step if state else 0)))
+        write_losses(loss_file, records, state.step if state else 0)
 
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
                disable=not w.main)
@@ -445,10 +449,8 @@ def train(cfg: TrainLoraConfig) -> Path:
         for bi in range(first, len(batches)):
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
-            rows = w.rows(len(batches[bi])) if w.size > 1 else None
+            rows, share = w.part(len(batches[bi]))  # this rank's rows, and its loss's weight in DDP's average
             texts = [captions[items[i].row] for i in batches[bi]] if clip is not None else None
-            # DDP averages over ranks: weight each rank's mean by its share, so a short batch counts right
-            share = w.size * len(rows) / len(batches[bi]) if rows is not None else 1.0
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
                 loss = model(batch, gen, rows, texts)
                 scaler.scale(loss * share / accum).backward()
@@ -477,8 +479,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             logger.close()
             if w.main:
                 _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, segment_suffix(step), scaler)
-                write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                                     _log_losses(loss_file, records, state.step if state else 0)))
+                write_losses(loss_file, records, state.step if state else 0)
             tensors.close()
             w.barrier()
             return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
@@ -491,8 +492,7 @@ def train(cfg: TrainLoraConfig) -> Path:
     bar.close()
     logger.close()
     if w.main:
-        write_text_atomic(loss_file, "".join(json.dumps(r) + "\n" for r in
-                                             _log_losses(loss_file, records, state.step if state else 0)))
+        write_losses(loss_file, records, state.step if state else 0)
         if cfg.save_state:
             _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler)
     final = save_lora(network, cfg, "", step, epoch + 1) if w.main else cfg.output_dir / f"{cfg.output_name}.safetensors"
