@@ -154,7 +154,6 @@ def load_state(folder: Path, *, large: bool = True) -> TrainState:
         raise FluxpipeError(f"{folder}: training state version {meta.get('version')} is not {STATE_VERSION}")
     if _sha256(folder / TENSORS) != meta["tensors_sha256"]:
         raise FluxpipeError(f"{folder}: {TENSORS} does not match its checksum (damaged); delete the folder")
-    parts_ = ("weights", "optimizer", "scheduler", "rng", "extra")
     if large:
         tensors = load_file(str(folder / TENSORS))
     else:
@@ -165,7 +164,7 @@ def load_state(folder: Path, *, large: bool = True) -> TrainState:
             _tensor_names(meta[name], wanted)
         with safe_open(str(folder / TENSORS), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in wanted}
-    parts = {name: _join(meta[name], tensors) for name in parts_}
+    parts = {name: _join(meta[name], tensors) for name in ("weights", "optimizer", "scheduler", "rng", "extra")}
     return TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"], **parts)
 
 

@@ -264,12 +264,12 @@ def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     return argv
 
 
-# ---- evaluation --------------------------------------------------------------------------------------
-
-
 def training_argv(cfg: PipelineConfig, method: str) -> list[str]:
     """`fluxpipe train <method>`'s flags from config.yaml."""
     return train_lora_argv(cfg) if method == "lora" else method_argv(cfg, method)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
 
 
 def evaluate_dir(cfg: PipelineConfig) -> str:

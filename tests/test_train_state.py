@@ -78,3 +78,17 @@ def test_newest_state_by_step_ignores_damage(tmp_path: Path) -> None:
     (tmp_path / "run-000002-state").mkdir()  # an empty (foreign or half-made) folder
     assert newest_state(tmp_path, "run") == tmp_path / "run-step00000009-state"
     assert not list(tmp_path.glob(".*tmp"))  # no temporary folders left behind
+
+
+def test_a_rank_that_is_not_rank_0_reads_only_the_small_parts(tmp_path: Path) -> None:
+    weights = {"w": torch.ones(3)}
+    optimizer = {"state": {0: {"exp_avg": torch.full((3,), 2.0), "step": torch.tensor(4.0)}},
+                 "param_groups": [{"lr": 0.1, "params": [0]}]}
+    save_state(TrainState(step=4, epoch=1, batch_in_epoch=2, weights=weights, optimizer=optimizer,
+                          scheduler={"last_epoch": 4}, rng=capture_rng({}), extra={"settings": "s"}), tmp_path / "s")
+    small = load_state(tmp_path / "s", large=False)
+    assert small.weights == {"w": None} and small.optimizer["state"][0]["exp_avg"] is None
+    assert small.optimizer["param_groups"] == [{"lr": 0.1, "params": [0]}]  # the plain values are all there
+    assert (small.step, small.epoch, small.batch_in_epoch, small.scheduler) == (4, 1, 2, {"last_epoch": 4})
+    assert torch.equal(small.rng["torch"], load_state(tmp_path / "s").rng["torch"])
+    assert torch.equal(load_state(tmp_path / "s").optimizer["state"][0]["exp_avg"], torch.full((3,), 2.0))
