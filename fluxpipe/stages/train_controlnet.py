@@ -26,7 +26,7 @@ from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.distributed import world, wrap
 from fluxpipe.stages.train_full import TrainFullConfig, check_parallel, restore, resume_state, write_state
-from fluxpipe.stages.train_lora import FlowSettings, check_segment, write_losses, draw_flow_noise, \
+from fluxpipe.stages.train_lora import FlowSettings, check_segment, log_step, write_losses, draw_flow_noise, \
     epoch_save_interval, load_dit, plan_steps, prediction_loss, prune_old, segment_suffix, select_rows
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
@@ -177,10 +177,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
                 continue
             optim.step()
             step += 1
-            records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": optim.lrs().popitem()[1]})
-            average = logger.step(step, loss_value, optim.lrs())
-            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
-            bar.update(1)
+            log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
             if step >= total or step == cfg.stop_at_step:

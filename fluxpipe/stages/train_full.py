@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fluxpipe.checkpoints import load_model
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.sampler import ModelFiles
-from fluxpipe.stages.train_lora import FlowSettings, build_monitor, check_segment, write_losses, \
+from fluxpipe.stages.train_lora import FlowSettings, build_monitor, check_segment, log_step, write_losses, \
     epoch_save_interval, flow_loss, plan_steps, prune_old, segment_suffix
 from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.train_log import TrainLogger
@@ -261,10 +261,7 @@ def train(cfg: TrainFullConfig) -> Path:
             if dit.block_swapper is not None:
                 dit.block_swapper.invalidate()  # the host weights changed: drop copies fetched before the step
             step += 1
-            records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": optim.lrs().popitem()[1]})
-            average = logger.step(step, loss_value, optim.lrs())
-            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
-            bar.update(1)
+            log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)

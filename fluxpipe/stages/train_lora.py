@@ -294,6 +294,15 @@ def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suf
                cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
+def log_step(records: list[dict], logger: TrainLogger, bar: tqdm, step: int, epoch: int, loss: float,
+             lrs: dict[str, float]) -> None:
+    """One optimizer step's loss record, logged scalars (``lrs``: by group, the first one recorded) and bar."""
+    records.append({"step": step, "epoch": epoch, "loss": loss, "lr": next(iter(lrs.values()))})
+    average = logger.step(step, loss, lrs)
+    bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
+    bar.update(1)
+
+
 def write_losses(path: Path, records: list[dict], keep_until: int) -> None:
     """``<name>-loss.jsonl``: the records of this job after those of the resumed run up to ``keep_until``."""
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in _log_losses(path, records, keep_until)))
@@ -465,10 +474,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            records.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": sched.get_last_lr()[0]})
-            average = logger.step(step, loss_value, {g["description"]: g["lr"] for g in opt.param_groups})
-            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
-            bar.update(1)
+            log_step(records, logger, bar, step, epoch, loss_value, {g["description"]: g["lr"] for g in opt.param_groups})
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
