@@ -73,12 +73,14 @@ def read_header(path: str | Path) -> Header:
     refuse_pickle(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+        (n,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (0,)
+        # a header length whose low byte is 0x80 also starts with pickle's first byte: the JSON's "{" decides
+        if (head[:2] == b"PK" or head[:1] == b"\x80") and head[8:9] != b"{":
             raise CheckpointError(f"{path}: holds pickle/zip (torch.save) data, not safetensors; fluxpipe never unpickles")
         if len(head) < 8:
             raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (empty or truncated download)")
-        (n,) = struct.unpack("<Q", head)
+        f.seek(8)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
                                   f"file has {size}); download the file again")

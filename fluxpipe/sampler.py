@@ -52,10 +52,29 @@ def split_lora(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return parts
 
 
-def read_loras(loras: list[tuple[Path, float]]) -> list[tuple[dict[str, dict[str, Tensor]], float]]:
-    from fluxpipe.stages.train_lora import load_lora_file
+def load_lora(path: Path) -> tuple[str, dict[str, Tensor]]:
+    """(layout, the LoRA in the kohya layout) of a LoRA file in any layout ``fluxpipe.lora_layouts`` reads."""
+    from fluxpipe.errors import CheckpointError
+    from fluxpipe.lora_layouts import to_kohya
+    from fluxpipe.safetensors_file import read_header, read_tensors
 
-    return [(split_lora(load_lora_file(path)), mult) for path, mult in loras]
+    header = read_header(path)
+    try:
+        return to_kohya(read_tensors(path, {k: k for k in header.tensors}), header.metadata)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} (--lora): {e}") from None
+
+
+def lora_line(path: Path, layout: str, kohya: dict[str, Tensor]) -> str:
+    """'<file>: <layout>, N modules patched (M text-encoder)'."""
+    from fluxpipe.lora_layouts import count_modules
+
+    n, te = count_modules(kohya)
+    return f"{path}: {layout}, {n} modules patched ({te} text-encoder)"
+
+
+def read_loras(loras: list[tuple[Path, float]]) -> list[tuple[dict[str, dict[str, Tensor]], float]]:
+    return [(split_lora(load_lora(path)[1]), mult) for path, mult in loras]
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from PIL import Image
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.prompts import SamplePrompt
-from fluxpipe.sampler import ModelFiles, Sampler, encode_texts, load_sampler, read_loras
+from fluxpipe.sampler import ModelFiles, Sampler, encode_texts, load_lora, load_sampler, lora_line, split_lora
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,13 @@ def run(cfg: EvaluateConfig) -> dict:
     for c in checkpoints:
         conds = base_conds
         if c.path is not None:
-            ((parts, mult),) = read_loras([(c.path, cfg.lora_multiplier)])
+            layout, kohya = load_lora(c.path)
+            parts, mult = split_lora(kohya), cfg.lora_multiplier
             if "lora_unet" in parts:
                 apply_lora(sampler.dit, parts["lora_unet"], mult, merge=False)
             if "lora_te1" in parts or "lora_te3" in parts:  # a text-encoder LoRA changes the conditioning
                 conds = encode_texts(cfg.models, texts, loras=[(parts, mult)], **enc)
+            log.info("%s", lora_line(c.path, layout, kohya))
         images = render(sampler, cfg.prompts, cfg.seeds, conds)
         detach_loras(sampler.dit)
         seeds = [str(s) for s in cfg.seeds] if all(p.seed is None for p in cfg.prompts) else ["images"] * max(

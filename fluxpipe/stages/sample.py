@@ -15,7 +15,7 @@ import torch
 
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.prompts import SamplePrompt
-from fluxpipe.sampler import ModelFiles, encode_texts, load_sampler, read_loras
+from fluxpipe.sampler import ModelFiles, encode_texts, load_lora, load_sampler, lora_line, split_lora
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,16 @@ def run(cfg: SampleConfig) -> list[Path]:
             raise FluxpipeError(f"{path}: no such LoRA file (--lora path[:multiplier])")
     if len(cfg.prompts) == 1 and cfg.out.suffix.lower() != ".png":
         raise FluxpipeError(f"--out {cfg.out}: one prompt writes one PNG file; name it *.png")
-    loras = read_loras(list(cfg.loras))
+    loaded = [(path, *load_lora(path)) for path, _ in cfg.loras]
+    loras = [(split_lora(kohya), mult) for (_, _, kohya), (_, mult) in zip(loaded, cfg.loras, strict=True)]
     texts = [p.prompt for p in cfg.prompts] + [p.negative_prompt for p in cfg.prompts if p.cfg_scale != 1.0]
     conds = encode_texts(cfg.models, texts, device=cfg.device, dtype=cfg.dtype, max_length=cfg.t5_max_length,
                          apply_t5_attn_mask=cfg.apply_t5_attn_mask, loras=loras)
     sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, loras=loras, merge=cfg.merge,
                            blocks_to_swap=cfg.blocks_to_swap, apply_t5_attn_mask=cfg.apply_t5_attn_mask,
                            compile_blocks=cfg.compile_blocks, controlnet=cfg.controlnet)
+    for path, layout, kohya in loaded:  # every module matched its layer (apply_lora is strict): all patched
+        print(lora_line(path, layout, kohya))
     written = []
     for p, out in zip(cfg.prompts, output_paths(cfg), strict=True):
         seed = cfg.seed if p.seed is None else p.seed
