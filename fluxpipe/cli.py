@@ -15,6 +15,7 @@ from pathlib import Path
 from fluxpipe import __version__
 from fluxpipe.devices import resolve_device
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.stages.lora_tools import add_lora_commands
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     adders: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_demo_models, _add_cache_commands, _add_bench, _add_train,
-                                                                   _add_sample, _add_evaluate]
+                                                                   _add_sample, _add_evaluate, add_lora_commands]
     for add in adders:
         add(sub)
     return parser

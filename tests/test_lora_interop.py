@@ -168,3 +168,31 @@ def test_peft_lora_loads_in_fluxpipe_sample(demo_dir: Path, tmp_path: Path, narr
     assert main(["sample", "--config", str(cfg), "--prompt", "a cat", "--width", "32", "--height", "32", "--steps", "1",
                  "--device", "cpu", "--lora", str(path), "--out", str(tmp_path / "x.png")]) == 0
     assert f"{path}: diffusers, {n} modules patched (0 text-encoder)" in capsys.readouterr().out
+
+
+def test_lora_convert_to_diffusers_loads_in_diffusers(demo_dir: Path, tmp_path: Path, narrow: None) -> None:
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from fluxpipe.cli import main
+    from fluxpipe.lora import apply_lora
+    from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
+    from fluxpipe.sampler import load_lora
+
+    dit, model = load_both(demo_dir, tmp_path)
+    net = FluxLoRANetwork(dit, LoraSpec(network_dim=4, network_alpha=2.0, in_dims=(4, 4, 4, 4, 4)))
+    g = torch.Generator().manual_seed(3)
+    for m in net.loras:
+        m.lora_up.weight.data = torch.randn(m.lora_up.weight.shape, generator=g) * 0.05
+    net.save(tmp_path / "k.safetensors")
+    out = tmp_path / "d.safetensors"
+    assert main(["lora", "convert", "--src_path", str(tmp_path / "k.safetensors"), "--dst_path", str(out),
+                 "--dst", "diffusers"]) == 0
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=model)
+    pipe.load_lora_weights(str(out))
+    patched = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert len(patched) == sum(k.endswith("lora_A.weight") for k in load_file(out))  # the in_dims layers too
+    apply_lora(dit, load_lora(tmp_path / "k.safetensors")[1])
+    x = inputs()
+    torch.testing.assert_close(run_diffusers(model, x), run_fluxpipe(dit, x), rtol=1e-4, atol=1e-5)
