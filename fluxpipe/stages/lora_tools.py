@@ -71,6 +71,8 @@ def resize(args: argparse.Namespace) -> None:
     top = max(p.rank for p in pairs.values())
     if args.new_rank > top:
         raise FluxpipeError(f"{args.model}: --new_rank {args.new_rank} is above the LoRA's rank {top}; give a lower one")
+    if args.new_conv_rank is not None:
+        log.warning("--new_conv_rank ignored: FLUX LoRAs have no conv layers")
     if (args.dynamic_method is None) != (args.dynamic_param is None):
         raise FluxpipeError("--dynamic_method and --dynamic_param go together")
     new = {n: resize_pair(p, args.new_rank, args.dynamic_method, args.dynamic_param, args.device) for n, p in pairs.items()}
