@@ -175,9 +175,9 @@ def train(cfg: TrainControlNetConfig) -> Path:
                                     enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16):
                     loss = model(batch, gen, rows)
                 (loss * share / accum).backward()
-            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
             if not boundary:
                 continue
+            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             optim.step()
             step += 1
             log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())

@@ -257,9 +257,9 @@ def train(cfg: TrainFullConfig) -> Path:
             with autocast(cfg):
                 loss = flow_loss(dit, batch, cfg.math, gen, rows=(rows or [0]) if rows is not None else None)
             (loss * share / accum).backward()
-            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
             if not boundary:
                 continue
+            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             optim.step()
             if dit.block_swapper is not None:
                 dit.block_swapper.invalidate()  # the host weights changed: drop copies fetched before the step

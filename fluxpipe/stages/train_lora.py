@@ -465,9 +465,9 @@ def train(cfg: TrainLoraConfig) -> Path:
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
                 loss = model(batch, gen, rows, texts)
                 scaler.scale(loss * share / accum).backward()
-            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
             if not boundary:
                 continue
+            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             scaler.unscale_(opt)  # (no-op unless fp16 on a GPU)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
