@@ -5,7 +5,9 @@ Every process builds the same global batch (the epoch order and every random dra
 generator on every rank) and computes the loss of its own rows of it; DDP averages the gradients. So N
 processes with per-process batch b train exactly the run of one process with batch N·b, the data position of a
 state does not depend on the world size, and a run can resume with another number of processes. Only rank 0
-writes files. The backend is NCCL on GPUs and gloo on CPUs (tested here with 2 CPU processes).
+writes files. The backend is NCCL on GPUs and gloo on CPUs (tested here with 2 CPU processes). NCCL has no CPU
+collectives: every collective of the project goes through ``World``, on ``World.device`` (the rank's GPU under NCCL),
+and the logged loss is reduced once per optimizer step, without a host sync before the one that logs it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where this rank's collectives run: its GPU under NCCL, the CPU under gloo
 
     @property
     def main(self) -> bool:
@@ -43,16 +46,22 @@ class World:
         return rows, self.size * len(rows) / n
 
     def barrier(self) -> None:
-        if self.size > 1:
+        if self.size == 1:
+            return
+        if self.device.startswith("cuda"):  # NCCL's barrier runs on a GPU: name this rank's (else it guesses)
+            dist.barrier(device_ids=[torch.device(self.device).index])
+        else:
             dist.barrier()
 
-    def mean(self, value: torch.Tensor, weight: int) -> float:
-        """The global mean of per-rank means ``value`` over ``weight`` rows each."""
+    def mean(self, value: torch.Tensor, weight: int) -> torch.Tensor:
+        """The global mean of per-rank means ``value`` over ``weight`` rows each (0 when no rank had rows), a
+        0-dim tensor on ``device`` (float64 when reduced): no host sync here, ``float()`` it where it is logged."""
         if self.size == 1:
-            return float(value)
-        pair = torch.tensor([float(value) * weight, float(weight)], dtype=torch.float64)
+            return value.detach()
+        mean = value.detach().to(self.device, torch.float64).reshape(())
+        pair = torch.stack([mean * weight, torch.full_like(mean, weight)])
         dist.all_reduce(pair)
-        return float(pair[0] / pair[1]) if pair[1] else 0.0
+        return pair[0] / pair[1].clamp_min(1.0)  # (weights are whole rows: the clamp only turns 0 / 0 into 0)
 
 
 def world() -> World:
@@ -60,11 +69,22 @@ def world() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = collective_device("nccl" if torch.cuda.is_available() else "gloo", local_rank)
     if not dist.is_initialized():
-        if torch.cuda.is_available():  # before the group: NCCL and FSDP2 place each rank on its current device
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return World(rank=dist.get_rank(), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        if device.startswith("cuda"):  # before the group: NCCL and FSDP2 place each rank on its current device
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend="gloo")
+    else:
+        device = collective_device(dist.get_backend(), local_rank)
+    return World(rank=dist.get_rank(), size=size, local_rank=local_rank, device=device)
+
+
+def collective_device(backend: str, local_rank: int) -> str:
+    """Where a backend's collectives run: NCCL only on the rank's GPU, gloo (and any other) on the CPU."""
+    return f"cuda:{local_rank}" if backend == "nccl" else "cpu"
 
 
 def device_for(w: World, device: str) -> str:

@@ -3,7 +3,8 @@
 A state is a folder ``<name>-state`` holding ``tensors.safetensors`` (every tensor: trainable weights,
 optimizer moments, RNG states) and ``state.json`` (everything else, plus the sha256 of the tensor file).
 It is written into a temporary folder and renamed into place, so a kill at any moment leaves either the
-previous state or the complete new one; ``load_state`` verifies the checksum before anything is used.
+previous state or the complete new one (its temporary, named by its writer, is removed by the next save of that
+state, see ``fluxpipe.atomic``); ``load_state`` verifies the checksum before anything is used.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fluxpipe.atomic import remove_stale_temps, writer_tag
 from fluxpipe.errors import FluxpipeError
 
 STATE_VERSION = 1
@@ -110,7 +112,8 @@ def save_state(state: TrainState, folder: Path) -> None:
     seen: dict[int, str] = {}
     skeleton = {name: _split(getattr(state, name), name, tensors, seen)
                 for name in ("weights", "optimizer", "scheduler", "rng", "extra")}
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    remove_stale_temps(folder.parent, folder.name)  # what a killed earlier save left
+    tmp = folder.with_name(f".{folder.name}.{writer_tag()}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / TENSORS))
@@ -120,7 +123,7 @@ def save_state(state: TrainState, folder: Path) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+        old = folder.with_name(f".{folder.name}.{writer_tag()}.{uuid.uuid4().hex}.old")
         if folder.exists():
             folder.rename(old)
         tmp.rename(folder)

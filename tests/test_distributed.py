@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from conftest import REPO
-from fluxpipe.distributed import World
+from fluxpipe.distributed import World, collective_device
 
 BIN = Path(sys.executable).parent
 
@@ -160,3 +164,119 @@ def test_part_weights_each_rank_by_its_share() -> None:
     assert World().part(3) == (None, 1.0)
     assert [World(r, 2).part(3) for r in range(2)] == [([0, 1], 4 / 3), ([2], 2 / 3)]  # 2 x mean: sum / 3 x 2
     assert World(1, 2).part(1) == ([], 0.0)
+
+
+class _Done(dist._Work):
+    def wait(self, timeout: object = None) -> bool:
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result([])
+        return future
+
+
+class DeviceOnlyGroup(dist.ProcessGroup):
+    """NCCL's rules on a machine without a GPU: a collective on a CPU tensor fails, and so does a barrier that
+    does not name its GPU. The device is emulated by ``meta`` (tensors without values, so a host sync fails too)."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        super().__init__(rank, size)
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def _check(self, name: str, tensors: list[torch.Tensor]) -> _Done:
+        cpu = [t for t in tensors if t.device.type == "cpu"]
+        if cpu:
+            raise RuntimeError(f"{name}: CPU tensor {tuple(cpu[0].shape)} {cpu[0].dtype} (NCCL has no CPU collectives)")
+        self.calls.append((name, [str(t.device) for t in tensors]))
+        return _Done()
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: object) -> _Done:
+        return self._check("all_reduce", tensors)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: object) -> _Done:
+        return self._check("broadcast", tensors)
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: object) -> _Done:
+        return self._check("all_gather", [*inputs, *(t for ts in outputs for t in ts)])
+
+    def barrier(self, opts: dist.BarrierOptions) -> _Done:
+        if not opts.device_ids:
+            raise RuntimeError("barrier: no device_ids (NCCL would guess the GPU)")
+        self.calls.append(("barrier", [f"cuda:{i}" for i in opts.device_ids]))
+        return _Done()
+
+    def getBackendName(self) -> str:  # noqa: N802 - the ProcessGroup API's name
+        return "device_only"
+
+
+_GROUPS: list[DeviceOnlyGroup] = []
+
+
+def _device_only(store: object, rank: int, size: int, timeout: object) -> DeviceOnlyGroup:
+    _GROUPS.append(DeviceOnlyGroup(rank, size))
+    return _GROUPS[-1]
+
+
+dist.Backend.register_backend("device_only", _device_only, devices=["cuda"])
+
+
+@pytest.fixture
+def device_only_group() -> DeviceOnlyGroup:
+    """A 2-rank group (this process is rank 0; the other is never asked: the group only checks and records)."""
+    dist.init_process_group("device_only", store=dist.HashStore(), rank=0, world_size=2)
+    try:
+        yield _GROUPS[-1]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_run_on_the_device_under_a_group_that_refuses_cpu_tensors(
+        device_only_group: DeviceOnlyGroup) -> None:
+    with pytest.raises(RuntimeError, match="CPU tensor"):  # the checker works: what today's NCCL says
+        dist.all_reduce(torch.tensor([0.5, 1.0], dtype=torch.float64))
+    w = World(rank=0, size=2, local_rank=1, device="meta")  # rank 0 of 2, the loss on its (emulated) GPU
+    loss = torch.tensor(0.25, device="meta")
+    mean = w.mean(loss, 3)  # a CPU tensor or a host sync (float(), .item()) of the device loss raises here
+    assert mean.device.type == "meta" and mean.shape == () and mean.dtype == torch.float64
+    World(rank=0, size=2, local_rank=1, device="cuda:1").barrier()
+    assert device_only_group.calls == [("all_reduce", ["meta"]), ("barrier", ["cuda:1"])]
+
+
+def test_the_collective_device_follows_the_backend() -> None:
+    assert collective_device("nccl", 1) == "cuda:1" and collective_device("gloo", 1) == "cpu"
+    assert World().device == "cpu"
+
+
+def test_only_the_world_and_fsdp_call_collectives() -> None:
+    """Every collective goes through World (on its device) or torch's FSDP2 state-dict functions (on the mesh's)."""
+    import re
+
+    callers = {p.relative_to(REPO).as_posix() for p in (REPO / "fluxpipe").rglob("*.py")
+               if re.search(r"torch\.distributed\.(all_|broadcast|barrier|reduce|gather|scatter|send|recv)|\bdist\.",
+                            p.read_text())}
+    assert callers == {"fluxpipe/distributed.py"}, callers
+
+
+def test_the_loss_is_reduced_once_per_optimizer_step(demo_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With gradient accumulation the ranks' losses meet once a step (each a host sync), not every micro-batch."""
+    from test_train_lora import seed_command
+
+    from fluxpipe.cli import main
+    from fluxpipe.stages import train_lora
+
+    calls: list[int] = []
+
+    class Counted(World):
+        def mean(self, value: torch.Tensor, weight: int) -> torch.Tensor:
+            calls.append(weight)
+            return World.mean(self, value, weight)
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(train_lora, "world", lambda: Counted())
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--gradient_accumulation_steps", "2")
+    args[args.index("--max_train_epochs") + 1] = "1"
+    assert main(["train", "lora", *args]) == 0
+    records = [json.loads(line) for line in (tmp_path / "my_flux_lora-loss.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and len(calls) == 3  # 5 batches of 2, accumulated in pairs: 3 optimizer steps

@@ -246,3 +246,29 @@ def test_gpu_fp16_training_scales_the_loss(demo_dir: Path, tmp_path: Path) -> No
     state = load_state(tmp_path / "my_flux_lora-state")
     assert state.extra["grad_scaler"]["scale"] > 0  # the GradScaler ran and its state is saved for resume
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "my_flux_lora.safetensors")).values())
+
+
+def test_rerun_from_the_final_state_keeps_ss_epoch_and_removes_a_killed_run_s_temporaries(demo_dir: Path,
+                                                                                          tmp_path: Path) -> None:
+    from test_atomic import dead_pid
+
+    from fluxpipe.atomic import HOST
+
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--optimizer_type", "AdamW", "--save_state",
+                        "--auto_resume")
+    args[args.index("--max_train_epochs") + 1] = "4"
+    args[args.index("--save_every_n_epochs") + 1] = "4"
+    assert main(["train", "lora", *args]) == 0
+    pid = dead_pid()  # a killed run's leftovers: a step file's temporary and a state's temporary folder
+    orphans = [tmp_path / f".my_flux_lora-step00000003.safetensors.{HOST}-{pid}.x1y2z3w4.tmp",
+               tmp_path / f".my_flux_lora-000002-state.{HOST}-{pid}.{'e5' * 16}.tmp"]
+    orphans[0].write_text("partial")
+    orphans[1].mkdir()
+    unrelated = [tmp_path / ".my_flux_lora.notes", tmp_path / f".other.safetensors.{HOST}-{pid}.x1y2z3w4.tmp"]
+    for p in unrelated:
+        p.write_text("keep")
+    assert main(["train", "lora", *args]) == 0  # resumes from the final state: nothing left to train
+    with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_epoch"] == "4" and meta["ss_steps"] == "20"  # 5 images x 2 repeats / batch 2 x 4 epochs
+    assert not any(p.exists() for p in orphans) and all(p.exists() for p in unrelated)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fluxpipe.atomic import remove_stale_temps
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.distributed import world, wrap
@@ -137,6 +138,8 @@ def train(cfg: TrainControlNetConfig) -> Path:
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    if w.main:  # what a killed run of this output left
+        remove_stale_temps(cfg.output_dir, cfg.output_name)
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
@@ -172,9 +175,9 @@ def train(cfg: TrainControlNetConfig) -> Path:
                                     enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16):
                     loss = model(batch, gen, rows)
                 (loss * share / accum).backward()
-            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
             if not boundary:
                 continue
+            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             optim.step()
             step += 1
             log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())
@@ -198,7 +201,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
     bar.close()
     logger.close()
     save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
-    final = save_controlnet(controlnet, cfg, "", step, epoch + 1) if w.main else \
+    final = save_controlnet(controlnet, cfg, "", step, min(epoch + 1, epochs)) if w.main else \
         cfg.output_dir / f"{cfg.output_name}.safetensors"
     optim.remove()
     tensors.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fluxpipe.atomic import remove_stale_temps
 from fluxpipe.checkpoints import load_model
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.sampler import ModelFiles
@@ -215,6 +216,8 @@ def train(cfg: TrainFullConfig) -> Path:
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    if w.main:  # what a killed run of this output left
+        remove_stale_temps(cfg.output_dir, cfg.output_name)
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
@@ -254,9 +257,9 @@ def train(cfg: TrainFullConfig) -> Path:
             with autocast(cfg):
                 loss = flow_loss(dit, batch, cfg.math, gen, rows=(rows or [0]) if rows is not None else None)
             (loss * share / accum).backward()
-            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
             if not boundary:
                 continue
+            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             optim.step()
             if dit.block_swapper is not None:
                 dit.block_swapper.invalidate()  # the host weights changed: drop copies fetched before the step
@@ -284,7 +287,7 @@ def train(cfg: TrainFullConfig) -> Path:
     bar.close()
     logger.close()
     save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
-    final = save_dit(dit, cfg, "", step, epoch + 1, w.main)
+    final = save_dit(dit, cfg, "", step, min(epoch + 1, epochs), w.main)
     optim.remove()
     tensors.close()
     w.barrier()

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fluxpipe import flow
-from fluxpipe.atomic import write_text_atomic
+from fluxpipe.atomic import remove_stale_temps, write_text_atomic
 from fluxpipe.checkpoints import load_model
 from fluxpipe.distributed import world, wrap
 from fluxpipe.errors import FluxpipeError
@@ -426,6 +426,8 @@ def train(cfg: TrainLoraConfig) -> Path:
         if scaler.is_enabled() and state.extra.get("grad_scaler"):
             scaler.load_state_dict(state.extra["grad_scaler"])
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    if w.main:  # what a killed run of this output left
+        remove_stale_temps(cfg.output_dir, cfg.output_name)
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -463,9 +465,9 @@ def train(cfg: TrainLoraConfig) -> Path:
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
                 loss = model(batch, gen, rows, texts)
                 scaler.scale(loss * share / accum).backward()
-            loss_value = w.mean(loss.detach(), len(rows) if rows is not None else 1)
             if not boundary:
                 continue
+            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             scaler.unscale_(opt)  # (no-op unless fp16 on a GPU)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -501,7 +503,8 @@ def train(cfg: TrainLoraConfig) -> Path:
         write_losses(loss_file, records, state.step if state else 0)
         if cfg.save_state:
             _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler)
-    final = save_lora(network, cfg, "", step, epoch + 1) if w.main else cfg.output_dir / f"{cfg.output_name}.safetensors"
+    final = save_lora(network, cfg, "", step, min(epoch + 1, epochs)) if w.main else \
+        cfg.output_dir / f"{cfg.output_name}.safetensors"
     tensors.close()
     w.barrier()  # the others wait for rank 0's files
     return final
