@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+            "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 DTYPE_NAMES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8_e4m3fn",
                "F8_E5M2": "fp8_e5m2"}
 
@@ -63,6 +66,17 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
+def looks_like_pickle_or_zip(path: Path) -> bool:
+    """A zip archive (torch.save's format: found by its end-of-archive record) or a protocol 2-5 pickle stream.
+    Asked only of files that are not valid safetensors: a safetensors file begins with its little-endian header
+    length, whose first bytes can be anything (0x80 for 1 header length in 32)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def read_header(path: str | Path) -> Header:
     """Parse and check a safetensors header: missing file, pickle bytes, truncation and corruption all raise."""
     path = Path(path)
@@ -71,11 +85,20 @@ def read_header(path: str | Path) -> Header:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give the path of a single .safetensors file")
     refuse_pickle(path)
+    try:
+        return _parse_header(path)
+    except CheckpointError:
+        if looks_like_pickle_or_zip(path):
+            raise CheckpointError(f"{path}: holds pickle/zip (torch.save) data, not safetensors; fluxpipe never "
+                                  "unpickles (convert it with a trusted tool, or download the .safetensors release)"
+                                  ) from None
+        raise
+
+
+def _parse_header(path: Path) -> Header:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(f"{path}: holds pickle/zip (torch.save) data, not safetensors; fluxpipe never unpickles")
         if len(head) < 8:
             raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (empty or truncated download)")
         (n,) = struct.unpack("<Q", head)
@@ -86,20 +109,35 @@ def read_header(path: str | Path) -> Header:
             raw = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); download it again") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); download it again")
     metadata = raw.pop("__metadata__", None) or {}
     tensors, end = {}, 0
     for key, entry in raw.items():
         try:
-            start, stop = entry["data_offsets"]
+            start, stop = (int(o) for o in entry["data_offsets"])
             tensors[key] = TensorInfo(dtype=entry["dtype"], shape=tuple(int(s) for s in entry["shape"]))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}; download it again") from e
+        check_byte_range(path, key, tensors[key], start, stop)
         end = max(end, stop)
     data = size - 8 - n
     if data < end:
         raise CheckpointError(f"{path}: truncated: the header describes {end} bytes of tensor data but the file holds "
                               f"{data}; the download or copy was interrupted, fetch the file again")
     return Header(path=path, tensors=tensors, metadata=metadata)
+
+
+def check_byte_range(path: Path, key: str, info: TensorInfo, start: int, stop: int) -> None:
+    """The header's byte range of a tensor must hold exactly shape x dtype size bytes."""
+    if info.dtype not in ITEMSIZE:
+        raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {info.dtype!r}; the file is corrupt or not a "
+                              "model file fluxpipe reads")
+    want = info.numel * ITEMSIZE[info.dtype]
+    if start < 0 or stop - start != want:
+        raise CheckpointError(f"{path}: tensor {key!r}: the header's byte range [{start}, {stop}) holds {stop - start} "
+                              f"bytes but {info.dtype} {list(info.shape)} needs {want}; the file is corrupt (its "
+                              "header contradicts itself): download or export it again")
 
 
 def read_tensors(path: str | Path, keys: Mapping[str, str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
