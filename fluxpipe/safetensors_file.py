@@ -39,6 +39,7 @@ DTYPE_NAMES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_
 class TensorInfo:
     dtype: str  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)  # byte range in the data section (after the header)
 
     @property
     def numel(self) -> int:
@@ -53,6 +54,7 @@ class Header:
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    data_start: int = 0  # file offset of the data section: 8 + header length
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: t.shape for k, t in self.tensors.items()}
@@ -116,7 +118,8 @@ def _parse_header(path: Path) -> Header:
     for key, entry in raw.items():
         try:
             start, stop = (int(o) for o in entry["data_offsets"])
-            tensors[key] = TensorInfo(dtype=entry["dtype"], shape=tuple(int(s) for s in entry["shape"]))
+            tensors[key] = TensorInfo(dtype=entry["dtype"], shape=tuple(int(s) for s in entry["shape"]),
+                                      offsets=(start, stop))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}; download it again") from e
         check_byte_range(path, key, tensors[key], start, stop)
@@ -125,7 +128,7 @@ def _parse_header(path: Path) -> Header:
     if data < end:
         raise CheckpointError(f"{path}: truncated: the header describes {end} bytes of tensor data but the file holds "
                               f"{data}; the download or copy was interrupted, fetch the file again")
-    return Header(path=path, tensors=tensors, metadata=metadata)
+    return Header(path=path, tensors=tensors, metadata=metadata, data_start=8 + n)
 
 
 def check_byte_range(path: Path, key: str, info: TensorInfo, start: int, stop: int) -> None:
