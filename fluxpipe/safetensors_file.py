@@ -7,6 +7,7 @@ formats (.ckpt/.pt/.pth/.bin or pickle/zip bytes under any name) are refused: th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zipfile
@@ -166,22 +167,48 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
         raise
 
 
+def canonical_header(tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    """The header's meaning as canonical JSON bytes (what a content digest covers besides the data bytes)."""
+    entries: dict[str, object] = {k: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.offsets)}
+                                  for k, t in tensors.items()}
+    entries["__metadata__"] = dict(metadata)
+    return json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    data = t.detach().contiguous().cpu().reshape(-1)
+    return memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+
+
 def save_safetensors_streaming(tensors: Mapping[str, torch.Tensor], path: str | Path,
                                metadata: Mapping[str, str] | None = None,
-                               fetch: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                               fetch: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                               digest_key: str | None = None) -> str | None:
     """The same file as ``save_safetensors``, written one tensor at a time (``--mem_eff_save``): the host never
     holds more than one tensor's bytes beyond the model itself (a 24 GB DiT saves without 24 GB of extra RAM).
     Header first (offsets from shapes and dtypes, padded to 8 bytes), then the data in header order; atomic.
-    ``fetch`` turns each tensor into the one written, as it is reached (e.g. gathers an FSDP shard)."""
+    ``fetch`` turns each tensor into the one written, as it is reached (e.g. gathers an FSDP shard).
+    With ``digest_key`` (no ``fetch``), the metadata also records under that key the sha256 of
+    ``canonical_header`` + the data bytes, computed from the tensors in memory as they are written; it is
+    returned, and ``content_digest`` recomputes it from the file."""
     codes = {v: k for k, v in DTYPES.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
-    offset = 0
+    infos, offset = {}, 0
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        infos[name] = TensorInfo(dtype=codes[t.dtype], shape=tuple(t.shape), offsets=(offset, offset + size))
         offset += size
+    meta, digest = dict(metadata or {}), None
+    if digest_key is not None:
+        assert fetch is None, "a digest is computed from tensors in memory"
+        h = hashlib.sha256(canonical_header(infos, meta))
+        for t in tensors.values():
+            h.update(_raw_bytes(t))
+        digest = meta[digest_key] = h.hexdigest()
+    header: dict[str, object] = {"__metadata__": meta} if meta else {}
+    header.update({k: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.offsets)}
+                   for k, i in infos.items()})
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = temp_beside(path)
@@ -189,10 +216,23 @@ def save_safetensors_streaming(tensors: Mapping[str, torch.Tensor], path: str | 
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for t in tensors.values():
-                data = (fetch(t) if fetch is not None else t).detach().contiguous().cpu()
-                f.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                f.write(_raw_bytes(fetch(t) if fetch is not None else t))
             f.flush()
         publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return digest
+
+
+def content_digest(path: str | Path, digest_key: str, chunk: int = 16 << 20) -> tuple[str | None, str]:
+    """(digest recorded under ``digest_key``, digest of the file as it is now), the data streamed once."""
+    header = read_header(path)
+    meta = dict(header.metadata)
+    recorded = meta.pop(digest_key, None)
+    h = hashlib.sha256(canonical_header(header.tensors, meta))
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start)
+        while block := f.read(chunk):
+            h.update(block)
+    return recorded, h.hexdigest()
