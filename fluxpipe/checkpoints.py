@@ -23,6 +23,7 @@ from fluxpipe.errors import CheckpointError, summarize
 from fluxpipe.models import text_encoders as te
 from fluxpipe.models.autoencoder import AutoEncoder, infer_ae_params
 from fluxpipe.models.flux import Flux, flux_size_class, flux_variant, infer_flux_params
+from fluxpipe.hashing import FLOAT_CODES
 from fluxpipe.safetensors_file import DTYPE_NAMES, Header, read_header, read_tensors
 
 SLOTS = ("flux", "ae", "clip_l", "t5xxl")
@@ -172,14 +173,16 @@ def inspect_checkpoint(path: str | Path, slot: str) -> ModelSpec:
     return spec
 
 
-def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+def _expected(spec: ModelSpec) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The model's tensor shapes and the names of its floating-point tensors (built on the meta device)."""
     with torch.device("meta"):
         model = spec.build()
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items()}, {k for k, v in state.items() if v.is_floating_point()}
 
 
 def _compare_with_model(spec: ModelSpec) -> None:
-    expected = _expected_shapes(spec)
+    expected, float_slots = _expected(spec)
     found = {nk: spec.header.tensors[k].shape for k, nk in spec.key_map.items()}
     if spec.slot == "t5xxl":  # one tied tensor under either name (or both)
         for a, b in (te.T5_TIED_KEYS, te.T5_TIED_KEYS[::-1]):
@@ -188,6 +191,8 @@ def _compare_with_model(spec: ModelSpec) -> None:
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    not_float = [f"{fk} is {spec.header.tensors[fk].dtype}" for fk, k in spec.key_map.items()
+                 if k in float_slots and spec.header.tensors[fk].dtype not in FLOAT_CODES]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys: {summarize(missing)}")
@@ -195,6 +200,8 @@ def _compare_with_model(spec: ModelSpec) -> None:
         problems.append(f"{len(unexpected)} unexpected keys: {summarize(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} shape mismatches: {summarize(wrong, 4)}")
+    if not_float:
+        problems.append(f"{len(not_float)} non-float tensors in float weights: {summarize(not_float, 4)}")
     if problems:
         raise CheckpointError(f"{spec.header.path}: does not load strictly as {KIND_TEXT[spec.slot]}: "
                               + "; ".join(problems))

@@ -7,6 +7,11 @@ as ``<shard>.<build id>.safetensors``, which Snakemake never deletes: any later 
 entries from there instead of encoding them again, so a rerun encodes exactly what changed and a killed run
 loses nothing finished. Older generations stay until the index stage has gathered the new shards (so a
 re-sharding finds every old entry), then it prunes them.
+
+Every shard records ``fluxpipe.sha256``: the sha256 of its header's meaning and its data bytes, computed from
+the tensors as they are written. ``check_shard`` recomputes it (one streamed read); the index stage checks
+every shard it gathers, training every shard it opens, and a build checks each .reuse file before taking
+entries from it (a hard link shares the damaged bytes of its shard): a damaged one is deleted, never reused.
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fluxpipe.safetensors_file import read_header, save_safetensors
+from fluxpipe.errors import FluxpipeError
+from fluxpipe.safetensors_file import content_digest, read_header, save_safetensors_streaming
 
 REUSE_DIR = ".reuse"
+DIGEST_KEY = "fluxpipe.sha256"
+
+
+class DamagedShard(FluxpipeError):
+    """A shard whose bytes are not those written (or that cannot be read as a shard at all)."""
 
 
 def content_key(**fields: object) -> str:
@@ -64,11 +75,24 @@ def shard_of_reuse_file(path: Path) -> str:
     return f"{stem}{path.suffix}"
 
 
+def check_shard(path: Path) -> str:
+    """The shard's digest, recomputed from its bytes and equal to the one it recorded; else DamagedShard."""
+    try:
+        recorded, actual = content_digest(path, DIGEST_KEY)
+    except (FluxpipeError, OSError) as e:  # missing, truncated, not safetensors
+        raise DamagedShard(f"{path}: unreadable ({e})") from e
+    if recorded is None:
+        raise DamagedShard(f"{path}: records no sha256 (written by an older fluxpipe)")
+    if recorded != actual:
+        raise DamagedShard(f"{path}: its bytes do not match the sha256 recorded when it was written (damaged)")
+    return actual
+
+
 class ReusePool:
     """Entries of previously built shards (every generation in the .reuse folder), found by key."""
 
     def __init__(self, folder: Path):
-        self.where: dict[str, Path] = {}
+        self.where: dict[str, list[Path]] = {}  # key -> reuse files holding it, oldest first
         self.previous: dict[str, set[str]] = {}  # shard file name -> keys of its newest earlier build
         files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
         for path in files:  # oldest first, so `previous` ends with the newest build of each shard
@@ -78,24 +102,44 @@ class ReusePool:
                 continue
             self.previous[shard_of_reuse_file(path)] = keys
             for key in keys:
-                self.where.setdefault(key, path)
+                self.where.setdefault(key, []).append(path)
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
+    def _drop(self, path: Path) -> None:
+        """Forget (and delete) a damaged reuse file."""
+        path.unlink(missing_ok=True)
+        for key in [k for k, paths in self.where.items() if path in paths]:
+            self.where[key].remove(path)
+            if not self.where[key]:
+                del self.where[key]
+
     def load(self, keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """key -> {part: tensor} for the given keys (all must be present)."""
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.where[key], []).append(key)
+        """key -> {part: tensor} for those of ``keys`` found in a reuse file that passes ``check_shard``; a
+        damaged file is deleted and its keys looked up in the other generations (else left to encode)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for path, file_keys in by_file.items():
-            wanted = set(file_keys)
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    key, _, part = name.partition(".")
-                    if key in wanted:
-                        out.setdefault(key, {})[part] = f.get_tensor(name)
+        checked: set[Path] = set()
+        todo = [k for k in keys if k in self.where]
+        while todo:
+            by_file: dict[Path, set[str]] = {}
+            for key in todo:
+                by_file.setdefault(self.where[key][0], set()).add(key)
+            todo = []
+            for path, wanted in by_file.items():
+                try:
+                    if path not in checked:
+                        check_shard(path)
+                        checked.add(path)
+                except DamagedShard:
+                    self._drop(path)
+                    todo += [k for k in wanted if k in self.where]
+                    continue
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        key, _, part = name.partition(".")
+                        if key in wanted:
+                            out.setdefault(key, {})[part] = f.get_tensor(name)
         return out
 
 
@@ -105,7 +149,7 @@ def write_shard(path: Path, entries: Mapping[str, Mapping[str, torch.Tensor]], i
     tensors = {f"{key}.{part}": t for key, parts in entries.items() for part, t in parts.items()}
     metadata = {"fluxpipe.entries": json.dumps(info, sort_keys=True),
                 "fluxpipe.stats": json.dumps(stats.__dict__), **(extra_metadata or {})}
-    save_safetensors(tensors, path, metadata)
+    save_safetensors_streaming(tensors, path, metadata, digest_key=DIGEST_KEY)
     folder = reuse_dir(path)
     folder.mkdir(exist_ok=True)
     tmp = folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -128,9 +172,9 @@ def build_shard(out: Path, info: Mapping[str, Mapping[str, object]],
     """Write shard ``out`` holding the entries ``info`` (key -> facts): entries found in the .reuse pool are
     copied, the others come from ``encode(missing keys)``; the stats count both and what the shard lost."""
     pool = ReusePool(reuse_dir(out))
-    reused = [k for k in info if k in pool]
-    missing = [k for k in info if k not in pool]
-    tensors = pool.load(reused)
+    tensors = pool.load([k for k in info if k in pool])
+    reused = [k for k in info if k in tensors]
+    missing = [k for k in info if k not in tensors]
     start = time.perf_counter()
     tensors.update(encode(missing))
     seconds = time.perf_counter() - start

@@ -7,7 +7,8 @@ image (its latent entries, unflipped and, with ``flip_aug``, flipped; its text e
 (dataset, bucket), each group shuffled and cut into batches of ``batch_size`` (last partial batch kept),
 and the batches shuffled; one ``random.Random`` seeded by (seed, epoch) makes the order a pure function
 of (items, seed, epoch), so a resumed run skips the first k batches of an epoch exactly.
-``CachedTensors`` reads entries from the memory-mapped safetensors shards (no pickle), and
+``CachedTensors`` reads entries from the memory-mapped safetensors shards (no pickle; each shard checked against
+the sha256 its index recorded when first opened), and
 ``make_batch`` draws a fresh latent from each cached AE posterior, z = 0.3611·(mean + exp(logvar/2)·ε
 − 0.1159), choosing the flipped entry with p = 0.5 for ``flip_aug`` items.
 """
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from fluxpipe.errors import FluxpipeError, summarize
 from fluxpipe.models.autoencoder import FLUX1_AE
+from fluxpipe.shards import DamagedShard, check_shard
 from fluxpipe.tables import read_parquet
 
 RERUN = "the caches are older than the manifest: rerun the cache rules"
@@ -118,11 +120,17 @@ class CachedTensors:
 
     def __init__(self, latent_index: Path, text_index: Path) -> None:
         self._where: dict[str, Path] = {}
+        self._sha256: dict[Path, str] = {}  # shard -> the sha256 its index recorded (checked when first opened)
         for index in (Path(latent_index), Path(text_index)):
             table, _ = read_parquet(index)
-            if not table.empty:
-                shards = (index.parent / str(s) for s in table.shard)
-                self._where.update(zip((str(k) for k in table.key), shards, strict=True))
+            if table.empty:
+                continue
+            if "shard_sha256" not in table:
+                raise FluxpipeError(f"{index}: records no shard sha256 (written by an older fluxpipe); rerun the "
+                                    "cache rules (snakemake rebuilds them: their format version changed)")
+            shards = [index.parent / str(s) for s in table.shard]
+            self._where.update(zip((str(k) for k in table.key), shards, strict=True))
+            self._sha256.update(zip(shards, (str(d) for d in table.shard_sha256), strict=True))
         self._open: dict[Path, Any] = {}
         self._names: dict[Path, set[str]] = {}
 
@@ -131,15 +139,24 @@ class CachedTensors:
         if path is None:
             raise FluxpipeError(f"cache entry {key} is in neither index; {RERUN}")
         if path not in self._open:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # missing, truncated or not a safetensors file
-                raise FluxpipeError(f"{path}: unreadable cache shard ({type(e).__name__}: {e}); {RERUN}") from e
+            self._check(path)
+            handle = safe_open(str(path), framework="pt")
             self._open[path], self._names[path] = handle, set(handle.keys())
         name = f"{key}.{part}"
         if name not in self._names[path]:
             raise FluxpipeError(f"{path}: has no tensor {name}; {RERUN}")
         return self._open[path].get_tensor(name)
+
+    def _check(self, path: Path) -> None:
+        """The shard's bytes must be those its index was built from (one streamed read per shard)."""
+        try:
+            if check_shard(path) == self._sha256[path]:
+                return
+            problem = f"{path}: is not the shard its index was built from"
+        except DamagedShard as e:
+            problem = str(e)
+        raise FluxpipeError(f"{problem}; delete it (rm {path}) and rerun the same snakemake command: it rebuilds "
+                            "that shard, the index and this run")
 
     def latent(self, key: str) -> tuple[Tensor, Tensor]:
         """(mean, logvar), each [16, H/8, W/8]: the AE posterior before FLUX's scale and shift."""

@@ -155,8 +155,13 @@ def load_state(folder: Path, *, large: bool = True) -> TrainState:
         raise FluxpipeError(f"{folder}: not a readable training state ({e})") from e
     if meta.get("version") != STATE_VERSION:
         raise FluxpipeError(f"{folder}: training state version {meta.get('version')} is not {STATE_VERSION}")
-    if _sha256(folder / TENSORS) != meta["tensors_sha256"]:
-        raise FluxpipeError(f"{folder}: {TENSORS} does not match its checksum (damaged); delete the folder")
+    fix = f"delete {folder} to resume from an earlier state (or from the start)"
+    try:
+        digest = _sha256(folder / TENSORS)
+    except OSError as e:
+        raise FluxpipeError(f"{folder / TENSORS}: missing or unreadable ({e.strerror}): {fix}") from e
+    if digest != meta.get("tensors_sha256"):
+        raise FluxpipeError(f"{folder / TENSORS}: does not match the sha256 recorded in {folder / META} (damaged): {fix}")
     if large:
         tensors = load_file(str(folder / TENSORS))
     else:

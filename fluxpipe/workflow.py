@@ -71,7 +71,7 @@ LATENT_INDEX = "results/cache/latents/index.parquet"
 LATENT_SUMMARY = "results/cache/latents/summary.json"
 TEXT_INDEX = "results/cache/text/index.parquet"
 TEXT_SUMMARY = "results/cache/text/summary.json"
-CACHE_FORMAT = {"manifest": 1, "latents": 1, "text": 1}  # bump when a stage's output format changes
+CACHE_FORMAT = {"manifest": 1, "latents": 2, "text": 2}  # bump when a stage's output format changes
 
 
 def shard_path(kind: str, shard: int | str) -> str:

@@ -272,3 +272,46 @@ def test_rerun_from_the_final_state_keeps_ss_epoch_and_removes_a_killed_run_s_te
         meta = f.metadata()
     assert meta["ss_epoch"] == "4" and meta["ss_steps"] == "20"  # 5 images x 2 repeats / batch 2 x 4 epochs
     assert not any(p.exists() for p in orphans) and all(p.exists() for p in unrelated)
+
+
+def test_log_step_stops_on_a_nonfinite_loss() -> None:
+    from tqdm import tqdm
+
+    from fluxpipe.errors import FluxpipeError
+    from fluxpipe.stages.train_lora import log_step
+    from fluxpipe.train_log import TrainLogger
+
+    records: list[dict] = []
+    logger, bar = TrainLogger(None), tqdm(total=3, disable=True)
+    log_step(records, logger, bar, 1, 0, 0.25, {"unet": 1e-4})
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(FluxpipeError, match=rf"^step 2: the loss is {bad}; training stopped"):
+            log_step(records, logger, bar, 2, 0, bad, {"unet": 1e-4})
+    assert records == [{"step": 1, "epoch": 0, "loss": 0.25, "lr": 1e-4}]
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_saved_state(
+        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import fluxpipe.stages.train_lora as train_lora
+    from fluxpipe.train_state import load_state
+
+    real, calls = train_lora.flow_loss, []
+
+    def diverging(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 4 else loss
+
+    monkeypatch.setattr(train_lora, "flow_loss", diverging)
+    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_state", "--save_every_n_steps", "2",
+                        "--blocks_to_swap", "0", "--optimizer_type", "AdamW", "--mixed_precision", "no")
+    assert main(["train", "lora", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert len(err) == 1 and err[0].startswith("fluxpipe: error: step 4: the loss is nan; training stopped"), err
+    state = load_state(tmp_path / "my_flux_lora-step00000002-state")
+    assert state.step == 2 and all(torch.isfinite(v).all() for v in state.weights.values())
+    assert not (tmp_path / "my_flux_lora.safetensors").exists()
+    assert not list(tmp_path.glob("*step00000004*"))
+    lines = (tmp_path / "my_flux_lora-loss.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # strict JSON: bare NaN would fail below
+    assert all("NaN" not in line for line in lines)

@@ -66,7 +66,7 @@ def test_damaged_state_is_refused(tmp_path: Path) -> None:
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0xFF
     tensors.write_bytes(bytes(data))
-    with pytest.raises(FluxpipeError, match="does not match its checksum"):
+    with pytest.raises(FluxpipeError, match="does not match the sha256 recorded"):
         load_state(tmp_path / "a-state")
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -43,18 +46,33 @@ def test_report_of_the_demo_models(demo_dir: Path, tmp_path: Path, capsys: pytes
     assert "ok: flux, ae, clip_l, t5xxl valid (FLUX.1 dev)" in capsys.readouterr().out
 
 
-def test_hash_cache_is_keyed_by_size_and_mtime(tmp_path: Path) -> None:
+def test_hash_cache_sees_an_in_place_edit_with_size_and_mtime_restored(tmp_path: Path) -> None:
     path, cache = tmp_path / "big.bin", tmp_path / "cache.json"
     path.write_bytes(b"a" * 1000)
     first, hit = cached_sha256(path, cache)
     assert not hit and first == sha256_file(path)
+    assert cached_sha256(path, cache) == (first, True)  # unchanged: answered without reading
     stat = path.stat()
-    path.write_bytes(b"b" * 1000)  # same size; put the old mtime back: the cache must answer without reading
+    time.sleep(0.05)  # past the file system clock's tick
+    with open(path, "r+b") as f:  # rewritten in place (same inode), same size, old mtime put back (cp -p, touch -r)
+        f.write(b"b" * 1000)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert cached_sha256(path, cache) == (first, True)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     second, hit = cached_sha256(path, cache)
-    assert not hit and second == sha256_file(path) != first
+    assert not hit and second == hashlib.sha256(b"b" * 1000).hexdigest() != first
+
+
+def contradicting_header(source: Path, out: Path) -> Path:
+    """A copy of ``source`` whose header says img_in.bias is F32 while its byte range holds its BF16 bytes."""
+    data = source.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    assert header["img_in.bias"]["dtype"] == "BF16"
+    header["img_in.bias"]["dtype"] = "F32"
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    out.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+    return out
 
 
 def _bad_files(demo_dir: Path, tmp: Path) -> dict[str, tuple[dict[str, Path], str]]:
@@ -67,6 +85,13 @@ def _bad_files(demo_dir: Path, tmp: Path) -> dict[str, tuple[dict[str, Path], st
     odd = load_file(str(demo_dir / FILES["flux"]))
     odd["txt_in.weight"] = torch.zeros(64, 7, dtype=torch.bfloat16)  # T5 width 7: no model of this family
     e5m2 = {k: v.to(torch.float8_e5m2) for k, v in load_file(str(demo_dir / FILES["t5xxl"])).items()}
+    nan = load_file(str(demo_dir / FILES["flux"]))
+    nan["txt_in.weight"].view(-1)[3] = float("nan")
+    nan["txt_in.weight"].view(-1)[5] = float("-inf")
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(demo_dir / FILES["t5xxl"])).items()}
+    fp8["shared.weight"].view(torch.uint8).view(-1)[7] = 0x7F  # the one NaN pattern of e4m3fn (no Inf exists)
+    ints = load_file(str(demo_dir / FILES["ae"]))
+    ints["decoder.conv_in.weight"] = ints["decoder.conv_in.weight"].to(torch.int32)
     return {
         "diffusers folder": ({"flux": diffusers}, "Diffusers-format folder"),
         "truncated": ({"flux": cut}, "truncated"),
@@ -75,11 +100,17 @@ def _bad_files(demo_dir: Path, tmp: Path) -> dict[str, tuple[dict[str, Path], st
         "t5 as clip": ({"clip-l": demo_dir / FILES["t5xxl"]}, "is a T5-XXL text encoder"),
         "width mismatch": ({"flux": write_st(tmp / "odd.safetensors", odd)}, "expects context_in_dim=7"),
         "fp8 e5m2": ({"t5xxl": write_st(tmp / "t5_e5m2.safetensors", e5m2)}, "F8_E5M2 is not supported"),
+        "nan": ({"flux": write_st(tmp / "nan.safetensors", nan)}, "1 tensors hold NaN/Inf values: txt_in.weight (2 values)"),
+        "inf fp8": ({"t5xxl": write_st(tmp / "t5_fp8.safetensors", fp8)}, "shared.weight (1 values)"),
+        "int weights": ({"ae": write_st(tmp / "ae_int.safetensors", ints)},
+                        "non-float tensors in float weights: decoder.conv_in.weight is I32"),
+        "byte range": ({"flux": contradicting_header(demo_dir / FILES["flux"], tmp / "range.safetensors")},
+                       "tensor 'img_in.bias': the header's byte range"),
     }
 
 
 @pytest.mark.parametrize("case", ["diffusers folder", "truncated", "missing", "ae as dit", "t5 as clip",
-                                  "width mismatch", "fp8 e5m2"])
+                                  "width mismatch", "fp8 e5m2", "nan", "inf fp8", "int weights", "byte range"])
 def test_each_bad_input_is_one_error_line_and_exit_2(
     demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
 ) -> None:
@@ -101,3 +132,24 @@ def test_two_bad_files_are_both_named(demo_dir: Path, tmp_path: Path, capsys: py
 def test_nothing_to_validate(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli([], capsys)
     assert code == 2 and "nothing to validate" in err
+
+
+def test_scan_counts_nonfinite_values_across_chunk_borders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fluxpipe.hashing as hashing
+
+    a = torch.tensor([1.0, 2.0, float("nan"), 3.0, float("inf")])  # F32 bytes 0..20: 2 bad
+    b = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.bfloat16)  # BF16 20..26: 1 bad
+    c = torch.tensor([255, 1, 2], dtype=torch.uint8)  # F8_E4M3 26..29: 0xFF is NaN: 1 bad
+    d = torch.tensor([-1], dtype=torch.int32)  # I32 29..33: all bits set, but not a float: ignored
+    data = b"".join(t.view(torch.uint8).numpy().tobytes() for t in (a, b, c, d))
+    tensors = {"a": ("F32", 0, 20), "b": ("BF16", 20, 26), "c": ("F8_E4M3", 26, 29), "d": ("I32", 29, 33)}
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"12345" + data)  # data starts at an odd offset: values straddle the 3-byte chunks
+    monkeypatch.setattr(hashing, "CHUNK", 3)
+    digest, counts = hashing.scan_safetensors(path, 5, tensors)
+    assert counts == {"a": 2, "b": 1, "c": 1}
+    assert digest == hashlib.sha256(b"12345" + data).hexdigest()
+    cache = hashing.HashCache(tmp_path / "c.json")
+    assert cache.scan(path, 5, tensors) == (digest, counts, False)
+    cache.save()
+    assert hashing.HashCache(tmp_path / "c.json").scan(path, 5, tensors) == (digest, counts, True)

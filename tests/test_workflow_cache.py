@@ -150,3 +150,26 @@ def test_sigkill_of_snakemake_then_unlock_and_rerun_incomplete(tmp_path: Path) -
     snakemake(killed, *TARGETS, "--rerun-incomplete")
     assert all(read_shard_metadata(p)[1].encoded == 0 for p in done)  # finished before the kill: not re-encoded
     assert json.loads((killed / "results/cache/latents/summary.json").read_text())["entries"] == 60
+
+
+def test_a_damaged_shard_is_deleted_by_the_index_and_a_plain_rerun_rebuilds_it(tmp_path: Path) -> None:
+    work = setup_workdir(tmp_path / "w", 6, 2)
+    snakemake(work, *TARGETS)
+    shard = work / "results/cache/latents/shard-001.safetensors"
+    expected = {k: v.clone() for k, v in shard_tensors(work / "results/cache/latents").items()}  # (mmap)
+    data = bytearray(shard.read_bytes())
+    for i in range(len(data) - 200, len(data) - 184):  # 16 bytes of tensor data flipped; the file's mtime moves
+        data[i] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    cmd = [str(BIN / "snakemake"), "--cores", "2", *TARGETS, "--configfile", "test.yaml"]
+    failed = subprocess.run(cmd, cwd=work, env=env(work), capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and not shard.exists()
+    log = (work / "logs/cache_latents/index.log").read_text()
+    assert "shard-001.safetensors: its bytes do not match" in log and "rerun the same snakemake command" in log
+    snakemake(work, *TARGETS)  # exactly what the message says: the shard and the index are rebuilt
+    rebuilt = shard_tensors(work / "results/cache/latents")
+    assert rebuilt.keys() == expected.keys()
+    worst = max(float((rebuilt[k] - expected[k]).abs().max()) for k in expected)
+    assert worst < 1e-4, worst  # re-encoded (the damaged pool copy was not reused): equal up to rounding
+    assert json.loads((work / "results/cache/latents/summary.json").read_text())["shards_rebuilt"] == [
+        "shard-001.safetensors"]

@@ -1,7 +1,8 @@
 """Cache index stage: gather the shards of one cache into a Parquet index and a summary JSON.
 
-The index has one row per entry (key, shard file, and what it encodes); it is written after every shard
-is complete, and the summary last. The summary counts what the shards rebuilt since the previous index
+The index has one row per entry (key, shard file, the shard's sha256, and what it encodes); it is written
+after every shard is complete and verified (its bytes match the sha256 it recorded when written; a damaged or
+unreadable shard is deleted, so that a rerun rebuilds it), and the summary last. The summary counts what the shards rebuilt since the previous index
 encoded and reused, and which entries disappeared: {encoded, reused, dropped, seconds, items_per_s}.
 """
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.shards import REUSE_DIR, prune_reuse, read_shard_metadata, reuse_name
+from fluxpipe.shards import REUSE_DIR, DamagedShard, check_shard, prune_reuse, read_shard_metadata, reuse_name
 from fluxpipe.tables import read_parquet, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,30 @@ class CacheIndexConfig:
     summary: Path
 
 
-def _entries(shards: tuple[Path, ...]) -> tuple[pd.DataFrame, dict[str, dict]]:
+def verify_shards(kind: str, shards: tuple[Path, ...]) -> dict[str, str]:
+    """shard name -> sha256 of every shard; damaged ones are deleted and named in one error that says to rerun."""
+    digests, damaged = {}, []
+    for shard in shards:
+        try:
+            digests[shard.name] = check_shard(shard)
+        except DamagedShard as e:
+            damaged.append(str(e))
+            shard.unlink(missing_ok=True)
+    if damaged:
+        stage = "cache-latents" if kind == "latents" else "cache-text"
+        raise FluxpipeError(f"{len(damaged)} {kind} cache shards were damaged and have been deleted ("
+                            + "; ".join(damaged) + "): rerun the same snakemake command, which rebuilds exactly those "
+                            f"shards and this index (by hand: fluxpipe {stage} --shard N for each, then cache-index)")
+    return digests
+
+
+def _entries(shards: tuple[Path, ...], digests: dict[str, str]) -> tuple[pd.DataFrame, dict[str, dict]]:
     rows, stats = [], {}
     for shard in shards:
         info, st = read_shard_metadata(shard)
         stats[shard.name] = st.__dict__
         for key, fields in info.items():
-            common = {"key": key, "shard": shard.name,
+            common = {"key": key, "shard": shard.name, "shard_sha256": digests[shard.name],
                       **{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in fields.items() if k != "paths"}}
             # latents: one row per image path sharing the entry (identical files are encoded once)
             rows += [{**common, "path": p} for p in fields["paths"]] if "paths" in fields else [common]
@@ -72,9 +90,9 @@ def _summary(kind: str, index: pd.DataFrame, stats: dict[str, dict], state: dict
 
 def run(cfg: CacheIndexConfig) -> dict[str, object]:
     manifest, _ = read_parquet(cfg.manifest)
-    index, stats = _entries(cfg.shards)
+    index, stats = _entries(cfg.shards, verify_shards(cfg.kind, cfg.shards))
     if index.empty:
-        index = pd.DataFrame({"key": pd.Series(dtype=str), "shard": pd.Series(dtype=str)})
+        index = pd.DataFrame({c: pd.Series(dtype=str) for c in ("key", "shard", "shard_sha256")})
     _check_complete(cfg.kind, manifest, index)
     state_file = cfg.shards[0].parent / REUSE_DIR / STATE_FILE if cfg.shards else None
     try:

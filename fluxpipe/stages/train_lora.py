@@ -296,7 +296,13 @@ def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suf
 
 def log_step(records: list[dict], logger: TrainLogger, bar: tqdm, step: int, epoch: int, loss: float,
              lrs: dict[str, float]) -> None:
-    """One optimizer step's loss record, logged scalars (``lrs``: by group, the first one recorded) and bar."""
+    """One optimizer step's loss record, logged scalars (``lrs``: by group, the first one recorded) and bar.
+    A NaN/Inf loss stops the run here (all three trainers), before anything of this step is recorded or saved."""
+    if not math.isfinite(loss):
+        bar.close()  # the error line then starts a line of its own
+        raise FluxpipeError(f"step {step}: the loss is {loss}; training stopped before saving anything of this step "
+                            "(the files and state saved before it are kept): lower the learning rate or check the "
+                            "data and model files, then resume from the last state")
     records.append({"step": step, "epoch": epoch, "loss": loss, "lr": next(iter(lrs.values()))})
     average = logger.step(step, loss, lrs)
     bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
@@ -305,7 +311,7 @@ def log_step(records: list[dict], logger: TrainLogger, bar: tqdm, step: int, epo
 
 def write_losses(path: Path, records: list[dict], keep_until: int) -> None:
     """``<name>-loss.jsonl``: the records of this job after those of the resumed run up to ``keep_until``."""
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in _log_losses(path, records, keep_until)))
+    write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in _log_losses(path, records, keep_until)))
 
 
 def _log_losses(path: Path, records: list[dict], keep_until: int) -> list[dict]:

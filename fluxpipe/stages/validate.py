@@ -1,8 +1,9 @@
 """Validate stage: check the four model files (and tokenizers) before anything downstream runs.
 
 Input: paths of the DiT, AE, CLIP-L and T5-XXL files, optional tokenizer folders. Output: a JSON report
-(variant dev/schnell, size class, dtypes, parameter counts, sha256 cached by size+mtime, keys that are
-deliberately ignored). Every file is checked from its header against a meta-device model, strictly;
+(variant dev/schnell, size class, dtypes, parameter counts, sha256, keys that are deliberately ignored).
+The sha256 and a NaN/Inf count of every float tensor come from one streamed read, cached together by file
+identity (fluxpipe.hashing); a file with any NaN/Inf value is refused, naming the tensors. Every file is checked from its header against a meta-device model, strictly;
 the widths that connect the models (CLIP -> vector_in, T5 -> txt_in, AE latents -> img_in) must agree.
 """
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 from fluxpipe import __version__
 from fluxpipe.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
-from fluxpipe.errors import FluxpipeError
-from fluxpipe.hashing import cached_sha256
+from fluxpipe.errors import CheckpointError, FluxpipeError, summarize
+from fluxpipe.hashing import HashCache
 from fluxpipe.models import text_encoders as te
 from fluxpipe.atomic import write_text_atomic
 
@@ -87,6 +88,18 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
     return out
 
 
+def scan_file(hashes: HashCache, spec: ModelSpec) -> tuple[str, bool]:
+    """(sha256, from the cache) of a model file; CheckpointError when a float tensor holds NaN or Inf."""
+    header = spec.header
+    tensors = {k: (t.dtype, *t.offsets) for k, t in header.tensors.items()}
+    digest, nonfinite, cached = hashes.scan(header.path, header.data_start, tensors)
+    if nonfinite:
+        named = [f"{k} ({n} values)" for k, n in nonfinite.items()]
+        raise CheckpointError(f"{header.path}: {len(nonfinite)} tensors hold NaN/Inf values: {summarize(named, 4)}; "
+                              "the file is damaged or was saved from a diverged run: download or export it again")
+    return digest, cached
+
+
 def run(cfg: ValidateConfig) -> dict[str, object]:
     """Validate the given files; write and return the report. Raises FluxpipeError on any bad input."""
     files = cfg.files()
@@ -96,8 +109,11 @@ def run(cfg: ValidateConfig) -> dict[str, object]:
     specs = _inspect_all(files)
     check_widths(specs)
     report: dict[str, object] = {"fluxpipe_version": __version__, "models": {}}
+    hashes = HashCache(cfg.hash_cache)
+    scans = {slot: scan_file(hashes, spec) for slot, spec in specs.items()}
+    hashes.save()
     for slot, spec in specs.items():
-        digest, cached = cached_sha256(spec.header.path, cfg.hash_cache)
+        digest, cached = scans[slot]
         report["models"][slot] = {
             "path": str(spec.header.path), "bytes": spec.header.path.stat().st_size, "sha256": digest,
             "parameters": spec.num_parameters, "dtypes": spec.dtypes(), **spec.describe(),
