@@ -190,6 +190,7 @@ def _train(args: argparse.Namespace) -> None:
                                 "dataset TOML; set validation_split (and validation_seed) there")
         caches = train_config.pipeline_caches(own.cache_dir)
     else:
+        train_config.load_datasets(ns)  # every process: a bad dataset setting fails everywhere, before any work
         work = Path(ns.output_dir) / ".fluxpipe-cache"
         if w.main:  # rank 0 encodes; the others use its caches
             train_config.build_caches(ns, work, device, own.clip_tokenizer, own.t5_tokenizer)

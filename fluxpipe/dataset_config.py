@@ -1,9 +1,10 @@
 """The reference trainer's ``--dataset_config`` ([general], [[datasets]], [[datasets.subsets]]) as frozen dataclasses.
 
-``load_dataset_toml(path)`` reads the TOML verbatim; ``parse_datasets(mapping, source)`` takes the same structure
-from config.yaml (a null value there means "unset"). Keys merge subset > dataset > general > defaults. Unknown or
-misplaced keys, wrong types and impossible values raise ``ConfigError`` naming the file and the key's location
-(``datasets[0].subsets[1].num_repeats``). Paths are not checked here: the manifest stage does that.
+``load_dataset_toml(path)`` reads the TOML (or JSON) verbatim; ``folder_datasets`` builds the same structure from
+the reference's folder mode (``N_concept`` subfolders); ``parse_datasets(mapping, source)`` takes the same
+structure from config.yaml (a null value there means "unset"). Keys merge subset > dataset > general > command
+line > defaults. Unknown or misplaced keys, wrong types and impossible values raise ``ConfigError`` naming the
+file and the key's location (``datasets[0].subsets[1].num_repeats``). Paths are not checked here: the manifest stage does that.
 ``check_cacheable`` applies the reference's caching rules; unlike the reference, fluxpipe applies ``caption_prefix`` and
 ``caption_suffix`` to cached captions, so both are allowed with the text-encoder cache.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -212,8 +214,6 @@ def folder_datasets(train_data_dir: str, reg_data_dir: str | None = None, in_jso
 
 
 def _concept_subsets(folder: str, flag: str, is_reg: bool) -> list[dict[str, Any]]:
-    import logging
-
     base = Path(folder)
     if not base.is_dir():
         raise ConfigError(f"{flag} {folder}: not a folder")

@@ -149,3 +149,10 @@ def test_folder_mode_trains_with_command_line_batch_and_captions(tmp_path: Path,
     table, _ = read_parquet(out / ".fluxpipe-cache/dataset/manifest.parquet")
     assert sorted(table.caption) == ["a blue square", "a green square", "a red square", "sks photo"]
     assert set(table.repeats) == {2} and not table.is_reg.any()
+
+
+def test_refused_dataset_settings_stop_before_any_work(tmp_path: Path, demo_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    argv = fluxgym_argv("20G", demo_dir, tmp_path / "out", fluxgym_dataset(tmp_path, 1))
+    assert main(["train", "lora", *argv, "--cache_info"]) == 2
+    assert "cache_info: not supported" in capsys.readouterr().err and not (tmp_path / "out").exists()
