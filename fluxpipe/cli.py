@@ -164,7 +164,7 @@ def _train(args: argparse.Namespace) -> None:
 
     from fluxpipe import train_config
     from fluxpipe.stages import train_lora
-    from fluxpipe.train_args import parse_train_args
+    from fluxpipe.train_args import given_dataset_flags, parse_train_args
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--cache_dir", type=Path, help="use the pipeline's caches under this folder (results/)")
@@ -183,11 +183,15 @@ def _train(args: argparse.Namespace) -> None:
     device = device_for(w, resolve_device("auto"))
     train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
     if own.cache_dir is not None:
+        if given_dataset_flags(ns):
+            raise FluxpipeError(f"{', '.join(given_dataset_flags(ns))}: the pipeline's caches are built from its "
+                                "dataset config; set these there (e.g. batch_size for --train_batch_size)")
         if ns.validation_split or ns.validation_seed is not None:
             raise FluxpipeError("--validation_split / --validation_seed: the pipeline's caches are built from the "
                                 "dataset TOML; set validation_split (and validation_seed) there")
         caches = train_config.pipeline_caches(own.cache_dir)
     else:
+        train_config.load_datasets(ns)  # every process: a bad dataset setting fails everywhere, before any work
         work = Path(ns.output_dir) / ".fluxpipe-cache"
         if w.main:  # rank 0 encodes; the others use its caches
             train_config.build_caches(ns, work, device, own.clip_tokenizer, own.t5_tokenizer)

@@ -235,14 +235,19 @@ def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
     cfg = from_dict(PipelineConfig, _blank_to_none(data or {}))
     cfg.datasets()
     from fluxpipe.train_args import parse_train_args
+    from fluxpipe.train_args import given_dataset_flags
 
     for section, method in (("train", "lora"), ("train_full", "full"), ("train_controlnet", "controlnet")):
         flags = getattr(cfg, section)
         if flags is not None:
             try:  # fails on any bad flag, naming the section
-                parse_train_args(train_argv(flags, {k: "x" for k in PIPELINE_OWNED_FLAGS}), method)
+                ns = parse_train_args(train_argv(flags, {k: "x" for k in PIPELINE_OWNED_FLAGS}), method)
             except FluxpipeError as e:
                 raise ConfigError(f"{section}: {e}") from e
+            if given_dataset_flags(ns):
+                raise ConfigError(f"{section}: {', '.join(k.lstrip('-') for k in given_dataset_flags(ns))} are "
+                                  "dataset settings: set them in the dataset config (batch_size for train_batch_size, "
+                                  "num_repeats for dataset_repeats)")
     return cfg
 
 

@@ -1,9 +1,10 @@
 """The reference trainer's ``--dataset_config`` ([general], [[datasets]], [[datasets.subsets]]) as frozen dataclasses.
 
-``load_dataset_toml(path)`` reads the TOML verbatim; ``parse_datasets(mapping, source)`` takes the same structure
-from config.yaml (a null value there means "unset"). Keys merge subset > dataset > general > defaults. Unknown or
-misplaced keys, wrong types and impossible values raise ``ConfigError`` naming the file and the key's location
-(``datasets[0].subsets[1].num_repeats``). Paths are not checked here: the manifest stage does that.
+``load_dataset_toml(path)`` reads the TOML (or JSON) verbatim; ``folder_datasets`` builds the same structure from
+the reference's folder mode (``N_concept`` subfolders); ``parse_datasets(mapping, source)`` takes the same
+structure from config.yaml (a null value there means "unset"). Keys merge subset > dataset > general > command
+line > defaults. Unknown or misplaced keys, wrong types and impossible values raise ``ConfigError`` naming the
+file and the key's location (``datasets[0].subsets[1].num_repeats``). Paths are not checked here: the manifest stage does that.
 ``check_cacheable`` applies the reference's caching rules; unlike the reference, fluxpipe applies ``caption_prefix`` and
 ``caption_suffix`` to cached captions, so both are allowed with the text-encoder cache.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
+import logging
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -154,40 +157,79 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def load_dataset_toml(path: str | Path) -> DatasetsConfig:
-    """Read and validate a dataset TOML; every error names the file. The result is remembered per file
-    version (path, size, mtime): the Snakefile asks for it several times while it is parsed, in every job."""
+def load_dataset_toml(path: str | Path, defaults: Mapping[str, Any] | None = None) -> DatasetsConfig:
+    """Read and validate a dataset config, TOML or (``.json``) JSON as the reference reads; every error names the
+    file. ``defaults``: values below [general] (the reference's command-line fallbacks, e.g. batch_size from
+    --train_batch_size). The result is remembered per file version (path, size, mtime) and defaults: the
+    Snakefile asks for it several times while it is parsed, in every job."""
     path = Path(path)
+    frozen = tuple(sorted((defaults or {}).items()))
     try:
         stat = path.stat()
     except OSError:
-        return _load_dataset_toml(path, -1, -1)  # reports the problem
-    return _load_dataset_toml(path, stat.st_size, stat.st_mtime_ns)
+        return _load_dataset_toml(path, -1, -1, frozen)  # reports the problem
+    return _load_dataset_toml(path, stat.st_size, stat.st_mtime_ns, frozen)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_dataset_toml(path: Path, size: int, mtime_ns: int) -> DatasetsConfig:
+def _load_dataset_toml(path: Path, size: int, mtime_ns: int, defaults: tuple[tuple[str, Any], ...]) -> DatasetsConfig:
+    is_json = path.suffix.lower() == ".json"
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            data = json.load(f) if is_json else tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: dataset config not found") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    except ValueError as e:  # json.JSONDecodeError
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the dataset config ({e.strerror or e})") from e
-    return parse_datasets(data, str(path))
+    return parse_datasets(data, str(path), dict(defaults))
 
 
-def parse_datasets(data: Mapping, source: str) -> DatasetsConfig:
-    """Validate the [general]/[[datasets]]/[[datasets.subsets]] structure given as a mapping."""
+def parse_datasets(data: Mapping, source: str, defaults: Mapping[str, Any] | None = None) -> DatasetsConfig:
+    """Validate the [general]/[[datasets]]/[[datasets.subsets]] structure given as a mapping; ``defaults``
+    (dataset- or subset-level keys) rank below [general], as the reference's command-line values do."""
     try:
-        datasets = _parse(data)
+        datasets = _parse(data, defaults or {})
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from e
     return DatasetsConfig(datasets=datasets, source=source)
+
+
+def folder_datasets(train_data_dir: str, reg_data_dir: str | None = None, in_json: str | None = None) -> dict:
+    """The reference's dataset without a config file, as a [[datasets]] mapping: with ``in_json`` one fine-tuning
+    subset (the metadata file, images under ``train_data_dir``); else one DreamBooth subset per ``N_concept``
+    subfolder of ``train_data_dir`` (num_repeats N, class_tokens "concept") and of ``reg_data_dir`` (is_reg).
+    Subfolders without a leading number are left out (with a warning), as by the reference."""
+    if in_json is not None:
+        return {"datasets": [{"subsets": [{"image_dir": train_data_dir, "metadata_file": in_json}]}]}
+    subsets = _concept_subsets(train_data_dir, "--train_data_dir", False)
+    if reg_data_dir is not None:
+        subsets += _concept_subsets(reg_data_dir, "--reg_data_dir", True)
+    return {"datasets": [{"subsets": subsets}]}
+
+
+def _concept_subsets(folder: str, flag: str, is_reg: bool) -> list[dict[str, Any]]:
+    base = Path(folder)
+    if not base.is_dir():
+        raise ConfigError(f"{flag} {folder}: not a folder")
+    subsets = []
+    for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+        repeats, _, concept = sub.name.partition("_")
+        if not repeats.isdigit():
+            logging.getLogger(__name__).warning("%s: %s has no leading repeat count (N_concept), left out", flag, sub)
+            continue
+        if int(repeats) >= 1:
+            subsets.append({"image_dir": str(sub), "num_repeats": int(repeats), "is_reg": is_reg,
+                            "class_tokens": concept})
+    if not subsets:
+        raise ConfigError(f"{flag} {folder}: no subfolder named N_concept (N repeats >= 1, e.g. 10_sks dog) holds "
+                          "the images; make one, or use --dataset_config")
+    return subsets
 
 
 def dataset_kind(ds: DatasetConfig) -> str:
@@ -237,13 +279,14 @@ _TEXT_RULES: tuple[_Rule, ...] = (
 )
 
 
-def _parse(data: Any) -> tuple[DatasetConfig, ...]:
+def _parse(data: Any, defaults: Mapping[str, Any]) -> tuple[DatasetConfig, ...]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a table with [general] and [[datasets]], got {type(data).__name__}")
     for key in data:
         if key not in ("general", "datasets"):
             raise ConfigError(f"{key}: unknown top-level key; expected [general] and [[datasets]]")
-    general = _read_level(data.get("general") or {}, _UPPER_KEYS, "general")
+    general = {**_read_level(defaults, _DATASET_KEYS | _SUBSET_KEYS, "command line"),
+               **_read_level(data.get("general") or {}, _UPPER_KEYS, "general")}
     tables = data.get("datasets")
     if tables is None:
         raise ConfigError("no [[datasets]]: add at least one dataset with resolution and a [[datasets.subsets]]")
@@ -280,6 +323,12 @@ def _subset(table: Any, inherited: dict[str, Any], where: str) -> SubsetConfig:
     sub = SubsetConfig(**{**{k: v for k, v in inherited.items() if k in _SUBSET_KEYS}, **own})
     if sub.image_dir is None and sub.metadata_file is None:
         raise ConfigError(f"{where}: set image_dir (DreamBooth/ControlNet) or metadata_file (fine-tuning)")
+    if sub.cache_info:
+        raise ConfigError(f"{where}.cache_info: not supported (fluxpipe never writes metadata_cache.json into "
+                          "image folders; its manifest already caches sizes and captions by content hash): remove it")
+    if sub.custom_attributes:
+        raise ConfigError(f"{where}.custom_attributes: not supported yet (e.g. diff_output_preservation needs "
+                          f"the regularisation machinery): remove {', '.join(map(str, sub.custom_attributes))}")
     return sub
 
 

@@ -146,14 +146,23 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
+# the reference's resize_interpolation names as Pillow filters (it resizes lanczos/box with PIL, the others with
+# OpenCV: linear = bilinear, cubic = bicubic; OpenCV's area averaging is Pillow's box filter)
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+              "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+              "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
+
+
 def resize_and_crop(
-    img: Image.Image, resized: tuple[int, int], crop_left: int, crop_top: int, bucket: tuple[int, int]
+    img: Image.Image, resized: tuple[int, int], crop_left: int, crop_top: int, bucket: tuple[int, int],
+    interpolation: str | None = None,
 ) -> Image.Image:
-    """Scale to `resized` (area averaging when shrinking, Lanczos when enlarging, as the reference's
-    defaults), then crop the bucket-sized box at (crop_left, crop_top)."""
+    """Scale to `resized` with `interpolation` (a RESAMPLING name; None: area averaging when shrinking, Lanczos
+    when enlarging, as the reference's defaults), then crop the bucket-sized box at (crop_left, crop_top)."""
     if img.size != tuple(resized):
         grows = resized[0] * resized[1] > img.size[0] * img.size[1]
-        method = Image.Resampling.LANCZOS if grows else Image.Resampling.BOX
+        method = RESAMPLING[interpolation or ("lanczos" if grows else "area")]
         img = img.resize(tuple(resized), method)
     box = (crop_left, crop_top, crop_left + bucket[0], crop_top + bucket[1])
     if box[2] > img.size[0] or box[3] > img.size[1] or crop_left < 0 or crop_top < 0:

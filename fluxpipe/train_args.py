@@ -133,7 +133,6 @@ REJECTED: dict[str, str] = {
     "v_parameterization": "SD-only (v-prediction); FLUX always predicts the flow velocity: remove it",
     "clip_skip": "SD-only; FLUX uses CLIP-L's pooled output only: remove it",
     "max_token_length": "is for SD's CLIP (the reference ignores it for FLUX): use --t5xxl_max_token_length",
-    "split_mode": "deprecated: use --blocks_to_swap (split_mode meant --blocks_to_swap 18)",
 }
 
 IGNORED_FOR_FLUX: tuple[str, ...] = (  # spec §4.2, §10.1-10.8 "no-op" notes; accepted with a warning
@@ -373,6 +372,20 @@ def _apply_implications(ns: argparse.Namespace) -> None:
         ns.blocks_to_swap, ns.double_blocks_to_swap, ns.single_blocks_to_swap = n, None, None
 
 
+def _map_split_mode(ns: argparse.Namespace, method: str) -> None:
+    """The deprecated --split_mode of the LoRA script means --blocks_to_swap 18 (spec §10.1), as the reference."""
+    if not ns.split_mode:
+        return
+    if method != "lora":
+        _fail("split_mode", "is a (deprecated) option of the LoRA script only: use --blocks_to_swap")
+    if ns.blocks_to_swap is not None:
+        logger.warning("--split_mode is deprecated and ignored because --blocks_to_swap is set")
+    else:
+        logger.warning("--split_mode is deprecated: use --blocks_to_swap; using --blocks_to_swap 18")
+        ns.blocks_to_swap = 18
+    ns.split_mode = False
+
+
 def ignored_for(method: str) -> tuple[str, ...]:
     """The flags a method accepts and ignores: the full fine-tune uses --fused_backward_pass, ControlNet training
     also --controlnet_model_name_or_path."""
@@ -390,10 +403,12 @@ def _warn_ignored(ns: argparse.Namespace, parser: argparse.ArgumentParser, metho
 def validate_train_args(ns: argparse.Namespace, parser: argparse.ArgumentParser, method: str = "lora") -> None:
     """Refuse, validate and normalise a parsed namespace in place (see the module docstring)."""
     _check_rejected_and_choices(ns)
+    _map_split_mode(ns, method)
     _check_numbers(ns)
     _resolve_optimizer(ns)
     _check_combinations(ns, method)
     _apply_implications(ns)
+    dataset_flag_defaults(ns, parser)  # --resolution / --face_crop_aug_range are well-formed
     _warn_ignored(ns, parser, method)
 
 
@@ -408,6 +423,50 @@ def parse_train_args(argv: list[str], method: str = "lora") -> argparse.Namespac
         ns = parser.parse_args(argv, namespace=argparse.Namespace(**values))
     validate_train_args(ns, parser, method)
     return ns
+
+
+# the reference's command-line fallbacks of dataset and subset keys (spec §9: subset > dataset > general > command
+# line > defaults; --train_batch_size is batch_size, --dataset_repeats num_repeats), and its folder-mode flags
+DATASET_FLAGS = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"} | {k: k for k in """
+resolution enable_bucket min_bucket_reso max_bucket_reso bucket_no_upscale bucket_reso_steps resize_interpolation
+caption_extension caption_separator shuffle_caption keep_tokens keep_tokens_separator secondary_separator
+enable_wildcard caption_prefix caption_suffix token_warmup_min token_warmup_step caption_dropout_rate
+caption_dropout_every_n_epochs caption_tag_dropout_rate color_aug flip_aug face_crop_aug_range random_crop alpha_mask
+cache_info""".split()}
+FOLDER_FLAGS = ("train_data_dir", "reg_data_dir", "in_json")
+
+
+def _numbers(flag: str, value: str, kind: type) -> tuple:
+    """--resolution "SIZE" or "W,H" (ints), --face_crop_aug_range "LOW,HIGH" (floats), as the reference splits them."""
+    sizes, form = ((1, 2), "SIZE or W,H (e.g. 512 or 768,512)") if kind is int else ((2,), "LOW,HIGH (e.g. 2.0,4.0)")
+    try:
+        parts = tuple(kind(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) not in sizes:
+        raise FluxpipeError(f"--{flag} {value!r}: write {form}")
+    return parts * 2 if len(parts) == 1 else parts
+
+
+def dataset_flag_defaults(ns: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, object]:
+    """The dataset/subset values the command line sets away from the parser's defaults, by dataset key."""
+    parser = parser or build_parser()
+    out: dict[str, object] = {}
+    for flag, key in DATASET_FLAGS.items():
+        value = getattr(ns, flag)
+        if value is None or value == parser.get_default(flag):
+            continue
+        if flag in ("resolution", "face_crop_aug_range"):
+            value = _numbers(flag, value, int if flag == "resolution" else float)
+        out[key] = value
+    return out
+
+
+def given_dataset_flags(ns: argparse.Namespace) -> list[str]:
+    """The dataset flags (fallbacks and folder mode) set on the command line, as --names."""
+    keys = set(dataset_flag_defaults(ns))
+    return [f"--{f}" for f, k in DATASET_FLAGS.items() if k in keys] + [
+        f"--{f}" for f in FOLDER_FLAGS if getattr(ns, f) is not None]
 
 
 def _plain(value: Any) -> Any:

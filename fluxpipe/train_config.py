@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fluxpipe.stages.train_controlnet import TrainControlNetConfig
     from fluxpipe.stages.train_full import TrainFullConfig
 from fluxpipe.text_encoding import default_t5_max_length
+from fluxpipe.train_args import DATASET_FLAGS, FOLDER_FLAGS, dataset_flag_defaults
 from fluxpipe.train_monitor import MonitorSettings
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,35 @@ def with_cli_validation(datasets, ns: argparse.Namespace):  # noqa: ANN001, ANN2
     return replace(datasets, datasets=tuple(out) if isinstance(datasets.datasets, tuple) else out)
 
 
+def load_datasets(ns: argparse.Namespace):  # noqa: ANN201 - DatasetsConfig
+    """The dataset as the reference builds it from the flags: --dataset_config (TOML or JSON), else folder mode
+    (--train_data_dir N_concept subfolders, --reg_data_dir, --in_json); command-line dataset flags as fallbacks."""
+    from fluxpipe.dataset_config import folder_datasets, load_dataset_toml, parse_datasets
+
+    defaults = dataset_flag_defaults(ns)
+    if ns.dataset_config is not None:
+        folders = [f"--{f}" for f in FOLDER_FLAGS if getattr(ns, f) is not None]
+        if folders:
+            log.warning("%s ignored: --dataset_config is given (as by the reference)", ", ".join(folders))
+        return load_dataset_toml(ns.dataset_config, defaults)
+    if ns.train_data_dir is None:
+        raise FluxpipeError("no dataset: give --dataset_config (a TOML or JSON file) or --train_data_dir (a folder "
+                            "of N_concept subfolders) with --resolution")
+    if "resolution" not in defaults:
+        raise FluxpipeError("--train_data_dir needs --resolution (SIZE or W,H, e.g. 512 or 768,512)")
+    data = folder_datasets(ns.train_data_dir, ns.reg_data_dir, ns.in_json)
+    return parse_datasets(data, f"--train_data_dir {ns.train_data_dir}", defaults)
+
+
 def build_caches(ns: argparse.Namespace, work: Path, device: str, clip_tokenizer: Path | None,
                  t5_tokenizer: Path | None) -> CachePaths:
     """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
     from fluxpipe.checkpoints import inspect_checkpoint
-    from fluxpipe.dataset_config import check_cacheable, load_dataset_toml
+    from fluxpipe.dataset_config import check_cacheable
     from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
     from fluxpipe.text_encoding import default_t5_max_length
 
-    if ns.dataset_config is None:
-        raise FluxpipeError("--dataset_config is required (fluxpipe reads the dataset from the reference's TOML)")
-    datasets = with_cli_validation(load_dataset_toml(ns.dataset_config), ns)
+    datasets = with_cli_validation(load_datasets(ns), ns)
     check_cacheable(datasets, cache_latents=True, cache_text=True)
     paths = pipeline_caches(work)
     manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
@@ -124,9 +143,11 @@ use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch
 full_bf16 save_n_epoch_ratio logging_dir log_with log_prefix log_tracker_name torch_compile dynamo_backend
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first validation_seed validation_split
 validate_every_n_steps validate_every_n_epochs max_validation_steps
-""".split()) | {"max_data_loader_n_workers", "persistent_data_loader_workers"}
-# (the data-loader flags change no result: the trainer reads the cached tensors in its own process, with no
-# loader workers to configure; they are accepted so that reference commands run unchanged)
+""".split()) | {"max_data_loader_n_workers", "persistent_data_loader_workers", "highvram"} | set(DATASET_FLAGS) | set(
+    FOLDER_FLAGS)
+# (the data-loader flags and --highvram change no result: the trainer reads the cached tensors in its own process,
+# with no loader workers to configure, and --highvram only skips the reference's cache clearing; they are accepted
+# so that reference commands run unchanged. The dataset flags act through load_datasets.)
 # handled with a warning or an error of their own in check_supported
 SPECIAL = frozenset({"blocks_to_swap", "network_train_unet_only"})
 
@@ -143,6 +164,7 @@ HONOURED_FULL = frozenset(HONOURED - {
 # (samples and validation loss during ControlNet training are not wired yet: refused, not ignored)
 HONOURED_CONTROLNET = frozenset((HONOURED_FULL | {"blocks_to_swap", "fp8_base", "fp8_base_unet", "torch_compile",
                                                   "dynamo_backend", "controlnet_model_name_or_path"})
+                                - set(FOLDER_FLAGS)  # ControlNet folder mode (with --conditioning_data_dir): not yet
                                 - {"sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
                                    "sample_at_first", "validation_seed", "validation_split", "validate_every_n_steps",
                                    "validate_every_n_epochs", "max_validation_steps"})
@@ -291,11 +313,10 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
                 clip_tokenizer: Path | None = None, t5_tokenizer: Path | None = None) -> TrainLoraConfig:
     """The typed training config from the parsed flags (already checked with check_supported)."""
     from fluxpipe.checkpoints import inspect_checkpoint
-    from fluxpipe.dataset_config import load_dataset_toml
     from fluxpipe.tables import read_parquet
 
     ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
-    datasets = load_dataset_toml(ns.dataset_config)
+    datasets = load_datasets(ns)
     table, _ = read_parquet(caches.manifest)
     variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
     t5_max_length = ns.t5xxl_max_token_length or default_t5_max_length(variant)
@@ -324,6 +345,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         torch_compile=ns.torch_compile, dynamo_backend=ns.dynamo_backend,
         network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32, save_n_epoch_ratio=ns.save_n_epoch_ratio,
         logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
+        log_tracker_name=ns.log_tracker_name or "",
         monitor=monitor_settings(ns), t5_max_length=t5_max_length,
         sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
@@ -334,12 +356,11 @@ def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
                 clip_tokenizer: Path | None = None, t5_tokenizer: Path | None = None) -> TrainFullConfig:
     """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
     from fluxpipe.checkpoints import inspect_checkpoint
-    from fluxpipe.dataset_config import load_dataset_toml
     from fluxpipe.stages.train_full import TrainFullConfig
     from fluxpipe.train_weights import OptimizerSettings
 
     ns.seed = 42 if ns.seed is None else ns.seed
-    datasets = load_dataset_toml(ns.dataset_config)
+    datasets = load_datasets(ns)
     variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
     optim = OptimizerSettings(
         optimizer_type=ns.optimizer_type, optimizer_args=parse_optimizer_args(ns.optimizer_args or []),
@@ -364,6 +385,7 @@ def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         auto_resume=auto_resume, device=device,
         settings=settings_digest(ns, data_digest(caches, Path(ns.pretrained_model_name_or_path))),
         logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
+        log_tracker_name=ns.log_tracker_name or "",
         monitor=monitor_settings(ns), sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         t5_max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant))
 

@@ -1,6 +1,7 @@
 """--logging_dir / --log_with: TensorBoard scalars of a training run, under the reference's tag names.
 
-The run folder is ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`` as the reference's; step logs ``loss/current``,
+The run folder is ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`` as the reference's (the event files in its
+``<log_tracker_name>`` subfolder when that is given; the reference's default name is not added); step logs ``loss/current``,
 ``loss/average`` (moving average over the last epoch's worth of steps), ``lr/<group>``; epoch logs
 ``loss/epoch_average``. TensorBoard comes with the ``tensorboard`` package (``pip install tensorboard``, or the
 ``fluxpipe[logging]`` extra); wandb is not supported (one error says so instead of logging nowhere).
@@ -33,7 +34,7 @@ def check_logging(logging_dir: str | None, log_with: str | None) -> None:
 class TrainLogger:
     """Scalars for one run; a no-op without a logging folder."""
 
-    def __init__(self, logging_dir: Path | None, log_prefix: str = "", window: int = 1) -> None:
+    def __init__(self, logging_dir: Path | None, log_prefix: str = "", window: int = 1, tracker_name: str = "") -> None:
         self.writer = None
         self.run_dir: Path | None = None
         self.recent: deque[float] = deque(maxlen=max(1, window))
@@ -42,7 +43,8 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.run_dir = logging_dir / f"{log_prefix}{time.strftime('%Y%m%d%H%M%S')}"
-            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+            # --log_tracker_name: the reference's TensorBoard tracker writes to <run folder>/<tracker name>
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / tracker_name if tracker_name else self.run_dir))
 
     def step(self, step: int, loss: float, lrs: dict[str, float]) -> float:
         """Log one optimizer step; returns the moving-average loss (also shown in the progress bar)."""

@@ -129,6 +129,13 @@ def _shard_digests(manifest: str, mtime_ns: int, kind: str) -> dict[int, str]:
                         "crop_left", "crop_top", "flip_aug"],
             "text": ["text_shard", "caption_sha256"]}[kind]
     table = pd.read_parquet(manifest, columns=cols)
+    if kind == "latents":  # a subset's resize_interpolation changes its latents (a column only when one is set)
+        import pyarrow.parquet as pq
+
+        if "resize_interpolation" in pq.read_schema(manifest).names:
+            filters = pd.read_parquet(manifest, columns=["resize_interpolation"]).resize_interpolation
+            if (filters != "").any():
+                table["resize_interpolation"], cols = filters, [*cols, "resize_interpolation"]
     shard_col = cols[0]
     digests = {}
     for shard, group in table.groupby(shard_col):

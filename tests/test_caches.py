@@ -212,3 +212,53 @@ def test_sharded_caches_equal_the_single_job_cache(tmp_path: Path, demo_dir: Pat
         single, gathered = tensors(tmp_path / "one", kind), tensors(tmp_path / "four", kind)
         assert single.keys() == gathered.keys() and len(single) > 0
         assert all(torch.equal(single[k], gathered[k]) for k in single)
+
+
+def test_resize_interpolation_reaches_the_latent_entries(tmp_path: Path) -> None:
+    """A subset's resize_interpolation (here from --resize_interpolation) is in the manifest row, the latent key
+    and the pixels the AE sees: nearest doubles an 8x8 image into exact 2x2 blocks."""
+    import numpy as np
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    toml = tmp_path / "d.toml"
+    toml.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 16\n"
+                    f"[[datasets.subsets]]\nimage_dir = '{folder}'\n")
+    rows = {}
+    for name, defaults in (("auto", None), ("nearest", {"resize_interpolation": "nearest"})):
+        cfg = manifest.ManifestConfig(datasets=load_dataset_toml(toml, defaults), out=tmp_path / f"{name}.parquet",
+                                      latent_shards=1, text_shards=1)
+        rows[name] = manifest.run(cfg)
+    assert list(rows["auto"].resize_interpolation) == [""] and list(rows["nearest"].resize_interpolation) == ["nearest"]
+    ccfg = cache_latents.CacheLatentsConfig(manifest=tmp_path / "x", ae=tmp_path / "ae", out=tmp_path / "o", shard=0)
+    (auto,) = cache_latents.latent_entries(rows["auto"], "ae-sha", ccfg)
+    (nearest,) = cache_latents.latent_entries(rows["nearest"], "ae-sha", ccfg)
+    assert nearest.interpolation == "nearest" and auto.interpolation == "" and nearest.key != auto.key
+    blocks = torch.from_numpy(pixels.repeat(2, axis=0).repeat(2, axis=1)).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(cache_latents.prepare(nearest), blocks)
+    assert not torch.equal(cache_latents.prepare(auto), blocks)  # lanczos blends neighbours
+    from fluxpipe.workflow import _shard_digests  # the pipeline re-encodes a latent shard when the filter changes
+
+    digests = {name: _shard_digests(str(tmp_path / f"{name}.parquet"), 0, "latents") for name in rows}
+    assert digests["auto"] != digests["nearest"]
+
+
+def test_fine_tune_metadata_tags_join_the_caption(tmp_path: Path) -> None:
+    """The reference's fine-tuning captions: caption + caption_separator + tags; tags alone without a caption."""
+    folder = tmp_path / "data"
+    make_dataset(folder, 3)
+    meta = {"img0000.jpg": {"caption": "a photo", "tags": "red, square"}, "img0001.png": {"tags": "blue, circle"},
+            "img0002.jpg": {"caption": "only words", "tags": ""}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"image_path": "img0000.jpg", "caption": "x", "tags": "y"}) + "\n")
+    toml = tmp_path / "d.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nbucket_reso_steps = 16\n"
+                    f"[[datasets.subsets]]\nimage_dir = '{folder}'\nmetadata_file = '{tmp_path / 'meta.json'}'\n"
+                    f"[[datasets.subsets]]\nimage_dir = '{folder}'\nmetadata_file = '{tmp_path / 'meta.jsonl'}'\n"
+                    f"caption_separator = ' | '\n")
+    table = manifest.run(manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet",
+                                                 latent_shards=1, text_shards=1))
+    assert list(table.caption) == ["a photo,red, square", "blue, circle", "only words", "x | y"]

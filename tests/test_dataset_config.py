@@ -15,6 +15,7 @@ from fluxpipe.dataset_config import (
     SubsetConfig,
     check_cacheable,
     dataset_kind,
+    folder_datasets,
     load_dataset_toml,
     parse_datasets,
 )
@@ -171,7 +172,6 @@ validation_split = 0.1
 validation_seed = 3
   [[datasets.subsets]]
   image_dir = "a"
-  cache_info = true
   alpha_mask = true
   conditioning_data_dir = "cond"
   caption_separator = ";"
@@ -185,7 +185,7 @@ validation_seed = 3
   caption_dropout_rate = 0.1
   caption_dropout_every_n_epochs = 3
   caption_tag_dropout_rate = 0.2
-  custom_attributes = { diff_output_preservation = true }
+  custom_attributes = {}
   resize_interpolation = "box"
 """
     (ds,) = load_dataset_toml(_toml(tmp_path, text)).datasets
@@ -193,7 +193,7 @@ validation_seed = 3
     assert ds.validation_split == 0.1 and ds.validation_seed == 3
     (s,) = ds.subsets
     assert s.face_crop_aug_range == (2.0, 4.0) and isinstance(s.face_crop_aug_range[0], float)
-    assert s.custom_attributes == {"diff_output_preservation": True}
+    assert s.custom_attributes == {} and s.resize_interpolation == "box"
     assert s.token_warmup_step == 0.5 and s.caption_dropout_every_n_epochs == 3
     assert dataset_kind(ds) == "controlnet"
 
@@ -373,3 +373,62 @@ def test_configs_are_frozen() -> None:
     (ds,) = parse_datasets(_one(), "d").datasets
     with pytest.raises(dataclasses.FrozenInstanceError):
         ds.batch_size = 2  # type: ignore[misc]
+
+
+def test_command_line_values_rank_below_general() -> None:
+    """spec §9: subset > dataset > general > command line (--train_batch_size is batch_size) > defaults."""
+    cli = {"batch_size": 3, "caption_extension": "txt", "resize_interpolation": "nearest", "flip_aug": True}
+    (ds,) = parse_datasets(_one(), "d.toml", cli).datasets
+    assert ds.batch_size == 3 and ds.subsets[0].caption_extension == ".txt" and ds.subsets[0].flip_aug
+    assert ds.subsets[0].resize_interpolation == "nearest"
+    (ds,) = parse_datasets(_one({"caption_extension": ".cap"}, {"batch_size": 2}, {"flip_aug": False}), "d.toml",
+                           cli).datasets
+    assert ds.batch_size == 2 and ds.subsets[0].caption_extension == ".cap" and not ds.subsets[0].flip_aug
+    with pytest.raises(ConfigError, match="command line.batch_size: must be >= 1"):
+        parse_datasets(_one(), "d.toml", {"batch_size": 0})
+
+
+def test_toml_without_batch_size_takes_the_command_line_one(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'img'\n")
+    assert load_dataset_toml(path).datasets[0].batch_size == 1
+    assert load_dataset_toml(path, {"batch_size": 3}).datasets[0].batch_size == 3
+
+
+def test_json_dataset_config_reads_as_the_toml(tmp_path: Path) -> None:
+    import json
+    import tomllib
+
+    (tmp_path / "d.json").write_text(json.dumps(tomllib.loads(TYPICAL)), encoding="utf-8")
+    assert load_dataset_toml(tmp_path / "d.json").datasets == load_dataset_toml(_toml(tmp_path, TYPICAL)).datasets
+    (tmp_path / "bad.json").write_text("{resolution: 512", encoding="utf-8")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        load_dataset_toml(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("subset, pattern", [
+    ({"cache_info": True}, r"subsets\[0\].cache_info: not supported .*remove it"),
+    ({"custom_attributes": {"diff_output_preservation": True}},
+     r"subsets\[0\].custom_attributes: not supported yet.*remove diff_output_preservation"),
+])
+def test_unsupported_subset_keys_are_refused(subset: dict[str, Any], pattern: str) -> None:
+    _fails(_one(subset), pattern)
+    _fails({"general": subset, **_one()}, pattern)
+
+
+def test_folder_mode_concept_subfolders(tmp_path: Path) -> None:
+    for name in ("10_sks dog", "2_a_b", "0_skipped", "notes", "3_empty"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / "1_file.txt").write_text("not a folder")
+    (tmp_path / "reg" / "1_dog").mkdir(parents=True)
+    data = folder_datasets(str(tmp_path / "train"), str(tmp_path / "reg"))
+    assert data == {"datasets": [{"subsets": [
+        {"image_dir": str(tmp_path / "train/10_sks dog"), "num_repeats": 10, "is_reg": False, "class_tokens": "sks dog"},
+        {"image_dir": str(tmp_path / "train/2_a_b"), "num_repeats": 2, "is_reg": False, "class_tokens": "a_b"},
+        {"image_dir": str(tmp_path / "train/3_empty"), "num_repeats": 3, "is_reg": False, "class_tokens": "empty"},
+        {"image_dir": str(tmp_path / "reg/1_dog"), "num_repeats": 1, "is_reg": True, "class_tokens": "dog"}]}]}
+    assert folder_datasets("imgs", in_json="meta.json") == {
+        "datasets": [{"subsets": [{"image_dir": "imgs", "metadata_file": "meta.json"}]}]}
+    with pytest.raises(ConfigError, match="--train_data_dir .*: no subfolder named N_concept"):
+        folder_datasets(str(tmp_path / "reg" / "1_dog"))
+    with pytest.raises(ConfigError, match="--reg_data_dir .*nowhere: not a folder"):
+        folder_datasets(str(tmp_path / "train"), str(tmp_path / "nowhere"))

@@ -212,3 +212,16 @@ def test_caption_invalid_utf8(tmp_path):
     path.write_bytes("café".encode("latin-1"))
     with pytest.raises(FluxpipeError, match="latin1.txt"):
         read_caption(path)
+
+
+def test_every_reference_interpolation_name_resizes():
+    """The reference's resize_interpolation names (OpenCV's linear/cubic/area = Pillow's bilinear/bicubic/box)."""
+    from fluxpipe.dataset_config import INTERPOLATIONS
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    out = {name: np.asarray(resize_and_crop(img, (5, 6), 0, 0, (4, 4), name)) for name in INTERPOLATIONS}
+    assert {a.shape for a in out.values()} == {(4, 4, 3)}
+    for alias, name in (("linear", "bilinear"), ("cubic", "bicubic"), ("area", "box")):
+        assert np.array_equal(out[alias], out[name])
+    assert np.array_equal(np.asarray(resize_and_crop(img, (5, 6), 0, 0, (4, 4))), out["area"])  # shrinking: area
+    assert not np.array_equal(out["nearest"], out["area"])

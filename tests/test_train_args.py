@@ -74,7 +74,6 @@ def test_reference_defaults_elsewhere() -> None:
     (["--v_parameterization"], "--v_parameterization: SD-only"),
     (["--clip_skip", "2"], "--clip_skip: SD-only"),
     (["--max_token_length", "225"], "--max_token_length: .*use --t5xxl_max_token_length"),
-    (["--split_mode"], "--split_mode: deprecated: use --blocks_to_swap"),
 ])
 def test_rejected_flags(argv: list[str], message: str) -> None:
     assert argv[0][2:] in REJECTED
@@ -228,3 +227,67 @@ def test_the_readme_lists_every_ignored_flag() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("Accepted and ignored for FLUX"):readme.index("**Memory options.**")]
     assert [f for f in IGNORED_FOR_FLUX if f"`{f}`" not in section] == []
+
+
+def test_split_mode_means_blocks_to_swap_18(caplog: pytest.LogCaptureFixture) -> None:
+    """The reference maps the deprecated --split_mode to --blocks_to_swap 18 with a warning (LoRA script only)."""
+    with caplog.at_level(logging.WARNING, logger="fluxpipe.train_args"):
+        args = parse_train_args(BASE + ["--split_mode"])
+    assert args.blocks_to_swap == 18 and args.split_mode is False
+    assert "--split_mode is deprecated: use --blocks_to_swap" in caplog.text
+    assert parse_train_args(BASE + ["--split_mode", "--blocks_to_swap", "4"]).blocks_to_swap == 4
+    fails(BASE + ["--split_mode", "--cpu_offload_checkpointing"], "--blocks_to_swap.*cpu_offload_checkpointing")
+    with pytest.raises(FluxpipeError, match="--split_mode: is a .*LoRA script only: use --blocks_to_swap"):
+        parse_train_args(["--split_mode"], "full")
+
+
+def test_highvram_and_dataset_flags_are_accepted() -> None:
+    from fluxpipe.train_config import check_unhonoured
+
+    argv = BASE + ["--highvram", "--train_batch_size", "3", "--caption_extension", "txt", "--resolution", "512,768",
+                   "--enable_bucket", "--min_bucket_reso", "128", "--resize_interpolation", "bicubic",
+                   "--train_data_dir", "img", "--reg_data_dir", "reg", "--flip_aug", "--dataset_repeats", "2"]
+    check_unhonoured(parse_train_args(argv))  # nothing refused
+    with pytest.raises(FluxpipeError, match="--train_data_dir"):  # ControlNet folder mode is not built
+        check_unhonoured(parse_train_args(["--train_data_dir", "img"], "controlnet"), "controlnet")
+
+
+def test_dataset_flags_as_dataset_keys() -> None:
+    from fluxpipe.train_args import dataset_flag_defaults, given_dataset_flags
+
+    args = parse_train_args(BASE + ["--train_batch_size", "3", "--caption_extension", ".txt", "--resolution", "512",
+                                    "--face_crop_aug_range", "2,4", "--dataset_repeats", "5", "--keep_tokens", "0"])
+    assert dataset_flag_defaults(args) == {"batch_size": 3, "caption_extension": ".txt", "resolution": (512, 512),
+                                           "face_crop_aug_range": (2.0, 4.0), "num_repeats": 5}
+    assert given_dataset_flags(args) == ["--train_batch_size", "--dataset_repeats", "--resolution",
+                                         "--caption_extension", "--face_crop_aug_range"]
+    assert dataset_flag_defaults(parse_train_args(BASE + ["--resolution", "768,512"])) == {"resolution": (768, 512)}
+    fails(BASE + ["--resolution", "512x512"], "--resolution '512x512': write SIZE or W,H")
+    fails(BASE + ["--resolution", "1,2,3"], "--resolution")
+    fails(BASE + ["--face_crop_aug_range", "2"], "--face_crop_aug_range '2': write LOW,HIGH")
+
+
+def test_load_datasets_applies_command_line_fallbacks(tmp_path: Path) -> None:
+    from fluxpipe.train_config import load_datasets
+
+    toml = tmp_path / "d.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'img'\n")
+    (ds,) = load_datasets(parse_train_args(BASE + ["--dataset_config", str(toml), "--train_batch_size", "3",
+                                                   "--caption_extension", ".txt"])).datasets
+    assert ds.batch_size == 3 and ds.subsets[0].caption_extension == ".txt"
+    (tmp_path / "train" / "4_sks cat").mkdir(parents=True)
+    (ds,) = load_datasets(parse_train_args(BASE + ["--train_data_dir", str(tmp_path / "train"), "--resolution",
+                                                   "256", "--enable_bucket"])).datasets
+    assert ds.resolution == (256, 256) and ds.enable_bucket and ds.batch_size == 1
+    assert [(s.num_repeats, s.class_tokens, s.is_reg) for s in ds.subsets] == [(4, "sks cat", False)]
+    with pytest.raises(FluxpipeError, match="--train_data_dir needs --resolution"):
+        load_datasets(parse_train_args(BASE + ["--train_data_dir", str(tmp_path / "train")]))
+    with pytest.raises(FluxpipeError, match="no dataset: give --dataset_config"):
+        load_datasets(parse_train_args(BASE))
+
+
+def test_pipeline_train_sections_refuse_dataset_flags() -> None:
+    from fluxpipe.config import ConfigError, load_pipeline
+
+    with pytest.raises(ConfigError, match="train: train_batch_size are dataset settings: set them in the dataset "):
+        load_pipeline({"train": {"network_module": "networks.lora_flux", "train_batch_size": 2}})

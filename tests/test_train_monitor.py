@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fluxpipe.prompts import SamplePrompt
@@ -39,3 +41,15 @@ def test_fixed_noise_is_fixed_per_item_and_sigma() -> None:
     assert not torch.equal(a, fixed_noise((1, 16, 4, 4), 0, 6, 1))
     assert not torch.equal(a, fixed_noise((1, 16, 4, 4), 0, 5, 2))
     assert not torch.equal(a, fixed_noise((1, 16, 4, 4), 1, 5, 1))
+
+
+def test_log_tracker_name_is_the_event_folder(tmp_path: Path) -> None:
+    """--log_tracker_name: as the reference's TensorBoard tracker, the events go to <run folder>/<tracker name>."""
+    from fluxpipe.train_log import TrainLogger
+
+    logger = TrainLogger(tmp_path, "demo_", tracker_name="my_tracker")
+    logger.step(1, 0.5, {"unet": 1e-4})
+    logger.close()
+    (run,) = tmp_path.iterdir()
+    assert run.name.startswith("demo_") and [p.name for p in run.iterdir()] == ["my_tracker"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "my_tracker").iterdir())

@@ -52,6 +52,7 @@ class LatentEntry:
     resized: tuple[int, int]
     crop: tuple[int, int]
     flip: bool
+    interpolation: str = ""  # the subset's resize_interpolation ("": area when shrinking, lanczos when enlarging)
 
 
 def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> list[LatentEntry]:
@@ -62,20 +63,25 @@ def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> 
             fields = {"v": LATENT_CACHE_VERSION, "image": r.sha256, "bucket": [r.bucket_w, r.bucket_h],
                       "resized": [r.resized_w, r.resized_h], "crop": [r.crop_left, r.crop_top], "flip": flip,
                       "ae": ae_sha, "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
+            interpolation = getattr(r, "resize_interpolation", "") or ""
+            if interpolation:  # (absent from the key when unset: existing caches stay valid)
+                fields["interpolation"] = interpolation
             key = content_key(**fields)
             if key in entries:
                 old = entries[key]
                 entries[key] = LatentEntry(key=key, path=old.path, paths=(*old.paths, r.path), bucket=old.bucket,
-                                           resized=old.resized, crop=old.crop, flip=flip)
+                                           resized=old.resized, crop=old.crop, flip=flip, interpolation=interpolation)
                 continue
             entries[key] = LatentEntry(key=key, path=r.path, paths=(r.path,), bucket=(r.bucket_w, r.bucket_h),
-                                       resized=(r.resized_w, r.resized_h), crop=(r.crop_left, r.crop_top), flip=flip)
+                                       resized=(r.resized_w, r.resized_h), crop=(r.crop_left, r.crop_top), flip=flip,
+                                       interpolation=interpolation)
     return list(entries.values())
 
 
 def prepare(entry: LatentEntry) -> torch.Tensor:
     """Decode, resize, crop (and flip) one image: [3, H, W] in [-1, 1]."""
-    image = resize_and_crop(load_rgb(Path(entry.path)), entry.resized, entry.crop[0], entry.crop[1], entry.bucket)
+    image = resize_and_crop(load_rgb(Path(entry.path)), entry.resized, entry.crop[0], entry.crop[1], entry.bucket,
+                            entry.interpolation or None)
     x = to_tensor(image)
     return x.flip(-1) if entry.flip else x
 

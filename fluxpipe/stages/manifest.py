@@ -61,7 +61,7 @@ def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candid
     """Images (and captions from a metadata file) of one subset; problems as 'file: reason' strings."""
     problems: list[str] = []
     if sub.metadata_file is not None:
-        entries = _read_metadata(Path(sub.metadata_file))
+        entries = _read_metadata(Path(sub.metadata_file), sub.caption_separator)
         base = Path(sub.image_dir) if sub.image_dir else None
         paths = [((base / p) if base and not Path(p).is_absolute() else Path(p), c) for p, c in entries]
     else:
@@ -127,14 +127,24 @@ def _unpaired_conditioning(cfg: DatasetsConfig) -> list[str]:
     return problems
 
 
-def _read_metadata(path: Path) -> list[tuple[str, str]]:
-    """The reference's fine-tuning metadata: JSON {path: {caption, ...}} or JSONL {image_path, caption}."""
+def _with_tags(entry: dict, separator: str) -> str:
+    """The reference's fine-tuning caption: ``caption``, then ``caption_separator`` and ``tags`` when both are
+    given (no space added), ``tags`` alone without a caption, else ""."""
+    caption, tags = entry.get("caption"), entry.get("tags")
+    if caption is None:
+        return tags or ""
+    return f"{caption}{separator}{tags}" if tags else caption
+
+
+def _read_metadata(path: Path, separator: str = ",") -> list[tuple[str, str]]:
+    """The reference's fine-tuning metadata: JSON {path: {caption, tags, ...}} or JSONL {image_path, caption,
+    tags}; tags are appended to the caption after ``separator`` (the subset's caption_separator)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return [(r["image_path"], r.get("caption") or "") for r in rows]
-        return [(k, (v or {}).get("caption") or "") for k, v in json.loads(text).items()]
+            return [(r["image_path"], _with_tags(r, separator)) for r in rows]
+        return [(k, _with_tags(v or {}, separator)) for k, v in json.loads(text).items()]
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise FluxpipeError(f"{path}: unreadable metadata file ({type(e).__name__}: {e}); expected JSON "
                             "{image: {caption: ...}} or JSONL lines {image_path, caption}") from e
@@ -207,7 +217,8 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
         "repeats": sub.num_repeats, "is_reg": sub.is_reg, "flip_aug": sub.flip_aug,
         "bucket_w": plan.bucket[0], "bucket_h": plan.bucket[1], "resized_w": plan.resized[0],
         "resized_h": plan.resized[1], "crop_left": plan.crop_left, "crop_top": plan.crop_top,
-        "upscaled": plan.upscale, **_conditioning_columns(c, (width, height), ds.enable_bucket, hashes, decoded),
+        "upscaled": plan.upscale, "resize_interpolation": sub.resize_interpolation or "",
+        **_conditioning_columns(c, (width, height), ds.enable_bucket, hashes, decoded),
     }
 
 

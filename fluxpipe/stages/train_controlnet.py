@@ -144,7 +144,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
     logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
-                         window=math.ceil(len(first_batches) / accum))
+                         window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
     model = wrap(ControlNetLoss(controlnet, dit, cfg.math), w)
 
     def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str = "", every: int | None = None,

@@ -73,6 +73,7 @@ class TrainFullConfig:
     settings: str = ""  # digest of the settings and data: a state resumes only a run with the same one
     logging_dir: Path | None = None
     log_prefix: str = ""
+    log_tracker_name: str = ""  # a subfolder of the run folder for the event files ("": none)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)  # samples and validation loss
     sample_models: ModelFiles | None = None
     t5_max_length: int = 512
@@ -222,7 +223,7 @@ def train(cfg: TrainFullConfig) -> Path:
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
     logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
-                         window=math.ceil(len(first_batches) / accum))
+                         window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
     # samples and validation run the trained weights as they are (fp32 or bf16), without autocast; on every
     # rank when sharded (each forward needs them all), written by rank 0
     monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype,

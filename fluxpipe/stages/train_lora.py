@@ -109,6 +109,7 @@ class TrainLoraConfig:
     save_n_epoch_ratio: int | None = None  # at least this many per-epoch saves: every max(1, epochs // n) epochs
     logging_dir: Path | None = None
     log_prefix: str = ""
+    log_tracker_name: str = ""  # a subfolder of the run folder for the event files ("": none)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)  # samples and validation loss
     sample_models: ModelFiles | None = None  # AE and text encoders for the samples' prompts
     t5_max_length: int = 512
@@ -440,7 +441,7 @@ def train(cfg: TrainLoraConfig) -> Path:
     accum = cfg.gradient_accumulation_steps
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
     logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
-                         window=math.ceil(len(first_batches) / accum))
+                         window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
     pooled_fn = (lambda texts: clip_pooled(clip, clip_tok, texts, cfg.compute_dtype)) if clip is not None else None
     monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger) if w.main else \
         Monitor(MonitorSettings(), output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed)
