@@ -5,9 +5,12 @@ A reader (or a rerun after SIGKILL) sees either the old file or the complete new
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from fluxpipe.errors import FluxpipeError
 
 
 def temp_beside(path: Path) -> str:
@@ -39,3 +42,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def no_space_error(error: BaseException, path: str | Path) -> FluxpipeError | None:
+    """The one-line error for a full disk or quota while writing ``path`` (None for any other error).
+    safetensors reports it as a SafetensorError whose text carries the OS error."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (full or "No space left on device" in str(error) or "StorageFull" in str(error)):
+        return None
+    return FluxpipeError(f"{path}: no space left on the device while saving it; free some space and rerun (the "
+                         "previous files are intact; the unfinished file was removed)")

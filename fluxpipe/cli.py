@@ -159,10 +159,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from fluxpipe import train_config
-    from fluxpipe.stages import train_lora
     from fluxpipe.train_args import parse_train_args
 
     extra = argparse.ArgumentParser(add_help=False)
@@ -181,6 +178,22 @@ def _train(args: argparse.Namespace) -> None:
     w = world()  # under torchrun: this process's rank (DDP for LoRA and ControlNet, FSDP2 for the full fine-tune)
     device = device_for(w, resolve_device("auto"))
     train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
+    from fluxpipe.output_dir import output_lock
+
+    if not w.main:  # rank 0 holds the output folder's lock for all ranks
+        _train_locked(args.method, own, ns, w, device)
+        return
+    with output_lock(Path(ns.output_dir), ns.output_name or "last"):
+        _train_locked(args.method, own, ns, w, device)
+
+
+def _train_locked(method: str, own: argparse.Namespace, ns: argparse.Namespace, w, device: str) -> None:  # noqa: ANN001
+    """Caches (unless --cache_dir) and the training of ``method``, with the output folder locked."""
+    from dataclasses import replace
+
+    from fluxpipe import train_config
+    from fluxpipe.stages import train_lora
+
     if own.cache_dir is not None:
         if ns.validation_split or ns.validation_seed is not None:
             raise FluxpipeError("--validation_split / --validation_seed: the pipeline's caches are built from the "
@@ -193,13 +206,13 @@ def _train(args: argparse.Namespace) -> None:
         w.barrier()
         caches = train_config.pipeline_caches(work)
     segment = {"stop_at_step": own.stop_at_step}
-    if args.method == "full":
+    if method == "full":
         from fluxpipe.stages import train_full
 
         train_full.train(replace(train_config.full_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
                                                           own.t5_tokenizer), **segment))
         return
-    if args.method == "controlnet":
+    if method == "controlnet":
         from fluxpipe.stages import train_controlnet
 
         train_controlnet.train(replace(train_config.controlnet_config(ns, caches, device, own.auto_resume,
