@@ -43,7 +43,9 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def warnings(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and word in r.getMessage()]
+    """The warnings containing ``word``, as the command line logs them (level, logger, message)."""
+    return [f"WARNING {r.name}: {r.getMessage()}" for r in caplog.records
+            if r.levelno == logging.WARNING and word in r.getMessage()]
 
 
 # ---- the dataset (manifest stage) -----------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def test_non_utf8_file_names_are_listed(tmp_path: Path, capsys: pytest.CaptureFi
     assert "b'caf\\xe9.png'" in line and "rename" in line
     with pytest.raises(FluxpipeError, match=r"caf\\xe9\.png") as e:  # Snakemake would write it into its locks
         dataset_files(load_pipeline({"dataset_config": str(toml)}))
-    said("non-UTF-8 image file name (Snakefile / Snakemake's lock)", str(e.value))
+    said("non-UTF-8 image file name (Snakefile / Snakemake's lock)", f"fluxpipe: error: {e.value}")
 
 
 def test_caption_extension_with_a_slash_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,6 +119,18 @@ def test_metadata_keyed_by_file_stem_finds_the_image(tmp_path: Path) -> None:
     table, _ = read_parquet(tmp_path / "m.parquet")
     assert sorted(table.path) == sorted(str(p) for p in images)
     assert dict(zip(table.path, table.caption, strict=True))[str(images[0])] == "a square"
+
+
+def test_metadata_key_without_an_image_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_dataset(tmp_path / "data", 1)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"img0000": {"caption": "a square"}, "gone": {"caption": "a circle"}}))
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data"}"\n'
+                    f'metadata_file = "{meta}"\n')
+    assert manifest(tmp_path, toml) == 2
+    line = said("fine-tune metadata key naming no image", error_line(capsys))
+    assert f"{tmp_path / 'data/gone'}: image file not found" in line
 
 
 # ---- the trainer's flags and output folder (all before any model loads) ----------------------------------------
@@ -234,6 +248,37 @@ def test_disk_full_while_saving_keeps_the_previous_file(tmp_path: Path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
 
 
+def test_disk_full_during_training_is_exit_2_with_earlier_saves_intact(
+        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    from fluxpipe import safetensors_file
+
+    real, calls = safetensors_file.save_file, []
+
+    def full_on_second_save(tensors: dict, path: str, metadata: dict | None = None) -> None:
+        calls.append(os.path.basename(path).startswith(".bad"))  # the LoRA saves, not the cache shards
+        if sum(calls) == 2 and calls[-1]:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.chdir(REPO)  # the demo dataset names its images relative to the repository
+    monkeypatch.setattr(safetensors_file, "save_file", full_on_second_save)
+    out = tmp_path / "out"
+    assert main(command(demo_dir, out, "--max_train_steps", "2", "--save_every_n_steps", "1")) == 2
+    line = said("disk full while saving (during training)", error_line(capsys))
+    assert line == (f"fluxpipe: error: {out / 'bad.safetensors'}: no space left on the device while "
+                    "saving it; free some space and rerun (the previous files are intact; the unfinished file was "
+                    "removed)")
+    first = out / "bad-step00000001.safetensors"
+    assert load_file(first)  # the step-1 LoRA is complete and readable
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [first.name]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / ".bad.lock").exists()  # the lock is released on the error too
+
+
 # ---- text encoding: tokenizers and long captions ---------------------------------------------------------------
 
 def test_offline_without_tokenizer_folder_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,14 +295,14 @@ def test_offline_without_tokenizer_folder_fails_at_once(tmp_path: Path, monkeypa
     start = time.perf_counter()
     with pytest.raises(FluxpipeError, match="`clip_tokenizer:` in config/config.yaml \\(or --clip_tokenizer\\)") as e:
         te.load_clip_tokenizer(None)
-    said("offline, no --clip_tokenizer, not in the hub cache", str(e.value))
+    said("offline, no --clip_tokenizer, not in the hub cache", f"fluxpipe: error: {e.value}")
     with pytest.raises(FluxpipeError, match="--t5_tokenizer") as e:
         te.load_t5_tokenizer(None)
     assert time.perf_counter() - start < 20  # no hub retries
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FluxpipeError, match="HF_HUB_OFFLINE is set") as e:
         te.load_t5_tokenizer(None)
-    said("HF_HUB_OFFLINE=1, no --t5_tokenizer, not in the hub cache", str(e.value))
+    said("HF_HUB_OFFLINE=1, no --t5_tokenizer, not in the hub cache", f"fluxpipe: error: {e.value}")
 
 
 def text_cache(tmp_path: Path, demo: Path, captions: list[str], clip_tok: Path, t5_tok: Path):  # noqa: ANN201
@@ -280,7 +325,7 @@ def test_empty_tokenizer_is_refused_before_encoding(demo_dir: Path, tmp_path: Pa
     (empty / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(FluxpipeError, match="CLIP-L tokenizer has 2 tokens but its encoder embeds") as e:
         text_cache(tmp_path, demo_dir, ["a cat"], empty, demo_dir / T5_DIR)
-    said("CLIP tokenizer with 2 tokens (empty) for the CLIP-L file", str(e.value))
+    said("CLIP tokenizer with 2 tokens (empty) for the CLIP-L file", f"fluxpipe: error: {e.value}")
     assert not (tmp_path / "text.safetensors").exists()
 
 
@@ -290,7 +335,7 @@ def test_tokenizer_of_another_encoder_is_refused(demo_dir: Path, tmp_path: Path)
     real_t5 = TOKENIZERS / "t5-v1_1-xxl"
     with pytest.raises(FluxpipeError, match="T5 tokenizer has 32100 tokens but its encoder embeds") as e:
         text_cache(tmp_path, demo_dir, ["a cat"], demo_dir / CLIP_DIR, real_t5)
-    said("real T5 tokenizer (32100 tokens) for a T5 file with fewer rows", str(e.value))
+    said("real T5 tokenizer (32100 tokens) for a T5 file with fewer rows", f"fluxpipe: error: {e.value}")
 
 
 def test_real_tokenizers_fit_the_real_embedding_rows() -> None:
