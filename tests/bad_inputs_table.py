@@ -34,8 +34,9 @@ Errors (`fluxpipe: error: ...`) stop with exit status 2 before any model loads o
   tuples of the wrong length and values of the wrong type (number / True-False) are refused.
 - Non-UTF-8 file names are refused, all listed, rather than carried with surrogate escapes (Parquet, JSON and
   Snakemake's lock files cannot store them).
-- The output folder is locked by `<output_dir>/.<output_name>.lock` (JSON: pid, host, start time), removed when
-  the run ends; a lock left by a dead process on the same host is taken over with a warning.
+- The output folder is locked by an exclusive flock on `<output_dir>/.<output_name>.lock` (JSON inside: pid, host,
+  start time), removed when the run ends; the kernel drops the flock of a killed run (kill -9, wall time), so its
+  leftover file is taken over with a warning. Under torchrun rank 0 holds it.
 - Tokenizers: without `clip_tokenizer:` / `t5_tokenizer:` the hub ids are used only if the local hub cache holds
   the tokenizer file or the hub answers one connection attempt (no retries); every tokenizer's size must fit its
   encoder's embedding rows (`rows - min(128, rows // 8) <= tokens <= rows`; CLIP-L 49408/49408, T5 32100/32128).

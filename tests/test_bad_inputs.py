@@ -195,12 +195,23 @@ def test_second_trainer_on_the_same_output_is_refused(demo_dir: Path, tmp_path: 
 
     out = tmp_path / "out"
     out.mkdir()
-    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
-    (out / ".bad.lock").write_text(json.dumps(holder))
-    assert main(command(demo_dir, out)) == 2
-    line = said("two trainers on one --output_dir/--output_name", error_line(capsys))
-    assert f"pid {os.getppid()} on host {socket.gethostname()}" in line and str(out / ".bad.lock") in line
-    assert json.loads((out / ".bad.lock").read_text()) == holder  # the other run's lock is left alone
+    holder = subprocess.Popen([sys.executable, "-c", (  # another run: holds the lock as fluxpipe would
+        "import sys, time; from pathlib import Path; from fluxpipe.output_dir import output_lock\n"
+        "with output_lock(Path(sys.argv[1]), 'bad'):\n    print('held', flush=True); time.sleep(60)"), str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(command(demo_dir, out)) == 2
+        line = said("two trainers on one --output_dir/--output_name", error_line(capsys))
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in line and str(out / ".bad.lock") in line
+        assert json.loads((out / ".bad.lock").read_text())["pid"] == holder.pid  # the other run's lock is kept
+    finally:
+        holder.kill()
+        holder.wait()
+    from fluxpipe.output_dir import output_lock
+
+    with output_lock(out, "bad") as lock:  # a killed holder's lock (kill -9: no cleanup) is free again
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
 def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -217,7 +228,7 @@ def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path: Path, caplo
             with output_lock(tmp_path, "x"):
                 pass
     assert not lock.exists()
-    said("stale lock of a dead process (same host)", warnings(caplog, "taking over")[0])
+    said("lock file left by a killed run", warnings(caplog, "taking over")[0])
 
 
 def test_disk_full_while_saving_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
