@@ -7,6 +7,7 @@ what a killed writer left (``remove_stale_temps``): only names of this pattern, 
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -16,6 +17,8 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+
+from fluxpipe.errors import FluxpipeError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ def remove_stale_temps(folder: Path, target_prefix: str) -> list[Path]:
     return removed
 
 
+
 def temp_beside(path: Path) -> str:
     """A new temporary file name beside ``path`` (same file system, so the final rename is atomic); a killed
     earlier writer's temporaries of ``path`` are removed first."""
@@ -110,3 +114,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def no_space_error(error: BaseException, path: str | Path) -> FluxpipeError | None:
+    """The one-line error for a full disk or quota while writing ``path`` (None for any other error).
+    safetensors reports it as a SafetensorError whose text carries the OS error."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (full or "No space left on device" in str(error) or "StorageFull" in str(error)):
+        return None
+    return FluxpipeError(f"{path}: no space left on the device while saving it; free some space and rerun (the "
+                         "previous files are intact; the unfinished file was removed)")

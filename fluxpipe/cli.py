@@ -160,11 +160,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from fluxpipe import train_config
-    from fluxpipe.stages import train_lora
-    from fluxpipe.train_args import given_dataset_flags, parse_train_args
+    from fluxpipe.train_args import parse_train_args
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--cache_dir", type=Path, help="use the pipeline's caches under this folder (results/)")
@@ -182,29 +179,57 @@ def _train(args: argparse.Namespace) -> None:
     w = world()  # under torchrun: this process's rank (DDP for LoRA and ControlNet, FSDP2 for the full fine-tune)
     device = device_for(w, resolve_device("auto"))
     train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
+    _check_datasets(own, ns)
+    from fluxpipe.output_dir import check_output_dir, output_lock
+
+    check_output_dir(Path(ns.output_dir))  # (creates it: after every check of the settings)
+
+    if not w.main:  # rank 0 holds the output folder's lock for all ranks
+        _train_locked(args.method, own, ns, w, device)
+        return
+    with output_lock(Path(ns.output_dir), ns.output_name or "last"):
+        _train_locked(args.method, own, ns, w, device)
+
+
+def _check_datasets(own: argparse.Namespace, ns: argparse.Namespace) -> None:
+    """The dataset settings, in every process, before the output folder is touched: a bad one costs nothing."""
+    from fluxpipe import train_config
+    from fluxpipe.train_args import given_dataset_flags
+
+    if own.cache_dir is None:
+        train_config.load_datasets(ns)
+        return
+    if given_dataset_flags(ns):
+        raise FluxpipeError(f"{', '.join(given_dataset_flags(ns))}: the pipeline's caches are built from its "
+                            "dataset config; set these there (e.g. batch_size for --train_batch_size)")
+    if ns.validation_split or ns.validation_seed is not None:
+        raise FluxpipeError("--validation_split / --validation_seed: the pipeline's caches are built from the "
+                            "dataset TOML; set validation_split (and validation_seed) there")
+
+
+def _train_locked(method: str, own: argparse.Namespace, ns: argparse.Namespace, w, device: str) -> None:  # noqa: ANN001
+    """Caches (unless --cache_dir) and the training of ``method``, with the output folder locked."""
+    from dataclasses import replace
+
+    from fluxpipe import train_config
+    from fluxpipe.stages import train_lora
+
     if own.cache_dir is not None:
-        if given_dataset_flags(ns):
-            raise FluxpipeError(f"{', '.join(given_dataset_flags(ns))}: the pipeline's caches are built from its "
-                                "dataset config; set these there (e.g. batch_size for --train_batch_size)")
-        if ns.validation_split or ns.validation_seed is not None:
-            raise FluxpipeError("--validation_split / --validation_seed: the pipeline's caches are built from the "
-                                "dataset TOML; set validation_split (and validation_seed) there")
         caches = train_config.pipeline_caches(own.cache_dir)
     else:
-        train_config.load_datasets(ns)  # every process: a bad dataset setting fails everywhere, before any work
         work = Path(ns.output_dir) / ".fluxpipe-cache"
         if w.main:  # rank 0 encodes; the others use its caches
             train_config.build_caches(ns, work, device, own.clip_tokenizer, own.t5_tokenizer)
         w.barrier()
         caches = train_config.pipeline_caches(work)
     segment = {"stop_at_step": own.stop_at_step}
-    if args.method == "full":
+    if method == "full":
         from fluxpipe.stages import train_full
 
         train_full.train(replace(train_config.full_config(ns, caches, device, own.auto_resume, own.clip_tokenizer,
                                                           own.t5_tokenizer), **segment))
         return
-    if args.method == "controlnet":
+    if method == "controlnet":
         from fluxpipe.stages import train_controlnet
 
         train_controlnet.train(replace(train_config.controlnet_config(ns, caches, device, own.auto_resume,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import functools
 import json
 import logging
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "resolution": (lambda v: min(v) >= 1, "positive"),
     "face_crop_aug_range": (lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
     "caption_separator": (lambda v: v != "", "a non-empty string"),
+    "caption_extension": (lambda v: "/" not in v and "\\" not in v and v.strip(".") != "",
+                          "a file extension such as .txt (no path separator: captions lie beside their images)"),
     "resize_interpolation": (lambda v: v in INTERPOLATIONS, "one of " + ", ".join(INTERPOLATIONS)),
 }
 
@@ -433,4 +436,23 @@ def _idx(indices: list[int]) -> str:
     return ", ".join(str(j) for j in sorted(indices))
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def non_utf8_names(folder: str | Path, names: Iterable[str]) -> list[str]:
+    """The names (as ``os.fsencode`` bytes reprs, with the folder) that are not valid UTF-8: the file system
+    handed them over with surrogate escapes, which Parquet, JSON and Snakemake's lock files cannot store."""
+    out = []
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            out.append(f"{folder}/{os.fsencode(name)!r}")
+    return out
+
+
+def refuse_non_utf8(bad: list[str]) -> None:
+    """One error listing every file name that is not UTF-8, and how to rename them."""
+    if bad:
+        raise ConfigError(f"{len(bad)} dataset file names are not valid UTF-8: {', '.join(sorted(bad))}; rename "
+                          "them to UTF-8 (e.g. `convmv -f latin1 -t utf8 --notest -r FOLDER`), then rerun")
 """Image file extensions the reference trainer reads (matched case-insensitively)."""

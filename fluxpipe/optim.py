@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -59,16 +60,60 @@ def parse_optimizer_args(args: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _optimizer_class(canonical: str) -> type:
+    module_name, class_name, _ = OPTIMIZERS[canonical]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except ImportError as e:
+        package = PACKAGES.get(module_name, module_name)
+        raise FluxpipeError(f"--optimizer_type {canonical} needs the package {package}: pip install {package}") from e
+
+
+def _kind_problem(key: str, default: Any, value: Any) -> str | None:
+    """Why ``value`` cannot stand where the optimizer's default is ``default`` (None: it can, or unknown)."""
+    number = (int, float)
+    if isinstance(default, tuple) and all(isinstance(d, number) for d in default):
+        ok = isinstance(value, tuple | list) and len(value) == len(default) and all(
+            isinstance(v, number) and not isinstance(v, bool) for v in value)
+        example = ",".join(str(d) for d in default)
+        return None if ok else f"{key} must be a tuple of {len(default)} floats, e.g. {key}={example}"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"{key} must be True or False, e.g. {key}={default}"
+    if isinstance(default, number):
+        ok = isinstance(value, number) and not isinstance(value, bool)
+        return None if ok else f"{key} must be a number, e.g. {key}={default}"
+    return None
+
+
+def check_optimizer_args(name: str, raw: list[str]) -> dict[str, Any]:
+    """``--optimizer_args`` parsed and checked against the optimizer's signature (names, tuple lengths, number
+    and bool types), so that a typo fails before any model loads; returns the parsed values."""
+    args = parse_optimizer_args(raw)
+    if name not in OPTIMIZERS:  # a module.Class path, or one fluxpipe has no class for (refused when built)
+        return args
+    params = dict(inspect.signature(_optimizer_class(name).__init__).parameters)
+    params.pop("self", None)
+    params.pop("params", None)
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {a.partition("=")[0].strip(): a for a in raw}
+    for key, value in args.items():
+        if key not in params:
+            if open_kwargs:
+                continue
+            raise FluxpipeError(f"--optimizer_args {given[key]}: {name} has no argument {key!r} (it takes "
+                                f"{', '.join(k for k, p in params.items() if p.kind is not p.VAR_POSITIONAL)})")
+        default = OPTIMIZERS[name][2].get(key, params[key].default)
+        if (problem := _kind_problem(key, default, value)) is not None:
+            raise FluxpipeError(f"--optimizer_args {given[key]}: {problem}")
+    return args
+
+
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float,
                     optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
     """The optimizer over ``param_groups`` (each may carry its own lr)."""
     canonical = canonical_optimizer(name)
-    module_name, class_name, defaults = OPTIMIZERS[canonical]
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except ImportError as e:
-        package = PACKAGES.get(module_name, module_name)
-        raise FluxpipeError(f"--optimizer_type {canonical} needs the package {package}: pip install {package}") from e
+    defaults = OPTIMIZERS[canonical][2]
+    cls = _optimizer_class(canonical)
     kwargs = {**defaults, **optimizer_args}
     if canonical == "Adafactor":
         kwargs = _adafactor_kwargs(kwargs, param_groups, lr)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fluxpipe.atomic import publish, temp_beside
+from fluxpipe.atomic import no_space_error, publish, temp_beside
 from fluxpipe.errors import CheckpointError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
@@ -162,8 +162,10 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
         publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if (full := no_space_error(e, path)) is not None:
+            raise full from None
         raise
 
 
@@ -219,8 +221,10 @@ def save_safetensors_streaming(tensors: Mapping[str, torch.Tensor], path: str | 
                 f.write(_raw_bytes(fetch(t) if fetch is not None else t))
             f.flush()
         publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if (full := no_space_error(e, path)) is not None:
+            raise full from None
         raise
     return digest
 

@@ -94,7 +94,8 @@ def encode_texts(files: ModelFiles, texts: list[str], *, device: str, dtype: tor
             apply_lora(nn.Identity(), parts["lora_te1"], mult, clip_l=clip)
         if "lora_te3" in parts:
             apply_lora(nn.Identity(), parts["lora_te3"], mult, t5xxl=t5)
-    clip_tok, t5_tok = load_clip_tokenizer(files.clip_tokenizer), load_t5_tokenizer(files.t5_tokenizer, max_length)
+    clip_tok = load_clip_tokenizer(files.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
+    t5_tok = load_t5_tokenizer(files.t5_tokenizer, max_length, rows=t5.get_input_embeddings().num_embeddings)
     unique = list(dict.fromkeys(texts))
     out: dict[str, Conditioning] = {}
     for i in range(0, len(unique), batch_size):

@@ -301,6 +301,11 @@ def _check_numbers(ns: argparse.Namespace) -> None:
     for name, ok, message in checks:
         if not ok:
             _fail(name, f"{getattr(ns, name)!r} {message}")
+    for name in POSITIVE_OR_UNSET:
+        if getattr(ns, name) is not None and getattr(ns, name) < 1:
+            _fail(name, f"{getattr(ns, name)!r} must be >= 1 ({POSITIVE_OR_UNSET[name]})")
+    _check_learning_rates(ns)
+    _check_output_name(ns.output_name)
     for name in ("lr_warmup_steps", "lr_decay_steps"):
         value = getattr(ns, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
@@ -309,6 +314,40 @@ def _check_numbers(ns: argparse.Namespace) -> None:
     if ns.lr_scheduler == "constant" and ns.lr_warmup_steps and not ns.lr_scheduler_type:
         _fail("lr_warmup_steps", "--lr_scheduler constant takes no warmup (the reference raises); "
                                  "use --lr_scheduler constant_with_warmup")
+
+
+POSITIVE_OR_UNSET = {  # the reference would train a rank-4 LoRA labelled 0, or save every |n| steps
+    "network_dim": "the LoRA rank; leave it out for 4", "save_every_n_steps": "leave it out to save no steps",
+    "save_every_n_epochs": "leave it out to save no epochs", "save_n_epoch_ratio": "leave it out",
+    "save_last_n_epochs": "leave it out to keep all", "save_last_n_steps": "leave it out to keep all",
+    "save_last_n_epochs_state": "leave it out to keep all", "save_last_n_steps_state": "leave it out to keep all",
+    "sample_every_n_steps": "leave it out for no samples", "sample_every_n_epochs": "leave it out for no samples",
+    "validate_every_n_steps": "leave it out", "validate_every_n_epochs": "leave it out",
+    "max_validation_steps": "leave it out for all", "vae_batch_size": "leave it out for 1",
+    "text_encoder_batch_size": "leave it out",
+}
+
+
+def _check_learning_rates(ns: argparse.Namespace) -> None:
+    """No negative rate; and lr 0 only where another group still trains (a group with lr 0 is dropped, as in the
+    reference: with every rate 0 the reference stops after loading the models with an empty optimizer)."""
+    for name in ("learning_rate", "unet_lr"):
+        if getattr(ns, name) is not None and getattr(ns, name) < 0:
+            _fail(name, f"{getattr(ns, name)!r} must be >= 0 (e.g. 1e-4 for a LoRA)")
+    if any(v < 0 for v in ns.text_encoder_lr or ()):
+        _fail("text_encoder_lr", f"{ns.text_encoder_lr!r}: rates must be >= 0")
+    unet = ns.unet_lr if ns.unet_lr is not None else ns.learning_rate
+    te = [] if ns.network_train_unet_only else (ns.text_encoder_lr or [ns.learning_rate])
+    if unet == 0 and not any(te):
+        _fail("learning_rate", f"{ns.learning_rate!r}: with every learning rate 0 nothing is trained (the reference "
+                               "stops with an empty optimizer); give a positive rate, e.g. --learning_rate 1e-4")
+
+
+def _check_output_name(name: str | None) -> None:
+    """A file name, not a path: ``../x`` would write (and --save_last_n_* delete) outside --output_dir."""
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        _fail("output_name", f"{name!r} must be a plain file name without path separators (files go into "
+                             "--output_dir): e.g. --output_name my_lora")
 
 
 def _resolve_optimizer(ns: argparse.Namespace) -> None:

@@ -190,7 +190,11 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
     run is still the same training (never a silent change)."""
     from fluxpipe.train_log import check_logging
 
+    from fluxpipe.optim import check_optimizer_args
     check_unhonoured(ns, method)
+    if ns.output_dir is None:
+        raise FluxpipeError("--output_dir is required: the folder the trained files go into")
+    check_optimizer_args(ns.optimizer_type, list(ns.optimizer_args or []))
     if method == "controlnet" and ns.loss_type in ("huber", "smooth_l1"):
         raise FluxpipeError(f"--loss_type {ns.loss_type}: ControlNet training uses l2 or l1 (the reference passes "
                             "no Huber threshold here)")

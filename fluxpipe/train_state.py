@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxpipe.atomic import remove_stale_temps, writer_tag
+from fluxpipe.atomic import no_space_error, remove_stale_temps, writer_tag
 from fluxpipe.errors import FluxpipeError
 
 STATE_VERSION = 1
@@ -128,8 +128,10 @@ def save_state(state: TrainState, folder: Path) -> None:
             folder.rename(old)
         tmp.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := no_space_error(e, folder)) is not None:
+            raise full from None
         raise
 
 

@@ -84,10 +84,11 @@ def shard_paths(kind: str, count: int) -> list[str]:
 
 def dataset_files(cfg: PipelineConfig) -> list[str]:
     """Every file the manifest reads (images, captions, metadata), found by listing folders only."""
-    from fluxpipe.dataset_config import IMAGE_EXTENSIONS
+    from fluxpipe.dataset_config import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
 
     datasets = cfg.datasets()
     files: set[str] = set()
+    bad: list[str] = []  # names Snakemake could not write into its lock files
     for ds in datasets.datasets if datasets else ():
         for sub in ds.subsets:
             if sub.metadata_file:
@@ -96,10 +97,12 @@ def dataset_files(cfg: PipelineConfig) -> list[str]:
                 if folder and os.path.isdir(folder):
                     with os.scandir(folder) as it:
                         names = [e.name for e in it if e.is_file()]
+                    bad += non_utf8_names(folder, names)
                     stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(IMAGE_EXTENSIONS)}
                     files.update(os.path.join(folder, n) for n in names
                                  if n.lower().endswith(IMAGE_EXTENSIONS) or
                                  (n.endswith(sub.caption_extension) and os.path.splitext(n)[0] in stems))
+    refuse_non_utf8(bad)
     return sorted(files)
 
 

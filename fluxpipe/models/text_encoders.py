@@ -102,44 +102,90 @@ def build_t5(config: T5Config) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _hub_or_error(kind: str, hub_id: str, setting: str, loader):  # noqa: ANN001 - a from_pretrained callable
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint (no retries): transformers would retry for minutes when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_or_error(kind: str, hub_id: str, setting: str, loader, needed: str):  # noqa: ANN001 - from_pretrained
+    """The tokenizer of ``hub_id`` from the local hub cache, else from the hub when it answers, else one error at
+    once naming the setting (no network retries). The cache is asked for ``needed`` itself: transformers 5 given
+    a hub id that is not cached with local_files_only builds an empty tokenizer instead of raising."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(hub_id, needed)
+    if isinstance(cached, str):
+        return loader(str(Path(cached).parent), local_files_only=True)
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        reason = "HF_HUB_OFFLINE is set"
+        reason = "HF_HUB_OFFLINE is set and it is not in the local hub cache"
+    elif not _hub_reachable():
+        reason = "offline: the hub does not answer and it is not in the local hub cache"
     else:
         try:
-            return loader(hub_id)
-        except Exception as e:  # network errors, missing repo, no cache: all mean "not available here"
+            return loader(hub_id, local_files_only=False)
+        except Exception as e:  # missing repo, network error: all mean "not available here"
             reason = f"{type(e).__name__}"
     raise FluxpipeError(
-        f"{kind} tokenizer not available ({reason}): set `{setting}` in config/config.yaml (or --{setting.replace('_', '-')}) "
+        f"{kind} tokenizer not available ({reason}): set `{setting}:` in config/config.yaml (or --{setting}) "
         f"to a local folder holding the files of {hub_id}"
     )
 
 
-def load_clip_tokenizer(folder: str | Path | None, max_length: int = 77):
-    """CLIP ViT-L/14 BPE tokenizer from ``folder`` (vocab.json + merges.txt), else the hub id when online."""
+def check_vocab(tokenizer, rows: int, what: str, setting: str) -> None:  # noqa: ANN001 - a transformers tokenizer
+    """Refuse a tokenizer whose vocabulary does not fit the encoder's embedding rows: more tokens than rows, or
+    clearly fewer (an empty tokenizer, e.g. transformers 5 built from a missing file, would encode every caption
+    as unknown tokens). Rows may exceed the vocabulary by padding (T5: 32100 tokens, 32128 rows)."""
+    size = len(tokenizer)
+    if size > rows or size < rows - min(128, rows // 8):
+        raise FluxpipeError(f"{what} tokenizer has {size} tokens but its encoder embeds {rows}: the tokenizer "
+                            f"(`{setting}:` / --{setting}) does not belong to the encoder file, or its folder is "
+                            "incomplete; point it at the encoder's own tokenizer folder")
+
+
+def load_clip_tokenizer(folder: str | Path | None, max_length: int = 77, rows: int | None = None):
+    """CLIP ViT-L/14 BPE tokenizer from ``folder`` (vocab.json + merges.txt), else the hub id when cached or online;
+    with ``rows`` (the encoder's embedding rows) its vocabulary is checked against the encoder."""
     from transformers import CLIPTokenizer
 
-    def load(src: str):  # noqa: ANN202
-        return CLIPTokenizer.from_pretrained(src, model_max_length=max_length, local_files_only=src != CLIP_HUB_ID)
+    def load(src: str, local_files_only: bool = True):  # noqa: ANN202
+        return CLIPTokenizer.from_pretrained(src, model_max_length=max_length, local_files_only=local_files_only)
 
     if folder is None:
-        return _hub_or_error("CLIP-L", CLIP_HUB_ID, "clip_tokenizer", load)
-    _require_files(Path(folder), ("vocab.json", "merges.txt"), "CLIP-L tokenizer", "clip_tokenizer")
-    return load(str(folder))
+        tok = _hub_or_error("CLIP-L", CLIP_HUB_ID, "clip_tokenizer", load, "vocab.json")
+    else:
+        _require_files(Path(folder), ("vocab.json", "merges.txt"), "CLIP-L tokenizer", "clip_tokenizer")
+        tok = load(str(folder))
+    if rows is not None:
+        check_vocab(tok, rows, "CLIP-L", "clip_tokenizer")
+    return tok
 
 
-def load_t5_tokenizer(folder: str | Path | None, max_length: int = 512):
-    """T5 v1.1 tokenizer from ``folder`` (tokenizer.json), else the hub id when online."""
+def load_t5_tokenizer(folder: str | Path | None, max_length: int = 512, rows: int | None = None):
+    """T5 v1.1 tokenizer from ``folder`` (tokenizer.json), else the hub id when cached or online; ``rows``: as
+    for load_clip_tokenizer."""
     from transformers import T5TokenizerFast
 
-    def load(src: str):  # noqa: ANN202
-        return T5TokenizerFast.from_pretrained(src, model_max_length=max_length, local_files_only=src != T5_HUB_ID)
+    def load(src: str, local_files_only: bool = True):  # noqa: ANN202
+        return T5TokenizerFast.from_pretrained(src, model_max_length=max_length, local_files_only=local_files_only)
 
     if folder is None:
-        return _hub_or_error("T5", T5_HUB_ID, "t5_tokenizer", load)
-    _require_files(Path(folder), ("tokenizer.json",), "T5 tokenizer", "t5_tokenizer")
-    return load(str(folder))
+        tok = _hub_or_error("T5", T5_HUB_ID, "t5_tokenizer", load, "tokenizer.json")
+    else:
+        _require_files(Path(folder), ("tokenizer.json",), "T5 tokenizer", "t5_tokenizer")
+        tok = load(str(folder))
+    if rows is not None:
+        check_vocab(tok, rows, "T5", "t5_tokenizer")
+    return tok
 
 
 def _require_files(folder: Path, names: tuple[str, ...], what: str, setting: str) -> None:

@@ -23,7 +23,7 @@ from fluxpipe.hashing import cached_sha256
 from fluxpipe.models import text_encoders as te
 from fluxpipe.shards import ShardStats, build_shard, content_key
 from fluxpipe.tables import read_parquet
-from fluxpipe.text_encoding import encode_prompts
+from fluxpipe.text_encoding import CLIP_MAX_LENGTH, encode_prompts
 
 log = logging.getLogger(__name__)
 TEXT_CACHE_VERSION = 1
@@ -70,19 +70,38 @@ def text_identity(cfg: CacheTextConfig) -> dict[str, object]:
             "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
 
 
+def warn_truncated(captions: dict[str, str], clip_tok, t5_tok, max_length: int) -> None:  # noqa: ANN001
+    """One warning per caption longer than CLIP's 77 or T5's ``max_length`` tokens (special tokens included):
+    the encoders see only the first tokens, as in the reference, but the user is told."""
+    texts = list(dict.fromkeys(captions.values()))
+    if not texts:
+        return
+    clip_counts = [len(ids) for ids in clip_tok(texts, truncation=False).input_ids]
+    t5_counts = [len(ids) for ids in t5_tok(texts, truncation=False).input_ids]
+    for text, n_clip, n_t5 in zip(texts, clip_counts, t5_counts, strict=True):
+        cut = [f"{n} {name} tokens, only the first {limit} are used" for n, name, limit in
+               ((n_clip, "CLIP", CLIP_MAX_LENGTH), (n_t5, "T5", max_length)) if n > limit]
+        if cut:
+            log.warning("caption %r is %s (shorten it to keep its end)", text[:60] + ("..." if len(text) > 60 else ""),
+                        "; ".join(cut))
+
+
 @torch.no_grad()
 def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str, torch.Tensor]]:
     """key -> {pooled, t5, mask} for ``captions`` (key -> caption text)."""
     if not captions:
         return {}
     dtype = encode_dtype(cfg.device)
+    clip_tok = te.load_clip_tokenizer(cfg.clip_tokenizer)  # first: a missing tokenizer fails before models load
+    t5_tok = te.load_t5_tokenizer(cfg.t5_tokenizer, max_length=cfg.max_length)
     clip = load_model(cfg.clip_l, "clip_l", dtype=dtype, device=cfg.device)
     t5 = load_model(cfg.t5xxl, "t5xxl", dtype=dtype, device=cfg.device)
+    te.check_vocab(clip_tok, clip.get_input_embeddings().num_embeddings, "CLIP-L", "clip_tokenizer")
+    te.check_vocab(t5_tok, t5.get_input_embeddings().num_embeddings, "T5", "t5_tokenizer")
+    warn_truncated(captions, clip_tok, t5_tok, cfg.max_length)
     if cfg.compile == "true" or (cfg.compile == "auto" and cfg.device.startswith("cuda")
                                  and len(captions) >= COMPILE_MIN):
         t5 = torch.compile(t5)
-    clip_tok = te.load_clip_tokenizer(cfg.clip_tokenizer)
-    t5_tok = te.load_t5_tokenizer(cfg.t5_tokenizer, max_length=cfg.max_length)
     store = getattr(torch, cfg.dtype)
     keys = list(captions)
     out: dict[str, dict[str, torch.Tensor]] = {}

@@ -25,16 +25,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from fluxpipe.buckets import BucketSpec, check_spec, make_buckets, plan_resize
-from fluxpipe.dataset_config import DatasetConfig, DatasetsConfig, SubsetConfig
+from fluxpipe.dataset_config import (IMAGE_EXTENSIONS, DatasetConfig, DatasetsConfig, SubsetConfig, non_utf8_names,
+                                     refuse_non_utf8)
 from fluxpipe.errors import FluxpipeError, summarize
 from fluxpipe.hashing import HashCache
-from fluxpipe.images import BadImage, is_image_file, load_rgb, read_caption
+from fluxpipe.images import BadCaption, BadImage, is_image_file, load_rgb, read_caption
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.shards import stable_shard
 from fluxpipe.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
+SMALL_IMAGE_SIDE = 64  # images with a shorter side are warned about (FLUX latents have 8-pixel cells)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,9 +65,10 @@ def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candid
     if sub.metadata_file is not None:
         entries = _read_metadata(Path(sub.metadata_file), sub.caption_separator)
         base = Path(sub.image_dir) if sub.image_dir else None
-        paths = [((base / p) if base and not Path(p).is_absolute() else Path(p), c) for p, c in entries]
+        paths = [(_metadata_image(base, p), c) for p, c in entries]
     else:
         paths = [(p, None) for p in _image_files(Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir")]
+        _warn_unused_images(Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir")
     by_stem = None
     if sub.conditioning_data_dir is not None:
         by_stem = _by_stem(_image_files(Path(sub.conditioning_data_dir),
@@ -86,7 +89,32 @@ def _image_files(folder: Path, key: str) -> list[Path]:
     """The image files of a folder (by extension), sorted; FluxpipeError naming the setting if it is no folder."""
     if not folder.is_dir():
         raise FluxpipeError(f"{key}: {folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    refuse_non_utf8(non_utf8_names(folder, [p.name for p in files]))
+    return files
+
+
+# image types Pillow reads that the reference does not train on (spec §3.1): left out, but never silently
+OTHER_IMAGE_TYPES = (".gif", ".tif", ".tiff", ".avif", ".jxl", ".heic", ".heif", ".ico", ".tga", ".jp2", ".ppm")
+
+
+def _warn_unused_images(folder: Path, key: str) -> None:
+    others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_TYPES)
+    if others:
+        log.warning("%s: %d image files of a type not trained on (only %s) are left out: %s; convert them to PNG "
+                    "to use them", key, len(others), " ".join(IMAGE_EXTENSIONS), summarize(others, 20))
+
+
+def _metadata_image(base: Path | None, key: str) -> Path:
+    """The image of a fine-tuning metadata key: the path as written (under image_dir when relative), or, as the
+    reference globs it, ``<image_dir>/<key>.<ext>`` for a key given without its extension (keyed by file stem)."""
+    path = (base / key) if base and not Path(key).is_absolute() else Path(key)
+    if path.is_file():
+        return path
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        if (found := path.with_name(path.name + ext)).is_file():
+            return found
+    return path
 
 
 def _by_stem(paths: list[Path]) -> dict[str, list[Path]]:
@@ -157,6 +185,9 @@ def _caption(c: Candidate, sub: SubsetConfig) -> str:
         file = c.path.with_suffix(sub.caption_extension)
         if file.is_file():
             text = read_caption(file)
+            if not text:  # the reference stops here too ("caption file is empty")
+                raise BadCaption(f"{file}: caption file is empty (or only whitespace); write a caption into it, or "
+                                 "delete it and set class_tokens")
         elif sub.class_tokens is not None:
             text = sub.class_tokens
         else:
@@ -203,8 +234,13 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
     ds = cfg.datasets.datasets[c.dataset]
     sub = ds.subsets[c.subset]
     caption = _caption(c, sub)
+    if not c.path.is_file():
+        raise BadImage(f"{c.path}: image file not found (check the path or metadata key)")
     sha, _ = hashes.sha256(c.path)
     width, height = _decoded_size(c.path, sha, decoded)
+    if min(width, height) < SMALL_IMAGE_SIDE:
+        log.warning("%s: only %dx%d pixels; it is upscaled to its bucket and trains as a blur (use images with "
+                    "sides of %d px or more)", c.path, width, height, SMALL_IMAGE_SIDE)
     spec = _bucket_spec(ds)
     try:
         plan = plan_resize(width, height, spec, make_buckets(spec) if spec.enable_bucket else None)

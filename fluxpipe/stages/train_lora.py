@@ -399,7 +399,7 @@ def train(cfg: TrainLoraConfig) -> Path:
         from fluxpipe.tables import read_parquet
 
         clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
-        clip_tok = load_clip_tokenizer(cfg.clip_tokenizer)
+        clip_tok = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
         captions = read_parquet(cfg.manifest)[0].caption.tolist()
     network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype).to(cfg.device)
     if cfg.network_weights is not None:

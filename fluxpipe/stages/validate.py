@@ -81,9 +81,8 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
             continue
         tok = loader(folder)
         rows = specs[slot].params.vocab_size if slot in specs else None
-        if rows is not None and len(tok) > rows:
-            raise FluxpipeError(f"tokenizer {folder} has {len(tok)} tokens but {specs[slot].header.path} embeds "
-                                f"only {rows}: tokenizer and encoder do not belong together")
+        if rows is not None:
+            te.check_vocab(tok, rows, "CLIP-L" if slot == "clip_l" else "T5", key)
         out[key] = {"path": str(folder), "vocab_size": len(tok)}
     return out
 

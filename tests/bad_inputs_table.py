@@ -1,0 +1,65 @@
+"""Write docs/bad-inputs.md from the messages tests/test_bad_inputs.py sees (real runs, nothing typed by hand).
+
+    python tests/bad_inputs_table.py        # runs those tests once with FLUXPIPE_BAD_INPUTS set
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HEAD = """# Bad inputs and what fluxpipe says
+
+Every bad input below was tried in a real run (`tests/test_bad_inputs.py`); the message is the line the user
+sees, copied from that run by `python tests/bad_inputs_table.py` (`<tmp>/` is the test's temporary folder).
+Errors (`fluxpipe: error: ...`) stop with exit status 2 before any model loads or cache is built; warnings
+(`WARNING`) are logged and the run goes on. Decisions (issue 15, items 3-5):
+
+- An empty or whitespace-only caption file stops the manifest, as the reference's "caption file is empty"
+  (a *missing* caption file still falls back to `class_tokens`).
+- Images with a side under **64 px** are warned about (they are upscaled to their bucket); files of image types
+  the reference does not train on (`.gif .tif .tiff .avif .jxl .heic .heif .ico .tga .jp2 .ppm`) are listed.
+- Captions longer than CLIP's 77 or T5's `t5xxl_max_token_length` tokens (special tokens counted) are cut as in
+  the reference, with one warning per distinct caption in the cache-text log (once per cache build, not per epoch).
+- `--learning_rate` (and `--unet_lr`, `--text_encoder_lr`) below 0 is refused. A rate of 0 drops its parameter
+  group (as in the reference); when *every* group would be 0 the run is refused, for every optimizer
+  (D-Adaptation and Prodigy multiply their step by the lr too, so lr 0 trains nothing there either).
+- `--optimizer_args` are checked against the optimizer's constructor when the flags are parsed: unknown names,
+  tuples of the wrong length and values of the wrong type (number / True-False) are refused.
+- Non-UTF-8 file names are refused, all listed, rather than carried with surrogate escapes (Parquet, JSON and
+  Snakemake's lock files cannot store them).
+- The output folder is locked by an exclusive flock on `<output_dir>/.<output_name>.lock` (JSON inside: pid, host,
+  start time), removed when the run ends; the kernel drops the flock of a killed run (kill -9, wall time), so its
+  leftover file is taken over with a warning. Under torchrun rank 0 holds it.
+- Tokenizers: without `clip_tokenizer:` / `t5_tokenizer:` the hub ids are used only if the local hub cache holds
+  the tokenizer file or the hub answers one connection attempt (no retries); every tokenizer's size must fit its
+  encoder's embedding rows (`rows - min(128, rows // 8) <= tokens <= rows`; CLIP-L 49408/49408, T5 32100/32128).
+
+| bad input | what the user sees |
+|---|---|
+"""
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "messages.jsonl"
+        env = {**os.environ, "FLUXPIPE_BAD_INPUTS": str(out)}
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_bad_inputs.py"], cwd=REPO, env=env,
+                       check=True)
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    seen: dict[str, str] = {}
+    for row in rows:  # the tests' temporary folders shortened to <tmp>/
+        seen.setdefault(row["case"], re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/", "<tmp>/", row["message"]))
+    bar = "\\|"  # a | inside a table cell
+    lines = [f"| {case} | `` {message.replace('|', bar)} `` |" for case, message in seen.items()]
+    (REPO / "docs/bad-inputs.md").write_text(HEAD + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
