@@ -83,7 +83,10 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
         if rows is not None and len(tok) > rows:
             raise FluxpipeError(f"tokenizer {folder} has {len(tok)} tokens but {specs[slot].header.path} embeds "
                                 f"only {rows}: tokenizer and encoder do not belong together")
-        out[key] = {"path": str(folder), "vocab_size": len(tok)}
+        from fluxpipe.stages.cache_text import tokenizer_identity
+
+        out[key] = {"path": str(folder), "vocab_size": len(tok),
+                    "sha256": tokenizer_identity(Path(folder), "", cfg.hash_cache)}
     return out
 
 
