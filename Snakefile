@@ -21,6 +21,12 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 
 
+# A failed job's error in the terminal (its log in logs/ keeps the rest): the `fluxpipe: error:` line, else the
+# log's last lines; exit status 2 for bad input, as the `fluxpipe` command itself.
+onerror:
+    fw.report_failures([str(f) for job in getattr(workflow.scheduler, "failed", ()) for f in job.log])
+
+
 rule all:
     default_target: True
     input:

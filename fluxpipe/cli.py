@@ -35,9 +35,25 @@ def _demo_models(args: argparse.Namespace) -> None:
 
 
 def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
-    from fluxpipe.config import load_pipeline_file
+    """The pipeline config: --config-json (the settings a Snakemake rule passes), else the --config files."""
+    from fluxpipe.config import load_pipeline, load_pipeline_file
 
-    return load_pipeline_file(*args.config)
+    if getattr(args, "config_json", None) is not None:
+        import json
+
+        try:
+            data = json.loads(args.config_json)
+        except json.JSONDecodeError as e:
+            raise FluxpipeError(f"--config-json: not valid JSON ({e})") from e
+        return load_pipeline(data)
+    return load_pipeline_file(*(args.config or [Path("config/config.yaml")]))
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--config", type=Path, action="append",
+                       help="config.yaml (repeatable, later wins)" + ("" if required else "; default config/config.yaml"))
+    group.add_argument("--config-json", help="the settings as one JSON object (what the Snakemake rules pass)")
 
 
 def _manifest(args: argparse.Namespace) -> None:
@@ -95,13 +111,13 @@ def _cache_index(args: argparse.Namespace) -> None:
 
 def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("manifest", help="scan the dataset into a Parquet manifest (hashes, captions, buckets)")
-    p.add_argument("--config", type=Path, action="append", required=True, help="config.yaml (repeatable, later wins)")
+    _add_config(p)
     p.add_argument("--out", type=Path, required=True, help="manifest .parquet")
     p.set_defaults(func=_manifest)
     for name, func, what in (("cache-latents", _cache_latents, "AE latents"),
                              ("cache-text", _cache_text, "CLIP-L / T5-XXL outputs")):
         p = sub.add_parser(name, help=f"build one shard of the {what} cache")
-        p.add_argument("--config", type=Path, action="append", required=True, help="config.yaml (repeatable)")
+        _add_config(p)
         p.add_argument("--manifest", type=Path, required=True)
         p.add_argument("--shard", type=int, required=True)
         p.add_argument("--out", type=Path, required=True, help="shard .safetensors")
@@ -251,14 +267,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-def _pipeline_models(config: Path):  # noqa: ANN202 - (PipelineConfig, ModelFiles, variant)
+def _pipeline_models(args: argparse.Namespace):  # noqa: ANN202 - (PipelineConfig, ModelFiles, variant)
     """The pipeline config, its model files (the demo's when none is set) and the DiT's variant."""
     from fluxpipe.checkpoints import inspect_checkpoint
-    from fluxpipe.config import load_pipeline_file
     from fluxpipe.sampler import ModelFiles
     from fluxpipe.workflow import model_files, tokenizer_dirs
 
-    cfg = load_pipeline_file(config)  # YAML, or the JSON effective config a Snakemake rule passes
+    cfg = _pipeline(args)
     files, toks = model_files(cfg), tokenizer_dirs(cfg)
     if cfg.models.demo and not Path(files["flux"]).is_file():
         raise FluxpipeError(f"{files['flux']}: the demo models are not there yet; run `snakemake --cores 1 "
@@ -280,7 +295,7 @@ def _sample(args: argparse.Namespace) -> None:
     from fluxpipe.stages import sample
     from fluxpipe.text_encoding import default_t5_max_length
 
-    _, models, variant = _pipeline_models(args.config)
+    _, models, variant = _pipeline_models(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise FluxpipeError("give either --prompt TEXT or --prompts-file FILE")
     if args.prompt is not None:
@@ -304,7 +319,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from fluxpipe.stages import evaluate
     from fluxpipe.text_encoding import default_t5_max_length
 
-    cfg, models, variant = _pipeline_models(args.config)
+    cfg, models, variant = _pipeline_models(args)
     ev = cfg.evaluate
     if ev.prompts_file:
         prompts = load_prompts(Path(ev.prompts_file))
@@ -325,7 +340,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="sample grids of every saved LoRA of a run, loss plots, metrics.json",
                        description="Prompts, seeds and sizes come from the config's evaluate: section.")
-    p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="pipeline config")
+    _add_config(p, required=False)
     p.add_argument("--train-dir", type=Path, default=Path("results/train/lora"))
     p.add_argument("--name", help="the run's output_name (default: train.output_name of the config)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -352,7 +367,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; pays off from a few images)")
     p.add_argument("--controlnet", type=Path, help="a ControlNet-Flux file (for --control-image or --cn in a prompt file)")
     p.add_argument("--control-image", type=Path, help="control image of --prompt (needs --controlnet)")
-    p.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="pipeline config (models)")
+    _add_config(p, required=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder (a prompt file)")
     p.set_defaults(func=_sample)

@@ -113,17 +113,6 @@ def manifest_params(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def file_identity(path: str | None) -> str:
-    """size:mtime of a file, or of every file in a folder (cheap; the stages hash contents themselves).
-    The demo models are written by the pipeline itself, deterministically: their identity is the version."""
-    if path and path.startswith(DEMO_DIR + "/"):
-        return f"demo:{DEMO_VERSION}"
-    if not path or not os.path.exists(path):
-        return "absent"
-    paths = [path] if os.path.isfile(path) else sorted(os.path.join(path, n) for n in os.listdir(path))
-    return ";".join(f"{os.path.basename(p)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in paths)
-
-
 @functools.lru_cache(maxsize=4)
 def _shard_digests(manifest: str, mtime_ns: int, kind: str) -> dict[int, str]:
     import pandas as pd
@@ -152,32 +141,77 @@ def shard_digest(manifest: str, kind: str, shard: int | str) -> str:
     return _shard_digests(manifest, os.stat(manifest).st_mtime_ns, kind).get(int(shard), "empty")
 
 
-def latent_params(cfg: PipelineConfig) -> str:
-    c = cfg.cache
-    return json.dumps({"ae": file_identity(model_files(cfg)["ae"]), "dtype": c.latent_dtype, "device": c.device,
-                       "format": CACHE_FORMAT["latents"]}, sort_keys=True)
+def validated_digests(report: str) -> dict[str, str]:
+    """sha256 of each validated model file and tokenizer folder ("hub" for a hub tokenizer), from the
+    validate report: what the settings digests of the later rules name, so a changed file reruns exactly
+    the jobs that use it, and a rewritten report with the same files reruns none."""
+    data = json.loads(open(report, encoding="utf-8").read())
+    digests = {slot: entry["sha256"] for slot, entry in data["models"].items()}
+    for key in ("clip_tokenizer", "t5_tokenizer"):
+        digests[key] = (data.get("tokenizers") or {}).get(key, {}).get("sha256", "hub")
+    return digests
 
 
-def text_params(cfg: PipelineConfig) -> str:
-    c, files = cfg.cache, model_files(cfg)
-    toks = tokenizer_dirs(cfg)
-    return json.dumps({"clip": file_identity(files["clip_l"]), "t5": file_identity(files["t5xxl"]),
-                       "flux": file_identity(files["flux"]), "clip_tok": file_identity(toks["clip_tokenizer"]),
-                       "t5_tok": file_identity(toks["t5_tokenizer"]), "len": c.t5xxl_max_token_length,
-                       "mask": c.apply_t5_attn_mask, "dtype": c.text_dtype, "device": c.device,
-                       "format": CACHE_FORMAT["text"]}, sort_keys=True)
+def settings_digest(settings: dict) -> str:
+    """One string for Snakemake's params trigger: a job reruns when, and only when, it changes."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def effective_config_file(config: dict) -> str:
-    """Write Snakemake's merged config (config.yaml, --configfile files, --config values) once, named by its
-    content, and return the path: the `fluxpipe` commands read exactly the settings this run uses."""
-    from fluxpipe.atomic import write_text_atomic
+def latent_params(cfg: PipelineConfig, report: str) -> str:
+    c, files = cfg.cache, validated_digests(report)
+    return settings_digest({"ae": files["ae"], "dtype": c.latent_dtype, "device": c.device,
+                            "format": CACHE_FORMAT["latents"]})
 
-    text = json.dumps(config, sort_keys=True, indent=1, default=str)
-    path = f"results/.fluxpipe/config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    if not os.path.exists(path):
-        write_text_atomic(path, text + "\n")
-    return path
+
+def text_params(cfg: PipelineConfig, report: str) -> str:
+    c, files = cfg.cache, validated_digests(report)
+    return settings_digest({**{k: files[k] for k in ("clip_l", "t5xxl", "flux", "clip_tokenizer", "t5_tokenizer")},
+                            "len": c.t5xxl_max_token_length, "mask": c.apply_t5_attn_mask, "dtype": c.text_dtype,
+                            "device": c.device, "format": CACHE_FORMAT["text"]})
+
+
+def train_params(cfg: PipelineConfig, report: str) -> str:
+    """What a training job uses besides its flags and caches: every model file and tokenizer, the dataset."""
+    return settings_digest({"models": validated_digests(report), "datasets": repr(cfg.datasets()),
+                            "processes": cfg.train_processes})
+
+
+def evaluate_params(cfg: PipelineConfig, report: str) -> str:
+    """The evaluate stage's settings (evaluate:, the T5 length and mask) and the model files it samples with."""
+    import dataclasses
+
+    return settings_digest({"models": validated_digests(report), "evaluate": dataclasses.asdict(cfg.evaluate),
+                            "len": cfg.cache.t5xxl_max_token_length, "mask": cfg.cache.apply_t5_attn_mask,
+                            "name": (cfg.train or {}).get("output_name")})
+
+
+def evaluate_inputs(cfg: PipelineConfig) -> list[str]:
+    """Files of evaluate: besides the LoRAs (prompt file, ControlNet): edited, they rerun the evaluation."""
+    return [f for f in (cfg.evaluate.prompts_file, cfg.evaluate.controlnet) if f]
+
+
+def config_args(config: dict) -> str:
+    """`--config-json '<the merged settings>'` for the `fluxpipe` commands: config.yaml, --configfile files and
+    --config values as Snakemake merged them. Not a file (a dry run writes nothing); not tracked either: each
+    rule's params name the settings it depends on."""
+    import shlex
+
+    return f"--config-json {shlex.quote(json.dumps(config, sort_keys=True, separators=(',', ':'), default=str))}"
+
+
+def failure_lines(logs: list[str], tail: int = 5) -> tuple[list[str], bool]:
+    """What the terminal shows for failed jobs: each log's `fluxpipe: error:` lines (bad input), else its last
+    lines (a bug's traceback). Also whether every failure was a fluxpipe error (exit status 2, as `fluxpipe`)."""
+    out, all_errors = [], bool(logs)
+    for log in logs:
+        try:
+            lines = open(log, encoding="utf-8", errors="replace").read().splitlines()
+        except OSError:
+            lines = []
+        errors = [line for line in lines if line.startswith("fluxpipe: error:")]
+        all_errors &= bool(errors)
+        out += [f"{log}:"] + ["  " + line for line in (errors or lines[-tail:] or ["(empty)"])]
+    return out, all_errors
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -285,3 +319,32 @@ def training_argv(cfg: PipelineConfig, method: str) -> list[str]:
 def evaluate_dir(cfg: PipelineConfig) -> str:
     name = (cfg.train or {}).get("output_name") or "last"
     return f"results/evaluate/{name}"
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+
+def load_or_exit(config: dict) -> PipelineConfig:
+    """The typed config, or the `fluxpipe: error:` line and exit status 2 (as every `fluxpipe` command)."""
+    import sys
+
+    from fluxpipe.config import load_pipeline
+    from fluxpipe.errors import FluxpipeError
+
+    try:
+        return load_pipeline(config)
+    except FluxpipeError as e:
+        print(f"fluxpipe: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def report_failures(logs: list[str]) -> None:
+    """Snakemake's onerror: show the failed jobs' errors in the terminal (their logs stay in logs/); exit
+    status 2 when each failure was bad input, as the `fluxpipe` command itself (else Snakemake's 1)."""
+    import sys
+
+    lines, bad_input = failure_lines(logs)
+    if lines:
+        print("\n".join(["fluxpipe: failed job(s):", *lines]), file=sys.stderr)
+    if bad_input:
+        raise SystemExit(2)

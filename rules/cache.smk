@@ -1,6 +1,7 @@
 # Dataset manifest and the two content-addressed caches (latents, text-encoder outputs).
-# Shard jobs depend on the manifest and the model files through ancient(): what makes a shard rerun is its
-# digest param (the manifest rows it must hold), so an edited image reruns exactly one shard.
+# Shard jobs depend on the manifest and the validate report through ancient(): what makes a shard rerun is its
+# digest param (the manifest rows it must hold) and its settings (the sha256 of the model files it uses, cache
+# settings), so an edited image reruns exactly one shard, a new AE file the latent shards only.
 
 
 checkpoint dataset_manifest:
@@ -19,13 +20,12 @@ checkpoint dataset_manifest:
 rule latent_shard:
     input:
         manifest=manifest_file,
-        ae=ancient(fw.model_files(CFG)["ae"]),
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
     output:
         "results/cache/latents/shard-{shard}.safetensors",
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "latents", wildcards.shard),
-        settings=fw.latent_params(CFG),
+        settings=validated_settings(fw.latent_params),
     resources:
         gpu=1,
     log:
@@ -52,13 +52,12 @@ rule cache_latents:
 rule text_shard:
     input:
         manifest=manifest_file,
-        models=[ancient(fw.model_files(CFG)[s]) for s in ("flux", "clip_l", "t5xxl")],
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
     output:
         "results/cache/text/shard-{shard}.safetensors",
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "text", wildcards.shard),
-        settings=fw.text_params(CFG),
+        settings=validated_settings(fw.text_params),
     resources:
         gpu=1,
     log:

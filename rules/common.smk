@@ -1,13 +1,14 @@
 # Shared helpers: the typed config (a typo fails here, before any job) and path helpers.
 import shlex
 
+from snakemake.exceptions import IncompleteCheckpointException
+
 import fluxpipe
 from fluxpipe import workflow as fw
-from fluxpipe.config import load_pipeline
 
-CFG = load_pipeline(config)
+CFG = fw.load_or_exit(config)  # bad settings: one `fluxpipe: error:` line, exit status 2
 # the merged settings of this run (config files and --config values), passed on to each `fluxpipe` command
-CONFIG_ARGS = f"--config {shlex.quote(fw.effective_config_file(config))}"
+CONFIG_ARGS = fw.config_args(config)
 FLUXPIPE_VERSION = fluxpipe.__version__
 VALIDATE_REPORT = fw.VALIDATE_REPORT
 
@@ -21,6 +22,21 @@ wildcard_constraints:
 def manifest_file(wildcards):
     """The manifest, once its checkpoint ran; ancient(): a rewritten manifest alone reruns no shard."""
     return ancient(checkpoints.dataset_manifest.get().output[0])
+
+
+def validated(wildcards):
+    """The validate report, once its checkpoint ran. Snakemake plans the later jobs again then, each by its own
+    params (the sha256 of the files it uses); ancient(): a rewritten report alone reruns nothing. Ancient while
+    the checkpoint is pending too, else Snakemake plans every later job then and keeps that stale reason."""
+    try:
+        return ancient(checkpoints.validate_models.get().output[0])
+    except IncompleteCheckpointException as e:
+        return ancient(e.targetfile)
+
+
+def validated_settings(settings):
+    """params: a rule's settings digest, naming the validated files it uses (fw.latent_params, ...)."""
+    return lambda wildcards: settings(CFG, checkpoints.validate_models.get().output[0])
 
 
 def last_segment(method):

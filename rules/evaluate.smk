@@ -6,7 +6,8 @@ import os
 rule evaluate_samples:
     input:
         lora=fw.lora_output(CFG),
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
+        files=fw.evaluate_inputs(CFG),
     output:
         grid=report(
             f"{fw.evaluate_dir(CFG)}/grid.png",
@@ -43,6 +44,7 @@ rule evaluate_samples:
         out=lambda wildcards, output: os.path.dirname(output.grid),
         train_dir=lambda wildcards, input: os.path.dirname(input.lora),
         impl=FLUXPIPE_VERSION,
+        settings=validated_settings(fw.evaluate_params),
     resources:
         gpu=1,
     log:

@@ -13,7 +13,8 @@ rule demo_models:
         "fluxpipe demo-models {params.out:q} > {log:q} 2>&1"
 
 
-rule validate_models:
+# A checkpoint: once it ran, Snakemake re-plans the jobs after it by their own settings digests.
+checkpoint validate_models:
     input:
         **fw.validate_inputs(CFG),
     output:

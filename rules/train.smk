@@ -6,7 +6,7 @@
 
 rule train_lora:
     input:
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
         latents=fw.LATENT_SUMMARY,
         text=fw.TEXT_SUMMARY,
         segment=last_segment("lora"),
@@ -16,6 +16,7 @@ rule train_lora:
         flags=fw.training_argv(CFG, "lora"),
         launcher=fw.train_launcher(CFG),
         resume=resume_flag,
+        settings=validated_settings(fw.train_params),
     resources:
         gpu=CFG.train_processes,
     log:
@@ -28,7 +29,7 @@ rule train_lora:
 # training (train_controlnet:, flux_train_control_net.py's flags; the dataset needs conditioning_data_dir).
 rule train_full:
     input:
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
         latents=fw.LATENT_SUMMARY,
         text=fw.TEXT_SUMMARY,
         segment=last_segment("full"),
@@ -38,6 +39,7 @@ rule train_full:
         flags=fw.training_argv(CFG, "full"),
         launcher=fw.train_launcher(CFG),
         resume=resume_flag,
+        settings=validated_settings(fw.train_params),
         impl=FLUXPIPE_VERSION,
     resources:
         gpu=CFG.train_processes,
@@ -49,7 +51,7 @@ rule train_full:
 
 rule train_controlnet:
     input:
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
         latents=fw.LATENT_SUMMARY,
         text=fw.TEXT_SUMMARY,
         segment=last_segment("controlnet"),
@@ -59,6 +61,7 @@ rule train_controlnet:
         flags=fw.training_argv(CFG, "controlnet"),
         launcher=fw.train_launcher(CFG),
         resume=resume_flag,
+        settings=validated_settings(fw.train_params),
         impl=FLUXPIPE_VERSION,
     resources:
         gpu=CFG.train_processes,
@@ -72,7 +75,7 @@ rule train_controlnet:
 # a segment's state once the next job has resumed it and finished.
 rule train_segment:
     input:
-        report=ancient(VALIDATE_REPORT),
+        report=validated,
         latents=fw.LATENT_SUMMARY,
         text=fw.TEXT_SUMMARY,
         previous=lambda wc: fw.previous_segment(CFG, wc.method, int(wc.end)),
@@ -82,6 +85,7 @@ rule train_segment:
         flags=lambda wc: fw.training_argv(CFG, wc.method),
         launcher=fw.train_launcher(CFG),
         end=lambda wc: int(wc.end),
+        settings=validated_settings(fw.train_params),
         resume=lambda wc, input: f"--resume {shlex.quote(input.previous[0])}" if input.previous else "",
         impl=FLUXPIPE_VERSION,
     resources:

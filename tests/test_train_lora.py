@@ -223,7 +223,7 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
 
 
 @pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
-                                             (["--split_mode"], "blocks_to_swap"), (["--bogus_flag"], "bogus_flag"),
+                                             (["--max_token_length", "225"], "t5xxl_max_token_length"), (["--bogus_flag"], "bogus_flag"),
                                              (["--full_fp16"], "not implemented yet"),
                                              (["--log_with", "wandb"], "TensorBoard only"),
                                              (["--log_with", "tensorboard"], "needs --logging_dir"),

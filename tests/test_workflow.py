@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,15 +21,12 @@ BIN = Path(sys.executable).parent
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / ".cache")}
     return subprocess.run([str(BIN / "snakemake"), "--cores", "1", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    for name in ("Snakefile", "rules", "config", "report"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    return tmp_path
+    return copy_repo(tmp_path)
 
 
 def test_validate_models_on_the_demo_then_nothing_to_do(workdir: Path) -> None:
@@ -40,9 +38,32 @@ def test_validate_models_on_the_demo_then_nothing_to_do(workdir: Path) -> None:
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
-def test_train_lora_on_the_demo(workdir: Path) -> None:
-    result = snakemake(workdir, "train_lora")  # the README's main job
+def copy_repo(dest: Path) -> Path:
+    for name in ("Snakefile", "rules", "config", "report"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One finished demo project (train_lora, then evaluate_samples), shared by the tests below; the edit tests
+    each work on their own copy (`edited_copy`)."""
+    work = copy_repo(tmp_path_factory.mktemp("demo"))
+    result = snakemake(work, "train_lora")  # the README's main job
     assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = snakemake(work, "evaluate_samples")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    return work, result
+
+
+def edited_copy(finished: Path, dest: Path) -> Path:
+    shutil.copytree(finished, dest, symlinks=True)  # keeps mtimes and Snakemake's records
+    return dest
+
+
+def test_train_lora_on_the_demo(finished_demo: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    workdir, result = finished_demo
     for kind in ("latents", "text"):
         summary = json.loads((workdir / f"results/cache/{kind}/summary.json").read_text())
         assert summary["entries"] == 6 and summary["encoded"] == 6, summary
@@ -53,17 +74,104 @@ def test_train_lora_on_the_demo(workdir: Path) -> None:
     validation = [json.loads(line) for line in
                   (workdir / "results/train/lora/demo_lora-validation.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in validation] == list(range(21)) and validation[-1]["loss"] < validation[0]["loss"]
-    again = snakemake(workdir, "train_lora")
+    again = snakemake(workdir, "-n", "train_lora", "evaluate_samples")
     assert "Nothing to be done" in again.stdout + again.stderr
     evaluate_then_report(workdir)
 
 
+def ran_jobs(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """rule -> jobs that a run (or a dry run) lists."""
+    names = re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", result.stdout + result.stderr, re.M)
+    return {n: names.count(n) for n in sorted(set(names))}
+
+
+def results_state(work: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in (work / "results").rglob("*")}
+
+
+def dry_run(work: Path, *targets: str) -> dict[str, int]:
+    """`snakemake -n`: the jobs it plans; it writes nothing under results/."""
+    before = results_state(work)
+    result = snakemake(work, "-n", *targets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results_state(work) == before
+    return ran_jobs(result)
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_other_model_files_rerun_exactly_what_uses_them(finished_demo: tuple, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    work = edited_copy(finished_demo[0], tmp_path / "work")
+    models = work / "models"  # copies of the demo's files, but an AE of another seed
+    shutil.copytree(work / "results/demo_models", models)
+    demo1 = subprocess.run([str(BIN / "fluxpipe"), "demo-models", str(tmp_path / "seed1"), "--seed", "1"],
+                           capture_output=True, text=True, timeout=900)
+    assert demo1.returncode == 0, demo1.stderr
+    shutil.copy(tmp_path / "seed1/ae.safetensors", models / "ae.safetensors")
+    cfg = work / "config/config.yaml"
+    for slot, path in (("flux", "flux1-dev.safetensors"), ("ae", "ae.safetensors"), ("clip_l", "clip_l.safetensors"),
+                       ("t5xxl", "t5xxl_fp16.safetensors"), ("clip_tokenizer", "tokenizers/clip-vit-large-patch14"),
+                       ("t5_tokenizer", "tokenizers/t5-v1_1-xxl")):
+        edit(cfg, f"  {slot}:", f"  {slot}: models/{path} #")
+    text_shards = {p: p.stat().st_mtime_ns for p in (work / "results/cache/text").glob("shard-*")}
+    lora = work / "results/train/lora/demo_lora.safetensors"
+    old = load_file(str(lora))
+    assert dry_run(work, "train_lora") == {"validate_models": 1}  # the rest is planned once it has run
+    result = snakemake(work, "train_lora", "evaluate_samples")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ran_jobs(result) == {"cache_latents": 1, "evaluate_samples": 1, "latent_shard": 4, "train_lora": 1,
+                                "validate_models": 1}
+    assert json.loads((work / "results/cache/latents/summary.json").read_text())["encoded"] == 6
+    assert {p: p.stat().st_mtime_ns for p in text_shards} == text_shards  # text encoders unchanged: not rerun
+    new = load_file(str(lora))
+    assert any(not torch.equal(old[k], new[k]) for k in old)  # retrained on the new AE's latents
+    assert dry_run(work, "train_lora", "evaluate_samples") == {}
+
+
+def test_hash_cache_edit_reruns_the_validation_only(finished_demo: tuple, tmp_path: Path) -> None:
+    work = edited_copy(finished_demo[0], tmp_path / "work")
+    edit(work / "config/config.yaml", "hash_cache:", "hash_cache: elsewhere.json #")
+    result = snakemake(work, "train_lora", "evaluate_samples")
+    assert result.returncode == 0 and ran_jobs(result) == {"validate_models": 1}, result.stderr[-3000:]
+    assert (work / "elsewhere.json").is_file()
+
+
+def test_settings_edits_rerun_exactly_the_jobs_using_them(finished_demo: tuple, tmp_path: Path) -> None:
+    evaluation = edited_copy(finished_demo[0], tmp_path / "evaluate")
+    edit(evaluation / "config/config.yaml", "  seeds: [0, 1]", "  seeds: [3]")
+    assert dry_run(evaluation, "train_lora", "evaluate_samples") == {"evaluate_samples": 1}
+    result = snakemake(evaluation, "train_lora", "evaluate_samples")
+    assert result.returncode == 0 and ran_jobs(result) == {"evaluate_samples": 1}, result.stderr[-3000:]
+    training = edited_copy(finished_demo[0], tmp_path / "train")
+    edit(training / "config/config.yaml", "  learning_rate: 0.001", "  learning_rate: 0.002")
+    assert dry_run(training, "train_lora", "evaluate_samples") == {"evaluate_samples": 1, "train_lora": 1}
+    dataset = edited_copy(finished_demo[0], tmp_path / "dataset")
+    (dataset / "config/demo/images/cat.txt").write_text("a close-up photo of a ginger cat\n")
+    targets = ("cache_latents", "cache_text_encoder_outputs")
+    result = snakemake(dataset, *targets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = ran_jobs(result)  # the old caption's shard and the new one's (the same one, or two)
+    assert ran.pop("text_shard") in (1, 2) and ran == {"cache_text_encoder_outputs": 1, "dataset_manifest": 1}
+    assert json.loads((dataset / "results/cache/text/summary.json").read_text())["encoded"] == 1
+    assert dry_run(dataset, "train_lora") == {"train_lora": 1}  # new text outputs: the LoRA is trained again
+
+
+def test_a_dry_run_writes_nothing(workdir: Path) -> None:
+    result = snakemake(workdir, "-n", "train_lora", "evaluate_samples")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (workdir / "results").exists()
+
+
 def evaluate_then_report(workdir: Path) -> None:
-    """Rule evaluate_samples on the trained demo LoRA, then `snakemake --report` with every figure in it."""
+    """Rule evaluate_samples' figures of the trained demo LoRA, then `snakemake --report` with every one in it."""
     from PIL import Image
 
-    result = snakemake(workdir, "evaluate_samples")
-    assert result.returncode == 0, result.stderr[-3000:]
     out = workdir / "results/evaluate/demo_lora"
     pngs = [out / "grid.png", out / "loss.png", out / "validation_loss.png",
             *(out / "checkpoints" / f"{n}.png" for n in ("base", "epoch-000005", "epoch-000010", "epoch-000015",
@@ -105,7 +213,8 @@ def test_config_typo_fails_before_any_job(workdir: Path) -> None:
     cfg = workdir / "config" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("hash_cache:", "hash_cahce:"))
     result = snakemake(workdir, "-n", "validate_models")
-    assert result.returncode != 0 and "unknown key(s) hash_cahce" in result.stdout + result.stderr
+    # the one line and exit status 2, as from `fluxpipe` itself
+    assert result.returncode == 2 and "fluxpipe: error: config: unknown key(s) hash_cahce" in result.stderr, result.stderr
 
 
 def test_bad_model_file_stops_the_pipeline_with_the_reason(workdir: Path) -> None:
@@ -121,7 +230,9 @@ def test_bad_model_file_stops_the_pipeline_with_the_reason(workdir: Path) -> Non
     cfg.write_text(text)
     result = snakemake(workdir, "validate_models")
     log = (workdir / "logs/validate_models.log").read_text()
-    assert result.returncode != 0 and "fluxpipe: error: 4 model files are unusable" in log
+    assert "fluxpipe: error: 4 model files are unusable" in log
+    # in the terminal too (not only in logs/), with the exit status of `fluxpipe validate` itself
+    assert result.returncode == 2 and "fluxpipe: error: 4 model files are unusable" in result.stderr, result.stderr
     assert not (workdir / "results/validate/models.json").exists()
 
 
@@ -193,3 +304,43 @@ def test_segments_are_planned_from_max_train_steps() -> None:
     cfg = PipelineConfig(train_full={"max_train_steps": 80}, train_segment_steps=40)
     assert segment_ends(cfg, "full", "unused.parquet") == [40]
     assert segment_ends(PipelineConfig(train={"max_train_steps": 80}), "lora", "unused.parquet") == []
+
+
+def write_report(path: Path, **sha: str) -> str:
+    models = {s: {"sha256": sha.get(s, s)} for s in ("flux", "ae", "clip_l", "t5xxl")}
+    tokenizers = {k: {"path": "x", "sha256": sha[k]} for k in ("clip_tokenizer", "t5_tokenizer") if k in sha}
+    path.write_text(json.dumps({"models": models, "tokenizers": tokenizers, "seconds": 1.0}))
+    return str(path)
+
+
+def test_settings_digests_name_only_the_files_a_rule_uses(tmp_path: Path) -> None:
+    from fluxpipe.config import EvaluateConfig, PipelineConfig
+    from fluxpipe.workflow import evaluate_params, latent_params, text_params, train_params, validated_digests
+
+    base = write_report(tmp_path / "a.json", clip_tokenizer="c1")
+    assert validated_digests(base) == {"flux": "flux", "ae": "ae", "clip_l": "clip_l", "t5xxl": "t5xxl",
+                                       "clip_tokenizer": "c1", "t5_tokenizer": "hub"}
+    other_ae = write_report(tmp_path / "b.json", clip_tokenizer="c1", ae="ae2")
+    other_tok = write_report(tmp_path / "c.json", clip_tokenizer="c2")
+    cfg = PipelineConfig()
+    assert latent_params(cfg, other_ae) != latent_params(cfg, base) == latent_params(cfg, other_tok)
+    assert text_params(cfg, other_tok) != text_params(cfg, base) == text_params(cfg, other_ae)
+    for params in (train_params, evaluate_params):
+        assert len({params(cfg, base), params(cfg, other_ae), params(cfg, other_tok)}) == 3
+    seeds = PipelineConfig(evaluate=EvaluateConfig(seeds=(3,)))
+    assert evaluate_params(seeds, base) != evaluate_params(cfg, base)
+    assert train_params(seeds, base) == train_params(cfg, base) and latent_params(seeds, base) == latent_params(cfg, base)
+
+
+def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -> None:
+    from fluxpipe.workflow import failure_lines
+
+    bad = tmp_path / "bad.log"
+    bad.write_text("INFO loading\nfluxpipe: error: x.safetensors: truncated; download it again\n")
+    bug = tmp_path / "bug.log"
+    bug.write_text("".join(f"line {i}\n" for i in range(10)) + "ZeroDivisionError: division by zero\n")
+    assert failure_lines([str(bad)]) == ([f"{bad}:", "  fluxpipe: error: x.safetensors: truncated; download it "
+                                          "again"], True)
+    lines, bad_input = failure_lines([str(bad), str(bug)], tail=2)
+    assert lines[2:] == [f"{bug}:", "  line 9", "  ZeroDivisionError: division by zero"] and not bad_input
+    assert failure_lines([]) == ([], False)

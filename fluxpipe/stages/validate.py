@@ -83,7 +83,10 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
         rows = specs[slot].params.vocab_size if slot in specs else None
         if rows is not None:
             te.check_vocab(tok, rows, "CLIP-L" if slot == "clip_l" else "T5", key)
-        out[key] = {"path": str(folder), "vocab_size": len(tok)}
+        from fluxpipe.stages.cache_text import tokenizer_identity
+
+        out[key] = {"path": str(folder), "vocab_size": len(tok),
+                    "sha256": tokenizer_identity(Path(folder), "", cfg.hash_cache)}
     return out
 
 
