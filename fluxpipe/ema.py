@@ -34,11 +34,23 @@ def warmup_decay(decay: float, updates_done: int) -> float:
     return min(decay, (1 + updates_done) / (10 + updates_done))
 
 
+CHUNK_BYTES = 1 << 28  # copies of the weights on the shadow's device made at once (--ema_on_cpu: host memory)
+
+
 def ema_update(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """shadow <- decay * shadow + (1 - decay) * params, in place (params moved to each shadow's device and dtype)."""
+    """shadow <- decay * shadow + (1 - decay) * params, in place; params on another device or in another dtype
+    are copied to the shadow's a chunk at a time (never a whole second copy of the model)."""
     with torch.no_grad():
-        source = [p.detach().to(s.device, s.dtype) for s, p in zip(shadow, params, strict=True)]
-        torch._foreach_lerp_(shadow, source, 1.0 - decay)
+        start = 0
+        while start < len(shadow):
+            end, size = start, 0
+            while end < len(shadow) and (end == start or size + shadow[end].nbytes <= CHUNK_BYTES):
+                size += shadow[end].nbytes
+                end += 1
+            source = [p.detach().to(s.device, s.dtype) for s, p in zip(shadow[start:end], params[start:end],
+                                                                       strict=True)]
+            torch._foreach_lerp_(shadow[start:end], source, 1.0 - decay)
+            start = end
 
 
 class Ema:

@@ -234,6 +234,8 @@ def settings_digest(ns: argparse.Namespace, data: str = "") -> str:
             "dynamo_backend", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
             "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
             "pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "ema_on_cpu", "ema_for_eval"}
+    if getattr(ns, "ema_decay", None) is None:  # without an EMA the digest is the one of runs before the EMA flags
+        skip |= {"ema_decay", "ema_update_every"}
     values = {k: str(v) for k, v in sorted(vars(ns).items()) if k not in skip}
     return hashlib.sha256(json.dumps([values, data]).encode()).hexdigest()[:16]
 

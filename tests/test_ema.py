@@ -61,6 +61,16 @@ def test_swapped_holds_the_ema_and_restores_the_weights_exactly(dtype: torch.dty
     assert len(calls) == 2
 
 
+def test_a_large_update_goes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fluxpipe.ema
+
+    monkeypatch.setattr(fluxpipe.ema, "CHUNK_BYTES", 8)  # two float32 values a chunk
+    params = [torch.full((n,), float(n)) for n in (1, 1, 3, 2)]
+    shadow = [torch.zeros(n) for n in (1, 1, 3, 2)]
+    fluxpipe.ema.ema_update(shadow, [p.to(torch.bfloat16) for p in params], 0.75)
+    assert all(torch.equal(s, p / 4) for s, p in zip(shadow, params, strict=True))
+
+
 def test_state_round_trip_and_a_foreign_state_is_refused() -> None:
     p = torch.nn.Parameter(torch.tensor([3.0]))
     a = Ema(EmaSettings(decay=0.9), {"p": p})
@@ -110,6 +120,9 @@ def test_lora_ema_file_is_the_ema_of_the_per_step_weights_and_resumes_exactly(de
     assert ema_meta["ss_ema_decay"] == "0.5" and ema_meta["ss_ema_updates"] == "5"
     assert ema_meta["ss_network_dim"] == raw_meta["ss_network_dim"] == "16" and ema_meta["ss_steps"] == "5"
     assert ema_meta["sshs_model_hash"] != raw_meta["sshs_model_hash"]  # the hashes are the EMA file's own
+    from fluxpipe.sampler import load_lora  # what `fluxpipe sample --lora` reads
+
+    assert load_lora(one / f"{name}-ema.safetensors")[0] == load_lora(steps[-1])[0]
     # killed after step 3 (a segment), resumed: the same EMA, bit for bit
     assert main(["train", "lora", *lora_command(demo_dir, chain), "--stop_at_step", "3"]) == 0
     state = chain / f"{name}-seg00000003-state"
@@ -150,14 +163,21 @@ def test_full_fine_tune_ema_on_cpu_every_second_step(demo_dir: Path, tmp_path: P
     assert (tmp_path / "ft-000001-ema.safetensors").is_file()
 
 
-def test_controlnet_ema(demo_dir: Path, tmp_path: Path) -> None:
+def test_controlnet_ema_by_hand_and_after_a_resume(demo_dir: Path, tmp_path: Path) -> None:
     from test_train_controlnet import cn_command
 
-    assert main(["train", "controlnet", *cn_command(demo_dir, tmp_path, "--save_every_n_steps", "1",
-                                                     "--ema_decay", "0.99")]) == 0
-    total = len((tmp_path / "cn-loss.jsonl").read_text().splitlines())
-    files = [tmp_path / f"cn-step{s:08d}.safetensors" for s in range(1, total)] + [tmp_path / "cn.safetensors"]
-    assert_matches(tmp_path / "cn-ema.safetensors", hand_ema([load_file(str(p)) for p in files], 0.99))
+    def command(out: Path) -> list[str]:
+        return cn_command(demo_dir, out, "--save_every_n_steps", "1", "--ema_decay", "0.99")
+
+    one, chain = tmp_path / "one", tmp_path / "chain"
+    assert main(["train", "controlnet", *command(one)]) == 0
+    total = len((one / "cn-loss.jsonl").read_text().splitlines())
+    files = [one / f"cn-step{s:08d}.safetensors" for s in range(1, total)] + [one / "cn.safetensors"]
+    assert_matches(one / "cn-ema.safetensors", hand_ema([load_file(str(p)) for p in files], 0.99))
+    assert main(["train", "controlnet", *command(chain), "--stop_at_step", "2"]) == 0
+    assert main(["train", "controlnet", *command(chain), "--resume", str(chain / "cn-seg00000002-state")]) == 0
+    a, b = load_file(str(one / "cn-ema.safetensors")), load_file(str(chain / "cn-ema.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the full fine-tune's state code (shared): exact
 
 
 @pytest.mark.parametrize(("method", "extra", "message"), [
@@ -188,3 +208,20 @@ def test_fsdp_refuses_an_ema_in_one_line() -> None:
     with pytest.raises(FluxpipeError, match="--ema_decay: the EMA of FSDP-sharded weights is not implemented"):
         check_parallel(cfg, World(rank=0, size=2), sharded=True)
     check_parallel(cfg, World(rank=0, size=2), sharded=False)  # (ControlNet under DDP: every rank updates its EMA)
+
+
+def test_the_settings_digest_counts_the_decay_not_where_the_ema_lives() -> None:
+    import argparse
+
+    from fluxpipe.train_args import parse_train_args
+    from fluxpipe.train_config import settings_digest
+
+    base = ["--network_module", "networks.lora_flux"]
+    plain = parse_train_args(base)
+    before = argparse.Namespace(**{k: v for k, v in vars(plain).items() if not k.startswith("ema_")})
+    assert settings_digest(plain) == settings_digest(before)  # states of runs before the EMA flags still resume
+    ema = settings_digest(parse_train_args([*base, "--ema_decay", "0.9"]))
+    assert ema != settings_digest(plain)
+    assert ema != settings_digest(parse_train_args([*base, "--ema_decay", "0.99"]))
+    assert ema == settings_digest(parse_train_args([*base, "--ema_decay", "0.9", "--ema_on_cpu", "--ema_for_eval"]))
+    assert ema != settings_digest(parse_train_args([*base, "--ema_decay", "0.9", "--ema_update_every", "2"]))
