@@ -71,6 +71,22 @@ def test_a_large_update_goes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(torch.equal(s, p / 4) for s, p in zip(shadow, params, strict=True))
 
 
+@pytest.mark.gpu
+def test_weights_on_the_gpu_and_the_ema_in_host_memory() -> None:
+    raw = torch.tensor([0.1, -0.3, 7.0], device="cuda")
+    p = torch.nn.Parameter(raw.clone())
+    ema = Ema(EmaSettings(decay=0.9, on_cpu=True), {"p": p})
+    assert ema.shadow[0].device.type == "cpu"
+    p.data = torch.tensor([1.0, 2.0, 3.0], device="cuda")
+    ema.update(1)
+    p.data = torch.tensor([12.0, 13.0, 14.0], device="cuda")
+    ema.update(2)  # 2/11 [1, 2, 3] + 9/11 [12, 13, 14] = [10, 11, 12]
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([10.0, 11.0, 12.0]))
+    with ema.swapped():
+        torch.testing.assert_close(p.detach().cpu(), ema.shadow[0])
+    assert torch.equal(p.detach(), torch.tensor([12.0, 13.0, 14.0], device="cuda"))
+
+
 def test_state_round_trip_and_a_foreign_state_is_refused() -> None:
     p = torch.nn.Parameter(torch.tensor([3.0]))
     a = Ema(EmaSettings(decay=0.9), {"p": p})
@@ -225,3 +241,19 @@ def test_the_settings_digest_counts_the_decay_not_where_the_ema_lives() -> None:
     assert ema != settings_digest(parse_train_args([*base, "--ema_decay", "0.99"]))
     assert ema == settings_digest(parse_train_args([*base, "--ema_decay", "0.9", "--ema_on_cpu", "--ema_for_eval"]))
     assert ema != settings_digest(parse_train_args([*base, "--ema_decay", "0.9", "--ema_update_every", "2"]))
+
+
+def test_pruning_an_old_step_file_removes_its_ema_file_too(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fluxpipe.stages.train_lora import prune_old
+
+    cfg = SimpleNamespace(output_dir=tmp_path, output_name="x", save_last_n_steps=2, save_last_n_steps_state=None,
+                          save_last_n_epochs=None, save_last_n_epochs_state=None)
+    for step in (1, 2, 3):
+        for tail in ("", "-ema"):
+            (tmp_path / f"x-step{step:08d}{tail}.safetensors").write_bytes(b"")
+    prune_old(cfg, "step", 3, 1)  # keep the last 2 steps' files: step 1's go
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "x-step00000002-ema.safetensors", "x-step00000002.safetensors",
+        "x-step00000003-ema.safetensors", "x-step00000003.safetensors"]
