@@ -257,3 +257,22 @@ def test_pruning_an_old_step_file_removes_its_ema_file_too(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "x-step00000002-ema.safetensors", "x-step00000002.safetensors",
         "x-step00000003-ema.safetensors", "x-step00000003.safetensors"]
+
+
+def test_two_processes_keep_the_ema_of_one(demo_dir: Path, tmp_path: Path) -> None:
+    """DDP (LoRA): every rank updates the same EMA, rank 0 writes it; equal to one process's to float tolerance."""
+    from test_distributed import _batch1, _run, _worst
+
+    def args(out: Path, dataset: Path | None = None) -> list[str]:
+        a = lora_command(demo_dir, out, "--network_train_unet_only", "--optimizer_type", "AdamW")
+        a[a.index("--dataset_config") + 1] = str(dataset or REPO / "config/demo/dataset.toml")
+        a[a.index("--mixed_precision") + 1] = "no"  # fp32: the two layouts differ only by float summation order
+        return ["train", "lora", *a]
+
+    for out, dataset, n in (("one", None, 1), ("two", _batch1(tmp_path), 2)):
+        run = _run(args(tmp_path / out, dataset), n)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / f"{o}/my_flux_lora-ema.safetensors")) for o in ("one", "two"))
+    assert _worst(a, b) < 1e-5
+    raw = load_file(str(tmp_path / "one/my_flux_lora.safetensors"))
+    assert _worst(a, raw) > 2e-5  # (the EMA is not the last weights: 5e-5 apart after 5 steps at lr 1e-4)
