@@ -115,6 +115,8 @@ GROUPS: tuple[tuple[str, tuple[tuple[Any, ...], ...]], ...] = (
         ("deepspeed", FLAG), ("zero_stage", int, 2), ("offload_optimizer_device", str),
         ("offload_optimizer_nvme_path", str), ("offload_param_device", str), ("offload_param_nvme_path", str),
         ("zero3_init_flag", FLAG), ("zero3_save_16bit_model", FLAG), ("fp16_master_weights_and_gradients", FLAG))),
+    ("fluxpipe extensions, not in the reference: EMA of the trained weights (fluxpipe.ema)", (
+        ("ema_decay", float), ("ema_update_every", int, 1), ("ema_on_cpu", FLAG), ("ema_for_eval", FLAG))),
     ("ModelSpec metadata (spec §10.10)", tuple((f"metadata_{n}", str) for n in (
         "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
         "trigger_phrase", "preprocessor", "is_negative_embedding"))),
@@ -184,7 +186,18 @@ class _Parser(argparse.ArgumentParser):
         raise FluxpipeError(message)
 
 
+EXTENSION_HELP = {  # fluxpipe's own flags (the reference has no EMA)
+    "ema_decay": "keep an EMA of the trained weights with this decay (0 < d < 1, e.g. 0.999; diffusers' EMAModel "
+                 "warm-up: min(d, (1 + t) / (10 + t))), saved as <name>-ema.safetensors beside each model file",
+    "ema_update_every": "update the EMA every N optimizer steps (needs --ema_decay)",
+    "ema_on_cpu": "keep the EMA in host memory (the full fine-tune's EMA is a whole DiT; needs --ema_decay)",
+    "ema_for_eval": "samples and the validation loss use the EMA weights (needs --ema_decay)",
+}
+
+
 def _help(name: str) -> str:
+    if name in EXTENSION_HELP:
+        return EXTENSION_HELP[name] + " (default: %(default)s)"
     if name in REJECTED:
         return f"rejected by fluxpipe: {REJECTED[name]}"
     notes = []
@@ -397,6 +410,20 @@ def _check_combinations(ns: argparse.Namespace, method: str = "lora") -> None:
                                 "(OFT and LyCORIS are not implemented)")
 
 
+def _check_ema(ns: argparse.Namespace) -> None:
+    if ns.ema_decay is None:
+        for flag in ("ema_on_cpu", "ema_for_eval"):
+            if getattr(ns, flag):
+                _fail(flag, "needs --ema_decay D (the EMA's decay, e.g. 0.999)")
+        if ns.ema_update_every != 1:
+            _fail("ema_update_every", "needs --ema_decay D (the EMA's decay, e.g. 0.999)")
+        return
+    if not 0.0 < ns.ema_decay < 1.0:
+        _fail("ema_decay", f"{ns.ema_decay!r} must be between 0 and 1 (exclusive), e.g. 0.999")
+    if ns.ema_update_every < 1:
+        _fail("ema_update_every", f"{ns.ema_update_every!r} must be >= 1 (optimizer steps between EMA updates)")
+
+
 def _apply_implications(ns: argparse.Namespace) -> None:
     """What the reference derives from flags before training (legacy alias, implied flags, spec §3.3, §6.2)."""
     if ns.caption_extention is not None:
@@ -446,6 +473,7 @@ def validate_train_args(ns: argparse.Namespace, parser: argparse.ArgumentParser,
     _check_numbers(ns)
     _resolve_optimizer(ns)
     _check_combinations(ns, method)
+    _check_ema(ns)
     _apply_implications(ns)
     dataset_flag_defaults(ns, parser)  # --resolution / --face_crop_aug_range are well-formed
     _warn_ignored(ns, parser, method)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fluxpipe import __version__
+from fluxpipe.ema import EmaSettings
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.lora_network import LoraSpec, parse_network_args
 from fluxpipe.optim import parse_optimizer_args
@@ -143,6 +144,7 @@ use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch
 full_bf16 save_n_epoch_ratio logging_dir log_with log_prefix log_tracker_name torch_compile dynamo_backend
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first validation_seed validation_split
 validate_every_n_steps validate_every_n_epochs max_validation_steps
+ema_decay ema_update_every ema_on_cpu ema_for_eval
 """.split()) | {"max_data_loader_n_workers", "persistent_data_loader_workers", "highvram"} | set(DATASET_FLAGS) | set(
     FOLDER_FLAGS)
 # (the data-loader flags and --highvram change no result: the trainer reads the cached tensors in its own process,
@@ -167,7 +169,7 @@ HONOURED_CONTROLNET = frozenset((HONOURED_FULL | {"blocks_to_swap", "fp8_base", 
                                 - set(FOLDER_FLAGS)  # ControlNet folder mode (with --conditioning_data_dir): not yet
                                 - {"sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
                                    "sample_at_first", "validation_seed", "validation_split", "validate_every_n_steps",
-                                   "validate_every_n_epochs", "max_validation_steps"})
+                                   "validate_every_n_epochs", "max_validation_steps", "ema_for_eval"})
 
 
 def check_unhonoured(ns: argparse.Namespace, method: str = "lora") -> None:
@@ -231,7 +233,9 @@ def settings_digest(ns: argparse.Namespace, data: str = "") -> str:
             "blocks_to_swap", "cpu_offload_checkpointing", "gradient_checkpointing", "torch_compile",
             "dynamo_backend", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
             "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
-            "pretrained_model_name_or_path", "clip_l", "t5xxl", "ae"}
+            "pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "ema_on_cpu", "ema_for_eval"}
+    if getattr(ns, "ema_decay", None) is None:  # without an EMA the digest is the one of runs before the EMA flags
+        skip |= {"ema_decay", "ema_update_every"}
     values = {k: str(v) for k, v in sorted(vars(ns).items()) if k not in skip}
     return hashlib.sha256(json.dumps([values, data]).encode()).hexdigest()[:16]
 
@@ -313,6 +317,14 @@ def monitor_settings(ns: argparse.Namespace) -> MonitorSettings:
         validation_seed=ns.validation_seed if ns.validation_seed is not None else ns.seed)
 
 
+def ema_settings(ns: argparse.Namespace) -> EmaSettings | None:
+    """--ema_decay and its options (checked in fluxpipe.train_args), or None: no EMA."""
+    if ns.ema_decay is None:
+        return None
+    return EmaSettings(decay=ns.ema_decay, update_every=ns.ema_update_every, on_cpu=ns.ema_on_cpu,
+                       for_eval=ns.ema_for_eval)
+
+
 def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_resume: bool,
                 clip_tokenizer: Path | None = None, t5_tokenizer: Path | None = None) -> TrainLoraConfig:
     """The typed training config from the parsed flags (already checked with check_supported)."""
@@ -350,7 +362,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32, save_n_epoch_ratio=ns.save_n_epoch_ratio,
         logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
         log_tracker_name=ns.log_tracker_name or "",
-        monitor=monitor_settings(ns), t5_max_length=t5_max_length,
+        monitor=monitor_settings(ns), t5_max_length=t5_max_length, ema=ema_settings(ns),
         sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))
@@ -389,7 +401,7 @@ def full_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         auto_resume=auto_resume, device=device,
         settings=settings_digest(ns, data_digest(caches, Path(ns.pretrained_model_name_or_path))),
         logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
-        log_tracker_name=ns.log_tracker_name or "",
+        log_tracker_name=ns.log_tracker_name or "", ema=ema_settings(ns),
         monitor=monitor_settings(ns), sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         t5_max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant))
 

@@ -17,6 +17,7 @@ Both run inside ``torch.random.fork_rng``: the training's random streams are una
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -88,6 +89,7 @@ class Monitor:
         self.sampler, self.conds, self.pooled_fn = sampler, conds or {}, pooled_fn
         self.validation, self.logger = validation, logger
         self.validation_file = output_dir / f"{output_name}-validation.jsonl"
+        self.weights = contextlib.nullcontext  # --ema_for_eval: a context with the EMA weights swapped in
 
     def at_start(self, step: int) -> None:
         if step == 0:
@@ -116,7 +118,7 @@ class Monitor:
 
         stamp = time.strftime("%Y%m%d%H%M%S")
         written = []
-        with torch.random.fork_rng(devices=[self.sampler.device] if self.sampler.device.startswith("cuda") else []):
+        with self.weights(), torch.random.fork_rng(devices=[self.sampler.device] if self.sampler.device.startswith("cuda") else []):
             for p in self.s.sample_prompts:
                 seed = p.seed if p.seed is not None else self.seed + p.index
                 cond, neg = self.conds[p.prompt], self.conds.get(p.negative_prompt) if p.cfg_scale != 1.0 else None
@@ -132,7 +134,7 @@ class Monitor:
         return written
 
     def validate(self, step: int, epoch: int) -> float:
-        with torch.random.fork_rng(devices=[]):
+        with self.weights(), torch.random.fork_rng(devices=[]):
             result = self.validation()
         if not self.writes:
             return result["loss"]

@@ -26,6 +26,7 @@ from fluxpipe.atomic import remove_stale_temps
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.distributed import world, wrap
+from fluxpipe.ema import create as create_ema, ema_metadata, save_beside
 from fluxpipe.stages.train_full import TrainFullConfig, check_parallel, restore, resume_state, write_state
 from fluxpipe.stages.train_lora import FlowSettings, check_segment, log_step, write_losses, draw_flow_noise, \
     epoch_save_interval, load_dit, plan_steps, prediction_loss, prune_old, segment_suffix, select_rows
@@ -82,9 +83,9 @@ def hints(rows: list[dict], items: list, batch: dict, images, device: str) -> Te
 
 
 def save_controlnet(controlnet: ControlNetFlux, cfg: TrainControlNetConfig, suffix: str, step: int,
-                    epoch: int) -> Path:
+                    epoch: int, extra: dict[str, str] | None = None) -> Path:
     meta = {**modelspec(f"flux-1-{cfg.variant}/controlnet", cfg.output_name), "ss_steps": str(step),
-            "ss_epoch": str(epoch), "fluxpipe_settings": cfg.settings}
+            "ss_epoch": str(epoch), "fluxpipe_settings": cfg.settings, **(extra or {})}
     path = save_weights(controlnet, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta,
                         cfg.save_precision)
     log.info("saved %s (step %d, epoch %d)", path, step, epoch)
@@ -129,12 +130,15 @@ def train(cfg: TrainControlNetConfig) -> Path:
     first_batches = epoch_batches(items, sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
     optim = WeightOptimizers(controlnet, cfg.optim, total)
+    ema = create_ema(cfg.ema, controlnet)
     torch.manual_seed(cfg.seed)
     step, start_epoch, start_batch = 0, 0, 0
     state = resume_state(cfg)
     if state is not None:
         check_segment(cfg.stop_at_step, state.step)
         restore(controlnet, optim, state, w)
+        if ema is not None:
+            ema.load_state_dict(state.extra["ema"])
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -153,8 +157,9 @@ def train(cfg: TrainControlNetConfig) -> Path:
             return
         if model_file:
             save_controlnet(controlnet, cfg, suffix, step, epoch)
+            save_beside(ema, lambda s: save_controlnet(controlnet, cfg, s, step, epoch, ema_metadata(ema)), suffix)
         if state_too:
-            write_state(controlnet, optim, gen, cfg, step, epoch, batch_in_epoch, suffix)
+            write_state(controlnet, optim, gen, cfg, step, epoch, batch_in_epoch, suffix, ema=ema)
         if kind:
             prune_old(cfg, kind, step if kind == "step" else epoch, every)
         write_losses(loss_file, records, state.step if state else 0)
@@ -180,6 +185,8 @@ def train(cfg: TrainControlNetConfig) -> Path:
             loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
             optim.step()
             step += 1
+            if ema is not None:
+                ema.update(step)
             log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
@@ -201,6 +208,9 @@ def train(cfg: TrainControlNetConfig) -> Path:
     bar.close()
     logger.close()
     save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
+    if w.main:
+        save_beside(ema, lambda s: save_controlnet(controlnet, cfg, s, step, min(epoch + 1, epochs),
+                                                   ema_metadata(ema)), "")
     final = save_controlnet(controlnet, cfg, "", step, min(epoch + 1, epochs)) if w.main else \
         cfg.output_dir / f"{cfg.output_name}.safetensors"
     optim.remove()

@@ -30,6 +30,7 @@ from fluxpipe.train_log import TrainLogger
 from fluxpipe.train_monitor import MonitorSettings
 from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 from fluxpipe.distributed import World, world
+from fluxpipe.ema import EmaSettings, create as create_ema, ema_metadata, save_beside
 from fluxpipe.optim import canonical_optimizer
 from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
 
@@ -78,6 +79,7 @@ class TrainFullConfig:
     sample_models: ModelFiles | None = None
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
+    ema: EmaSettings | None = None  # --ema_decay: an EMA of the trained weights, <name>-ema.safetensors (fluxpipe.ema)
 
 
 def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
@@ -110,10 +112,10 @@ def autocast(cfg: TrainFullConfig) -> contextlib.AbstractContextManager:
 
 
 def save_dit(dit: torch.nn.Module, cfg: TrainFullConfig, suffix: str, step: int, epoch: int,
-             main: bool = True) -> Path:
+             main: bool = True, extra: dict[str, str] | None = None) -> Path:
     """The DiT file (a sharded DiT is gathered tensor by tensor: every rank calls this; rank 0 writes)."""
     meta = {**modelspec(f"flux-1-{cfg.variant}", cfg.output_name), "ss_steps": str(step), "ss_epoch": str(epoch),
-            "fluxpipe_settings": cfg.settings}
+            "fluxpipe_settings": cfg.settings, **(extra or {})}
     path = save_weights(dit, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision,
                         main)
     if main:
@@ -133,6 +135,9 @@ def check_parallel(cfg: TrainFullConfig, w: World, sharded: bool) -> None:
     if sharded and (cfg.blocks_to_swap or cfg.cpu_offload_checkpointing):
         raise FluxpipeError("--blocks_to_swap / --cpu_offload_checkpointing: under torchrun the full fine-tune "
                             "shards the weights across the GPUs (FSDP2) instead; drop the flag")
+    if sharded and cfg.ema is not None:
+        raise FluxpipeError("--ema_decay: the EMA of FSDP-sharded weights is not implemented; train the full "
+                            "fine-tune with an EMA in one process (--ema_on_cpu keeps it in host memory)")
     if sharded and canonical_optimizer(o.optimizer_type) not in FSDP_OPTIMIZERS:
         raise FluxpipeError(f"--optimizer_type {o.optimizer_type}: it cannot step FSDP-sharded weights; under "
                             f"torchrun use one of {', '.join(FSDP_OPTIMIZERS)} (or train in one process)")
@@ -165,7 +170,7 @@ def restore(model: torch.nn.Module, optim: WeightOptimizers, state: TrainState, 
 
 
 def write_state(model, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix,  # noqa: ANN001
-                w: World | None = None) -> None:
+                w: World | None = None, ema=None) -> None:  # noqa: ANN001
     """The trained module's weights (the DiT, or the ControlNet), the optimizers, counters and RNG states; a
     sharded model is gathered (every rank calls this), rank 0 writes."""
     from fluxpipe import fsdp
@@ -180,7 +185,8 @@ def write_state(model, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_
     if w.main:
         save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
                               optimizer=optimizer, scheduler={}, rng=capture_rng({"noise": gen}),
-                              extra={"settings": cfg.settings}), cfg.output_dir / f"{cfg.output_name}{suffix}-state")
+                              extra={"settings": cfg.settings, "ema": ema.state_dict() if ema is not None else None}),
+                   cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
 def train(cfg: TrainFullConfig) -> Path:
@@ -209,11 +215,14 @@ def train(cfg: TrainFullConfig) -> Path:
     first_batches = epoch_batches(items, sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
     optim = WeightOptimizers(dit, cfg.optim, total)
+    ema = create_ema(cfg.ema, dit, dit.block_swapper.invalidate if dit.block_swapper is not None else None)
     step, start_epoch, start_batch = 0, 0, 0
     state = resume_state(cfg, large=w.main or w.size == 1)  # sharded: rank 0 reads the tensors and broadcasts
     if state is not None:
         check_segment(cfg.stop_at_step, state.step)
         restore(dit, optim, state, w)
+        if ema is not None:
+            ema.load_state_dict(state.extra["ema"])
         restore_rng(state.rng, {"noise": gen})
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,14 +237,17 @@ def train(cfg: TrainFullConfig) -> Path:
     # rank when sharded (each forward needs them all), written by rank 0
     monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype,
                             writes=w.main)
+    if ema is not None and cfg.ema.for_eval:
+        monitor.weights = ema.swapped
     monitor.at_start(step)
 
     def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str = "", every: int | None = None,
                    model_file: bool = True, state_too: bool = cfg.save_state) -> None:
         if model_file:
             save_dit(dit, cfg, suffix, step, epoch, w.main)
+            save_beside(ema, lambda s: save_dit(dit, cfg, s, step, epoch, w.main, ema_metadata(ema)), suffix)
         if state_too:
-            write_state(dit, optim, gen, cfg, step, epoch, batch_in_epoch, suffix, w)
+            write_state(dit, optim, gen, cfg, step, epoch, batch_in_epoch, suffix, w, ema)
         if w.main:
             if kind:
                 prune_old(cfg, kind, step if kind == "step" else epoch, every)
@@ -265,6 +277,8 @@ def train(cfg: TrainFullConfig) -> Path:
             if dit.block_swapper is not None:
                 dit.block_swapper.invalidate()  # the host weights changed: drop copies fetched before the step
             step += 1
+            if ema is not None:
+                ema.update(step)
             log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
@@ -288,6 +302,7 @@ def train(cfg: TrainFullConfig) -> Path:
     bar.close()
     logger.close()
     save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
+    save_beside(ema, lambda s: save_dit(dit, cfg, s, step, min(epoch + 1, epochs), w.main, ema_metadata(ema)), "")
     final = save_dit(dit, cfg, "", step, min(epoch + 1, epochs), w.main)
     optim.remove()
     tensors.close()

@@ -23,6 +23,7 @@ from fluxpipe import flow
 from fluxpipe.atomic import remove_stale_temps, write_text_atomic
 from fluxpipe.checkpoints import load_model
 from fluxpipe.distributed import world, wrap
+from fluxpipe.ema import EmaSettings, create as create_ema, ema_metadata, save_beside
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
 from fluxpipe.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
@@ -114,6 +115,7 @@ class TrainLoraConfig:
     sample_models: ModelFiles | None = None  # AE and text encoders for the samples' prompts
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
+    ema: EmaSettings | None = None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.ema)
 
 
 def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -237,12 +239,13 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
 
 
-def save_lora(network: FluxLoRANetwork, cfg: TrainLoraConfig, suffix: str, step: int, epoch: int) -> Path:
+def save_lora(network: FluxLoRANetwork, cfg: TrainLoraConfig, suffix: str, step: int, epoch: int,
+              extra: dict[str, str] | None = None) -> Path:
     from fluxpipe.safetensors_file import save_safetensors
 
     path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
     meta = {**cfg.metadata, "ss_steps": str(step), "ss_epoch": str(epoch),
-            "ss_training_finished_at": str(int(time.time()))}
+            "ss_training_finished_at": str(int(time.time())), **(extra or {})}
     tensors = network.state_dict_kohya(cfg.save_precision)
     save_safetensors(tensors, path, {**meta, **addnet_hashes(tensors, meta)})
     log.info("saved %s (step %d, epoch %d)", path, step, epoch)
@@ -269,6 +272,7 @@ def prune_old(cfg: TrainLoraConfig, kind: str, current: int, every: int | None) 
             shutil.rmtree(target)
         elif not is_state:
             target.unlink(missing_ok=True)
+            target.with_name(f"{target.stem}-ema.safetensors").unlink(missing_ok=True)  # (--ema_decay's file)
 
 
 def _resume_from(cfg: TrainLoraConfig) -> TrainState | None:
@@ -286,12 +290,13 @@ def _resume_from(cfg: TrainLoraConfig) -> TrainState | None:
     return state
 
 
-def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler) -> None:  # noqa: ANN001
+def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler, ema=None) -> None:  # noqa: ANN001
     weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
     save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
                           optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=capture_rng({"noise": gen}),
                           extra={"settings": cfg.metadata.get("fluxpipe_settings"),
-                                 "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}),
+                                 "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                                 "ema": ema.state_dict() if ema is not None else None}),
                cfg.output_dir / f"{cfg.output_name}{suffix}-state")
 
 
@@ -406,6 +411,7 @@ def train(cfg: TrainLoraConfig) -> Path:
         network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
     network.apply_to()
     dit.train()
+    ema = create_ema(cfg.ema, network)
     groups = network.param_groups(learning_rate=cfg.learning_rate, unet_lr=cfg.unet_lr,
                                   text_encoder_lr=list(cfg.text_encoder_lr) if cfg.text_encoder_lr else None,
                                   loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
@@ -432,6 +438,8 @@ def train(cfg: TrainLoraConfig) -> Path:
         step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
         if scaler.is_enabled() and state.extra.get("grad_scaler"):
             scaler.load_state_dict(state.extra["grad_scaler"])
+        if ema is not None:
+            ema.load_state_dict(state.extra["ema"])
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if w.main:  # what a killed run of this output left
         remove_stale_temps(cfg.output_dir, cfg.output_name)
@@ -445,6 +453,8 @@ def train(cfg: TrainLoraConfig) -> Path:
     pooled_fn = (lambda texts: clip_pooled(clip, clip_tok, texts, cfg.compute_dtype)) if clip is not None else None
     monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger) if w.main else \
         Monitor(MonitorSettings(), output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed)
+    if ema is not None and cfg.ema.for_eval:
+        monitor.weights = ema.swapped
     monitor.at_start(step)
     model = wrap(LoraLoss(network, dit, cfg.math, pooled_fn), w)
 
@@ -452,8 +462,9 @@ def train(cfg: TrainLoraConfig) -> Path:
         if not w.main:  # only rank 0 writes
             return
         save_lora(network, cfg, suffix, step, epoch)
+        save_beside(ema, lambda s: save_lora(network, cfg, s, step, epoch, ema_metadata(ema)), suffix)
         if cfg.save_state:
-            _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler)
+            _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler, ema)
         if kind:
             prune_old(cfg, kind, step if kind == "step" else epoch, every)
         write_losses(loss_file, records, state.step if state else 0)
@@ -483,6 +494,8 @@ def train(cfg: TrainLoraConfig) -> Path:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(step)
             log_step(records, logger, bar, step, epoch, loss_value, {g["description"]: g["lr"] for g in opt.param_groups})
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
@@ -493,7 +506,7 @@ def train(cfg: TrainLoraConfig) -> Path:
             bar.close()
             logger.close()
             if w.main:
-                _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, segment_suffix(step), scaler)
+                _write_state(network, opt, sched, gen, cfg, step, epoch, bi + 1, segment_suffix(step), scaler, ema)
                 write_losses(loss_file, records, state.step if state else 0)
             tensors.close()
             w.barrier()
@@ -509,7 +522,8 @@ def train(cfg: TrainLoraConfig) -> Path:
     if w.main:
         write_losses(loss_file, records, state.step if state else 0)
         if cfg.save_state:
-            _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler)
+            _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler, ema)
+        save_beside(ema, lambda s: save_lora(network, cfg, s, step, min(epoch + 1, epochs), ema_metadata(ema)), "")
     final = save_lora(network, cfg, "", step, min(epoch + 1, epochs)) if w.main else \
         cfg.output_dir / f"{cfg.output_name}.safetensors"
     tensors.close()
