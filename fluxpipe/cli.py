@@ -197,7 +197,7 @@ def _check_datasets(own: argparse.Namespace, ns: argparse.Namespace) -> None:
     from fluxpipe.train_args import given_dataset_flags
 
     if own.cache_dir is None:
-        train_config.load_datasets(ns)
+        train_config.check_kontext_pairs(ns, train_config.load_datasets(ns))
         return
     if given_dataset_flags(ns):
         raise FluxpipeError(f"{', '.join(given_dataset_flags(ns))}: the pipeline's caches are built from its "
