@@ -64,7 +64,7 @@ def _cache_latents(args: argparse.Namespace) -> None:
     cache_latents.run(cache_latents.CacheLatentsConfig(
         manifest=args.manifest, ae=Path(workflow.model_files(cfg)["ae"]), out=args.out, shard=args.shard,
         batch_size=c.vae_batch_size, dtype=c.latent_dtype, device=resolve_device(c.device),
-        decode_workers=c.decode_workers, hash_cache=cfg.hash_cache))
+        decode_workers=c.decode_workers, hash_cache=cfg.hash_cache, references=workflow.kontext(cfg)))
 
 
 def _cache_text(args: argparse.Namespace) -> None:

@@ -139,6 +139,10 @@ def _shard_digests(manifest: str, mtime_ns: int, kind: str) -> dict[int, str]:
             filters = pd.read_parquet(manifest, columns=["resize_interpolation"]).resize_interpolation
             if (filters != "").any():
                 table["resize_interpolation"], cols = filters, [*cols, "resize_interpolation"]
+        if "conditioning_sha256" in pq.read_schema(manifest).names:  # Kontext caches the paired references too
+            refs = pd.read_parquet(manifest, columns=["conditioning_sha256"]).conditioning_sha256
+            if (refs != "").any():
+                table["conditioning_sha256"], cols = refs, [*cols, "conditioning_sha256"]
     shard_col = cols[0]
     digests = {}
     for shard, group in table.groupby(shard_col):
@@ -152,10 +156,16 @@ def shard_digest(manifest: str, kind: str, shard: int | str) -> str:
     return _shard_digests(manifest, os.stat(manifest).st_mtime_ns, kind).get(int(shard), "empty")
 
 
+def kontext(cfg: PipelineConfig) -> bool:
+    """Kontext LoRA training (train.model_type: kontext): the latent cache also holds the reference images."""
+    return (cfg.train or {}).get("model_type") == "kontext"
+
+
 def latent_params(cfg: PipelineConfig) -> str:
     c = cfg.cache
+    refs = {"references": True} if kontext(cfg) else {}  # (absent otherwise: existing params unchanged)
     return json.dumps({"ae": file_identity(model_files(cfg)["ae"]), "dtype": c.latent_dtype, "device": c.device,
-                       "format": CACHE_FORMAT["latents"]}, sort_keys=True)
+                       "format": CACHE_FORMAT["latents"], **refs}, sort_keys=True)
 
 
 def text_params(cfg: PipelineConfig) -> str:
