@@ -80,7 +80,7 @@ def _cache_latents(args: argparse.Namespace) -> None:
     cache_latents.run(cache_latents.CacheLatentsConfig(
         manifest=args.manifest, ae=Path(workflow.model_files(cfg)["ae"]), out=args.out, shard=args.shard,
         batch_size=c.vae_batch_size, dtype=c.latent_dtype, device=resolve_device(c.device),
-        decode_workers=c.decode_workers, hash_cache=cfg.hash_cache))
+        decode_workers=c.decode_workers, hash_cache=cfg.hash_cache, references=workflow.kontext(cfg)))
 
 
 def _cache_text(args: argparse.Namespace) -> None:
@@ -213,7 +213,7 @@ def _check_datasets(own: argparse.Namespace, ns: argparse.Namespace) -> None:
     from fluxpipe.train_args import given_dataset_flags
 
     if own.cache_dir is None:
-        train_config.load_datasets(ns)
+        train_config.check_kontext_pairs(ns, train_config.load_datasets(ns))
         return
     if given_dataset_flags(ns):
         raise FluxpipeError(f"{', '.join(given_dataset_flags(ns))}: the pipeline's caches are built from its "
@@ -301,7 +301,8 @@ def _sample(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         prompts = [SamplePrompt(index=0, prompt=args.prompt, negative_prompt=args.negative or "", width=args.width,
                                 height=args.height, seed=args.seed, steps=args.steps or default_steps(variant),
-                                guidance=args.guidance, cfg_scale=args.cfg_scale, control_image=args.control_image)]
+                                guidance=args.guidance, cfg_scale=args.cfg_scale, control_image=args.control_image,
+                                reference_image=args.reference_image)]
     else:
         prompts = load_prompts(args.prompts_file)
     device = resolve_device(args.device)
@@ -310,7 +311,7 @@ def _sample(args: argparse.Namespace) -> None:
         loras=tuple(sample.parse_lora_arg(v) for v in args.lora), merge=not args.unmerged, device=device,
         dtype=_compute_dtype(device), t5_max_length=args.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=args.apply_t5_attn_mask, blocks_to_swap=args.blocks_to_swap,
-        compile_blocks=args.compile, controlnet=args.controlnet))
+        compile_blocks=args.compile, controlnet=args.controlnet, reference_size=args.reference_size))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -318,6 +319,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from fluxpipe.sampler import default_steps
     from fluxpipe.stages import evaluate
     from fluxpipe.text_encoding import default_t5_max_length
+
+    from dataclasses import replace
 
     cfg, models, variant = _pipeline_models(args)
     ev = cfg.evaluate
@@ -327,6 +330,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         prompts = [SamplePrompt(index=i, prompt=text, width=ev.width, height=ev.height,
                                 steps=ev.steps or default_steps(variant), guidance=ev.guidance)
                    for i, text in enumerate(ev.prompts)]
+    if ev.reference_image:  # Kontext: one reference image for every prompt
+        prompts = [replace(p, reference_image=Path(ev.reference_image)) for p in prompts]
     device = resolve_device(ev.device)
     name = args.name or (cfg.train or {}).get("output_name") or "last"
     evaluate.run(evaluate.EvaluateConfig(
@@ -334,7 +339,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         out=args.out, lora_multiplier=ev.lora_multiplier, device=device, dtype=_compute_dtype(device),
         t5_max_length=cfg.cache.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=cfg.cache.apply_t5_attn_mask, blocks_to_swap=ev.blocks_to_swap,
-        controlnet=Path(ev.controlnet) if ev.controlnet else None))
+        controlnet=Path(ev.controlnet) if ev.controlnet else None, reference_size=ev.reference_size))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -368,6 +373,10 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--controlnet", type=Path, help="a ControlNet-Flux file (for --control-image or --cn in a prompt file)")
     p.add_argument("--control-image", type=Path, help="control image of --prompt (needs --controlnet)")
     _add_config(p, required=False)
+    p.add_argument("--reference-image", type=Path, help="FLUX.1 Kontext: the reference image of --prompt (a Kontext "
+                   "model and LoRA; its tokens join the sequence with ids (1, row, col))")
+    p.add_argument("--reference-size", choices=("kontext", "target"), default="kontext",
+                   help="resize the reference to the nearest Kontext resolution (official) or to --width x --height")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder (a prompt file)")
     p.set_defaults(func=_sample)

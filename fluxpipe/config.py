@@ -120,6 +120,10 @@ class EvaluateConfig:
     lora_multiplier: float = 1.0
     controlnet: str | None = None
     """A ControlNet-Flux file for prompts with a control image (--cn in the prompt file)."""
+    reference_image: str | None = None
+    """FLUX.1 Kontext: the reference image of every prompt (a Kontext base model and LoRA)."""
+    reference_size: str = "kontext"
+    """Kontext reference resize: kontext (the official: nearest Kontext resolution) or target (the sample's size)."""
     blocks_to_swap: int = 0
     device: str = "auto"
 
@@ -128,6 +132,8 @@ class EvaluateConfig:
             raise ConfigError("evaluate.seeds: give at least one seed")
         if not self.prompts and not self.prompts_file:
             raise ConfigError("evaluate: set prompts (a list) or prompts_file")
+        if self.reference_size not in ("kontext", "target"):
+            raise ConfigError(f"evaluate.reference_size: {self.reference_size!r} is not kontext or target")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

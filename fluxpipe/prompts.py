@@ -53,6 +53,8 @@ class SamplePrompt:
     """True CFG scale (--l / scale)."""
     control_image: Path | None = None
     """ControlNet conditioning image (--cn / controlnet_image), relative to the prompt file's folder."""
+    reference_image: Path | None = None
+    """FLUX.1 Kontext reference image (fluxpipe's own: `fluxpipe sample --reference-image`, evaluate.reference_image)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "width", max(64, self.width - self.width % 16))

@@ -6,6 +6,11 @@ the DiT and the AE never share the device with the text encoders. Generation fol
 from ``fluxpipe.sampling.get_noise`` (CPU generator, any device gives the same image), packing, the shifted
 schedule (unshifted for schnell), Euler ``denoise`` (guidance embedding for dev, optional true CFG with a
 negative prompt), unpacking, AE decoding, and the official conversion to 8-bit pixels.
+
+A prompt's Kontext ``reference_image`` is resized (Lanczos) to the Kontext resolution nearest its aspect ratio, as
+the official code does (``reference_size="target"``: to the sample's size instead), encoded by the AE and joined
+to the image sequence with ids (1, row, col) (``fluxpipe.kontext``). The latent is the AE posterior's mean (the
+official code draws a posterior sample with the global RNG; its spread is tiny) scaled and shifted like a target's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from fluxpipe.kontext import kontext_resolution
 from fluxpipe.packing import image_ids, pack_latents, text_ids, unpack_latents
 from fluxpipe.prompts import SamplePrompt
 from fluxpipe.sampling import denoise, get_noise, get_schedule
@@ -119,8 +125,10 @@ class Sampler:
     """The DiT and the AE on one device, generating one image per call."""
 
     def __init__(self, dit: nn.Module, ae: nn.Module, *, device: str, dtype: torch.dtype,
-                 apply_t5_attn_mask: bool = False, controlnet: nn.Module | None = None) -> None:
+                 apply_t5_attn_mask: bool = False, controlnet: nn.Module | None = None,
+                 reference_size: str = "kontext") -> None:
         self.dit, self.ae, self.device, self.dtype = dit, ae, device, dtype
+        self.reference_size = reference_size  # Kontext: "kontext" (official resize) or "target" (the sample's)
         self.controlnet = controlnet  # a ControlNet-Flux for prompts with a control image (--cn)
         self.apply_t5_attn_mask = apply_t5_attn_mask
         self.shift = bool(dit.params.guidance_embed)  # the official sampler shifts for dev, not for schnell
@@ -141,13 +149,28 @@ class Sampler:
         model = self._model(p, lh, lw)
         was_training = self.dit.training
         self.dit.eval()
+        reference = self.reference(p)
         try:
             x = denoise(model, img, image_ids(1, lh, lw, self.device, self.dtype), txt,
                         text_ids(1, txt.shape[1], self.device, self.dtype), vec, timesteps, p.guidance,
-                        txt_mask=mask, negative=neg, cfg_scale=p.cfg_scale)
+                        txt_mask=mask, negative=neg, cfg_scale=p.cfg_scale, reference=reference)
         finally:
             self.dit.train(was_training)
         return unpack_latents(x.float(), lh, lw)
+
+    def reference(self, p: SamplePrompt) -> tuple[Tensor, Tensor] | None:
+        """(tokens, ids) of the prompt's Kontext reference image, or None without one."""
+        if p.reference_image is None:
+            return None
+        from fluxpipe.errors import FluxpipeError
+        from fluxpipe.images import load_rgb
+        from fluxpipe.kontext import reference_tokens
+
+        if not Path(p.reference_image).is_file():
+            raise FluxpipeError(f"{p.reference_image}: no such reference image (prompt {p.index}, --reference-image)")
+        image = load_rgb(Path(p.reference_image))
+        size = (p.width, p.height) if self.reference_size == "target" else kontext_resolution(*image.size)
+        return reference_tokens(encode_reference(self.ae, image, size, self.device).to(self.dtype))
 
     def _model(self, p: SamplePrompt, lh: int, lw: int) -> nn.Module:
         """The DiT, or with a control image the DiT steered by the ControlNet (the image resized to the
@@ -174,9 +197,22 @@ class Sampler:
         return to_pil(self.ae.decode(z.to(ae_dtype))[0])
 
 
+@torch.no_grad()
+def encode_reference(ae: nn.Module, image: Image.Image, size: tuple[int, int], device: str) -> Tensor:
+    """The Kontext reference latent [1, 16, H/8, W/8] of ``image`` resized (Lanczos) to ``size`` (W, H):
+    scale · (posterior mean − shift), in float32."""
+    from fluxpipe.images import to_tensor
+
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    x = to_tensor(image)[None].to(device, next(ae.parameters()).dtype)
+    return ae.encode(x, sample=False).float()
+
+
 def load_sampler(files: ModelFiles, *, device: str, dtype: torch.dtype, loras: list[tuple[dict, float]] = (),
                  merge: bool = True, blocks_to_swap: int = 0, apply_t5_attn_mask: bool = False,
-                 compile_blocks: bool = False, controlnet: Path | None = None) -> Sampler:
+                 compile_blocks: bool = False, controlnet: Path | None = None,
+                 reference_size: str = "kontext") -> Sampler:
     """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
     training's --torch_compile) and AE on ``device``."""
     from fluxpipe.checkpoints import load_model
@@ -203,7 +239,8 @@ def load_sampler(files: ModelFiles, *, device: str, dtype: torch.dtype, loras: l
         net = ControlNetFlux(dit.params)
         load_controlnet_state(net, read_tensors(controlnet, {k: k for k in read_header(controlnet).tensors}))
         net = net.to(device, dtype).requires_grad_(False)
-    return Sampler(dit, ae, device=device, dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, controlnet=net)
+    return Sampler(dit, ae, device=device, dtype=dtype, apply_t5_attn_mask=apply_t5_attn_mask, controlnet=net,
+                   reference_size=reference_size)
 
 
 def compile_resident_blocks(dit: nn.Module, backend: str = "inductor") -> int:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fluxpipe.kontext import kontext_forward
+
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     """Resolution-dependent shift: exp(mu) / (exp(mu) + (1/t - 1)^sigma); maps 1 -> 1 and 0 -> 0."""
@@ -68,8 +70,12 @@ def denoise(
     txt_mask: Tensor | None = None,
     negative: tuple[Tensor, Tensor, Tensor | None] | None = None,
     cfg_scale: float = 1.0,
+    reference: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Integrate the model's velocity over ``timesteps`` (packed latents [B, N, 64] in and out).
+
+    ``reference`` = (tokens, ids) of a Kontext reference image (``fluxpipe.kontext.reference_tokens``): appended
+    to the image sequence at every step, the prediction sliced back to the N target tokens.
 
     ``negative`` = (txt, vec, txt_mask) of a negative prompt turns on true CFG at ``cfg_scale`` (≠ 1): the
     negative and positive conditions run as one batch [neg; pos] and combine with ``cfg_combine``.
@@ -83,14 +89,16 @@ def denoise(
             ones = torch.ones(batch, txt.shape[1], dtype=torch.int64, device=txt.device)
             txt_mask = torch.cat((ones if n_mask is None else n_mask, ones if txt_mask is None else txt_mask))
         img_ids = torch.cat((img_ids, img_ids))
+        if reference is not None and reference[0].shape[0] != 1:  # (a batch-1 reference serves every row)
+            reference = (torch.cat((reference[0], reference[0])), torch.cat((reference[1], reference[1])))
     rows = 2 * batch if cfg else batch
     guidance_vec = torch.full((rows,), guidance, device=img.device, dtype=img.dtype)
     for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:], strict=True):
         t_vec = torch.full((rows,), t_curr, dtype=img.dtype, device=img.device)
         x = torch.cat((img, img)) if cfg else img
         kwargs = {} if txt_mask is None else {"txt_attention_mask": txt_mask}
-        pred = model(img=x, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec,
-                     **kwargs)
+        pred = kontext_forward(model, x, img_ids, reference, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec,
+                               guidance=guidance_vec, **kwargs)
         if cfg:
             pred = cfg_combine(pred[:batch], pred[batch:], cfg_scale)
         img = euler_step(img, pred, t_curr, t_prev)

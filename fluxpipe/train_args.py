@@ -149,7 +149,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
 
 CHOICES: dict[str, tuple[Any, ...]] = {  # checked after parsing, so TOML values are checked as well
-    "model_type": ("flux",), "timestep_sampling": ("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
+    "model_type": ("flux", "kontext"), "timestep_sampling": ("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
     "model_prediction_type": ("raw", "additive", "sigma_scaled"),
     "weighting_scheme": ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"),
     "resize_interpolation": (None, "lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"),
@@ -165,7 +165,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {  # checked after parsing, so TOML values
     "offload_optimizer_device": (None, "cpu", "nvme"), "offload_param_device": (None, "cpu", "nvme"),
 }
 CHOICE_HINTS = {
-    "model_type": "fluxpipe trains FLUX.1 only (Chroma is not implemented)",
+    "model_type": "fluxpipe trains FLUX.1 (flux) and FLUX.1 Kontext [dev] (kontext, fluxpipe's own value) only "
+                  "(Chroma is not implemented)",
     "save_model_as": "fluxpipe writes safetensors only, never pickle (ckpt/pt)",
 }
 

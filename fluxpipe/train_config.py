@@ -103,7 +103,8 @@ def build_caches(ns: argparse.Namespace, work: Path, device: str, clip_tokenizer
         if kind == "latents":
             cache_latents.run(cache_latents.CacheLatentsConfig(manifest=paths.manifest, ae=Path(ns.ae), out=shard,
                                                                shard=0, batch_size=ns.vae_batch_size or 1,
-                                                               device=device))
+                                                               device=device,
+                                                               references=ns.model_type == "kontext"))
         else:
             cache_text.run(cache_text.CacheTextConfig(
                 manifest=paths.manifest, clip_l=Path(ns.clip_l), t5xxl=Path(ns.t5xxl),
@@ -143,7 +144,7 @@ save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_
 use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch_size cpu_offload_checkpointing
 full_bf16 save_n_epoch_ratio logging_dir log_with log_prefix log_tracker_name torch_compile dynamo_backend
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first validation_seed validation_split
-validate_every_n_steps validate_every_n_epochs max_validation_steps
+validate_every_n_steps validate_every_n_epochs max_validation_steps model_type
 ema_decay ema_update_every ema_on_cpu ema_for_eval
 """.split()) | {"max_data_loader_n_workers", "persistent_data_loader_workers", "highvram"} | set(DATASET_FLAGS) | set(
     FOLDER_FLAGS)
@@ -201,12 +202,39 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
         raise FluxpipeError(f"--loss_type {ns.loss_type}: ControlNet training uses l2 or l1 (the reference passes "
                             "no Huber threshold here)")
     check_logging(ns.logging_dir, ns.log_with)
+    check_kontext(ns, method)
     if ns.blocks_to_swap and not device.startswith("cuda"):
         log.warning("--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored",
                     ns.blocks_to_swap)
     if ns.cpu_offload_checkpointing and not ns.gradient_checkpointing:
         raise FluxpipeError("--cpu_offload_checkpointing offloads the inputs of checkpointed blocks: add "
                             "--gradient_checkpointing (without it the flag would do nothing)")
+
+
+def check_kontext(ns: argparse.Namespace, method: str) -> None:
+    """--model_type kontext (fluxpipe's own value: a Kontext file has FLUX.1-dev's shapes and keys, so only the
+    flag tells them apart) trains LoRAs only, and its training-time samples are not wired yet."""
+    if ns.model_type != "kontext":
+        return
+    if method != "lora":
+        raise FluxpipeError(f"--model_type kontext: only LoRA training supports Kontext (not `train {method}`); "
+                            "use `fluxpipe train lora`")
+    if ns.sample_prompts:
+        raise FluxpipeError("--model_type kontext with --sample_prompts: training-time samples have no reference "
+                            "image yet; leave --sample_prompts out and use the evaluate stage or `fluxpipe sample "
+                            "--reference-image`")
+
+
+def check_kontext_pairs(ns: argparse.Namespace, datasets) -> None:  # noqa: ANN001 - DatasetsConfig
+    """Kontext trains on pairs: every subset needs its reference images (conditioning_data_dir, same stems)."""
+    if ns.model_type != "kontext":
+        return
+    bare = [f"datasets[{d}].subsets[{s}]" for d, ds in enumerate(datasets.datasets)
+            for s, sub in enumerate(ds.subsets) if sub.conditioning_data_dir is None]
+    if bare:
+        raise FluxpipeError(f"{ns.dataset_config or 'the dataset'}: {', '.join(bare)} has no conditioning_data_dir; "
+                            "--model_type kontext trains on pairs: add conditioning_data_dir (a folder with one "
+                            "reference image per target image, same file stem)")
 
 
 def lora_spec(ns: argparse.Namespace) -> LoraSpec:
@@ -363,6 +391,7 @@ def lora_config(ns: argparse.Namespace, caches: CachePaths, device: str, auto_re
         logging_dir=Path(ns.logging_dir) if ns.logging_dir else None, log_prefix=ns.log_prefix or "",
         log_tracker_name=ns.log_tracker_name or "",
         monitor=monitor_settings(ns), t5_max_length=t5_max_length, ema=ema_settings(ns),
+        kontext=ns.model_type == "kontext",
         sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         metadata=training_metadata(ns, variant, 0, int((table.split == "train").sum()),
                                    data_digest(caches, Path(ns.pretrained_model_name_or_path))))

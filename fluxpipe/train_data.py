@@ -47,16 +47,19 @@ class TrainItem:
     bucket: tuple[int, int]  # (width, height) in pixels
     is_reg: bool
     repeats: int
+    reference_keys: tuple[str, ...] = ()  # Kontext: the reference latent entries, one per latent key (flip)
 
 
 # ---- joining the manifest with the cache indexes ---------------------------------------------------------
 
 
-def _latent_lookup(index: pd.DataFrame) -> dict[tuple[str, tuple[int, int], bool], str]:
-    """(image path, bucket (w, h), flip) -> latent key (identical files share a key, listed per path)."""
+def _latent_lookup(index: pd.DataFrame, kind: str = "") -> dict[tuple[str, tuple[int, int], bool], str]:
+    """(image path, bucket (w, h), flip) -> latent key (identical files share a key, listed per path) of the
+    entries of ``kind`` ("": the images; "reference": their Kontext references, listed under the targets' paths)."""
     out: dict[tuple[str, tuple[int, int], bool], str] = {}
     if index.empty or "path" not in index:
         return out
+    index = index[index.kind.fillna("") == kind] if "kind" in index else (index if not kind else index.iloc[:0])
     for key, path, bucket, flip in zip(index.key, index.path, index.bucket, index.flip, strict=True):
         w, h = json.loads(bucket)
         out.setdefault((str(path), (int(w), int(h)), bool(flip)), str(key))
@@ -74,17 +77,22 @@ def _missing_error(kind: str, missing: list[str]) -> FluxpipeError:
     return FluxpipeError(f"{len(missing)} manifest rows have no {kind} cache entry ({summarize(missing, 3)}); {RERUN}")
 
 
-def load_items(manifest: Path, latent_index: Path, text_index: Path, split: str = "train") -> list[TrainItem]:
-    """One ``TrainItem`` per manifest row of ``split``, in manifest order (empty if the split is).
+def load_items(manifest: Path, latent_index: Path, text_index: Path, split: str = "train",
+               references: bool = False) -> list[TrainItem]:
+    """One ``TrainItem`` per manifest row of ``split``, in manifest order (empty if the split is); with
+    ``references`` (Kontext) each also has its reference entries.
 
-    Raises FluxpipeError naming the rows whose latent or text entries are missing from the indexes.
+    Raises FluxpipeError naming the rows whose latent, reference or text entries are missing from the indexes.
     """
     table, _ = read_parquet(manifest)
-    latents = _latent_lookup(read_parquet(latent_index)[0])
+    latent_table = read_parquet(latent_index)[0]
+    latents = _latent_lookup(latent_table)
+    refs = _latent_lookup(latent_table, "reference") if references else {}
     texts = _text_lookup(read_parquet(text_index)[0])
     items: list[TrainItem] = []
     no_latent: list[str] = []
     no_text: list[str] = []
+    no_reference: list[str] = []
     for row, r in zip(table.index, table.itertuples(index=False), strict=True):
         if r.split != split:
             continue
@@ -92,6 +100,10 @@ def load_items(manifest: Path, latent_index: Path, text_index: Path, split: str 
         flips = (False, True) if bool(r.flip_aug) else (False,)
         keys = [latents.get((str(r.path), bucket, flip)) for flip in flips]
         text_key = texts.get(str(r.caption_sha256))
+        ref_keys = [refs.get((str(r.path), bucket, flip)) for flip in flips] if references else []
+        if None in ref_keys:
+            no_reference.append(f"{r.path} at {bucket[0]}x{bucket[1]}")
+            continue
         if any(k is None for k in keys):
             no_latent.append(f"{r.path} at {bucket[0]}x{bucket[1]}")
         if text_key is None:
@@ -100,7 +112,12 @@ def load_items(manifest: Path, latent_index: Path, text_index: Path, split: str 
             continue
         items.append(TrainItem(row=int(row), dataset=int(r.dataset), latent_keys=tuple(str(k) for k in keys),
                                text_key=str(text_key), bucket=bucket, is_reg=bool(r.is_reg),
-                               repeats=int(r.repeats)))
+                               repeats=int(r.repeats), reference_keys=tuple(str(k) for k in ref_keys)))
+    if no_reference:
+        raise FluxpipeError(f"{len(no_reference)} manifest rows have no Kontext reference latent "
+                            f"({summarize(no_reference, 3)}): Kontext training needs conditioning_data_dir (the "
+                            "reference images, same stem as their targets) in every subset, and the latent cache "
+                            "built for Kontext (train model_type: kontext); rerun the cache rules")
     if no_latent:
         raise _missing_error("latent", no_latent)
     if no_text:
@@ -260,7 +277,7 @@ def make_batch(items: Sequence[TrainItem], indices: Sequence[int], tensors: Cach
     both float32 on the generator's device. Returns ``latents`` [B, 16, H/8, W/8] = 0.3611·(mean +
     exp(logvar/2)·ε − 0.1159) computed in float32 on ``device`` and cast to ``dtype``; ``pooled`` [B, 768]
     and ``t5`` [B, L, 4096] in ``dtype``; ``t5_mask`` [B, L] bool; ``is_reg`` and ``flipped`` [B] bool;
-    ``indices`` (list of int).
+    ``indices`` (list of int); for Kontext items ``reference`` (``reference_latents``).
     """
     chosen = [items[i] for i in indices]
     assert chosen, "make_batch needs at least one item"
@@ -273,7 +290,8 @@ def make_batch(items: Sequence[TrainItem], indices: Sequence[int], tensors: Cach
     eps = _draw("randn", tuple(mean.shape), generator, device)
     latents = FLUX1_AE.scale_factor * (mean + torch.exp(0.5 * logvar) * eps - FLUX1_AE.shift_factor)
     texts = [tensors.text(it.text_key) for it in chosen]
-    return {
+    refs = {"reference": reference_latents(chosen, flipped, tensors, device, dtype)} if chosen[0].reference_keys else {}
+    return {**refs,
         "latents": latents.to(dtype),
         "pooled": torch.stack([p for p, _, _ in texts]).to(device, dtype),
         "t5": torch.stack([t for _, t, _ in texts]).to(device, dtype),
@@ -282,3 +300,12 @@ def make_batch(items: Sequence[TrainItem], indices: Sequence[int], tensors: Cach
         "flipped": torch.tensor(flipped, dtype=torch.bool, device=device),
         "indices": list(indices),
     }
+
+
+def reference_latents(chosen: Sequence[TrainItem], flipped: Sequence[bool], tensors: CachedTensors,
+                      device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """Kontext reference latents [B, 16, H/8, W/8]: 0.3611·(mean − 0.1159) of each item's cached reference
+    posterior (its mode: no draw, so the target's random stream is unchanged), flipped with its target."""
+    means = [tensors.latent(it.reference_keys[1 if f else 0])[0] for it, f in zip(chosen, flipped, strict=True)]
+    mean = torch.stack(means).to(device, torch.float32)
+    return (FLUX1_AE.scale_factor * (mean - FLUX1_AE.shift_factor)).to(dtype)

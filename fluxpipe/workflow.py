@@ -128,6 +128,10 @@ def _shard_digests(manifest: str, mtime_ns: int, kind: str) -> dict[int, str]:
             filters = pd.read_parquet(manifest, columns=["resize_interpolation"]).resize_interpolation
             if (filters != "").any():
                 table["resize_interpolation"], cols = filters, [*cols, "resize_interpolation"]
+        if "conditioning_sha256" in pq.read_schema(manifest).names:  # Kontext caches the paired references too
+            refs = pd.read_parquet(manifest, columns=["conditioning_sha256"]).conditioning_sha256
+            if (refs != "").any():
+                table["conditioning_sha256"], cols = refs, [*cols, "conditioning_sha256"]
     shard_col = cols[0]
     digests = {}
     for shard, group in table.groupby(shard_col):
@@ -152,6 +156,11 @@ def validated_digests(report: str) -> dict[str, str]:
     return digests
 
 
+def kontext(cfg: PipelineConfig) -> bool:
+    """Kontext LoRA training (train.model_type: kontext): the latent cache also holds the reference images."""
+    return (cfg.train or {}).get("model_type") == "kontext"
+
+
 def settings_digest(settings: dict) -> str:
     """One string for Snakemake's params trigger: a job reruns when, and only when, it changes."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -159,8 +168,9 @@ def settings_digest(settings: dict) -> str:
 
 def latent_params(cfg: PipelineConfig, report: str) -> str:
     c, files = cfg.cache, validated_digests(report)
+    refs = {"references": True} if kontext(cfg) else {}  # (absent otherwise: existing digests unchanged)
     return settings_digest({"ae": files["ae"], "dtype": c.latent_dtype, "device": c.device,
-                            "format": CACHE_FORMAT["latents"]})
+                            "format": CACHE_FORMAT["latents"], **refs})
 
 
 def text_params(cfg: PipelineConfig, report: str) -> str:

@@ -344,3 +344,31 @@ def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -
     lines, bad_input = failure_lines([str(bad), str(bug)], tail=2)
     assert lines[2:] == [f"{bug}:", "  line 9", "  ZeroDivisionError: division by zero"] and not bad_input
     assert failure_lines([]) == ([], False)
+
+
+def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir: Path) -> None:
+    """`snakemake train_lora evaluate_samples` with train.model_type: kontext: the demo photos paired with their
+    edge maps (conditioning_data_dir), reference latents in the cache, samples made with the reference image."""
+    import yaml
+    from PIL import Image
+
+    config = workdir / "config/config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"].update(model_type="kontext", max_train_epochs=2, save_every_n_epochs=1)
+    cfg["evaluate"].update(prompts=["a cat"], seeds=[0], width=64, height=64, steps=2,
+                           reference_image="config/demo/conditioning/cat.png", reference_size="target")
+    config.write_text(yaml.safe_dump(cfg))
+    result = snakemake(workdir, "train_lora", "evaluate_samples")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "results/cache/latents/summary.json").read_text())
+    assert summary["entries"] == 12, summary  # 6 photos + their 6 reference edge maps
+    assert (workdir / "results/train/lora/demo_lora.safetensors").is_file()
+    out = workdir / "results/evaluate/demo_lora/checkpoints"
+    with Image.open(out / "final.png") as final:
+        with_reference = final.tobytes()
+    cfg["evaluate"]["reference_image"] = "config/demo/conditioning/brick.png"  # another reference: other samples
+    config.write_text(yaml.safe_dump(cfg))
+    again = snakemake(workdir, "evaluate_samples", "--forcerun", "evaluate_samples")
+    assert again.returncode == 0, again.stderr[-3000:]
+    with Image.open(out / "final.png") as final:
+        assert final.tobytes() != with_reference

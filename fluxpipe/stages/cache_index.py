@@ -68,6 +68,8 @@ def _check_complete(kind: str, manifest: pd.DataFrame, index: pd.DataFrame) -> N
     if kind == "text":
         missing = set(manifest.caption_sha256) - set(index.get("caption_sha256", []))
     else:
+        if "kind" in index:  # (Kontext reference entries are listed under their targets' paths: not the targets')
+            index = index[index.kind.fillna("") == ""]
         have = set(zip(index.get("path", []), index.get("bucket", []), strict=True))
         missing = {p for p, w, h in zip(manifest.path, manifest.bucket_w, manifest.bucket_h, strict=True)
                    if (p, json.dumps([int(w), int(h)])) not in have}

@@ -4,6 +4,11 @@ Each entry is keyed by (image sha256, bucket, resize, crop, flip, AE file sha256
 dtype, format version) and holds ``mean`` and ``logvar`` [16, H/8, W/8] of the AE posterior before
 FLUX's scale/shift, so training can draw fresh noise every epoch. Unchanged entries come from the
 previous shards (.reuse), new ones are encoded batched by bucket while threads decode the next images.
+
+Kontext runs (``references``) also cache each paired row's reference image (its ``conditioning`` column) as a
+second entry kind, ``reference``: keyed the same way by the reference's sha256 (plus ``kind``), resized and
+cropped exactly as its target (so the pair stays pixel-aligned) and flipped with it; its index rows name the
+target images it serves.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class CacheLatentsConfig:
     device: str = "cpu"
     decode_workers: int = 2
     hash_cache: Path | None = None
+    references: bool = False  # Kontext: cache the rows' reference (conditioning) images too
 
 
 @dataclass(frozen=True)
@@ -53,28 +59,39 @@ class LatentEntry:
     crop: tuple[int, int]
     flip: bool
     interpolation: str = ""  # the subset's resize_interpolation ("": area when shrinking, lanczos when enlarging)
+    kind: str = ""  # "": a target image; "reference": a Kontext reference (path), ``paths`` = its targets
+
+
+def _sources(r: object, references: bool) -> list[tuple[str, str, str]]:
+    """(kind, image path, image sha256) of what a manifest row caches: its image, and its reference if asked."""
+    out = [("", str(r.path), str(r.sha256))]
+    if references and getattr(r, "conditioning", ""):
+        out.append(("reference", str(r.conditioning), str(r.conditioning_sha256)))
+    return out
 
 
 def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> list[LatentEntry]:
-    """Entries for the manifest rows (two per image with flip_aug), unique by key, in manifest order."""
+    """Entries for the manifest rows (two per image with flip_aug; a reference kind too with ``references``),
+    unique by key, in manifest order."""
     entries: dict[str, LatentEntry] = {}
     for r in rows.itertuples(index=False):
-        for flip in (False, True) if r.flip_aug else (False,):
-            fields = {"v": LATENT_CACHE_VERSION, "image": r.sha256, "bucket": [r.bucket_w, r.bucket_h],
-                      "resized": [r.resized_w, r.resized_h], "crop": [r.crop_left, r.crop_top], "flip": flip,
-                      "ae": ae_sha, "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
-            interpolation = getattr(r, "resize_interpolation", "") or ""
-            if interpolation:  # (absent from the key when unset: existing caches stay valid)
-                fields["interpolation"] = interpolation
-            key = content_key(**fields)
-            if key in entries:
-                old = entries[key]
-                entries[key] = LatentEntry(key=key, path=old.path, paths=(*old.paths, r.path), bucket=old.bucket,
-                                           resized=old.resized, crop=old.crop, flip=flip, interpolation=interpolation)
-                continue
-            entries[key] = LatentEntry(key=key, path=r.path, paths=(r.path,), bucket=(r.bucket_w, r.bucket_h),
-                                       resized=(r.resized_w, r.resized_h), crop=(r.crop_left, r.crop_top), flip=flip,
-                                       interpolation=interpolation)
+        for kind, path, sha in _sources(r, cfg.references):
+            for flip in (False, True) if r.flip_aug else (False,):
+                fields = {"v": LATENT_CACHE_VERSION, "image": sha, "bucket": [r.bucket_w, r.bucket_h],
+                          "resized": [r.resized_w, r.resized_h], "crop": [r.crop_left, r.crop_top], "flip": flip,
+                          "ae": ae_sha, "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
+                interpolation = getattr(r, "resize_interpolation", "") or ""
+                if interpolation:  # (absent from the key when unset: existing caches stay valid)
+                    fields["interpolation"] = interpolation
+                if kind:
+                    fields["kind"] = kind
+                key = content_key(**fields)
+                old = entries.get(key)
+                entries[key] = LatentEntry(key=key, path=old.path if old else path,
+                                           paths=(*(old.paths if old else ()), r.path),
+                                           bucket=(r.bucket_w, r.bucket_h), resized=(r.resized_w, r.resized_h),
+                                           crop=(r.crop_left, r.crop_top), flip=flip, interpolation=interpolation,
+                                           kind=kind)
     return list(entries.values())
 
 
@@ -130,7 +147,8 @@ def run(cfg: CacheLatentsConfig) -> ShardStats:
     rows = table[table.latent_shard == cfg.shard]
     ae_sha, _ = cached_sha256(cfg.ae, cfg.hash_cache)
     entries = {e.key: e for e in latent_entries(rows, ae_sha, cfg)}
-    info = {k: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip} for k, e in entries.items()}
+    info = {k: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip, **({"kind": e.kind} if e.kind else {})}
+            for k, e in entries.items()}
     stats = build_shard(cfg.out, info, lambda keys: encode([entries[k] for k in keys], cfg))
     log.info("latent shard %d: %d entries, %d encoded (%.1f img/s), %d reused, %d dropped, %.1f s",
              cfg.shard, len(entries), stats.encoded, stats.encoded / max(stats.seconds, 1e-9), stats.reused,

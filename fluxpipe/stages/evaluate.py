@@ -47,6 +47,7 @@ class EvaluateConfig:
     t5_max_length: int = 512
     apply_t5_attn_mask: bool = False
     blocks_to_swap: int = 0
+    reference_size: str = "kontext"  # Kontext prompts' reference resize: kontext (official) or target (sample size)
     controlnet: Path | None = None  # for prompts with a control image (--cn)
 
 
@@ -141,7 +142,8 @@ def run(cfg: EvaluateConfig) -> dict:
            "apply_t5_attn_mask": cfg.apply_t5_attn_mask}
     base_conds = encode_texts(cfg.models, texts, **enc)
     sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, blocks_to_swap=cfg.blocks_to_swap,
-                           apply_t5_attn_mask=cfg.apply_t5_attn_mask, controlnet=cfg.controlnet)
+                           apply_t5_attn_mask=cfg.apply_t5_attn_mask, controlnet=cfg.controlnet,
+                           reference_size=cfg.reference_size)
     row_labels = [f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts
                   for s in ((p.seed,) if p.seed is not None else cfg.seeds)]
     columns = []

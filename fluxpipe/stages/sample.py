@@ -35,6 +35,7 @@ class SampleConfig:
     blocks_to_swap: int = 0
     compile_blocks: bool = False
     controlnet: Path | None = None  # a ControlNet-Flux for prompts with a control image
+    reference_size: str = "kontext"  # Kontext reference resize: kontext (official) or target (the sample's size)
 
 
 def parse_lora_arg(value: str) -> tuple[Path, float]:
@@ -69,7 +70,8 @@ def run(cfg: SampleConfig) -> list[Path]:
                          apply_t5_attn_mask=cfg.apply_t5_attn_mask, loras=loras)
     sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, loras=loras, merge=cfg.merge,
                            blocks_to_swap=cfg.blocks_to_swap, apply_t5_attn_mask=cfg.apply_t5_attn_mask,
-                           compile_blocks=cfg.compile_blocks, controlnet=cfg.controlnet)
+                           compile_blocks=cfg.compile_blocks, controlnet=cfg.controlnet,
+                           reference_size=cfg.reference_size)
     for path, layout, kohya in loaded:  # every module matched its layer (apply_lora is strict): all patched
         print(lora_line(path, layout, kohya))
     written = []

@@ -25,6 +25,7 @@ from fluxpipe.checkpoints import load_model
 from fluxpipe.distributed import world, wrap
 from fluxpipe.ema import EmaSettings, create as create_ema, ema_metadata, save_beside
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.kontext import kontext_forward, reference_tokens
 from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
 from fluxpipe.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
 from fluxpipe.packing import image_ids, pack_latents, text_ids
@@ -116,6 +117,7 @@ class TrainLoraConfig:
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
     ema: EmaSettings | None = None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.ema)
+    kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
 
 
 def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -169,17 +171,19 @@ class LoraLoss(torch.nn.Module):
 def prediction_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, t: torch.Tensor, noise: torch.Tensor,
                     perturbed: torch.Tensor | None = None) -> torch.Tensor:
     """Per-item loss [B] at timesteps ``t``: x_t from ``perturbed`` noise (default ``noise``), velocity prediction
-    against noise - x0 (the validation loss calls this with fixed t and noise)."""
+    against noise - x0 (the validation loss calls this with fixed t and noise). A Kontext batch's ``reference``
+    latents join the sequence un-noised (``fluxpipe.kontext``); the loss is on the target tokens only."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
     device, dtype = x0.device, x0.dtype
     x_t = flow.noisy_latents(x0, noise if perturbed is None else perturbed, t.to(dtype))
     img = pack_latents(x_t)
     txt = batch["t5"]
-    pred = dit(img=img, img_ids=image_ids(bsz, h, w, device=device, dtype=dtype), txt=txt,
-               txt_ids=text_ids(bsz, txt.shape[1], device=device, dtype=dtype), timesteps=t.to(dtype),
-               y=batch["pooled"], guidance=torch.full((bsz,), m.guidance_scale, device=device, dtype=dtype),
-               txt_attention_mask=batch["t5_mask"] if m.apply_t5_attn_mask else None)
+    reference = reference_tokens(batch["reference"]) if "reference" in batch else None  # Kontext: loss on targets
+    pred = kontext_forward(dit, img, image_ids(bsz, h, w, device=device, dtype=dtype), reference, txt=txt,
+                           txt_ids=text_ids(bsz, txt.shape[1], device=device, dtype=dtype), timesteps=t.to(dtype),
+                           y=batch["pooled"], guidance=torch.full((bsz,), m.guidance_scale, device=device, dtype=dtype),
+                           txt_attention_mask=batch["t5_mask"] if m.apply_t5_attn_mask else None)
     pred = flow.apply_prediction_type(pred.float(), img.float(), t, m.model_prediction_type)
     target = pack_latents(flow.velocity_target(x0, noise)).float()
     weighting = flow.loss_weighting(m.weighting_scheme, t) if m.model_prediction_type == "sigma_scaled" else None
@@ -378,7 +382,7 @@ def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.
                              max_length=cfg.t5_max_length, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
         ae = load_model(cfg.sample_models.ae, "ae", dtype=encode_dtype(cfg.device), device=cfg.device)
         sampler = Sampler(dit, ae, device=cfg.device, dtype=dtype, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
-    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val")
+    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val", references=cfg.kontext)
     validation = None
     if items and (s.validate_every_n_epochs or s.validate_every_n_steps):
         def validation() -> dict:
@@ -393,7 +397,7 @@ def train(cfg: TrainLoraConfig) -> Path:
     """The LoRA training loop; returns the final LoRA file (or, when a segment stops early, its state folder)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
+    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train", references=cfg.kontext)
     if not items:
         raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
     tensors = CachedTensors(cfg.latent_index, cfg.text_index)
