@@ -290,7 +290,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         out=args.out, lora_multiplier=ev.lora_multiplier, device=device, dtype=_compute_dtype(device),
         t5_max_length=cfg.cache.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=cfg.cache.apply_t5_attn_mask, blocks_to_swap=ev.blocks_to_swap,
-        controlnet=Path(ev.controlnet) if ev.controlnet else None))
+        controlnet=Path(ev.controlnet) if ev.controlnet else None, manifest=args.manifest))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -300,6 +300,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-dir", type=Path, default=Path("results/train/lora"))
     p.add_argument("--name", help="the run's output_name (default: train.output_name of the config)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--manifest", type=Path, default=Path("results/dataset/manifest.parquet"),
+                   help="dataset manifest whose training images the sample distance uses (skipped if absent)")
     p.set_defaults(func=_evaluate)
 
 

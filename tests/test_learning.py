@@ -15,7 +15,6 @@ would be nearly the same latent plus noise. The copy used here has a narrow post
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
