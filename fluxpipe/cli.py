@@ -31,7 +31,7 @@ def _validate(args: argparse.Namespace) -> None:
 def _demo_models(args: argparse.Namespace) -> None:
     from fluxpipe.stages import demo_models
 
-    demo_models.run(demo_models.DemoModelsConfig(out=args.out, seed=args.seed))
+    demo_models.run(demo_models.DemoModelsConfig(out=args.out, seed=args.seed, trained=args.trained))
 
 
 def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
@@ -350,6 +350,8 @@ def _add_demo_models(sub: argparse._SubParsersAction) -> None:
                        description="Write tiny random-initialised models in the official file layouts.")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained", action="store_true", help="the DiT and AE trained on a world of coloured shapes "
+                   "(64 px, prompts like 'a red circle on a blue background'; seed 0 only)")
     p.set_defaults(func=_demo_models)
 
 
