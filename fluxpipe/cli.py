@@ -31,7 +31,7 @@ def _validate(args: argparse.Namespace) -> None:
 def _demo_models(args: argparse.Namespace) -> None:
     from fluxpipe.stages import demo_models
 
-    demo_models.run(demo_models.DemoModelsConfig(out=args.out, seed=args.seed))
+    demo_models.run(demo_models.DemoModelsConfig(out=args.out, seed=args.seed, trained=args.trained))
 
 
 def _pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
@@ -339,7 +339,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         out=args.out, lora_multiplier=ev.lora_multiplier, device=device, dtype=_compute_dtype(device),
         t5_max_length=cfg.cache.t5xxl_max_token_length or default_t5_max_length(variant),
         apply_t5_attn_mask=cfg.cache.apply_t5_attn_mask, blocks_to_swap=ev.blocks_to_swap,
-        controlnet=Path(ev.controlnet) if ev.controlnet else None, reference_size=ev.reference_size))
+        controlnet=Path(ev.controlnet) if ev.controlnet else None, reference_size=ev.reference_size,
+        manifest=args.manifest))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -349,6 +350,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-dir", type=Path, default=Path("results/train/lora"))
     p.add_argument("--name", help="the run's output_name (default: train.output_name of the config)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--manifest", type=Path, default=Path("results/dataset/manifest.parquet"),
+                   help="dataset manifest whose training images the sample distance uses (skipped if absent)")
     p.set_defaults(func=_evaluate)
 
 
@@ -401,6 +404,8 @@ def _add_demo_models(sub: argparse._SubParsersAction) -> None:
                        description="Write tiny random-initialised models in the official file layouts.")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained", action="store_true", help="the DiT and AE trained on a world of coloured shapes "
+                   "(64 px, prompts like 'a red circle on a blue background'; seed 0 only)")
     p.set_defaults(func=_demo_models)
 
 

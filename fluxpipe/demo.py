@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -158,8 +159,18 @@ def _tiny_t5_state(vocab: int) -> dict[str, torch.Tensor]:
     return {k: v.half().clone() for k, v in model.state_dict().items()}
 
 
-def write_demo_models(out: Path, seed: int = 0) -> dict[str, Path]:
-    """Write all demo files under ``out`` (deterministic for a seed); returns slot -> path."""
+DEMO_WEIGHTS = Path(__file__).parent / "demo_weights"  # trained tiny DiT and AE (tools/train_demo_models.py)
+TRAINED = ("flux", "ae")  # the slots with trained files; the text encoders stay the random seed-0 ones
+
+
+def write_demo_models(out: Path, seed: int = 0, trained: bool = False) -> dict[str, Path]:
+    """Write all demo files under ``out`` (deterministic for a seed); returns slot -> path.
+
+    ``trained``: the DiT and the AE are the files in ``DEMO_WEIGHTS``, trained on a world of coloured shapes at
+    64 px with the seed-0 text encoders (so only seed 0); see demo_weights/PROVENANCE.md.
+    """
+    if trained and seed != 0:
+        raise ValueError("the trained demo models go with the seed-0 text encoders: use seed 0")
     out.mkdir(parents=True, exist_ok=True)
     clip_vocab = write_clip_tokenizer(out / CLIP_DIR)
     t5_vocab = write_t5_tokenizer(out / T5_DIR)
@@ -174,6 +185,9 @@ def write_demo_models(out: Path, seed: int = 0) -> dict[str, Path]:
     paths = {}
     for slot, state in states.items():
         paths[slot] = out / FILES[slot]
+        if trained and slot in TRAINED:
+            shutil.copyfile(DEMO_WEIGHTS / FILES[slot], paths[slot])
+            continue
         save_safetensors(state, paths[slot], metadata={"fluxpipe.demo": "tiny random-initialised model, seed "
                                                                             f"{seed}; not a trained model"})
     paths["clip_tokenizer"] = out / CLIP_DIR

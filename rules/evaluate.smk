@@ -8,6 +8,7 @@ rule evaluate_samples:
         lora=fw.lora_output(CFG),
         report=validated,
         files=fw.evaluate_inputs(CFG),
+        manifest=ancient(fw.MANIFEST),
     output:
         grid=report(
             f"{fw.evaluate_dir(CFG)}/grid.png",
@@ -34,6 +35,12 @@ rule evaluate_samples:
             category="Curves",
             labels={"figure": "validation loss"},
         ),
+        distance=report(
+            f"{fw.evaluate_dir(CFG)}/train_distance.png",
+            caption="../report/train_distance.rst",
+            category="Curves",
+            labels={"figure": "sample distance to the training images"},
+        ),
         metrics=report(
             f"{fw.evaluate_dir(CFG)}/metrics.json",
             caption="../report/metrics.rst",
@@ -50,4 +57,4 @@ rule evaluate_samples:
     log:
         "logs/evaluate_samples.log",
     shell:
-        "fluxpipe evaluate {CONFIG_ARGS} --train-dir {params.train_dir:q} --out {params.out:q} > {log:q} 2>&1"
+        "fluxpipe evaluate {CONFIG_ARGS} --train-dir {params.train_dir:q} --out {params.out:q} --manifest {input.manifest:q} > {log:q} 2>&1"

@@ -173,7 +173,7 @@ def evaluate_then_report(workdir: Path) -> None:
     from PIL import Image
 
     out = workdir / "results/evaluate/demo_lora"
-    pngs = [out / "grid.png", out / "loss.png", out / "validation_loss.png",
+    pngs = [out / "grid.png", out / "loss.png", out / "validation_loss.png", out / "train_distance.png",
             *(out / "checkpoints" / f"{n}.png" for n in ("base", "epoch-000005", "epoch-000010", "epoch-000015",
                                                          "final"))]
     for png in pngs:
@@ -186,10 +186,12 @@ def evaluate_then_report(workdir: Path) -> None:
     assert [c["label"] for c in metrics["checkpoints"]] == ["base", "epoch 5", "epoch 10", "epoch 15", "final"]
     assert [c["step"] for c in metrics["checkpoints"]] == [0, 25, 50, 75, 100]
     assert all(c["validation_loss"] is not None for c in metrics["checkpoints"])
+    assert all(0 <= c["train_distance"] <= 1 for c in metrics["checkpoints"])  # RMS of pixels in [0, 1]
     report = snakemake(workdir, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (workdir / "report.html").read_text()
-    for name in ("grid.png", "validation_loss.png", "loss.png", "metrics.json", "epoch-000010.png"):
+    for name in ("grid.png", "validation_loss.png", "loss.png", "train_distance.png", "metrics.json",
+                 "epoch-000010.png"):
         assert name in html, name
 
 

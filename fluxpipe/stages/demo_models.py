@@ -15,10 +15,11 @@ log = logging.getLogger(__name__)
 class DemoModelsConfig:
     out: Path
     seed: int = 0
+    trained: bool = False  # the trained shapes-world DiT and AE (fluxpipe/demo_weights) instead of random ones
 
 
 def run(cfg: DemoModelsConfig) -> dict[str, Path]:
-    paths = write_demo_models(cfg.out, seed=cfg.seed)
+    paths = write_demo_models(cfg.out, seed=cfg.seed, trained=cfg.trained)
     for name, path in paths.items():
         log.info("%s: %s", name, path)
     return paths

@@ -8,7 +8,9 @@ per-step files, the final ``<name>.safetensors``, ``<name>-loss.jsonl`` and, wit
 * ``grid.png``: every prompt x seed (rows) across base and all checkpoints in training order (columns);
 * ``loss.png``: the training loss per step (raw and smoothed); ``validation_loss.png``: the validation loss per
   step at each fixed sigma and their mean (a note when the dataset has no validation split);
-* ``metrics.json``: per checkpoint its step, epoch, file and validation loss; the loss summaries.
+* ``train_distance.png``: per checkpoint the mean distance of its samples to the nearest training image
+  (``fluxpipe.sample_distance``; needs the dataset manifest);
+* ``metrics.json``: per checkpoint its step, epoch, file, validation loss and that distance; the loss summaries.
 
 The DiT and the AE are loaded once; each LoRA is attached unmerged at ``lora_multiplier`` and detached again, so
 every column starts from the same base weights. All writes are atomic.
@@ -28,6 +30,7 @@ from PIL import Image
 from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.prompts import SamplePrompt
+from fluxpipe.sample_distance import THUMB, mean_nearest_distance, training_thumbnails
 from fluxpipe.sampler import ModelFiles, Sampler, encode_texts, load_lora, load_sampler, lora_line, split_lora
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class EvaluateConfig:
     blocks_to_swap: int = 0
     reference_size: str = "kontext"  # Kontext prompts' reference resize: kontext (official) or target (sample size)
     controlnet: Path | None = None  # for prompts with a control image (--cn)
+    manifest: Path | None = None  # the dataset manifest: its training images for the sample distance
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +101,8 @@ def render(sampler: Sampler, prompts: tuple[SamplePrompt, ...], seeds: tuple[int
     return rows
 
 
-def write_plots(cfg: EvaluateConfig, losses: list[dict], validation: list[dict]) -> None:
+def write_plots(cfg: EvaluateConfig, losses: list[dict], validation: list[dict],
+                distances: list[tuple[int, float]] = ()) -> None:
     from fluxpipe.report_images import labelled_grid, plot_curves, save_png
 
     if losses:
@@ -117,15 +122,25 @@ def write_plots(cfg: EvaluateConfig, losses: list[dict], validation: list[dict])
         note = Image.new("RGB", (400, 40), "white")
         save_png(labelled_grid([[note]], ["validation"], ["no validation split (set validation_split in the "
                                                           "dataset TOML)"]), cfg.out / "validation_loss.png")
+    if distances:
+        plot_curves({"samples to nearest training image": list(distances)}, cfg.out / "train_distance.png",
+                    title=f"{cfg.output_name}: sample distance to the training images (lower: closer)",
+                    xlabel="step (0: base)", ylabel=f"RMS of {THUMB}x{THUMB} thumbnails")
+    else:
+        save_png(labelled_grid([[Image.new("RGB", (400, 40), "white")]], ["distance"],
+                               ["no training images (no dataset manifest given)"]), cfg.out / "train_distance.png")
 
 
-def metrics(checkpoints: list[Checkpoint], losses: list[dict], validation: list[dict]) -> dict:
+def metrics(checkpoints: list[Checkpoint], losses: list[dict], validation: list[dict],
+            distances: list[float | None] | None = None) -> dict:
     by_step = {r["step"]: r for r in validation}
+    distances = distances or [None] * len(checkpoints)
     last = losses[-max(1, len(losses) // 10):] if losses else []
     return {
         "checkpoints": [{"label": c.label, "file": str(c.path) if c.path else None, "step": c.step,
-                         "epoch": c.epoch, "validation_loss": by_step.get(c.step, {}).get("loss")}
-                        for c in checkpoints],
+                         "epoch": c.epoch, "validation_loss": by_step.get(c.step, {}).get("loss"),
+                         "train_distance": d}
+                        for c, d in zip(checkpoints, distances, strict=True)],
         "training_loss": {"steps": len(losses), "first": losses[0]["loss"] if losses else None,
                           "last_10pct_mean": sum(r["loss"] for r in last) / len(last) if last else None},
         "validation_loss": validation,
@@ -146,7 +161,8 @@ def run(cfg: EvaluateConfig) -> dict:
                            reference_size=cfg.reference_size)
     row_labels = [f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts
                   for s in ((p.seed,) if p.seed is not None else cfg.seeds)]
-    columns = []
+    refs = training_thumbnails(cfg.manifest) if cfg.manifest is not None and cfg.manifest.is_file() else None
+    columns, distances = [], []
     for c in checkpoints:
         conds = base_conds
         if c.path is not None:
@@ -165,14 +181,15 @@ def run(cfg: EvaluateConfig) -> dict:
         save_png(labelled_grid(padded, [p.prompt[:60] for p in cfg.prompts], [f"seed {s}" for s in seeds],
                                title=f"{cfg.output_name}: {c.label}"), cfg.out / "checkpoints" / f"{slug(c.label)}.png")
         columns.append([img for row in images for img in row])
+        distances.append(None if refs is None else mean_nearest_distance(columns[-1], refs))
         log.info("evaluated %s", c.label)
     grid = labelled_grid([list(r) for r in zip(*columns, strict=True)], row_labels, [c.label for c in checkpoints],
                          title=f"{cfg.output_name}: samples across training")
     save_png(grid, cfg.out / "grid.png")
     losses = read_jsonl(cfg.train_dir / f"{cfg.output_name}-loss.jsonl")
     validation = read_jsonl(cfg.train_dir / f"{cfg.output_name}-validation.jsonl")
-    write_plots(cfg, losses, validation)
-    result = metrics(checkpoints, losses, validation)
+    write_plots(cfg, losses, validation, [(c.step, d) for c, d in zip(checkpoints, distances, strict=True) if d is not None])
+    result = metrics(checkpoints, losses, validation, distances)
     write_text_atomic(cfg.out / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
 
