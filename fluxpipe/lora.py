@@ -52,11 +52,7 @@ def parse_lora(state_dict: Mapping[str, Tensor]) -> dict[str, LoraPair]:
         parts.setdefault(name, {})[suffix] = tensor
     pairs = {}
     for name, p in parts.items():
-        if "lora_down.weight" not in p or "lora_up.weight" not in p:
-            raise CheckpointError(f"LoRA module {name!r} lacks its lora_down or lora_up weight")
-        down, up = p["lora_down.weight"], p["lora_up.weight"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise CheckpointError(f"LoRA module {name!r}: up {tuple(up.shape)} and down {tuple(down.shape)} do not chain")
+        down, up = lora_pair_tensors(name, p, "lora_down", "lora_up")
         alpha = float(p["alpha"]) if "alpha" in p else 0.0
         pairs[name] = LoraPair(down=down, up=up, alpha=alpha or float(down.shape[0]))
     return pairs
@@ -141,3 +137,15 @@ def detach_loras(model: nn.Module) -> int:
                 m.forward = base
             count += 1
     return count
+
+
+def lora_pair_tensors(module: str, parts: dict[str, Tensor], down_name: str, up_name: str) -> tuple[Tensor, Tensor]:
+    """(down, up) of one LoRA module from its ``<down_name>.weight`` / ``<up_name>.weight`` entries, checked to be
+    matrices that chain (up @ down); one error naming the module otherwise."""
+    if f"{down_name}.weight" not in parts or f"{up_name}.weight" not in parts:
+        raise CheckpointError(f"LoRA module {module!r} lacks its {down_name} or {up_name} weight")
+    down, up = parts[f"{down_name}.weight"], parts[f"{up_name}.weight"]
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise CheckpointError(f"LoRA module {module!r}: {up_name} {tuple(up.shape)} and {down_name} "
+                              f"{tuple(down.shape)} do not chain")
+    return down, up

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fluxpipe.errors import CheckpointError, summarize
+from fluxpipe.lora import lora_pair_tensors
 
 KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te3)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
@@ -145,11 +146,7 @@ def _peft_pairs(state: Mapping[str, Tensor], config: Mapping[str, object]) -> di
         parts.setdefault(m.group("module"), {})[m.group("part")] = tensor
     out = {}
     for module, p in parts.items():
-        if "lora_A.weight" not in p or "lora_B.weight" not in p:
-            raise CheckpointError(f"LoRA module {module!r} lacks its lora_A or lora_B weight")
-        down, up = p["lora_A.weight"], p["lora_B.weight"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise CheckpointError(f"LoRA module {module!r}: B {tuple(up.shape)} and A {tuple(down.shape)} do not chain")
+        down, up = lora_pair_tensors(module, p, "lora_A", "lora_B")
         out[module] = (down, up, peft_scale(module, down.shape[0], p.get("alpha"), config))
     return out
 
