@@ -56,14 +56,15 @@ JSON = [
 ]
 
 DEFAULTS = {"negative_prompt": "", "width": 512, "height": 512, "seed": None, "steps": 20, "guidance": 3.5,
-            "cfg_scale": 1.0, "control_image": None}
+            "cfg_scale": 1.0, "control_image": None, "reference_image": None}
 
 
 def expected(folder: Path) -> list[dict[str, Any]]:
     """The three prompts above, written out by hand (1000 -> 992, 30 -> 64, steps 0 -> 1 and 5000 -> 1000)."""
     return [
         {"index": 0, "prompt": "a cat on a mat", "negative_prompt": "blurry, low  quality", "width": 992, "height": 64,
-         "seed": 42, "steps": 1, "guidance": 4.0, "cfg_scale": 2.5, "control_image": folder / "ctrl" / "pose.png"},
+         "seed": 42, "steps": 1, "guidance": 4.0, "cfg_scale": 2.5, "control_image": folder / "ctrl" / "pose.png",
+         "reference_image": None},
         {**DEFAULTS, "index": 1, "prompt": "a dog in the rain", "width": 768, "steps": 1000},
         {**DEFAULTS, "index": 2, "prompt": "a house"},
     ]

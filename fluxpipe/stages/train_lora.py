@@ -364,7 +364,7 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
 
 def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.Module, tensors: CachedTensors,
                   pooled_fn, captions: list[str], logger: TrainLogger,  # noqa: ANN001
-                  dtype: torch.dtype | None = None, writes: bool = True) -> Monitor:
+                  dtype: torch.dtype | None = None, writes: bool = True, references: bool = False) -> Monitor:
     """Samples (prompts encoded now, encoders freed; the AE kept for decoding) and the validation loss, with the
     DiT computing in ``dtype`` (default: the training's compute dtype). Shared with the full fine-tune."""
     from fluxpipe.devices import encode_dtype
@@ -382,7 +382,7 @@ def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.
                              max_length=cfg.t5_max_length, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
         ae = load_model(cfg.sample_models.ae, "ae", dtype=encode_dtype(cfg.device), device=cfg.device)
         sampler = Sampler(dit, ae, device=cfg.device, dtype=dtype, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
-    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val", references=cfg.kontext)
+    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val", references=references)
     validation = None
     if items and (s.validate_every_n_epochs or s.validate_every_n_steps):
         def validation() -> dict:
@@ -455,7 +455,8 @@ def train(cfg: TrainLoraConfig) -> Path:
     logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
                          window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
     pooled_fn = (lambda texts: clip_pooled(clip, clip_tok, texts, cfg.compute_dtype)) if clip is not None else None
-    monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger) if w.main else \
+    monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger,
+                            references=cfg.kontext) if w.main else \
         Monitor(MonitorSettings(), output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed)
     if ema is not None and cfg.ema.for_eval:
         monitor.weights = ema.swapped
