@@ -106,15 +106,21 @@ def test_caption_extension_with_a_slash_is_refused(tmp_path: Path, capsys: pytes
     assert "caption_extension" in line and "path separator" in line
 
 
+def metadata_dataset(tmp_path: Path, second_key: str) -> Path:
+    """A dataset TOML over tmp_path/data with fine-tune metadata keyed by stem: img0000 and ``second_key``."""
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"img0000": {"caption": "a square"}, second_key: {"caption": "a circle"}}))
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data"}"\n'
+                    f'metadata_file = "{meta}"\n')
+    return toml
+
+
 def test_metadata_keyed_by_file_stem_finds_the_image(tmp_path: Path) -> None:
     from fluxpipe.tables import read_parquet
 
     images = make_dataset(tmp_path / "data", 2)  # img0000.jpg, img0001.png
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"img0000": {"caption": "a square"}, "img0001": {"caption": "a circle"}}))
-    toml = tmp_path / "d.toml"
-    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data"}"\n'
-                    f'metadata_file = "{meta}"\n')
+    toml = metadata_dataset(tmp_path, "img0001")
     assert manifest(tmp_path, toml) == 0
     table, _ = read_parquet(tmp_path / "m.parquet")
     assert sorted(table.path) == sorted(str(p) for p in images)
@@ -123,11 +129,7 @@ def test_metadata_keyed_by_file_stem_finds_the_image(tmp_path: Path) -> None:
 
 def test_metadata_key_without_an_image_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_dataset(tmp_path / "data", 1)
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"img0000": {"caption": "a square"}, "gone": {"caption": "a circle"}}))
-    toml = tmp_path / "d.toml"
-    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data"}"\n'
-                    f'metadata_file = "{meta}"\n')
+    toml = metadata_dataset(tmp_path, "gone")
     assert manifest(tmp_path, toml) == 2
     line = said("fine-tune metadata key naming no image", error_line(capsys))
     assert f"{tmp_path / 'data/gone'}: image file not found" in line
