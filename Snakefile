@@ -1,6 +1,6 @@
 # fluxpipe: FLUX.1 training as a Snakemake pipeline.
 #   validate model files -> cache AE latents -> cache text-encoder outputs -> train -> evaluate
-# Settings: config/config.yaml (checked by fluxpipe.config when this file is parsed).
+# Settings: config/config.yaml (checked by fluxpipe.config.pipeline when this file is parsed).
 # Every rule runs one `fluxpipe <stage>` command; the logic lives in the fluxpipe package.
 
 from snakemake.utils import min_version

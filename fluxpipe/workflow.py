@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 
-from fluxpipe.config import MODEL_SLOTS, PipelineConfig
+from fluxpipe.config.pipeline import MODEL_SLOTS, PipelineConfig
 
 DEMO_DIR = "results/demo_models"
 DEMO_FILES = {
@@ -84,7 +84,7 @@ def shard_paths(kind: str, count: int) -> list[str]:
 
 def dataset_files(cfg: PipelineConfig) -> list[str]:
     """Every file the manifest reads (images, captions, metadata), found by listing folders only."""
-    from fluxpipe.dataset_config import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
+    from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
 
     datasets = cfg.datasets()
     files: set[str] = set()
@@ -99,17 +99,24 @@ def dataset_files(cfg: PipelineConfig) -> list[str]:
                         names = [e.name for e in it if e.is_file()]
                     bad += non_utf8_names(folder, names)
                     stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(IMAGE_EXTENSIONS)}
-                    files.update(os.path.join(folder, n) for n in names
-                                 if n.lower().endswith(IMAGE_EXTENSIONS) or
-                                 (n.endswith(sub.caption_extension) and os.path.splitext(n)[0] in stems))
+                    files.update(
+                        os.path.join(folder, n)
+                        for n in names
+                        if n.lower().endswith(IMAGE_EXTENSIONS)
+                        or (n.endswith(sub.caption_extension) and os.path.splitext(n)[0] in stems)
+                    )
     refuse_non_utf8(bad)
     return sorted(files)
 
 
 def manifest_params(cfg: PipelineConfig) -> str:
     """The settings the manifest depends on, as one string for Snakemake's params trigger."""
-    settings = {"datasets": repr(cfg.datasets()), "shards": [cfg.cache.latent_shards, cfg.cache.text_shards],
-                "skip_bad": cfg.cache.skip_bad_images, "format": CACHE_FORMAT["manifest"]}
+    settings = {
+        "datasets": repr(cfg.datasets()),
+        "shards": [cfg.cache.latent_shards, cfg.cache.text_shards],
+        "skip_bad": cfg.cache.skip_bad_images,
+        "format": CACHE_FORMAT["manifest"],
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -117,9 +124,21 @@ def manifest_params(cfg: PipelineConfig) -> str:
 def _shard_digests(manifest: str, mtime_ns: int, kind: str) -> dict[int, str]:
     import pandas as pd
 
-    cols = {"latents": ["latent_shard", "path", "sha256", "bucket_w", "bucket_h", "resized_w", "resized_h",
-                        "crop_left", "crop_top", "flip_aug"],
-            "text": ["text_shard", "caption_sha256"]}[kind]
+    cols = {
+        "latents": [
+            "latent_shard",
+            "path",
+            "sha256",
+            "bucket_w",
+            "bucket_h",
+            "resized_w",
+            "resized_h",
+            "crop_left",
+            "crop_top",
+            "flip_aug",
+        ],
+        "text": ["text_shard", "caption_sha256"],
+    }[kind]
     table = pd.read_parquet(manifest, columns=cols)
     if kind == "latents":  # a subset's resize_interpolation changes its latents (a column only when one is set)
         import pyarrow.parquet as pq
@@ -169,30 +188,45 @@ def settings_digest(settings: dict) -> str:
 def latent_params(cfg: PipelineConfig, report: str) -> str:
     c, files = cfg.cache, validated_digests(report)
     refs = {"references": True} if kontext(cfg) else {}  # (absent otherwise: existing digests unchanged)
-    return settings_digest({"ae": files["ae"], "dtype": c.latent_dtype, "device": c.device,
-                            "format": CACHE_FORMAT["latents"], **refs})
+    return settings_digest(
+        {"ae": files["ae"], "dtype": c.latent_dtype, "device": c.device, "format": CACHE_FORMAT["latents"], **refs}
+    )
 
 
 def text_params(cfg: PipelineConfig, report: str) -> str:
     c, files = cfg.cache, validated_digests(report)
-    return settings_digest({**{k: files[k] for k in ("clip_l", "t5xxl", "flux", "clip_tokenizer", "t5_tokenizer")},
-                            "len": c.t5xxl_max_token_length, "mask": c.apply_t5_attn_mask, "dtype": c.text_dtype,
-                            "device": c.device, "format": CACHE_FORMAT["text"]})
+    return settings_digest(
+        {
+            **{k: files[k] for k in ("clip_l", "t5xxl", "flux", "clip_tokenizer", "t5_tokenizer")},
+            "len": c.t5xxl_max_token_length,
+            "mask": c.apply_t5_attn_mask,
+            "dtype": c.text_dtype,
+            "device": c.device,
+            "format": CACHE_FORMAT["text"],
+        }
+    )
 
 
 def train_params(cfg: PipelineConfig, report: str) -> str:
     """What a training job uses besides its flags and caches: every model file and tokenizer, the dataset."""
-    return settings_digest({"models": validated_digests(report), "datasets": repr(cfg.datasets()),
-                            "processes": cfg.train_processes})
+    return settings_digest(
+        {"models": validated_digests(report), "datasets": repr(cfg.datasets()), "processes": cfg.train_processes}
+    )
 
 
 def evaluate_params(cfg: PipelineConfig, report: str) -> str:
     """The evaluate stage's settings (evaluate:, the T5 length and mask) and the model files it samples with."""
     import dataclasses
 
-    return settings_digest({"models": validated_digests(report), "evaluate": dataclasses.asdict(cfg.evaluate),
-                            "len": cfg.cache.t5xxl_max_token_length, "mask": cfg.cache.apply_t5_attn_mask,
-                            "name": (cfg.train or {}).get("output_name")})
+    return settings_digest(
+        {
+            "models": validated_digests(report),
+            "evaluate": dataclasses.asdict(cfg.evaluate),
+            "len": cfg.cache.t5xxl_max_token_length,
+            "mask": cfg.cache.apply_t5_attn_mask,
+            "name": (cfg.train or {}).get("output_name"),
+        }
+    )
 
 
 def evaluate_inputs(cfg: PipelineConfig) -> list[str]:
@@ -246,11 +280,17 @@ def method_output(cfg: PipelineConfig, method: str) -> str:
 
 def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
     """The reference's flags for `fluxpipe train full|controlnet`: the pipeline's files plus its section."""
-    from fluxpipe.config import train_argv
+    from fluxpipe.config.pipeline import train_argv
 
     files = model_files(cfg)
-    owned = {"pretrained_model_name_or_path": files["flux"], "clip_l": files["clip_l"], "t5xxl": files["t5xxl"],
-             "ae": files["ae"], "dataset_config": cfg.dataset_config or "", "output_dir": METHOD_DIRS[method]}
+    owned = {
+        "pretrained_model_name_or_path": files["flux"],
+        "clip_l": files["clip_l"],
+        "t5xxl": files["t5xxl"],
+        "ae": files["ae"],
+        "dataset_config": cfg.dataset_config or "",
+        "output_dir": METHOD_DIRS[method],
+    }
     return train_argv(getattr(cfg, METHOD_SECTIONS[method]) or {}, owned)
 
 
@@ -268,7 +308,7 @@ def planned_steps(cfg: PipelineConfig, method: str, manifest: str) -> int:
     import math
     from pathlib import Path
 
-    from fluxpipe.train_data import batches_per_epoch
+    from fluxpipe.data.batches import batches_per_epoch
 
     flags = method_flags(cfg, method)
     if not flags.get("max_train_epochs"):
@@ -307,11 +347,17 @@ def train_launcher(cfg: PipelineConfig) -> str:
 
 def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
-    from fluxpipe.config import train_argv
+    from fluxpipe.config.pipeline import train_argv
 
     files = model_files(cfg)
-    owned = {"pretrained_model_name_or_path": files["flux"], "clip_l": files["clip_l"], "t5xxl": files["t5xxl"],
-             "ae": files["ae"], "dataset_config": cfg.dataset_config or "", "output_dir": TRAIN_DIR}
+    owned = {
+        "pretrained_model_name_or_path": files["flux"],
+        "clip_l": files["clip_l"],
+        "t5xxl": files["t5xxl"],
+        "ae": files["ae"],
+        "dataset_config": cfg.dataset_config or "",
+        "output_dir": TRAIN_DIR,
+    }
     argv = train_argv(cfg.train or {}, owned)
     if tokenizer_dirs(cfg)["clip_tokenizer"]:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
         argv += ["--clip_tokenizer", tokenizer_dirs(cfg)["clip_tokenizer"]]
@@ -338,7 +384,7 @@ def load_or_exit(config: dict) -> PipelineConfig:
     """The typed config, or the `fluxpipe: error:` line and exit status 2 (as every `fluxpipe` command)."""
     import sys
 
-    from fluxpipe.config import load_pipeline
+    from fluxpipe.config.pipeline import load_pipeline
     from fluxpipe.errors import FluxpipeError
 
     try:

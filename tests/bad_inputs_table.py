@@ -1,6 +1,6 @@
 """Write docs/bad-inputs.md from the messages tests/test_bad_inputs.py sees (real runs, nothing typed by hand).
 
-    python tests/bad_inputs_table.py        # runs those tests once with FLUXPIPE_BAD_INPUTS set
+python tests/bad_inputs_table.py        # runs those tests once with FLUXPIPE_BAD_INPUTS set
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "messages.jsonl"
         env = {**os.environ, "FLUXPIPE_BAD_INPUTS": str(out)}
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_bad_inputs.py"], cwd=REPO, env=env,
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "tests/test_bad_inputs.py"], cwd=REPO, env=env, check=True
+        )
         rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     seen: dict[str, str] = {}
     for row in rows:  # the tests' temporary folders shortened to <tmp>/

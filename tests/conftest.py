@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fluxpipe.demo import write_demo_models
+    from fluxpipe.tools.demo import write_demo_models
 
     out = tmp_path_factory.mktemp("demo_models")
     write_demo_models(out)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from fluxpipe.atomic import HOST, write_text_atomic
-from fluxpipe.safetensors_file import save_safetensors
-from fluxpipe.train_state import TrainState, load_state, save_state
+from fluxpipe.io.atomic import HOST, write_text_atomic
+from fluxpipe.io.safetensors_file import save_safetensors
+from fluxpipe.training.state import TrainState, load_state, save_state
 
 
 def dead_pid() -> int:
@@ -31,15 +31,21 @@ def aged(path: Path, seconds: float = 2 * 3600) -> Path:
 def plant(folder: Path, target: str) -> tuple[list[Path], list[Path]]:
     """Temporaries of ``target`` a killed writer would leave (stale) and ones that must stay (kept)."""
     pid = dead_pid()
-    stale = [folder / f".{target}.{HOST}-{pid}.ab_c1234.tmp",  # mkstemp's part, a dead writer on this host
-             folder / f".{target}.k2j4h5g6.tmp",  # the older naming (no writer), two hours old
-             folder / f".{target}.otherhost-{os.getpid()}.zz99yy88.tmp"]  # another host's, two hours old
-    kept = [folder / f".{target}.{HOST}-{os.getpid()}.qwer5678.tmp",  # a live writer (this process)
-            folder / f".{target}.{HOST}-{os.getppid()}.qwer5678.tmp",  # a live writer (another process)
-            folder / f".{target}.k2j4h5g7.tmp",  # older naming, fresh: perhaps still being written
-            folder / f".{target}.otherhost-{pid}.zz99yy89.tmp",  # another host's pid says nothing here
-            folder / f".{target}.notes", folder / f"{target}.tmp", folder / f".{target}.{HOST}-{pid}.tmp",
-            folder / f".other.{HOST}-{pid}.ab_c1234.tmp"]  # not this pattern, or another target
+    stale = [
+        folder / f".{target}.{HOST}-{pid}.ab_c1234.tmp",  # mkstemp's part, a dead writer on this host
+        folder / f".{target}.k2j4h5g6.tmp",  # the older naming (no writer), two hours old
+        folder / f".{target}.otherhost-{os.getpid()}.zz99yy88.tmp",
+    ]  # another host's, two hours old
+    kept = [
+        folder / f".{target}.{HOST}-{os.getpid()}.qwer5678.tmp",  # a live writer (this process)
+        folder / f".{target}.{HOST}-{os.getppid()}.qwer5678.tmp",  # a live writer (another process)
+        folder / f".{target}.k2j4h5g7.tmp",  # older naming, fresh: perhaps still being written
+        folder / f".{target}.otherhost-{pid}.zz99yy89.tmp",  # another host's pid says nothing here
+        folder / f".{target}.notes",
+        folder / f"{target}.tmp",
+        folder / f".{target}.{HOST}-{pid}.tmp",
+        folder / f".other.{HOST}-{pid}.ab_c1234.tmp",
+    ]  # not this pattern, or another target
     for p in stale + kept:
         if not p.exists():
             p.write_text("x")
@@ -63,8 +69,11 @@ def test_a_write_removes_what_a_killed_writer_of_the_same_file_left(tmp_path: Pa
 def test_a_state_save_removes_a_killed_save_s_folders(tmp_path: Path) -> None:
     pid = dead_pid()
     folder = tmp_path / "run-state"
-    orphans = [tmp_path / f".run-state.{HOST}-{pid}.{'a1' * 16}.tmp", tmp_path / f".run-state.{HOST}-{pid}.{'b2' * 16}.old",
-               tmp_path / f".run-state.{'c3' * 16}.tmp"]  # the last in the older naming, two hours old
+    orphans = [
+        tmp_path / f".run-state.{HOST}-{pid}.{'a1' * 16}.tmp",
+        tmp_path / f".run-state.{HOST}-{pid}.{'b2' * 16}.old",
+        tmp_path / f".run-state.{'c3' * 16}.tmp",
+    ]  # the last in the older naming, two hours old
     for d in orphans:
         d.mkdir()
         (d / "tensors.safetensors").write_text("partial")
@@ -74,8 +83,9 @@ def test_a_state_save_removes_a_killed_save_s_folders(tmp_path: Path) -> None:
     live.mkdir()
     other = tmp_path / "run-state-notes"
     other.mkdir()
-    save_state(TrainState(step=1, epoch=0, batch_in_epoch=1, weights={"w": torch.ones(1)}, optimizer={},
-                          scheduler={}), folder)
+    save_state(
+        TrainState(step=1, epoch=0, batch_in_epoch=1, weights={"w": torch.ones(1)}, optimizer={}, scheduler={}), folder
+    )
     assert [d for d in orphans if d.exists()] == []
     assert live.is_dir() and other.is_dir() and load_state(folder).step == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, live.name, other.name])

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SHARED, dataset_toml, make_dataset
 from PIL import Image
 
-from conftest import REPO, SHARED, dataset_toml, make_dataset
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 RECORD = os.environ.get("FLUXPIPE_BAD_INPUTS")
 TOKENIZERS = next((p for p in (SHARED / "tokenizers", Path("/work/shared/tokenizers")) if p.is_dir()), None)
@@ -44,11 +44,15 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 def warnings(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
     """The warnings containing ``word``, as the command line logs them (level, logger, message)."""
-    return [f"WARNING {r.name}: {r.getMessage()}" for r in caplog.records
-            if r.levelno == logging.WARNING and word in r.getMessage()]
+    return [
+        f"WARNING {r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno == logging.WARNING and word in r.getMessage()
+    ]
 
 
 # ---- the dataset (manifest stage) -----------------------------------------------------------------------------
+
 
 def manifest(tmp_path: Path, toml: Path) -> int:
     (tmp_path / "c.yaml").write_text(f"dataset_config: {toml}\ncache:\n  text_shards: 1\n  latent_shards: 1\n")
@@ -81,7 +85,7 @@ def test_tiny_image_and_gif_are_warned_about(tmp_path: Path, caplog: pytest.LogC
 
 
 def test_non_utf8_file_names_are_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fluxpipe.config import load_pipeline
+    from fluxpipe.config.pipeline import load_pipeline
     from fluxpipe.workflow import dataset_files
 
     make_dataset(tmp_path / "data", 2)
@@ -111,13 +115,15 @@ def metadata_dataset(tmp_path: Path, second_key: str) -> Path:
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"img0000": {"caption": "a square"}, second_key: {"caption": "a circle"}}))
     toml = tmp_path / "d.toml"
-    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data"}"\n'
-                    f'metadata_file = "{meta}"\n')
+    toml.write_text(
+        f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "data"}"\n'
+        f'metadata_file = "{meta}"\n'
+    )
     return toml
 
 
 def test_metadata_keyed_by_file_stem_finds_the_image(tmp_path: Path) -> None:
-    from fluxpipe.tables import read_parquet
+    from fluxpipe.io.tables import read_parquet
 
     images = make_dataset(tmp_path / "data", 2)  # img0000.jpg, img0001.png
     toml = metadata_dataset(tmp_path, "img0001")
@@ -137,28 +143,58 @@ def test_metadata_key_without_an_image_is_one_line(tmp_path: Path, capsys: pytes
 
 # ---- the trainer's flags and output folder (all before any model loads) ----------------------------------------
 
+
 def command(demo: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "lora", "--pretrained_model_name_or_path", str(demo / FILES["flux"]),
-            "--clip_l", str(demo / FILES["clip_l"]), "--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]),
-            "--dataset_config", str(REPO / "config/demo/dataset.toml"), "--output_dir", str(out),
-            "--output_name", "bad", "--network_module", "networks.lora_flux", "--max_train_steps", "1",
-            "--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR), *extra]
+    return [
+        "train",
+        "lora",
+        "--pretrained_model_name_or_path",
+        str(demo / FILES["flux"]),
+        "--clip_l",
+        str(demo / FILES["clip_l"]),
+        "--t5xxl",
+        str(demo / FILES["t5xxl"]),
+        "--ae",
+        str(demo / FILES["ae"]),
+        "--dataset_config",
+        str(REPO / "config/demo/dataset.toml"),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "bad",
+        "--network_module",
+        "networks.lora_flux",
+        "--max_train_steps",
+        "1",
+        "--clip_tokenizer",
+        str(demo / CLIP_DIR),
+        "--t5_tokenizer",
+        str(demo / T5_DIR),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize(("case", "flags", "says"), [
-    ("--network_dim 0", ["--network_dim", "0"], "--network_dim: 0 must be >= 1"),
-    ("--save_every_n_steps=-3", ["--save_every_n_steps=-3"], "--save_every_n_steps: -3 must be >= 1"),
-    ("--learning_rate=-1e-4", ["--learning_rate=-1e-4"], "--learning_rate: -0.0001 must be >= 0"),
-    ("--learning_rate 0", ["--learning_rate", "0"], "nothing is trained"),
-    ("--optimizer_args betas=0.9", ["--optimizer_args", "betas=0.9"],
-     "--optimizer_args betas=0.9: betas must be a tuple of 2 floats, e.g. betas=0.9,0.999"),
-    ("--optimizer_args betas=0.9,0.99,0.1", ["--optimizer_args", "betas=0.9,0.99,0.1"], "tuple of 2 floats"),
-    ("--optimizer_args weight_decay=high", ["--optimizer_args", "weight_decay=high"], "must be a number"),
-    ("--optimizer_args wd=0.1 (no such argument)", ["--optimizer_args", "wd=0.1"], "AdamW has no argument 'wd'"),
-    ("--output_name ../../x", ["--output_name", "../../x"], "must be a plain file name"),
-])
-def test_bad_flags_are_one_line_before_any_work(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                case: str, flags: list[str], says: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "flags", "says"),
+    [
+        ("--network_dim 0", ["--network_dim", "0"], "--network_dim: 0 must be >= 1"),
+        ("--save_every_n_steps=-3", ["--save_every_n_steps=-3"], "--save_every_n_steps: -3 must be >= 1"),
+        ("--learning_rate=-1e-4", ["--learning_rate=-1e-4"], "--learning_rate: -0.0001 must be >= 0"),
+        ("--learning_rate 0", ["--learning_rate", "0"], "nothing is trained"),
+        (
+            "--optimizer_args betas=0.9",
+            ["--optimizer_args", "betas=0.9"],
+            "--optimizer_args betas=0.9: betas must be a tuple of 2 floats, e.g. betas=0.9,0.999",
+        ),
+        ("--optimizer_args betas=0.9,0.99,0.1", ["--optimizer_args", "betas=0.9,0.99,0.1"], "tuple of 2 floats"),
+        ("--optimizer_args weight_decay=high", ["--optimizer_args", "weight_decay=high"], "must be a number"),
+        ("--optimizer_args wd=0.1 (no such argument)", ["--optimizer_args", "wd=0.1"], "AdamW has no argument 'wd'"),
+        ("--output_name ../../x", ["--output_name", "../../x"], "must be a plain file name"),
+    ],
+)
+def test_bad_flags_are_one_line_before_any_work(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, flags: list[str], says: str
+) -> None:
     out = tmp_path / "out"
     assert main(command(demo_dir, out, *flags)) == 2
     line = said(case, error_line(capsys))
@@ -166,8 +202,9 @@ def test_bad_flags_are_one_line_before_any_work(demo_dir: Path, tmp_path: Path, 
     assert not (out / ".fluxpipe-cache").exists()  # refused before caches or models
 
 
-def test_output_dir_that_is_a_file_or_cannot_be_made(demo_dir: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_dir_that_is_a_file_or_cannot_be_made(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "file").write_text("x")
     assert main(command(demo_dir, tmp_path / "file")) == 2
     assert "is a file, not a folder" in said("--output_dir is a file", error_line(capsys))
@@ -175,8 +212,9 @@ def test_output_dir_that_is_a_file_or_cannot_be_made(demo_dir: Path, tmp_path: P
     assert "cannot be created" in said("--output_dir cannot be created (below a file)", error_line(capsys))
 
 
-def test_read_only_output_dir(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_only_output_dir(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = Path.write_bytes
 
     def read_only(self: Path, data: bytes) -> int:  # chmod does not stop root, who runs these tests in CI
@@ -191,16 +229,26 @@ def test_read_only_output_dir(demo_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert "cannot write into it (Read-only file system)" in line
 
 
-def test_second_trainer_on_the_same_output_is_refused(demo_dir: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_second_trainer_on_the_same_output_is_refused(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import socket
 
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (  # another run: holds the lock as fluxpipe would
-        "import sys, time; from pathlib import Path; from fluxpipe.output_dir import output_lock\n"
-        "with output_lock(Path(sys.argv[1]), 'bad'):\n    print('held', flush=True); time.sleep(60)"), str(out)],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (  # another run: holds the lock as fluxpipe would
+                "import sys, time; from pathlib import Path; from fluxpipe.io.output_dir import output_lock\n"
+                "with output_lock(Path(sys.argv[1]), 'bad'):\n    print('held', flush=True); time.sleep(60)"
+            ),
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         assert main(command(demo_dir, out)) == 2
@@ -210,7 +258,7 @@ def test_second_trainer_on_the_same_output_is_refused(demo_dir: Path, tmp_path: 
     finally:
         holder.kill()
         holder.wait()
-    from fluxpipe.output_dir import output_lock
+    from fluxpipe.io.output_dir import output_lock
 
     with output_lock(out, "bad") as lock:  # a killed holder's lock (kill -9: no cleanup) is free again
         assert json.loads(lock.read_text())["pid"] == os.getpid()
@@ -219,7 +267,7 @@ def test_second_trainer_on_the_same_output_is_refused(demo_dir: Path, tmp_path: 
 def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import socket
 
-    from fluxpipe.output_dir import output_lock
+    from fluxpipe.io.output_dir import output_lock
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = tmp_path / ".x.lock"
@@ -233,12 +281,14 @@ def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path: Path, caplo
     said("lock file left by a killed run", warnings(caplog, "taking over")[0])
 
 
-def test_disk_full_while_saving_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_while_saving_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
 
-    from fluxpipe import safetensors_file, train_state
-    from fluxpipe.safetensors_file import save_safetensors
+    from fluxpipe.io import safetensors_file
+    from fluxpipe.io.safetensors_file import save_safetensors
+    from fluxpipe.training import state as train_state
 
     path = tmp_path / "lora.safetensors"
     save_safetensors({"a": torch.ones(2)}, path)
@@ -255,17 +305,28 @@ def test_disk_full_while_saving_keeps_the_previous_file(tmp_path: Path, monkeypa
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
     monkeypatch.setattr(train_state, "save_file", full)
     with pytest.raises(FluxpipeError, match="no space left"):
-        train_state.save_state(train_state.TrainState(weights={"w": torch.ones(1)}, optimizer={}, scheduler={},
-                                                      rng={}, extra={}, step=1, epoch=0, batch_in_epoch=0),
-                               tmp_path / "x-state")
+        train_state.save_state(
+            train_state.TrainState(
+                weights={"w": torch.ones(1)},
+                optimizer={},
+                scheduler={},
+                rng={},
+                extra={},
+                step=1,
+                epoch=0,
+                batch_in_epoch=0,
+            ),
+            tmp_path / "x-state",
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
 
 
 def test_disk_full_during_training_is_exit_2_with_earlier_saves_intact(
-        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safetensors.torch import load_file
 
-    from fluxpipe import safetensors_file
+    from fluxpipe.io import safetensors_file
 
     real, calls = safetensors_file.save_file, []
 
@@ -282,9 +343,11 @@ def test_disk_full_during_training_is_exit_2_with_earlier_saves_intact(
     out = tmp_path / "out"
     assert main(command(demo_dir, out, "--max_train_steps", "2", "--save_every_n_steps", "1")) == 2
     line = said("disk full while saving (during training)", error_line(capsys))
-    assert line == (f"fluxpipe: error: {out / 'bad.safetensors'}: no space left on the device while "
-                    "saving it; free some space and rerun (the previous files are intact; the unfinished file was "
-                    "removed)")
+    assert line == (
+        f"fluxpipe: error: {out / 'bad.safetensors'}: no space left on the device while "
+        "saving it; free some space and rerun (the previous files are intact; the unfinished file was "
+        "removed)"
+    )
     first = out / "bad-step00000001.safetensors"
     assert load_file(first)  # the step-1 LoRA is complete and readable
     assert sorted(p.name for p in out.glob("*.safetensors")) == [first.name]
@@ -293,6 +356,7 @@ def test_disk_full_during_training_is_exit_2_with_earlier_saves_intact(
 
 
 # ---- text encoding: tokenizers and long captions ---------------------------------------------------------------
+
 
 def test_offline_without_tokenizer_folder_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fluxpipe.models import text_encoders as te
@@ -325,10 +389,19 @@ def text_cache(tmp_path: Path, demo: Path, captions: list[str], clip_tok: Path, 
     for i, caption in enumerate(captions):
         next((tmp_path / "data").glob(f"img{i:04d}.*")).with_suffix(".txt").write_text(caption)
     assert manifest(tmp_path, dataset_toml(tmp_path / "d.toml", tmp_path / "data")) == 0
-    return cache_text.run(cache_text.CacheTextConfig(
-        manifest=tmp_path / "m.parquet", clip_l=demo / FILES["clip_l"], t5xxl=demo / FILES["t5xxl"],
-        clip_tokenizer=clip_tok, t5_tokenizer=t5_tok, out=tmp_path / "text.safetensors", shard=0, max_length=512,
-        hash_cache=tmp_path / "h.json"))
+    return cache_text.run(
+        cache_text.CacheTextConfig(
+            manifest=tmp_path / "m.parquet",
+            clip_l=demo / FILES["clip_l"],
+            t5xxl=demo / FILES["t5xxl"],
+            clip_tokenizer=clip_tok,
+            t5_tokenizer=t5_tok,
+            out=tmp_path / "text.safetensors",
+            shard=0,
+            max_length=512,
+            hash_cache=tmp_path / "h.json",
+        )
+    )
 
 
 def test_empty_tokenizer_is_refused_before_encoding(demo_dir: Path, tmp_path: Path) -> None:
@@ -365,8 +438,9 @@ def test_real_tokenizers_fit_the_real_embedding_rows() -> None:
         check_vocab(t5, 36000, "T5", "t5_tokenizer")
 
 
-def test_long_caption_is_warned_once_with_its_token_counts(demo_dir: Path, tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_long_caption_is_warned_once_with_its_token_counts(
+    demo_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     long = " ".join(["a photo of a red house in a green field"] * 60)

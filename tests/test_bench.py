@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from fluxpipe.bench import TRAIN_CONFIGS, parse_train_config
+from fluxpipe.tools.bench import TRAIN_CONFIGS, parse_train_config
 
 
 def test_configuration_names() -> None:
-    assert parse_train_config("swap28") == {"gradient_checkpointing": True, "compile": False, "blocks_to_swap": 28,
-                                            "fp8_base": False, "cpu_offload_checkpointing": False}
+    assert parse_train_config("swap28") == {
+        "gradient_checkpointing": True,
+        "compile": False,
+        "blocks_to_swap": 28,
+        "fp8_base": False,
+        "cpu_offload_checkpointing": False,
+    }
     assert parse_train_config("none+compile")["gradient_checkpointing"] is False
     assert parse_train_config("none+compile")["compile"] is True
     assert parse_train_config("fp8+swap28")["fp8_base"] is True

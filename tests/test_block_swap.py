@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fluxpipe.block_swap import BlockSwapper, max_blocks_to_swap, prefetch_target, swap_plan
-from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
+from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
+from fluxpipe.memory.block_swap import BlockSwapper, max_blocks_to_swap, prefetch_target, swap_plan
 from fluxpipe.models import Flux
 from fluxpipe.models.flux import PRESETS, tiny
 
@@ -43,10 +43,15 @@ def deep_tiny() -> Flux:
 
 def inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"img": torch.randn(2, 6, 64, generator=g), "img_ids": torch.rand(2, 6, 3, generator=g) * 4,
-            "txt": torch.randn(2, 4, 32, generator=g), "txt_ids": torch.zeros(2, 4, 3),
-            "timesteps": torch.tensor([0.3, 0.7]), "y": torch.randn(2, 32, generator=g),
-            "guidance": torch.tensor([1.0, 3.5])}
+    return {
+        "img": torch.randn(2, 6, 64, generator=g),
+        "img_ids": torch.rand(2, 6, 3, generator=g) * 4,
+        "txt": torch.randn(2, 4, 32, generator=g),
+        "txt_ids": torch.zeros(2, 4, 3),
+        "timesteps": torch.tensor([0.3, 0.7]),
+        "y": torch.randn(2, 32, generator=g),
+        "guidance": torch.tensor([1.0, 3.5]),
+    }
 
 
 def with_lora(model: Flux, dropout: float | None = None) -> FluxLoRANetwork:
@@ -144,8 +149,10 @@ def test_gpu_swapped_training_equals_the_plain_one(blocks_to_swap: int) -> None:
     net_a.eval()
     net_b.eval()  # the LoRA dropout off too: no random draws
     with torch.no_grad():
-        assert torch.equal(plain.eval()(**{k: v.cuda() for k, v in inputs().items()}),
-                           streamed.eval()(**{k: v.cuda() for k, v in inputs().items()}))
+        assert torch.equal(
+            plain.eval()(**{k: v.cuda() for k, v in inputs().items()}),
+            streamed.eval()(**{k: v.cuda() for k, v in inputs().items()}),
+        )
 
 
 @pytest.mark.gpu

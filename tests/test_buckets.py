@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fluxpipe.buckets import (
+from fluxpipe.data.buckets import (
     BucketSpec,
     ResizePlan,
     check_spec,

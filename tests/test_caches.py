@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dataset_toml, make_dataset
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import dataset_toml, make_dataset
-from fluxpipe.dataset_config import load_dataset_toml
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.config.dataset import load_dataset_toml
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.io.tables import read_parquet
 from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
-from fluxpipe.tables import read_parquet
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 SHARDS = 3
 
@@ -24,8 +24,15 @@ def build(root: Path, toml: Path, demo: Path, batch: int = 4, n_shards: int = SH
     """manifest -> shards -> indexes, as the Snakemake rules run them (shard outputs deleted first)."""
     out = root / "results"
     man = out / "manifest.parquet"
-    manifest.run(manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=man, latent_shards=n_shards,
-                                         text_shards=n_shards, hash_cache=root / "h.json"))
+    manifest.run(
+        manifest.ManifestConfig(
+            datasets=load_dataset_toml(toml),
+            out=man,
+            latent_shards=n_shards,
+            text_shards=n_shards,
+            hash_cache=root / "h.json",
+        )
+    )
     summaries = {}
     for kind in ("latents", "text"):
         for old in (out / kind).glob("shard-*.safetensors"):
@@ -34,17 +41,40 @@ def build(root: Path, toml: Path, demo: Path, batch: int = 4, n_shards: int = SH
         for k, shard in enumerate(shards):
             shard.unlink(missing_ok=True)  # Snakemake removes a job's outputs before it runs
             if kind == "latents":
-                cache_latents.run(cache_latents.CacheLatentsConfig(manifest=man, ae=demo / FILES["ae"], out=shard,
-                                                                   shard=k, hash_cache=root / "h.json",
-                                                                   batch_size=batch))
+                cache_latents.run(
+                    cache_latents.CacheLatentsConfig(
+                        manifest=man,
+                        ae=demo / FILES["ae"],
+                        out=shard,
+                        shard=k,
+                        hash_cache=root / "h.json",
+                        batch_size=batch,
+                    )
+                )
             else:
-                cache_text.run(cache_text.CacheTextConfig(
-                    manifest=man, clip_l=demo / FILES["clip_l"], t5xxl=demo / FILES["t5xxl"],
-                    clip_tokenizer=demo / CLIP_DIR, t5_tokenizer=demo / T5_DIR, out=shard, shard=k, max_length=16,
-                    hash_cache=root / "h.json", batch_size=batch))
-        summaries[kind] = cache_index.run(cache_index.CacheIndexConfig(
-            kind=kind, manifest=man, shards=shards, index=out / kind / "index.parquet",
-            summary=out / kind / "summary.json"))
+                cache_text.run(
+                    cache_text.CacheTextConfig(
+                        manifest=man,
+                        clip_l=demo / FILES["clip_l"],
+                        t5xxl=demo / FILES["t5xxl"],
+                        clip_tokenizer=demo / CLIP_DIR,
+                        t5_tokenizer=demo / T5_DIR,
+                        out=shard,
+                        shard=k,
+                        max_length=16,
+                        hash_cache=root / "h.json",
+                        batch_size=batch,
+                    )
+                )
+        summaries[kind] = cache_index.run(
+            cache_index.CacheIndexConfig(
+                kind=kind,
+                manifest=man,
+                shards=shards,
+                index=out / kind / "index.parquet",
+                summary=out / kind / "summary.json",
+            )
+        )
     return summaries
 
 
@@ -103,8 +133,8 @@ def test_resharding_reencodes_nothing(tmp_path: Path, demo_dir: Path) -> None:
 
 
 def test_cached_latents_are_the_ae_posterior_of_the_cropped_image(tmp_path: Path, demo_dir: Path) -> None:
-    from fluxpipe.checkpoints import load_model
-    from fluxpipe.images import load_rgb, resize_and_crop, to_tensor
+    from fluxpipe.data.images import load_rgb, resize_and_crop, to_tensor
+    from fluxpipe.io.checkpoints import load_model
 
     make_dataset(tmp_path / "data", 2)
     build(tmp_path, dataset_toml(tmp_path / "ds.toml", tmp_path / "data"), demo_dir)
@@ -112,8 +142,13 @@ def test_cached_latents_are_the_ae_posterior_of_the_cropped_image(tmp_path: Path
     row = table.iloc[0]
     index, _ = read_parquet(tmp_path / "results" / "latents" / "index.parquet")
     key = index[index.path == row.path].key.iloc[0]
-    image = resize_and_crop(load_rgb(Path(row.path)), (row.resized_w, row.resized_h), row.crop_left, row.crop_top,
-                            (row.bucket_w, row.bucket_h))
+    image = resize_and_crop(
+        load_rgb(Path(row.path)),
+        (row.resized_w, row.resized_h),
+        row.crop_left,
+        row.crop_top,
+        (row.bucket_w, row.bucket_h),
+    )
     ae = load_model(demo_dir / FILES["ae"], "ae", dtype=torch.float32)
     with torch.no_grad():
         mean, logvar = ae.encoder(to_tensor(image)[None]).chunk(2, dim=1)
@@ -136,8 +171,12 @@ def _bad_dataset(folder: Path) -> None:
 
 def test_every_bad_file_is_listed_in_one_error(tmp_path: Path) -> None:
     _bad_dataset(tmp_path / "data")
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", tmp_path / "data")),
-                                  out=tmp_path / "m.parquet", latent_shards=2, text_shards=2)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", tmp_path / "data")),
+        out=tmp_path / "m.parquet",
+        latent_shards=2,
+        text_shards=2,
+    )
     with pytest.raises(FluxpipeError, match="4 bad dataset files") as err:
         manifest.run(cfg)
     for name in ("zero.png", "cut.png", "text.jpg", "nocaption.png"):
@@ -147,8 +186,13 @@ def test_every_bad_file_is_listed_in_one_error(tmp_path: Path) -> None:
 
 def test_skip_bad_images_leaves_them_out(tmp_path: Path) -> None:
     _bad_dataset(tmp_path / "data")
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", tmp_path / "data")),
-                                  out=tmp_path / "m.parquet", latent_shards=2, text_shards=2, skip_bad_images=True)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", tmp_path / "data")),
+        out=tmp_path / "m.parquet",
+        latent_shards=2,
+        text_shards=2,
+        skip_bad_images=True,
+    )
     table = manifest.run(cfg)
     assert sorted(Path(p).name for p in table.path) == ["img0000.jpg", "img0001.png", "img0002.jpg", "img0003.png"]
     _, meta = read_parquet(tmp_path / "m.parquet")
@@ -165,8 +209,12 @@ def test_odd_formats_and_captions_are_converted(tmp_path: Path) -> None:
     Image.new("RGB", (20, 20)).save(folder / "tiny.png")  # smaller than the smallest bucket: upscaled
     for p in folder.iterdir():
         p.with_suffix(".txt").write_bytes(b"\xef\xbb\xbf\r\n  a caption with a BOM\r\nsecond line\r\n")
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", folder)),
-                                  out=tmp_path / "m.parquet", latent_shards=2, text_shards=2)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", folder)),
+        out=tmp_path / "m.parquet",
+        latent_shards=2,
+        text_shards=2,
+    )
     table = manifest.run(cfg).set_index(table_key := "path")
     assert len(table) == 5 and set(table.caption) == {"a caption with a BOM"}
     tiny = table.loc[str(folder / "tiny.png")]
@@ -179,16 +227,21 @@ def test_too_small_without_upscaling_is_reported(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(folder / "speck.png")
     (folder / "speck.txt").write_text("a speck")
     toml = dataset_toml(tmp_path / "d.toml", folder, extra="bucket_no_upscale = true")
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet", latent_shards=2,
-                                  text_shards=2)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet", latent_shards=2, text_shards=2
+    )
     with pytest.raises(FluxpipeError, match=r"1 bad dataset files: .*speck.png: 8x8 cannot be bucketed"):
         manifest.run(cfg)
 
 
 def test_empty_dataset(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", tmp_path / "data")),
-                                  out=tmp_path / "m.parquet", latent_shards=2, text_shards=2)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(dataset_toml(tmp_path / "d.toml", tmp_path / "data")),
+        out=tmp_path / "m.parquet",
+        latent_shards=2,
+        text_shards=2,
+    )
     with pytest.raises(FluxpipeError, match="has no usable images"):
         manifest.run(cfg)
 
@@ -196,8 +249,9 @@ def test_empty_dataset(tmp_path: Path) -> None:
 def test_validation_split_is_disjoint_and_seeded(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data", 20)
     toml = dataset_toml(tmp_path / "d.toml", tmp_path / "data", extra="validation_split = 0.25\nvalidation_seed = 3")
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet", latent_shards=2,
-                                  text_shards=2)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet", latent_shards=2, text_shards=2
+    )
     first = manifest.run(cfg)
     assert (first.split == "val").sum() == 5 and (first.split == "train").sum() == 15
     assert list(manifest.run(cfg).split) == list(first.split)
@@ -225,12 +279,15 @@ def test_resize_interpolation_reaches_the_latent_entries(tmp_path: Path) -> None
     Image.fromarray(pixels).save(folder / "a.png")
     (folder / "a.txt").write_text("a")
     toml = tmp_path / "d.toml"
-    toml.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 16\n"
-                    f"[[datasets.subsets]]\nimage_dir = '{folder}'\n")
+    toml.write_text(
+        f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 16\n"
+        f"[[datasets.subsets]]\nimage_dir = '{folder}'\n"
+    )
     rows = {}
     for name, defaults in (("auto", None), ("nearest", {"resize_interpolation": "nearest"})):
-        cfg = manifest.ManifestConfig(datasets=load_dataset_toml(toml, defaults), out=tmp_path / f"{name}.parquet",
-                                      latent_shards=1, text_shards=1)
+        cfg = manifest.ManifestConfig(
+            datasets=load_dataset_toml(toml, defaults), out=tmp_path / f"{name}.parquet", latent_shards=1, text_shards=1
+        )
         rows[name] = manifest.run(cfg)
     assert list(rows["auto"].resize_interpolation) == [""] and list(rows["nearest"].resize_interpolation) == ["nearest"]
     ccfg = cache_latents.CacheLatentsConfig(manifest=tmp_path / "x", ae=tmp_path / "ae", out=tmp_path / "o", shard=0)
@@ -250,15 +307,23 @@ def test_fine_tune_metadata_tags_join_the_caption(tmp_path: Path) -> None:
     """The reference's fine-tuning captions: caption + caption_separator + tags; tags alone without a caption."""
     folder = tmp_path / "data"
     make_dataset(folder, 3)
-    meta = {"img0000.jpg": {"caption": "a photo", "tags": "red, square"}, "img0001.png": {"tags": "blue, circle"},
-            "img0002.jpg": {"caption": "only words", "tags": ""}}
+    meta = {
+        "img0000.jpg": {"caption": "a photo", "tags": "red, square"},
+        "img0001.png": {"tags": "blue, circle"},
+        "img0002.jpg": {"caption": "only words", "tags": ""},
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "meta.jsonl").write_text(json.dumps({"image_path": "img0000.jpg", "caption": "x", "tags": "y"}) + "\n")
     toml = tmp_path / "d.toml"
-    toml.write_text(f"[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nbucket_reso_steps = 16\n"
-                    f"[[datasets.subsets]]\nimage_dir = '{folder}'\nmetadata_file = '{tmp_path / 'meta.json'}'\n"
-                    f"[[datasets.subsets]]\nimage_dir = '{folder}'\nmetadata_file = '{tmp_path / 'meta.jsonl'}'\n"
-                    f"caption_separator = ' | '\n")
-    table = manifest.run(manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet",
-                                                 latent_shards=1, text_shards=1))
+    toml.write_text(
+        f"[[datasets]]\nresolution = 64\nenable_bucket = true\nmin_bucket_reso = 32\nbucket_reso_steps = 16\n"
+        f"[[datasets.subsets]]\nimage_dir = '{folder}'\nmetadata_file = '{tmp_path / 'meta.json'}'\n"
+        f"[[datasets.subsets]]\nimage_dir = '{folder}'\nmetadata_file = '{tmp_path / 'meta.jsonl'}'\n"
+        f"caption_separator = ' | '\n"
+    )
+    table = manifest.run(
+        manifest.ManifestConfig(
+            datasets=load_dataset_toml(toml), out=tmp_path / "m.parquet", latent_shards=1, text_shards=1
+        )
+    )
     assert list(table.caption) == ["a photo,red, square", "blue, circle", "only words", "x | y"]

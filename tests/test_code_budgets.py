@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 MODULE_LIMIT, RULE_FILE_LIMIT, FUNCTION_LIMIT, LOOP_LIMIT = 600, 150, 60, 150
@@ -20,10 +19,16 @@ def python_files() -> list[Path]:
 
 
 def test_modules_and_rule_files_fit_their_budgets() -> None:
-    too_big = [f"{p.relative_to(REPO)}: {n} lines" for p in python_files()
-               if (n := len(p.read_text().splitlines())) > MODULE_LIMIT]
-    too_big += [f"{p.relative_to(REPO)}: {n} lines" for p in [REPO / "Snakefile", *(REPO / "rules").glob("*.smk")]
-                if (n := len(p.read_text().splitlines())) > RULE_FILE_LIMIT]
+    too_big = [
+        f"{p.relative_to(REPO)}: {n} lines"
+        for p in python_files()
+        if (n := len(p.read_text().splitlines())) > MODULE_LIMIT
+    ]
+    too_big += [
+        f"{p.relative_to(REPO)}: {n} lines"
+        for p in [REPO / "Snakefile", *(REPO / "rules").glob("*.smk")]
+        if (n := len(p.read_text().splitlines())) > RULE_FILE_LIMIT
+    ]
     assert not too_big
 
 

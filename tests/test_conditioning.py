@@ -11,17 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, dataset_toml, make_dataset
 from PIL import Image, ImageFilter, ImageOps
 
-from conftest import REPO, dataset_toml, make_dataset
-from fluxpipe import conditioning
-from fluxpipe.conditioning import ConditioningImages, load_conditioning
-from fluxpipe.dataset_config import load_dataset_toml
+from fluxpipe.config.dataset import load_dataset_toml
+from fluxpipe.data import conditioning
+from fluxpipe.data.conditioning import ConditioningImages, load_conditioning
+from fluxpipe.data.images import is_image_file, load_rgb, resize_and_crop, to_tensor
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.hashing import sha256_file
-from fluxpipe.images import is_image_file, load_rgb, resize_and_crop, to_tensor
+from fluxpipe.io.hashing import sha256_file
+from fluxpipe.io.tables import read_parquet
 from fluxpipe.stages import manifest
-from fluxpipe.tables import read_parquet
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -57,8 +57,14 @@ def cn_dataset(root: Path, n: int = 4) -> dict[str, Path]:
 
 
 def run_manifest(root: Path, toml: Path, skip: bool = False) -> pd.DataFrame:
-    cfg = manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=root / "m.parquet", latent_shards=2,
-                                  text_shards=2, hash_cache=root / "h.json", skip_bad_images=skip)
+    cfg = manifest.ManifestConfig(
+        datasets=load_dataset_toml(toml),
+        out=root / "m.parquet",
+        latent_shards=2,
+        text_shards=2,
+        hash_cache=root / "h.json",
+        skip_bad_images=skip,
+    )
     return manifest.run(cfg)
 
 
@@ -192,8 +198,13 @@ def test_a_copy_of_the_target_gives_the_target_pixels(tmp_path: Path) -> None:
     assert table.upscaled.any() and not table.upscaled.all()
     images = ConditioningImages()
     for _, row in table.iterrows():
-        target = resize_and_crop(load_rgb(Path(row.path)), (row.resized_w, row.resized_h), row.crop_left,
-                                 row.crop_top, (row.bucket_w, row.bucket_h))
+        target = resize_and_crop(
+            load_rgb(Path(row.path)),
+            (row.resized_w, row.resized_h),
+            row.crop_left,
+            row.crop_top,
+            (row.bucket_w, row.bucket_h),
+        )
         assert torch.equal(images.get(row), to_tensor(target)), row.path
 
 
@@ -206,8 +217,15 @@ def test_without_buckets_another_size_is_scaled_onto_the_target(tmp_path: Path) 
     halves((48, 32), 24, vertical=False).save(cond / "a.png")  # half size, same picture
     (row,) = [r for _, r in run_manifest(tmp_path, cn_toml(tmp_path, data, cond, bucket=False)).iterrows()]
     x = ConditioningImages().get(row)
-    target = to_tensor(resize_and_crop(load_rgb(data / "a.png"), (row.resized_w, row.resized_h), row.crop_left,
-                                       row.crop_top, (row.bucket_w, row.bucket_h)))
+    target = to_tensor(
+        resize_and_crop(
+            load_rgb(data / "a.png"),
+            (row.resized_w, row.resized_h),
+            row.crop_left,
+            row.crop_top,
+            (row.bucket_w, row.bucket_h),
+        )
+    )
     assert x.shape == target.shape == (3, row.bucket_h, row.bucket_w)
     assert (x - target).abs().mean() < 0.05
 
@@ -222,8 +240,16 @@ def test_conditioning_images_load_once_per_path_and_flip(tmp_path: Path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(conditioning, "load_conditioning", counting)
-    row = {"path": "t.png", "conditioning": str(tmp_path / "c.png"), "width": 192, "height": 128,
-           "resized_w": 96, "resized_h": 64, "bucket_w": 64, "bucket_h": 64}
+    row = {
+        "path": "t.png",
+        "conditioning": str(tmp_path / "c.png"),
+        "width": 192,
+        "height": 128,
+        "resized_w": 96,
+        "resized_h": 64,
+        "bucket_w": 64,
+        "bucket_h": 64,
+    }
     images = ConditioningImages()
     first = images.get(row)
     assert torch.equal(images.get(row), first) and torch.equal(first, real(tmp_path / "c.png", (96, 64), (64, 64)))
@@ -259,8 +285,11 @@ def test_a_conditioning_folder_shared_by_two_subsets_pairs_with_both(tmp_path: P
         (other / f"{name}.txt").write_text("red")
         Image.new("RGB", (64, 64), BLUE).save(tmp_path / "cond" / f"{name}.png")
     toml = cn_toml(tmp_path, tmp_path / "data", tmp_path / "cond")
-    toml.write_text(toml.read_text() + f'[[datasets.subsets]]\nimage_dir = "{other}"\n'
-                    f'conditioning_data_dir = "{tmp_path / "cond"}"\n')
+    toml.write_text(
+        toml.read_text() + f'[[datasets.subsets]]\nimage_dir = "{other}"\n'
+        f'conditioning_data_dir = "{tmp_path / "cond"}"\n'
+    )
     table = run_manifest(tmp_path, toml)
-    assert sorted(Path(c).name for c in table.conditioning) == sorted([p.name for p in pairs.values()] +
-                                                                      ["x.png", "y.png"])
+    assert sorted(Path(c).name for c in table.conditioning) == sorted(
+        [p.name for p in pairs.values()] + ["x.png", "y.png"]
+    )

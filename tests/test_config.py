@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from fluxpipe import workflow
-from fluxpipe.config import ConfigError, load_pipeline, load_pipeline_file
+from fluxpipe.config.pipeline import ConfigError, load_pipeline, load_pipeline_file
 
 
 def test_repository_config_is_valid_and_means_demo() -> None:
@@ -35,8 +35,19 @@ def test_all_or_no_model_files() -> None:
 
 
 def test_configured_files_and_tokenizers_reach_the_rule() -> None:
-    cfg = load_pipeline({"models": {"flux": "f", "ae": "a", "clip_l": "c", "t5xxl": "t", "clip_tokenizer": "tok/clip",
-                                    "t5_tokenizer": ""}, "hash_cache": "h.json"})
+    cfg = load_pipeline(
+        {
+            "models": {
+                "flux": "f",
+                "ae": "a",
+                "clip_l": "c",
+                "t5xxl": "t",
+                "clip_tokenizer": "tok/clip",
+                "t5_tokenizer": "",
+            },
+            "hash_cache": "h.json",
+        }
+    )
     assert workflow.model_files(cfg) == {"flux": "f", "ae": "a", "clip_l": "c", "t5xxl": "t"}
     assert workflow.validate_args(cfg) == ["--clip-tokenizer", "tok/clip", "--hash-cache", "h.json"]
 
@@ -48,12 +59,15 @@ def test_bad_yaml_file(tmp_path: Path) -> None:
         load_pipeline_file(path)
 
 
-@pytest.mark.parametrize(("section", "flags", "says"), [
-    ("train", {"network_dim": "x"}, "train: argument --network_dim"),
-    ("train_full", {"fused_backward_pass": True, "optimizer_type": "AdamW"}, "train_full: --fused_backward_pass"),
-    ("train_controlnet", {"bogus_flag": 1}, "train_controlnet:"),
-    ("train_full", {"output_dir": "elsewhere"}, "output_dir come from models / dataset_config"),
-])
+@pytest.mark.parametrize(
+    ("section", "flags", "says"),
+    [
+        ("train", {"network_dim": "x"}, "train: argument --network_dim"),
+        ("train_full", {"fused_backward_pass": True, "optimizer_type": "AdamW"}, "train_full: --fused_backward_pass"),
+        ("train_controlnet", {"bogus_flag": 1}, "train_controlnet:"),
+        ("train_full", {"output_dir": "elsewhere"}, "output_dir come from models / dataset_config"),
+    ],
+)
 def test_bad_training_flags_name_their_section(section: str, flags: dict, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         load_pipeline({section: flags})
@@ -81,8 +95,10 @@ def test_profiles_name_only_rules_of_the_workflow() -> None:
     assert local["cores"] >= 1
 
 
-@pytest.mark.parametrize(("key", "value", "says"), [("train_processes", 0, "not a positive number"),
-                                                    ("train_segment_steps", -5, "is negative")])
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [("train_processes", 0, "not a positive number"), ("train_segment_steps", -5, "is negative")],
+)
 def test_scale_out_settings_are_checked(key: str, value: int, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         load_pipeline({key: value})

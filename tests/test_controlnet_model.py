@@ -14,14 +14,26 @@ from fluxpipe.models.layers import timestep_embedding
 
 # spec §7.2 / sd-scripts ControlNetFlux, written out by hand for FLUX.1-dev widths (C = 3072)
 CONTROLNET_ONLY_SHAPES = {
-    "pos_embed_input.weight": (3072, 64), "pos_embed_input.bias": (3072,),
-    "controlnet_blocks.0.weight": (3072, 3072), "controlnet_blocks.0.bias": (3072,),
-    "controlnet_blocks.1.weight": (3072, 3072), "controlnet_blocks.1.bias": (3072,),
-    "input_hint_block.0.weight": (16, 3, 3, 3), "input_hint_block.0.bias": (16,),
+    "pos_embed_input.weight": (3072, 64),
+    "pos_embed_input.bias": (3072,),
+    "controlnet_blocks.0.weight": (3072, 3072),
+    "controlnet_blocks.0.bias": (3072,),
+    "controlnet_blocks.1.weight": (3072, 3072),
+    "controlnet_blocks.1.bias": (3072,),
+    "input_hint_block.0.weight": (16, 3, 3, 3),
+    "input_hint_block.0.bias": (16,),
     **{f"input_hint_block.{i}.weight": (16, 16, 3, 3) for i in (2, 4, 6, 8, 10, 12, 14)},
     **{f"input_hint_block.{i}.bias": (16,) for i in (2, 4, 6, 8, 10, 12, 14)},
 }
-SHARED_PREFIXES = ("img_in.", "time_in.", "vector_in.", "guidance_in.", "txt_in.", "double_blocks.0.", "double_blocks.1.")
+SHARED_PREFIXES = (
+    "img_in.",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+    "txt_in.",
+    "double_blocks.0.",
+    "double_blocks.1.",
+)
 # img_in 2 + time_in 4 + vector_in 4 + guidance_in 4 + txt_in 2 + 2 x 24 double-block keys + 20 ControlNet-only keys
 DEV_KEY_COUNT = 86
 ZERO_INIT = ("input_hint_block.14.", "controlnet_blocks.")
@@ -51,8 +63,11 @@ def test_schnell_layout_has_no_guidance_embedding() -> None:
     assert not any(k.startswith("guidance_in") for k in shapes)
     assert len(shapes) == DEV_KEY_COUNT - 4
     assert controlnet_key_shapes(PRESETS["dev"]).keys() - shapes.keys() == {
-        "guidance_in.in_layer.weight", "guidance_in.in_layer.bias",
-        "guidance_in.out_layer.weight", "guidance_in.out_layer.bias"}
+        "guidance_in.in_layer.weight",
+        "guidance_in.in_layer.bias",
+        "guidance_in.out_layer.weight",
+        "guidance_in.out_layer.bias",
+    }
 
 
 def test_hint_block_strides_and_downscale() -> None:
@@ -69,10 +84,15 @@ def inputs(batch: int = 2, grid: int = 4) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(1)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ids = torch.stack((torch.zeros_like(rows), rows, cols), dim=-1).reshape(1, -1, 3).float().repeat(batch, 1, 1)
-    return {"img": torch.randn(batch, grid * grid, 64, generator=g), "img_ids": ids,
-            "txt": torch.randn(batch, 5, 32, generator=g), "txt_ids": torch.zeros(batch, 5, 3),
-            "timesteps": torch.tensor([0.3, 0.8])[:batch], "y": torch.randn(batch, 32, generator=g),
-            "guidance": torch.tensor([1.0, 3.5])[:batch]}
+    return {
+        "img": torch.randn(batch, grid * grid, 64, generator=g),
+        "img_ids": ids,
+        "txt": torch.randn(batch, 5, 32, generator=g),
+        "txt_ids": torch.zeros(batch, 5, 3),
+        "timesteps": torch.tensor([0.3, 0.8])[:batch],
+        "y": torch.randn(batch, 32, generator=g),
+        "guidance": torch.tensor([1.0, 3.5])[:batch],
+    }
 
 
 def hint_image(seed: int, batch: int = 2, size: int = 64) -> Tensor:
@@ -121,7 +141,9 @@ def test_trained_controlnet_changes_the_output_by_its_hint() -> None:
 def manual_flux(base: Flux, x: dict[str, Tensor], residuals: list[Tensor]) -> Tensor:
     """Flux.forward written out with the sd-scripts rule: residual i % n added after double block i only."""
     img = base.img_in(x["img"])
-    vec = base.time_in(timestep_embedding(x["timesteps"], 256)) + base.guidance_in(timestep_embedding(x["guidance"], 256))
+    vec = base.time_in(timestep_embedding(x["timesteps"], 256)) + base.guidance_in(
+        timestep_embedding(x["guidance"], 256)
+    )
     vec = vec + base.vector_in(x["y"])
     txt = base.txt_in(x["txt"])
     pe = base.pe_embedder(torch.cat((x["txt_ids"], x["img_ids"]), dim=1))
@@ -131,7 +153,7 @@ def manual_flux(base: Flux, x: dict[str, Tensor], residuals: list[Tensor]) -> Te
     h = torch.cat((txt, img), dim=1)
     for block in base.single_blocks:
         h = block(h, vec, pe)
-    return base.final_layer(h[:, txt.shape[1]:], vec)
+    return base.final_layer(h[:, txt.shape[1] :], vec)
 
 
 @pytest.mark.parametrize("n_residuals", [1, 2, 3])

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from fluxpipe.config import ConfigError
-from fluxpipe.dataset_config import (
+from fluxpipe.config.dataset import (
     DatasetConfig,
     SubsetConfig,
     check_cacheable,
@@ -19,6 +18,7 @@ from fluxpipe.dataset_config import (
     load_dataset_toml,
     parse_datasets,
 )
+from fluxpipe.config.pipeline import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,11 +81,13 @@ def _toml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _one(subset: dict[str, Any] | None = None, dataset: dict[str, Any] | None = None,
-         general: dict[str, Any] | None = None) -> dict[str, Any]:
+def _one(
+    subset: dict[str, Any] | None = None, dataset: dict[str, Any] | None = None, general: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A one-dataset, one-subset structure with the given extra keys."""
-    data: dict[str, Any] = {"datasets": [{"resolution": 512, **(dataset or {}),
-                                          "subsets": [{"image_dir": "img", **(subset or {})}]}]}
+    data: dict[str, Any] = {
+        "datasets": [{"resolution": 512, **(dataset or {}), "subsets": [{"image_dir": "img", **(subset or {})}]}]
+    }
     if general is not None:
         data["general"] = general
     return data
@@ -104,10 +106,17 @@ def test_typical_reference_toml(tmp_path: Path) -> None:
     assert ds.resolution == (512, 512) and ds.batch_size == 1 and ds.enable_bucket
     assert (ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) == (256, 1024, 64)
     train, reg = ds.subsets
-    assert train == SubsetConfig(image_dir="img", num_repeats=10, class_tokens="aaa", caption_extension=".txt",
-                                 keep_tokens=1, shuffle_caption=False)
-    assert reg == SubsetConfig(image_dir="reg", num_repeats=1, class_tokens="bbb", is_reg=True,
-                               caption_extension=".txt", keep_tokens=1)
+    assert train == SubsetConfig(
+        image_dir="img",
+        num_repeats=10,
+        class_tokens="aaa",
+        caption_extension=".txt",
+        keep_tokens=1,
+        shuffle_caption=False,
+    )
+    assert reg == SubsetConfig(
+        image_dir="reg", num_repeats=1, class_tokens="bbb", is_reg=True, caption_extension=".txt", keep_tokens=1
+    )
     assert dataset_kind(ds) == "dreambooth"
 
 
@@ -116,8 +125,9 @@ def test_flux_multi_resolution_example(tmp_path: Path) -> None:
     assert [d.resolution for d in cfg.datasets] == [(1024, 1024), (768, 768), (512, 512)]
     assert [d.batch_size for d in cfg.datasets] == [2, 3, 4]
     assert all(d.enable_bucket and d.bucket_no_upscale for d in cfg.datasets)
-    assert {d.subsets for d in cfg.datasets} == {(SubsetConfig(image_dir="train", flip_aug=True,
-                                                               caption_extension=".txt"),)}
+    assert {d.subsets for d in cfg.datasets} == {
+        (SubsetConfig(image_dir="train", flip_aug=True, caption_extension=".txt"),)
+    }
 
 
 def test_demo_dataset_of_the_repository() -> None:
@@ -129,11 +139,20 @@ def test_demo_dataset_of_the_repository() -> None:
 
 def test_precedence_subset_over_dataset_over_general() -> None:
     data = {
-        "general": {"keep_tokens": 1, "caption_extension": "txt", "flip_aug": True, "batch_size": 7,
-                    "resize_interpolation": "lanczos"},
+        "general": {
+            "keep_tokens": 1,
+            "caption_extension": "txt",
+            "flip_aug": True,
+            "batch_size": 7,
+            "resize_interpolation": "lanczos",
+        },
         "datasets": [
-            {"resolution": [1024, 768], "keep_tokens": 2, "resize_interpolation": "area",
-             "subsets": [{"image_dir": "a", "keep_tokens": 3}, {"image_dir": "b"}]},
+            {
+                "resolution": [1024, 768],
+                "keep_tokens": 2,
+                "resize_interpolation": "area",
+                "subsets": [{"image_dir": "a", "keep_tokens": 3}, {"image_dir": "b"}],
+            },
             {"resolution": 512, "batch_size": 2, "subsets": [{"image_dir": "c", "flip_aug": False}]},
         ],
     }
@@ -148,11 +167,20 @@ def test_precedence_subset_over_dataset_over_general() -> None:
 
 
 def test_mapping_equals_toml(tmp_path: Path) -> None:
-    data = {"general": {"shuffle_caption": False, "caption_extension": ".txt", "keep_tokens": 1},
-            "datasets": [{"resolution": 512, "batch_size": 1, "enable_bucket": True,
-                          "subsets": [{"image_dir": "img", "num_repeats": 10, "class_tokens": "aaa"},
-                                      {"is_reg": True, "image_dir": "reg", "class_tokens": "bbb",
-                                       "num_repeats": 1}]}]}
+    data = {
+        "general": {"shuffle_caption": False, "caption_extension": ".txt", "keep_tokens": 1},
+        "datasets": [
+            {
+                "resolution": 512,
+                "batch_size": 1,
+                "enable_bucket": True,
+                "subsets": [
+                    {"image_dir": "img", "num_repeats": 10, "class_tokens": "aaa"},
+                    {"is_reg": True, "image_dir": "reg", "class_tokens": "bbb", "num_repeats": 1},
+                ],
+            }
+        ],
+    }
     from_yaml = parse_datasets(data, "config.yaml:dataset")
     assert from_yaml.datasets == load_dataset_toml(_toml(tmp_path, TYPICAL)).datasets
     assert from_yaml.source == "config.yaml:dataset"
@@ -205,52 +233,71 @@ def test_validation_split_int_zero_is_float() -> None:
 
 # --- errors: each names the file and the key's location ---------------------------------------------------------
 
-@pytest.mark.parametrize(("data", "pattern"), [
-    (_one({"num_repeats": "3"}), r"^d\.toml: datasets\[0\]\.subsets\[0\]\.num_repeats: expected int, got '3'$"),
-    (_one({"num_repeat": 3}), r"datasets\[0\]\.subsets\[0\]\.num_repeat: unknown key; did you mean num_repeats\?"),
-    (_one(general={"shuffle_captions": True}), r"^d\.toml: general\.shuffle_captions: unknown key"),
-    (_one(dataset={"bach_size": 2}), r"datasets\[0\]\.bach_size: unknown key; did you mean batch_size"),
-    ({"general": {}, "dataset": []}, r"^d\.toml: dataset: unknown top-level key"),
-    (_one({"batch_size": 2}), r"datasets\[0\]\.subsets\[0\]\.batch_size: a dataset-level key"),
-    (_one({"resolution": 512}), r"datasets\[0\]\.subsets\[0\]\.resolution: a dataset-level key"),
-    (_one(general={"image_dir": "x"}), r"general\.image_dir: a subset-only key"),
-    (_one(dataset={"is_reg": True}), r"datasets\[0\]\.is_reg: a subset-only key"),
-    (_one(dataset={"alpha_mask": True}), r"datasets\[0\]\.alpha_mask: a subset-only key"),
-    (_one({"flip_aug": 1}), r"subsets\[0\]\.flip_aug: expected bool, got 1"),
-    (_one({"image_dir": 3}), r"subsets\[0\]\.image_dir: expected str, got 3"),
-    (_one(general={"keep_tokens": True}), r"general\.keep_tokens: expected int, got True"),
-    (_one(dataset={"network_multiplier": "1"}), r"datasets\[0\]\.network_multiplier: expected float"),
-    (_one(dataset={"resolution": "1024,1024"}), r"datasets\[0\]\.resolution: got the string '1024,1024'; "
-                                                r"write .*resolution = 1024 or resolution = \[1024, 1024\]"),
-    (_one(dataset={"resolution": [1024]}), r"datasets\[0\]\.resolution: expected a 2-element array"),
-    (_one(dataset={"resolution": [1024, 7.5]}), r"datasets\[0\]\.resolution\[1\]: expected int, got 7\.5"),
-    (_one(dataset={"resolution": 0}), r"datasets\[0\]\.resolution: must be positive"),
-    ({"datasets": [{"subsets": [{"image_dir": "a"}]}]}, r"datasets\[0\]\.resolution: required"),
-    (_one(dataset={"validation_split": 1}), r"datasets\[0\]\.validation_split: must be in \[0, 1\).*got 1\.0"),
-    (_one(dataset={"validation_split": 1.5}), r"validation_split: must be in \[0, 1\)"),
-    (_one({"num_repeats": -1}), r"subsets\[0\]\.num_repeats: must be >= 0"),
-    (_one(dataset={"batch_size": 0}), r"datasets\[0\]\.batch_size: must be >= 1, got 0"),
-    (_one({"caption_dropout_rate": 1.5}), r"subsets\[0\]\.caption_dropout_rate: must be in \[0, 1\], got 1\.5"),
-    (_one(general={"caption_tag_dropout_rate": -0.1}), r"general\.caption_tag_dropout_rate: must be in \[0, 1\]"),
-    (_one(dataset={"min_bucket_reso": 1024, "max_bucket_reso": 512}),
-     r"datasets\[0\]: min_bucket_reso 1024 > max_bucket_reso 512"),
-    (_one(dataset={"resolution": 2048, "enable_bucket": True}),
-     r"datasets\[0\]\.resolution: 2048x2048 lies outside the bucket range 256\.\.1024"),
-    (_one({"resize_interpolation": "bicubik"}), r"subsets\[0\]\.resize_interpolation: must be one of lanczos, .*box"),
-    (_one(dataset={"resize_interpolation": "Area"}), r"datasets\[0\]\.resize_interpolation: must be one of"),
-    (_one({"face_crop_aug_range": [4.0, 2.0]}), r"face_crop_aug_range: must be \[low, high\] with 0 < low <= high"),
-    (_one({"face_crop_aug_range": 2.0}), r"face_crop_aug_range: expected a 2-element array"),
-    (_one({"caption_separator": ""}), r"caption_separator: must be a non-empty string"),
-    (_one({"custom_attributes": "x"}), r"custom_attributes: expected dict"),
-    ({"datasets": [{"resolution": 512}]}, r"^d\.toml: datasets\[0\]: no \[\[datasets\.subsets\]\]"),
-    ({"datasets": [{"resolution": 512, "subsets": []}]}, r"datasets\[0\]: no \[\[datasets\.subsets\]\]"),
-    ({"datasets": [{"resolution": 512, "subsets": {"image_dir": "a"}}]},
-     r"datasets\[0\]\.subsets: expected an array of tables"),
-    ({"general": {}}, r"^d\.toml: no \[\[datasets\]\]"),
-    ({"datasets": []}, r"datasets: expected a non-empty array"),
-    (_one({"image_dir": None, "class_tokens": "a"}), r"datasets\[0\]\.subsets\[0\]: set image_dir .* or metadata_file"),
-    ({"general": "x", "datasets": []}, r"general: expected a table"),
-])
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        (_one({"num_repeats": "3"}), r"^d\.toml: datasets\[0\]\.subsets\[0\]\.num_repeats: expected int, got '3'$"),
+        (_one({"num_repeat": 3}), r"datasets\[0\]\.subsets\[0\]\.num_repeat: unknown key; did you mean num_repeats\?"),
+        (_one(general={"shuffle_captions": True}), r"^d\.toml: general\.shuffle_captions: unknown key"),
+        (_one(dataset={"bach_size": 2}), r"datasets\[0\]\.bach_size: unknown key; did you mean batch_size"),
+        ({"general": {}, "dataset": []}, r"^d\.toml: dataset: unknown top-level key"),
+        (_one({"batch_size": 2}), r"datasets\[0\]\.subsets\[0\]\.batch_size: a dataset-level key"),
+        (_one({"resolution": 512}), r"datasets\[0\]\.subsets\[0\]\.resolution: a dataset-level key"),
+        (_one(general={"image_dir": "x"}), r"general\.image_dir: a subset-only key"),
+        (_one(dataset={"is_reg": True}), r"datasets\[0\]\.is_reg: a subset-only key"),
+        (_one(dataset={"alpha_mask": True}), r"datasets\[0\]\.alpha_mask: a subset-only key"),
+        (_one({"flip_aug": 1}), r"subsets\[0\]\.flip_aug: expected bool, got 1"),
+        (_one({"image_dir": 3}), r"subsets\[0\]\.image_dir: expected str, got 3"),
+        (_one(general={"keep_tokens": True}), r"general\.keep_tokens: expected int, got True"),
+        (_one(dataset={"network_multiplier": "1"}), r"datasets\[0\]\.network_multiplier: expected float"),
+        (
+            _one(dataset={"resolution": "1024,1024"}),
+            r"datasets\[0\]\.resolution: got the string '1024,1024'; "
+            r"write .*resolution = 1024 or resolution = \[1024, 1024\]",
+        ),
+        (_one(dataset={"resolution": [1024]}), r"datasets\[0\]\.resolution: expected a 2-element array"),
+        (_one(dataset={"resolution": [1024, 7.5]}), r"datasets\[0\]\.resolution\[1\]: expected int, got 7\.5"),
+        (_one(dataset={"resolution": 0}), r"datasets\[0\]\.resolution: must be positive"),
+        ({"datasets": [{"subsets": [{"image_dir": "a"}]}]}, r"datasets\[0\]\.resolution: required"),
+        (_one(dataset={"validation_split": 1}), r"datasets\[0\]\.validation_split: must be in \[0, 1\).*got 1\.0"),
+        (_one(dataset={"validation_split": 1.5}), r"validation_split: must be in \[0, 1\)"),
+        (_one({"num_repeats": -1}), r"subsets\[0\]\.num_repeats: must be >= 0"),
+        (_one(dataset={"batch_size": 0}), r"datasets\[0\]\.batch_size: must be >= 1, got 0"),
+        (_one({"caption_dropout_rate": 1.5}), r"subsets\[0\]\.caption_dropout_rate: must be in \[0, 1\], got 1\.5"),
+        (_one(general={"caption_tag_dropout_rate": -0.1}), r"general\.caption_tag_dropout_rate: must be in \[0, 1\]"),
+        (
+            _one(dataset={"min_bucket_reso": 1024, "max_bucket_reso": 512}),
+            r"datasets\[0\]: min_bucket_reso 1024 > max_bucket_reso 512",
+        ),
+        (
+            _one(dataset={"resolution": 2048, "enable_bucket": True}),
+            r"datasets\[0\]\.resolution: 2048x2048 lies outside the bucket range 256\.\.1024",
+        ),
+        (
+            _one({"resize_interpolation": "bicubik"}),
+            r"subsets\[0\]\.resize_interpolation: must be one of lanczos, .*box",
+        ),
+        (_one(dataset={"resize_interpolation": "Area"}), r"datasets\[0\]\.resize_interpolation: must be one of"),
+        (_one({"face_crop_aug_range": [4.0, 2.0]}), r"face_crop_aug_range: must be \[low, high\] with 0 < low <= high"),
+        (_one({"face_crop_aug_range": 2.0}), r"face_crop_aug_range: expected a 2-element array"),
+        (_one({"caption_separator": ""}), r"caption_separator: must be a non-empty string"),
+        (_one({"custom_attributes": "x"}), r"custom_attributes: expected dict"),
+        ({"datasets": [{"resolution": 512}]}, r"^d\.toml: datasets\[0\]: no \[\[datasets\.subsets\]\]"),
+        ({"datasets": [{"resolution": 512, "subsets": []}]}, r"datasets\[0\]: no \[\[datasets\.subsets\]\]"),
+        (
+            {"datasets": [{"resolution": 512, "subsets": {"image_dir": "a"}}]},
+            r"datasets\[0\]\.subsets: expected an array of tables",
+        ),
+        ({"general": {}}, r"^d\.toml: no \[\[datasets\]\]"),
+        ({"datasets": []}, r"datasets: expected a non-empty array"),
+        (
+            _one({"image_dir": None, "class_tokens": "a"}),
+            r"datasets\[0\]\.subsets\[0\]: set image_dir .* or metadata_file",
+        ),
+        ({"general": "x", "datasets": []}, r"general: expected a table"),
+    ],
+)
 def test_errors_name_the_key(data: dict[str, Any], pattern: str) -> None:
     _fails(data, pattern)
 
@@ -269,43 +316,58 @@ def test_num_repeats_zero_is_allowed() -> None:
 
 def test_bucket_range_is_snapped_to_steps() -> None:
     # max 1000 rounds up to 1024 with steps 64, so resolution 1024 fits (as in the reference)
-    (ds,) = parse_datasets(_one(dataset={"resolution": 1024, "enable_bucket": True, "max_bucket_reso": 1000}),
-                           "d").datasets
+    (ds,) = parse_datasets(
+        _one(dataset={"resolution": 1024, "enable_bucket": True, "max_bucket_reso": 1000}), "d"
+    ).datasets
     assert ds.max_bucket_reso == 1000
     # without buckets the range is not used
     parse_datasets(_one(dataset={"resolution": 2048}), "d")
 
 
 def test_dataset_kinds() -> None:
-    ft = {"datasets": [{"resolution": 512, "subsets": [{"metadata_file": "a.json"}, {"metadata_file": "b.jsonl",
-                                                                                       "image_dir": "b"}]}]}
+    ft = {
+        "datasets": [
+            {
+                "resolution": 512,
+                "subsets": [{"metadata_file": "a.json"}, {"metadata_file": "b.jsonl", "image_dir": "b"}],
+            }
+        ]
+    }
     assert dataset_kind(parse_datasets(ft, "d").datasets[0]) == "finetune"
     cn = _one({"conditioning_data_dir": "c"})
     assert dataset_kind(parse_datasets(cn, "d").datasets[0]) == "controlnet"
     assert dataset_kind(parse_datasets(_one(), "d").datasets[0]) == "dreambooth"
 
 
-@pytest.mark.parametrize(("subsets", "pattern"), [
-    ([{"image_dir": "a"}, {"metadata_file": "m.json"}], r"subsets 1 have metadata_file .* but 0 do not"),
-    ([{"image_dir": "a", "conditioning_data_dir": "c"}, {"image_dir": "b"}],
-     r"subsets 0 have conditioning_data_dir but 1 do not"),
-    ([{"image_dir": "a", "conditioning_data_dir": "c", "metadata_file": "m.json"}],
-     r"subsets 0: metadata_file is not used by ControlNet"),
-    ([{"metadata_file": "m.json", "is_reg": True}], r"subsets 0: is_reg is for DreamBooth"),
-])
+@pytest.mark.parametrize(
+    ("subsets", "pattern"),
+    [
+        ([{"image_dir": "a"}, {"metadata_file": "m.json"}], r"subsets 1 have metadata_file .* but 0 do not"),
+        (
+            [{"image_dir": "a", "conditioning_data_dir": "c"}, {"image_dir": "b"}],
+            r"subsets 0 have conditioning_data_dir but 1 do not",
+        ),
+        (
+            [{"image_dir": "a", "conditioning_data_dir": "c", "metadata_file": "m.json"}],
+            r"subsets 0: metadata_file is not used by ControlNet",
+        ),
+        ([{"metadata_file": "m.json", "is_reg": True}], r"subsets 0: is_reg is for DreamBooth"),
+    ],
+)
 def test_mixed_kinds_fail_at_load(subsets: list[dict[str, Any]], pattern: str) -> None:
-    _fails({"datasets": [{"resolution": 512, "subsets": subsets}]},
-           r"^d\.toml: datasets\[0\]: " + pattern)
+    _fails({"datasets": [{"resolution": 512, "subsets": subsets}]}, r"^d\.toml: datasets\[0\]: " + pattern)
 
 
 def test_dataset_kind_of_a_hand_built_mix() -> None:
-    ds = DatasetConfig(resolution=(512, 512), subsets=(SubsetConfig(image_dir="a"),
-                                                       SubsetConfig(metadata_file="m.json")))
+    ds = DatasetConfig(
+        resolution=(512, 512), subsets=(SubsetConfig(image_dir="a"), SubsetConfig(metadata_file="m.json"))
+    )
     with pytest.raises(ConfigError, match="metadata_file"):
         dataset_kind(ds)
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'nope.toml'}: dataset config not found")):
@@ -327,29 +389,37 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 # --- caching -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("option", "value", "reason"), [
-    ("color_aug", True, "would need a fresh latent every step; turn off cache_latents or the option"),
-    ("random_crop", True, "would need a fresh latent every step"),
-    ("alpha_mask", True, "not supported by fluxpipe's latent cache yet"),
-    ("face_crop_aug_range", [2.0, 4.0], "not supported"),
-])
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("color_aug", True, "would need a fresh latent every step; turn off cache_latents or the option"),
+        ("random_crop", True, "would need a fresh latent every step"),
+        ("alpha_mask", True, "not supported by fluxpipe's latent cache yet"),
+        ("face_crop_aug_range", [2.0, 4.0], "not supported"),
+    ],
+)
 def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
     data = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "ok"}, {"image_dir": "img", option: value}]}]}
     cfg = parse_datasets(data, "d.toml")
-    with pytest.raises(ConfigError, match=r"^d\.toml: datasets\[0\]\.subsets\[1\]\." + option + r" = .*'img'.*"
-                       + re.escape(reason)):
+    with pytest.raises(
+        ConfigError, match=r"^d\.toml: datasets\[0\]\.subsets\[1\]\." + option + r" = .*'img'.*" + re.escape(reason)
+    ):
         check_cacheable(cfg, cache_latents=True, cache_text=False)
     check_cacheable(cfg, cache_latents=False, cache_text=True)
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("shuffle_caption", True),
-    ("caption_dropout_rate", 0.1),
-    ("caption_tag_dropout_rate", 0.1),
-    ("token_warmup_step", 10),
-    ("enable_wildcard", True),
-    ("caption_dropout_every_n_epochs", 2),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("shuffle_caption", True),
+        ("caption_dropout_rate", 0.1),
+        ("caption_tag_dropout_rate", 0.1),
+        ("token_warmup_step", 10),
+        ("enable_wildcard", True),
+        ("caption_dropout_every_n_epochs", 2),
+    ],
+)
 def test_text_cache_blockers(option: str, value: Any) -> None:
     cfg = parse_datasets(_one(general={option: value}), "d.toml")
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.subsets\[0\]\." + option + r" = .*turn off cache_text"):
@@ -358,14 +428,31 @@ def test_text_cache_blockers(option: str, value: Any) -> None:
 
 
 def test_cacheable_allows_deterministic_options() -> None:
-    cfg = parse_datasets(_one({"caption_prefix": "photo of ", "caption_suffix": ", sks", "flip_aug": True,
-                               "keep_tokens": 2, "secondary_separator": ";;;", "caption_dropout_rate": 0.0}), "d")
+    cfg = parse_datasets(
+        _one(
+            {
+                "caption_prefix": "photo of ",
+                "caption_suffix": ", sks",
+                "flip_aug": True,
+                "keep_tokens": 2,
+                "secondary_separator": ";;;",
+                "caption_dropout_rate": 0.0,
+            }
+        ),
+        "d",
+    )
     check_cacheable(cfg, cache_latents=True, cache_text=True)
 
 
 def test_ignored_subsets_do_not_block_caching() -> None:
-    data = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "a"},
-                                                         {"image_dir": "b", "num_repeats": 0, "color_aug": True}]}]}
+    data = {
+        "datasets": [
+            {
+                "resolution": 512,
+                "subsets": [{"image_dir": "a"}, {"image_dir": "b", "num_repeats": 0, "color_aug": True}],
+            }
+        ]
+    }
     check_cacheable(parse_datasets(data, "d"), cache_latents=True, cache_text=True)
 
 
@@ -381,8 +468,9 @@ def test_command_line_values_rank_below_general() -> None:
     (ds,) = parse_datasets(_one(), "d.toml", cli).datasets
     assert ds.batch_size == 3 and ds.subsets[0].caption_extension == ".txt" and ds.subsets[0].flip_aug
     assert ds.subsets[0].resize_interpolation == "nearest"
-    (ds,) = parse_datasets(_one({"caption_extension": ".cap"}, {"batch_size": 2}, {"flip_aug": False}), "d.toml",
-                           cli).datasets
+    (ds,) = parse_datasets(
+        _one({"caption_extension": ".cap"}, {"batch_size": 2}, {"flip_aug": False}), "d.toml", cli
+    ).datasets
     assert ds.batch_size == 2 and ds.subsets[0].caption_extension == ".cap" and not ds.subsets[0].flip_aug
     with pytest.raises(ConfigError, match="command line.batch_size: must be >= 1"):
         parse_datasets(_one(), "d.toml", {"batch_size": 0})
@@ -405,11 +493,16 @@ def test_json_dataset_config_reads_as_the_toml(tmp_path: Path) -> None:
         load_dataset_toml(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("subset, pattern", [
-    ({"cache_info": True}, r"subsets\[0\].cache_info: not supported .*remove it"),
-    ({"custom_attributes": {"diff_output_preservation": True}},
-     r"subsets\[0\].custom_attributes: not supported yet.*remove diff_output_preservation"),
-])
+@pytest.mark.parametrize(
+    "subset, pattern",
+    [
+        ({"cache_info": True}, r"subsets\[0\].cache_info: not supported .*remove it"),
+        (
+            {"custom_attributes": {"diff_output_preservation": True}},
+            r"subsets\[0\].custom_attributes: not supported yet.*remove diff_output_preservation",
+        ),
+    ],
+)
 def test_unsupported_subset_keys_are_refused(subset: dict[str, Any], pattern: str) -> None:
     _fails(_one(subset), pattern)
     _fails({"general": subset, **_one()}, pattern)
@@ -421,13 +514,36 @@ def test_folder_mode_concept_subfolders(tmp_path: Path) -> None:
     (tmp_path / "train" / "1_file.txt").write_text("not a folder")
     (tmp_path / "reg" / "1_dog").mkdir(parents=True)
     data = folder_datasets(str(tmp_path / "train"), str(tmp_path / "reg"))
-    assert data == {"datasets": [{"subsets": [
-        {"image_dir": str(tmp_path / "train/10_sks dog"), "num_repeats": 10, "is_reg": False, "class_tokens": "sks dog"},
-        {"image_dir": str(tmp_path / "train/2_a_b"), "num_repeats": 2, "is_reg": False, "class_tokens": "a_b"},
-        {"image_dir": str(tmp_path / "train/3_empty"), "num_repeats": 3, "is_reg": False, "class_tokens": "empty"},
-        {"image_dir": str(tmp_path / "reg/1_dog"), "num_repeats": 1, "is_reg": True, "class_tokens": "dog"}]}]}
+    assert data == {
+        "datasets": [
+            {
+                "subsets": [
+                    {
+                        "image_dir": str(tmp_path / "train/10_sks dog"),
+                        "num_repeats": 10,
+                        "is_reg": False,
+                        "class_tokens": "sks dog",
+                    },
+                    {
+                        "image_dir": str(tmp_path / "train/2_a_b"),
+                        "num_repeats": 2,
+                        "is_reg": False,
+                        "class_tokens": "a_b",
+                    },
+                    {
+                        "image_dir": str(tmp_path / "train/3_empty"),
+                        "num_repeats": 3,
+                        "is_reg": False,
+                        "class_tokens": "empty",
+                    },
+                    {"image_dir": str(tmp_path / "reg/1_dog"), "num_repeats": 1, "is_reg": True, "class_tokens": "dog"},
+                ]
+            }
+        ]
+    }
     assert folder_datasets("imgs", in_json="meta.json") == {
-        "datasets": [{"subsets": [{"image_dir": "imgs", "metadata_file": "meta.json"}]}]}
+        "datasets": [{"subsets": [{"image_dir": "imgs", "metadata_file": "meta.json"}]}]
+    }
     with pytest.raises(ConfigError, match="--train_data_dir .*: no subfolder named N_concept"):
         folder_datasets(str(tmp_path / "reg" / "1_dog"))
     with pytest.raises(ConfigError, match="--reg_data_dir .*nowhere: not a folder"):

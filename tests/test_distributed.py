@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
-from fluxpipe.distributed import World, collective_device
+from fluxpipe.parallel.distributed import World, collective_device
 
 BIN = Path(sys.executable).parent
 
@@ -40,12 +40,33 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
         a[a.index("--mixed_precision") + 1] = "no"  # fp32: the two layouts differ only by float summation order
         return a
 
-    one = subprocess.run([str(BIN / "fluxpipe"), "train", "lora", *args(tmp_path / "one", REPO / "config/demo/dataset.toml")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [str(BIN / "fluxpipe"), "train", "lora", *args(tmp_path / "one", REPO / "config/demo/dataset.toml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fluxpipe.cli",
-                          "train", "lora", *args(tmp_path / "two", per_process)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "fluxpipe.cli",
+            "train",
+            "lora",
+            *args(tmp_path / "two", per_process),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one/my_flux_lora.safetensors"))
     b = load_file(str(tmp_path / "two/my_flux_lora.safetensors"))
@@ -56,20 +77,48 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
     assert not list((tmp_path / "two").glob("*.tmp*"))  # rank 0 alone wrote, atomically
     # the 2-process run's epoch-1 state, resumed by 1 process: the world size may change between runs
     state = tmp_path / "two/my_flux_lora-000001-state"
-    resumed = subprocess.run([str(BIN / "fluxpipe"), "train", "lora", *args(tmp_path / "resumed",
-                                                                          REPO / "config/demo/dataset.toml"),
-                              "--resume", str(state)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            str(BIN / "fluxpipe"),
+            "train",
+            "lora",
+            *args(tmp_path / "resumed", REPO / "config/demo/dataset.toml"),
+            "--resume",
+            str(state),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     c = load_file(str(tmp_path / "resumed/my_flux_lora.safetensors"))
     assert max(float((a[k].float() - c[k].float()).abs().max()) for k in a) < 1e-5
     # segments under torchrun: 2 processes stop at step 3 (mid-epoch), 2 processes resume and finish
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fluxpipe.cli", "train", "lora"]
-    first = subprocess.run([*torchrun, *args(tmp_path / "chain", per_process), "--stop_at_step", "3"], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [*torchrun, *args(tmp_path / "chain", per_process), "--stop_at_step", "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    rest = subprocess.run([*torchrun, *args(tmp_path / "chain", per_process), "--resume",
-                           str(tmp_path / "chain/my_flux_lora-seg00000003-state")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    rest = subprocess.run(
+        [
+            *torchrun,
+            *args(tmp_path / "chain", per_process),
+            "--resume",
+            str(tmp_path / "chain/my_flux_lora-seg00000003-state"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rest.returncode == 0, rest.stderr[-3000:]
     d = load_file(str(tmp_path / "chain/my_flux_lora.safetensors"))
     assert max(float((b[k].float() - d[k].float()).abs().max()) for k in b) == 0.0  # the 2-process run, exactly
@@ -77,8 +126,11 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
 
 def _run(command: list[str], processes: int) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    launch = [str(BIN / "fluxpipe")] if processes == 1 else \
-        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "-m", "fluxpipe.cli"]
+    launch = (
+        [str(BIN / "fluxpipe")]
+        if processes == 1
+        else [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "-m", "fluxpipe.cli"]
+    )
     return subprocess.run([*launch, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -121,10 +173,15 @@ def test_two_fsdp_processes_fine_tune_the_dit_of_one_with_twice_the_batch(demo_d
         a = full_command(demo_dir, out, "--save_state", *extra)
         for flag in ("--fused_backward_pass", "--full_bf16"):
             a.remove(flag)
-        del a[a.index("--optimizer_args"):a.index("--optimizer_args") + 4]
+        del a[a.index("--optimizer_args") : a.index("--optimizer_args") + 4]
         # fp32 AdamW with the gradient norm clipped (the clip sees the whole sharded gradient)
-        for flag, value in (("--optimizer_type", "AdamW"), ("--mixed_precision", "no"), ("--save_precision", "float"),
-                            ("--max_grad_norm", "0.01"), ("--dataset_config", str(dataset))):
+        for flag, value in (
+            ("--optimizer_type", "AdamW"),
+            ("--mixed_precision", "no"),
+            ("--save_precision", "float"),
+            ("--max_grad_norm", "0.01"),
+            ("--dataset_config", str(dataset)),
+        ):
             a[a.index(flag) + 1] = value
         return ["train", "full", *a]
 
@@ -232,7 +289,8 @@ def device_only_group() -> DeviceOnlyGroup:
 
 
 def test_collectives_run_on_the_device_under_a_group_that_refuses_cpu_tensors(
-        device_only_group: DeviceOnlyGroup) -> None:
+    device_only_group: DeviceOnlyGroup,
+) -> None:
     with pytest.raises(RuntimeError, match="CPU tensor"):  # the checker works: what today's NCCL says
         dist.all_reduce(torch.tensor([0.5, 1.0], dtype=torch.float64))
     w = World(rank=0, size=2, local_rank=1, device="meta")  # rank 0 of 2, the loss on its (emulated) GPU
@@ -252,14 +310,19 @@ def test_only_the_world_and_fsdp_call_collectives() -> None:
     """Every collective goes through World (on its device) or torch's FSDP2 state-dict functions (on the mesh's)."""
     import re
 
-    callers = {p.relative_to(REPO).as_posix() for p in (REPO / "fluxpipe").rglob("*.py")
-               if re.search(r"torch\.distributed\.(all_|broadcast|barrier|reduce|gather|scatter|send|recv)|\bdist\.",
-                            p.read_text())}
-    assert callers == {"fluxpipe/distributed.py"}, callers
+    callers = {
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "fluxpipe").rglob("*.py")
+        if re.search(
+            r"torch\.distributed\.(all_|broadcast|barrier|reduce|gather|scatter|send|recv)|\bdist\.", p.read_text()
+        )
+    }
+    assert callers == {"fluxpipe/parallel/distributed.py"}, callers
 
 
-def test_the_loss_is_reduced_once_per_optimizer_step(demo_dir: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_loss_is_reduced_once_per_optimizer_step(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With gradient accumulation the ranks' losses meet once a step (each a host sync), not every micro-batch."""
     from test_train_lora import seed_command
 

@@ -1,4 +1,4 @@
-"""The EMA of the trained weights (fluxpipe.ema; --ema_decay and its options): the maths by hand, the files of
+"""The EMA of the trained weights (fluxpipe.training.ema; --ema_decay and its options): the maths by hand, the files of
 the three trainers against an EMA computed by hand from their per-step files, and exact resume with an EMA."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO
 from fluxpipe.cli import main
-from fluxpipe.ema import Ema, EmaSettings, warmup_decay
+from fluxpipe.training.ema import Ema, EmaSettings, warmup_decay
 
 
 @pytest.fixture(autouse=True)
@@ -62,12 +62,12 @@ def test_swapped_holds_the_ema_and_restores_the_weights_exactly(dtype: torch.dty
 
 
 def test_a_large_update_goes_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fluxpipe.ema
+    import fluxpipe.training.ema
 
-    monkeypatch.setattr(fluxpipe.ema, "CHUNK_BYTES", 8)  # two float32 values a chunk
+    monkeypatch.setattr(fluxpipe.training.ema, "CHUNK_BYTES", 8)  # two float32 values a chunk
     params = [torch.full((n,), float(n)) for n in (1, 1, 3, 2)]
     shadow = [torch.zeros(n) for n in (1, 1, 3, 2)]
-    fluxpipe.ema.ema_update(shadow, [p.to(torch.bfloat16) for p in params], 0.75)
+    fluxpipe.training.ema.ema_update(shadow, [p.to(torch.bfloat16) for p in params], 0.75)
     assert all(torch.equal(s, p / 4) for s, p in zip(shadow, params, strict=True))
 
 
@@ -122,8 +122,7 @@ def lora_command(demo: Path, out: Path, *extra: str) -> list[str]:
     return args
 
 
-def test_lora_ema_file_is_the_ema_of_the_per_step_weights_and_resumes_exactly(demo_dir: Path,
-                                                                               tmp_path: Path) -> None:
+def test_lora_ema_file_is_the_ema_of_the_per_step_weights_and_resumes_exactly(demo_dir: Path, tmp_path: Path) -> None:
     one, chain = tmp_path / "one", tmp_path / "chain"
     assert main(["train", "lora", *lora_command(demo_dir, one)]) == 0
     name = "my_flux_lora"
@@ -136,7 +135,7 @@ def test_lora_ema_file_is_the_ema_of_the_per_step_weights_and_resumes_exactly(de
     assert ema_meta["ss_ema_decay"] == "0.5" and ema_meta["ss_ema_updates"] == "5"
     assert ema_meta["ss_network_dim"] == raw_meta["ss_network_dim"] == "16" and ema_meta["ss_steps"] == "5"
     assert ema_meta["sshs_model_hash"] != raw_meta["sshs_model_hash"]  # the hashes are the EMA file's own
-    from fluxpipe.sampler import load_lora  # what `fluxpipe sample --lora` reads
+    from fluxpipe.inference.sampler import load_lora  # what `fluxpipe sample --lora` reads
 
     assert load_lora(one / f"{name}-ema.safetensors")[0] == load_lora(steps[-1])[0]
     # killed after step 3 (a segment), resumed: the same EMA, bit for bit
@@ -155,8 +154,9 @@ def test_ema_for_eval_validates_the_ema_and_leaves_the_training_unchanged(demo_d
         assert main(["train", "lora", *lora_command(demo_dir, out, *extra)]) == 0
         runs[tag] = load_file(str(out / "my_flux_lora.safetensors"))
         runs[tag + "-ema"] = load_file(str(out / "my_flux_lora-ema.safetensors"))
-        runs[tag + "-val"] = [json.loads(x)["loss"] for x in (out / "my_flux_lora-validation.jsonl").read_text()
-                              .splitlines()]
+        runs[tag + "-val"] = [
+            json.loads(x)["loss"] for x in (out / "my_flux_lora-validation.jsonl").read_text().splitlines()
+        ]
     for k in runs["ema"]:  # the raw weights were restored exactly after each validation
         assert torch.equal(runs["ema"][k], runs["eval"][k]) and torch.equal(runs["ema-ema"][k], runs["eval-ema"][k])
     assert runs["ema-val"][0] == runs["eval-val"][0]  # before training the EMA is the starting LoRA
@@ -166,15 +166,18 @@ def test_ema_for_eval_validates_the_ema_and_leaves_the_training_unchanged(demo_d
 def test_full_fine_tune_ema_on_cpu_every_second_step(demo_dir: Path, tmp_path: Path) -> None:
     from test_train_full import full_command
 
-    args = full_command(demo_dir, tmp_path, "--save_every_n_steps", "1", "--ema_decay", "0.9",
-                        "--ema_update_every", "2", "--ema_on_cpu")
+    args = full_command(
+        demo_dir, tmp_path, "--save_every_n_steps", "1", "--ema_decay", "0.9", "--ema_update_every", "2", "--ema_on_cpu"
+    )
     for flag in ("--full_bf16", "--save_precision"):  # fp32 weights: the files hold them exactly
         i = args.index(flag)
-        del args[i:i + (2 if flag == "--save_precision" else 1)]
+        del args[i : i + (2 if flag == "--save_precision" else 1)]
     assert main(["train", "full", *args]) == 0
     losses = (tmp_path / "ft-loss.jsonl").read_text().splitlines()
     total = len(losses)
-    files = [tmp_path / (f"ft-step{s:08d}.safetensors" if s < total else "ft.safetensors") for s in range(2, total + 1, 2)]
+    files = [
+        tmp_path / (f"ft-step{s:08d}.safetensors" if s < total else "ft.safetensors") for s in range(2, total + 1, 2)
+    ]
     assert_matches(tmp_path / "ft-ema.safetensors", hand_ema([load_file(str(p)) for p in files], 0.9))
     assert (tmp_path / "ft-000001-ema.safetensors").is_file()
 
@@ -196,14 +199,18 @@ def test_controlnet_ema_by_hand_and_after_a_resume(demo_dir: Path, tmp_path: Pat
     assert all(torch.equal(a[k], b[k]) for k in a)  # the full fine-tune's state code (shared): exact
 
 
-@pytest.mark.parametrize(("method", "extra", "message"), [
-    ("lora", ["--ema_on_cpu"], "--ema_on_cpu: needs --ema_decay"),
-    ("lora", ["--ema_decay", "1.0"], "--ema_decay: 1.0 must be between 0 and 1"),
-    ("full", ["--ema_decay", "0.9", "--ema_update_every", "0"], "--ema_update_every: 0 must be >= 1"),
-    ("controlnet", ["--ema_decay", "0.9", "--ema_for_eval"], "--ema_for_eval"),
-])
-def test_bad_ema_flags_are_one_line(method: str, extra: list[str], message: str, demo_dir: Path, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("method", "extra", "message"),
+    [
+        ("lora", ["--ema_on_cpu"], "--ema_on_cpu: needs --ema_decay"),
+        ("lora", ["--ema_decay", "1.0"], "--ema_decay: 1.0 must be between 0 and 1"),
+        ("full", ["--ema_decay", "0.9", "--ema_update_every", "0"], "--ema_update_every: 0 must be >= 1"),
+        ("controlnet", ["--ema_decay", "0.9", "--ema_for_eval"], "--ema_for_eval"),
+    ],
+)
+def test_bad_ema_flags_are_one_line(
+    method: str, extra: list[str], message: str, demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from test_train_controlnet import cn_command
     from test_train_lora import seed_command
 
@@ -214,13 +221,21 @@ def test_bad_ema_flags_are_one_line(method: str, extra: list[str], message: str,
 
 
 def test_fsdp_refuses_an_ema_in_one_line() -> None:
-    from fluxpipe.distributed import World
     from fluxpipe.errors import FluxpipeError
+    from fluxpipe.parallel.distributed import World
     from fluxpipe.stages.train_full import TrainFullConfig, check_parallel
 
-    cfg = TrainFullConfig(flux=Path("f"), manifest=Path("m"), latent_index=Path("l"), text_index=Path("t"),
-                          output_dir=Path("o"), output_name="ft", batch_sizes={0: 1}, variant="dev",
-                          ema=EmaSettings(decay=0.9))
+    cfg = TrainFullConfig(
+        flux=Path("f"),
+        manifest=Path("m"),
+        latent_index=Path("l"),
+        text_index=Path("t"),
+        output_dir=Path("o"),
+        output_name="ft",
+        batch_sizes={0: 1},
+        variant="dev",
+        ema=EmaSettings(decay=0.9),
+    )
     with pytest.raises(FluxpipeError, match="--ema_decay: the EMA of FSDP-sharded weights is not implemented"):
         check_parallel(cfg, World(rank=0, size=2), sharded=True)
     check_parallel(cfg, World(rank=0, size=2), sharded=False)  # (ControlNet under DDP: every rank updates its EMA)
@@ -229,8 +244,8 @@ def test_fsdp_refuses_an_ema_in_one_line() -> None:
 def test_the_settings_digest_counts_the_decay_not_where_the_ema_lives() -> None:
     import argparse
 
-    from fluxpipe.train_args import parse_train_args
-    from fluxpipe.train_config import settings_digest
+    from fluxpipe.commands.train import settings_digest
+    from fluxpipe.config.reference_flags import parse_train_args
 
     base = ["--network_module", "networks.lora_flux"]
     plain = parse_train_args(base)
@@ -248,15 +263,24 @@ def test_pruning_an_old_step_file_removes_its_ema_file_too(tmp_path: Path) -> No
 
     from fluxpipe.stages.train_lora import prune_old
 
-    cfg = SimpleNamespace(output_dir=tmp_path, output_name="x", save_last_n_steps=2, save_last_n_steps_state=None,
-                          save_last_n_epochs=None, save_last_n_epochs_state=None)
+    cfg = SimpleNamespace(
+        output_dir=tmp_path,
+        output_name="x",
+        save_last_n_steps=2,
+        save_last_n_steps_state=None,
+        save_last_n_epochs=None,
+        save_last_n_epochs_state=None,
+    )
     for step in (1, 2, 3):
         for tail in ("", "-ema"):
             (tmp_path / f"x-step{step:08d}{tail}.safetensors").write_bytes(b"")
     prune_old(cfg, "step", 3, 1)  # keep the last 2 steps' files: step 1's go
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "x-step00000002-ema.safetensors", "x-step00000002.safetensors",
-        "x-step00000003-ema.safetensors", "x-step00000003.safetensors"]
+        "x-step00000002-ema.safetensors",
+        "x-step00000002.safetensors",
+        "x-step00000003-ema.safetensors",
+        "x-step00000003.safetensors",
+    ]
 
 
 def test_two_processes_keep_the_ema_of_one(demo_dir: Path, tmp_path: Path) -> None:

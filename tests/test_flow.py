@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fluxpipe import flow
+from fluxpipe.maths import flow
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -13,6 +13,7 @@ The reference is validated against the official-code case file (case_public.safe
 what that file does not cover: schnell (no guidance embedding), batch 2 with different items, a
 non-square latent grid and a text attention mask. A sensitivity test shows one perturbed weight is seen.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,7 @@ def rotate(x: Tensor, phases: Tensor, f32: bool) -> Tensor:
     return torch.stack([z.real, z.imag], dim=-1).flatten(-2).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, D: int, phases: Tensor, key_ok: Tensor | None,
-              f32: bool) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, D: int, phases: Tensor, key_ok: Tensor | None, f32: bool) -> Tensor:
     """q, k (already RMS-normed), v: [B, T, H*D] head-major. Per-head loop, explicit softmax."""
     heads = []
     for h in range(q.shape[-1] // D):
@@ -111,9 +111,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, D: int, phases: Tensor, key_ok: T
     return torch.cat(heads, dim=-1)
 
 
-def reference_flux(sd: SD, axes_dim: list[int], theta: float, img: Tensor, img_ids: Tensor, txt: Tensor,
-                   txt_ids: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None,
-                   txt_mask: Tensor | None = None, official_f32: bool = True) -> Tensor:
+def reference_flux(
+    sd: SD,
+    axes_dim: list[int],
+    theta: float,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: Tensor,
+    y: Tensor,
+    guidance: Tensor | None = None,
+    txt_mask: Tensor | None = None,
+    official_f32: bool = True,
+) -> Tensor:
     sd = {k: v.double() for k, v in sd.items()}
     C, D = sd["img_in.weight"].shape[0], sum(axes_dim)
     n_double, n_single = (len({k.split(".")[1] for k in sd if k.startswith(b)}) for b in ("double_", "single_"))
@@ -158,9 +169,20 @@ def rel(a: Tensor, b: Tensor) -> float:
 
 
 def make_model(guidance_embed: bool, seed: int = 0) -> Flux:
-    params = FluxParams(in_channels=64, vec_in_dim=16, context_in_dim=24, hidden_size=64, mlp_ratio=4.0,
-                        num_heads=2, depth=2, depth_single_blocks=2, axes_dim=list(AXES), theta=10_000,
-                        qkv_bias=True, guidance_embed=guidance_embed)
+    params = FluxParams(
+        in_channels=64,
+        vec_in_dim=16,
+        context_in_dim=24,
+        hidden_size=64,
+        mlp_ratio=4.0,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=list(AXES),
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=guidance_embed,
+    )
     model = Flux(params).double().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -185,10 +207,15 @@ def grid_ids(batch: int, h: int, w: int) -> Tensor:
 def make_inputs(batch: int, h: int, w: int, guidance: bool, seed: int = 1) -> dict[str, Tensor | None]:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return dict(img=r(batch, h * w, 64), img_ids=grid_ids(batch, h, w), txt=r(batch, L_TXT, 24),
-                txt_ids=torch.zeros(batch, L_TXT, 3, dtype=torch.float64),
-                timesteps=torch.rand(batch, generator=g, dtype=torch.float64), y=r(batch, 16),
-                guidance=(1.0 + 4.0 * torch.rand(batch, generator=g, dtype=torch.float64)) if guidance else None)
+    return dict(
+        img=r(batch, h * w, 64),
+        img_ids=grid_ids(batch, h, w),
+        txt=r(batch, L_TXT, 24),
+        txt_ids=torch.zeros(batch, L_TXT, 3, dtype=torch.float64),
+        timesteps=torch.rand(batch, generator=g, dtype=torch.float64),
+        y=r(batch, 16),
+        guidance=(1.0 + 4.0 * torch.rand(batch, generator=g, dtype=torch.float64)) if guidance else None,
+    )
 
 
 def compare(model: Flux, inp: dict, mask: Tensor | None = None) -> tuple[Tensor, float]:
@@ -207,8 +234,8 @@ def test_reference_reproduces_official_case_file() -> None:
     with safe_open(str(CASE), "pt") as f:
         fp = json.loads(f.metadata()["conformance"])["flux_params"]
         t = {k: f.get_tensor(k) for k in f.keys() if k.startswith("flux.")}
-    sd = {k[len("flux.weight."):]: v for k, v in t.items() if k.startswith("flux.weight.")}
-    inp = {k[len("flux.in."):]: v for k, v in t.items() if k.startswith("flux.in.")}
+    sd = {k[len("flux.weight.") :]: v for k, v in t.items() if k.startswith("flux.weight.")}
+    inp = {k[len("flux.in.") :]: v for k, v in t.items() if k.startswith("flux.in.")}
     for official_f32 in (True, False):
         ref = reference_flux(sd, fp["axes_dim"], fp["theta"], **inp, official_f32=official_f32)
         assert rel(ref, t["flux.out"]) < 1e-4
@@ -237,8 +264,13 @@ def test_non_square_grid_matches_reference() -> None:
     _, err = compare(model, inp)
     assert err < TOL
     transposed = dict(inp, img_ids=inp["img_ids"][..., [0, 2, 1]])  # rows/cols swapped must matter
-    assert rel(reference_flux(model.state_dict(), AXES, 10_000, **transposed),
-               reference_flux(model.state_dict(), AXES, 10_000, **inp)) > 1e-3
+    assert (
+        rel(
+            reference_flux(model.state_dict(), AXES, 10_000, **transposed),
+            reference_flux(model.state_dict(), AXES, 10_000, **inp),
+        )
+        > 1e-3
+    )
 
 
 def test_text_attention_mask_matches_reference() -> None:
@@ -254,8 +286,14 @@ def test_text_attention_mask_matches_reference() -> None:
     assert err_ones < TOL
 
 
-@pytest.mark.parametrize("key", ["double_blocks.1.txt_attn.norm.key_norm.scale",
-                                 "single_blocks.0.linear1.bias", "final_layer.adaLN_modulation.1.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "double_blocks.1.txt_attn.norm.key_norm.scale",
+        "single_blocks.0.linear1.bias",
+        "final_layer.adaLN_modulation.1.weight",
+    ],
+)
 def test_reference_detects_single_weight_perturbation(key: str) -> None:
     model, inp = make_model(guidance_embed=True), make_inputs(1, 3, 5, guidance=True)
     sd = {k: v.clone() for k, v in model.state_dict().items()}

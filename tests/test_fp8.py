@@ -5,16 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxpipe.fp8 import FP8, store_linears_fp8
+from fluxpipe.memory.fp8 import FP8, store_linears_fp8
 from fluxpipe.models import Flux
 from fluxpipe.models.flux import tiny
 
 
 def inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"img": torch.randn(2, 6, 64, generator=g), "img_ids": torch.zeros(2, 6, 3), "txt": torch.randn(2, 4, 32, generator=g),
-            "txt_ids": torch.zeros(2, 4, 3), "timesteps": torch.tensor([0.3, 0.7]), "y": torch.randn(2, 32, generator=g),
-            "guidance": torch.tensor([1.0, 1.0])}
+    return {
+        "img": torch.randn(2, 6, 64, generator=g),
+        "img_ids": torch.zeros(2, 6, 3),
+        "txt": torch.randn(2, 4, 32, generator=g),
+        "txt_ids": torch.zeros(2, 4, 3),
+        "timesteps": torch.tensor([0.3, 0.7]),
+        "y": torch.randn(2, 32, generator=g),
+        "guidance": torch.tensor([1.0, 1.0]),
+    }
 
 
 def test_fp8_model_equals_the_model_with_fp8_rounded_weights() -> None:
@@ -33,7 +39,7 @@ def test_fp8_model_equals_the_model_with_fp8_rounded_weights() -> None:
 
 
 def test_lora_wraps_the_upcasting_forward_and_trains() -> None:
-    from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
+    from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
 
     torch.manual_seed(0)
     model = Flux(tiny()).requires_grad_(False)

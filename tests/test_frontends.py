@@ -7,15 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import REPO
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
-from fluxpipe.tables import read_parquet
-from fluxpipe.train_args import parse_train_args
-from fluxpipe.train_config import check_supported
+from fluxpipe.commands.train import check_supported
+from fluxpipe.config.reference_flags import parse_train_args
+from fluxpipe.io.tables import read_parquet
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 # FluxGym's app.py gen_sh (cocktailpeanut/fluxgym 678add2) with its default settings (workers 2, seed 42,
 # learning rate 8e-4, network_dim 4, 16 epochs, save every 4, timestep_sampling shift, guidance 1): the text
@@ -86,10 +86,17 @@ keep_tokens = 1
 
 def fluxgym_argv(vram: str, demo: Path, out: Path, dataset: Path) -> list[str]:
     """The flux_train_network.py flags of FluxGym's train.sh for one VRAM preset, paths pointed at the demo."""
-    sh = FLUXGYM_SH.format(flux=demo / FILES["flux"], clip_l=demo / FILES["clip_l"], t5xxl=demo / FILES["t5xxl"],
-                           ae=demo / FILES["ae"], dataset=dataset, output=out, optimizer=OPTIMIZERS[vram])
+    sh = FLUXGYM_SH.format(
+        flux=demo / FILES["flux"],
+        clip_l=demo / FILES["clip_l"],
+        t5xxl=demo / FILES["t5xxl"],
+        ae=demo / FILES["ae"],
+        dataset=dataset,
+        output=out,
+        optimizer=OPTIMIZERS[vram],
+    )
     words = shlex.split(sh.replace("\\\n", " ").rstrip("\\"))
-    return words[words.index("sd-scripts/flux_train_network.py") + 1:]
+    return words[words.index("sd-scripts/flux_train_network.py") + 1 :]
 
 
 def fluxgym_dataset(tmp: Path, images: int) -> Path:
@@ -117,8 +124,22 @@ def test_fluxgym_presets_parse(vram: str, tmp_path: Path, demo_dir: Path) -> Non
 def test_fluxgym_12g_preset_trains_on_the_demo(tmp_path: Path, demo_dir: Path) -> None:
     """The 12 GB preset (split_mode, single blocks only, Adafactor, fp8 base), 1 epoch of 2 images."""
     argv = fluxgym_argv("12G", demo_dir, tmp_path / "out", fluxgym_dataset(tmp_path, 2))
-    assert main(["train", "lora", *argv, "--max_train_epochs", "1", "--clip_tokenizer", str(demo_dir / CLIP_DIR),
-                 "--t5_tokenizer", str(demo_dir / T5_DIR)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "lora",
+                *argv,
+                "--max_train_epochs",
+                "1",
+                "--clip_tokenizer",
+                str(demo_dir / CLIP_DIR),
+                "--t5_tokenizer",
+                str(demo_dir / T5_DIR),
+            ]
+        )
+        == 0
+    )
     with safe_open(str(tmp_path / "out/my-lora.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert meta["ss_steps"] == "2" and meta["ss_fp8_base"] == "True"  # 2 images x 1 repeat / batch 1
@@ -137,12 +158,35 @@ def test_folder_mode_trains_with_command_line_batch_and_captions(tmp_path: Path,
             (concept / f"{color}.cap").write_text(f"a {color} square")
     (tmp_path / "train" / "readme").mkdir()  # no repeat count: left out
     out = tmp_path / "out"
-    argv = ["--pretrained_model_name_or_path", str(demo_dir / FILES["flux"]), "--clip_l", str(demo_dir / FILES["clip_l"]),
-            "--t5xxl", str(demo_dir / FILES["t5xxl"]), "--ae", str(demo_dir / FILES["ae"]), "--network_module",
-            "networks.lora_flux", "--network_train_unet_only", "--train_data_dir", str(tmp_path / "train"),
-            "--resolution", "64", "--train_batch_size", "2", "--caption_extension", "cap", "--max_train_epochs", "1",
-            "--output_dir", str(out), "--clip_tokenizer", str(demo_dir / CLIP_DIR),
-            "--t5_tokenizer", str(demo_dir / T5_DIR)]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(demo_dir / FILES["flux"]),
+        "--clip_l",
+        str(demo_dir / FILES["clip_l"]),
+        "--t5xxl",
+        str(demo_dir / FILES["t5xxl"]),
+        "--ae",
+        str(demo_dir / FILES["ae"]),
+        "--network_module",
+        "networks.lora_flux",
+        "--network_train_unet_only",
+        "--train_data_dir",
+        str(tmp_path / "train"),
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "2",
+        "--caption_extension",
+        "cap",
+        "--max_train_epochs",
+        "1",
+        "--output_dir",
+        str(out),
+        "--clip_tokenizer",
+        str(demo_dir / CLIP_DIR),
+        "--t5_tokenizer",
+        str(demo_dir / T5_DIR),
+    ]
     assert main(["train", "lora", *argv]) == 0
     with safe_open(str(out / "last.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "4"
@@ -151,8 +195,9 @@ def test_folder_mode_trains_with_command_line_batch_and_captions(tmp_path: Path,
     assert set(table.repeats) == {2} and not table.is_reg.any()
 
 
-def test_refused_dataset_settings_stop_before_any_work(tmp_path: Path, demo_dir: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_refused_dataset_settings_stop_before_any_work(
+    tmp_path: Path, demo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = fluxgym_argv("20G", demo_dir, tmp_path / "out", fluxgym_dataset(tmp_path, 1))
     assert main(["train", "lora", *argv, "--cache_info"]) == 2
     assert "cache_info: not supported" in capsys.readouterr().err and not (tmp_path / "out").exists()

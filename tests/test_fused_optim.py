@@ -10,8 +10,15 @@ import torch
 from torch import nn
 from transformers.optimization import Adafactor
 
-from fluxpipe.fused_optim import (BlockwiseFusedOptimizers, FusedBackward, adafactor_step_param, block_key,
-                                  check_fused_options, copy_stochastic_, enable_fused_backward)
+from fluxpipe.training.fused_optim import (
+    BlockwiseFusedOptimizers,
+    FusedBackward,
+    adafactor_step_param,
+    block_key,
+    check_fused_options,
+    copy_stochastic_,
+    enable_fused_backward,
+)
 
 # 1 + 0.3125 * 2^-7 lies between the bf16 neighbours 1 and 1 + 2^-7 (bf16 keeps 7 mantissa bits)
 BETWEEN = 1.0 + 2**-9 + 2**-11
@@ -57,9 +64,16 @@ def two_params(seed: int = 0) -> list[nn.Parameter]:
     return [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(4, generator=g))]
 
 
-@pytest.mark.parametrize("kwargs", [RELATIVE, FIXED, {**FIXED, "beta1": 0.9, "weight_decay": 0.01},
-                                    {"warmup_init": True, "clip_threshold": 0.5, "decay_rate": -0.5}],
-                         ids=["relative", "fixed_lr", "beta1_decay", "warmup_init"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        RELATIVE,
+        FIXED,
+        {**FIXED, "beta1": 0.9, "weight_decay": 0.01},
+        {"warmup_init": True, "clip_threshold": 0.5, "decay_rate": -0.5},
+    ],
+    ids=["relative", "fixed_lr", "beta1_decay", "warmup_init"],
+)
 def test_step_param_matches_transformers_adafactor(kwargs: dict) -> None:
     ours, theirs = two_params(), two_params()
     ours_opt, theirs_opt = Adafactor(ours, **kwargs), Adafactor(theirs, **kwargs)
@@ -183,10 +197,12 @@ def test_block_keys_and_groups() -> None:
     assert block_key("single_blocks.3.linear1.bias") == ("single", 3)
     assert block_key("img_in.weight") == block_key("double_blocks_extra.0.w") == "other"
     blockwise = BlockwiseFusedOptimizers(TinyDiT(), adamw)
-    assert blockwise.names == {"other": ["img_in.weight", "img_in.bias"],
-                               ("double", 0): ["double_blocks.0.x", "double_blocks.0.b"],
-                               ("double", 1): ["double_blocks.1.x", "double_blocks.1.b"],
-                               ("single", 0): ["single_blocks.0.x", "single_blocks.0.b"]}
+    assert blockwise.names == {
+        "other": ["img_in.weight", "img_in.bias"],
+        ("double", 0): ["double_blocks.0.x", "double_blocks.0.b"],
+        ("double", 1): ["double_blocks.1.x", "double_blocks.1.b"],
+        ("single", 0): ["single_blocks.0.x", "single_blocks.0.b"],
+    }
     assert set(blockwise.state_dict()) == {"other", "double.0", "double.1", "single.0"}
 
 
@@ -205,8 +221,7 @@ def test_blockwise_adamw_equals_one_adamw_over_all_parameters() -> None:
         loss_of(plain, x, y).backward()
         opt.step()
         opt.zero_grad()
-    for (name, a), b, start in zip(blocked.named_parameters(), plain.parameters(), TinyDiT().parameters(),
-                                   strict=True):
+    for (name, a), b, start in zip(blocked.named_parameters(), plain.parameters(), TinyDiT().parameters(), strict=True):
         assert name == "frozen" or not torch.equal(b, start)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
@@ -216,8 +231,13 @@ def test_blockwise_clipping_is_per_block() -> None:
     blockwise = BlockwiseFusedOptimizers(clipped, lambda ps: torch.optim.SGD(ps, lr=1.0), max_grad_norm=0.01)
     before = [p.detach().clone() for p in clipped.parameters()]
     train_blockwise(clipped, blockwise, batches(1))
-    moved = dict(zip([n for n, _ in clipped.named_parameters()],
-                     [(p.detach() - b) for p, b in zip(clipped.parameters(), before, strict=True)], strict=True))
+    moved = dict(
+        zip(
+            [n for n, _ in clipped.named_parameters()],
+            [(p.detach() - b) for p, b in zip(clipped.parameters(), before, strict=True)],
+            strict=True,
+        )
+    )
     for names in blockwise.names.values():  # SGD with lr 1: each block moved by its clipped gradient, norm 0.01
         norm = torch.linalg.vector_norm(torch.cat([moved[n].flatten() for n in names]))
         assert abs(norm.item() - 0.01) < 1e-6

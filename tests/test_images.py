@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxpipe.errors import FluxpipeError
-from fluxpipe.images import (
+from fluxpipe.data.images import (
     BadImage,
     is_image_file,
     load_rgb,
@@ -20,6 +19,7 @@ from fluxpipe.images import (
     to_rgb8,
     to_tensor,
 )
+from fluxpipe.errors import FluxpipeError
 
 
 def pixels(img: Image.Image) -> list[tuple[int, ...]]:
@@ -216,7 +216,7 @@ def test_caption_invalid_utf8(tmp_path):
 
 def test_every_reference_interpolation_name_resizes():
     """The reference's resize_interpolation names (OpenCV's linear/cubic/area = Pillow's bilinear/bicubic/box)."""
-    from fluxpipe.dataset_config import INTERPOLATIONS
+    from fluxpipe.config.dataset import INTERPOLATIONS
 
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8))
     out = {name: np.asarray(resize_and_crop(img, (5, 6), 0, 0, (4, 4), name)) for name in INTERPOLATIONS}

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from fluxpipe.images import load_rgb
-from fluxpipe.kontext import kontext_resolution, reference_tokens
+from fluxpipe.data.images import load_rgb
+from fluxpipe.inference.sampler import encode_reference
+from fluxpipe.maths.kontext import kontext_resolution, reference_tokens
+from fluxpipe.maths.packing import image_ids, pack_latents
+from fluxpipe.maths.sampling import denoise, get_noise, get_schedule
 from fluxpipe.models import Flux, FluxParams
-from fluxpipe.packing import image_ids, pack_latents
-from fluxpipe.sampler import encode_reference
-from fluxpipe.sampling import denoise, get_noise, get_schedule
 
 CASE = Path(__file__).parent / "data" / "kontext_official_case.safetensors"
 
@@ -51,10 +51,27 @@ def test_kontext_sampling_equals_the_official_code(tmp_path: Path) -> None:
     timesteps = get_schedule(2, img.shape[1], shift=True)
     assert torch.allclose(torch.tensor(timesteps, dtype=torch.float64), t["timesteps"], atol=1e-6)
     with torch.no_grad():
-        out = denoise(dit, img.float(), img_ids, t["txt"], torch.zeros(1, t["txt"].shape[1], 3), t["vec"], timesteps,
-                      float(meta["guidance"]), reference=(tokens.to(torch.bfloat16).float(), ids))
-        plain = denoise(dit, img.float(), img_ids, t["txt"], torch.zeros(1, t["txt"].shape[1], 3), t["vec"],
-                        timesteps, float(meta["guidance"]))
+        out = denoise(
+            dit,
+            img.float(),
+            img_ids,
+            t["txt"],
+            torch.zeros(1, t["txt"].shape[1], 3),
+            t["vec"],
+            timesteps,
+            float(meta["guidance"]),
+            reference=(tokens.to(torch.bfloat16).float(), ids),
+        )
+        plain = denoise(
+            dit,
+            img.float(),
+            img_ids,
+            t["txt"],
+            torch.zeros(1, t["txt"].shape[1], 3),
+            t["vec"],
+            timesteps,
+            float(meta["guidance"]),
+        )
     err = ((out - t["out"]).norm() / t["out"].norm()).item()
     assert err < 1e-5, err
     assert ((plain - t["out"]).norm() / t["out"].norm()).item() > 1e-2  # the reference tokens matter

@@ -1,7 +1,7 @@
 """Learning as a test: what training learns, the official sampler must reproduce.
 
 A full fine-tune on one image, then a LoRA on another image over that fine-tuned DiT, both with the seed's
-settings (flux_shift, raw, guidance 1.0); the official sampler (``fluxpipe.sampler``, as `fluxpipe sample`
+settings (flux_shift, raw, guidance 1.0); the official sampler (``fluxpipe.inference.sampler``, as `fluxpipe sample`
 runs it), started from several seeds, must end near the trained image's latent, and the model before training
 must not. The error is ||z - x0||² / ||noise - x0||² (1 = no closer than the starting noise).
 
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 CAPTIONS = {"cat": "a close-up photo of a tabby cat", "rocket": "a rocket launching into a clear blue sky at dawn"}
 SEEDS = (0, 1, 2)
@@ -53,25 +53,57 @@ def world(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         (folder / "x.txt").write_text(caption + "\n")
         (root / f"{name}.toml").write_text(
             '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 4\n'
-            f'enable_bucket = false\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  num_repeats = 4\n')
+            f'enable_bucket = false\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  num_repeats = 4\n'
+        )
     return root
 
 
 def common(world: Path, base: Path, name: str, out: Path, lr: str, steps: int) -> list[str]:
     m = world / "models"
-    return ["--pretrained_model_name_or_path", str(base), "--clip_l", str(m / FILES["clip_l"]),
-            "--t5xxl", str(m / FILES["t5xxl"]), "--ae", str(m / FILES["ae"]),
-            "--dataset_config", str(world / f"{name}.toml"), "--output_dir", str(out), "--output_name", "out",
-            "--learning_rate", lr, "--optimizer_type", "AdamW", "--max_train_steps", str(steps), "--seed", "0",
-            "--guidance_scale", "1.0", "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw",
-            "--cache_text_encoder_outputs", "--cache_latents", "--t5xxl_max_token_length", str(T5_LENGTH),
-            "--clip_tokenizer", str(m / CLIP_DIR), "--t5_tokenizer", str(m / T5_DIR)]
+    return [
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--clip_l",
+        str(m / FILES["clip_l"]),
+        "--t5xxl",
+        str(m / FILES["t5xxl"]),
+        "--ae",
+        str(m / FILES["ae"]),
+        "--dataset_config",
+        str(world / f"{name}.toml"),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "out",
+        "--learning_rate",
+        lr,
+        "--optimizer_type",
+        "AdamW",
+        "--max_train_steps",
+        str(steps),
+        "--seed",
+        "0",
+        "--guidance_scale",
+        "1.0",
+        "--timestep_sampling",
+        "flux_shift",
+        "--model_prediction_type",
+        "raw",
+        "--cache_text_encoder_outputs",
+        "--cache_latents",
+        "--t5xxl_max_token_length",
+        str(T5_LENGTH),
+        "--clip_tokenizer",
+        str(m / CLIP_DIR),
+        "--t5_tokenizer",
+        str(m / T5_DIR),
+    ]
 
 
 def image_latent(world: Path, name: str) -> torch.Tensor:
     """The training target: the AE posterior's mean, scaled and shifted as FLUX.1's latents are."""
-    from fluxpipe.checkpoints import load_model
-    from fluxpipe.images import load_rgb, to_tensor
+    from fluxpipe.data.images import load_rgb, to_tensor
+    from fluxpipe.io.checkpoints import load_model
     from fluxpipe.models.autoencoder import FLUX1_AE
 
     ae = load_model(world / "models" / FILES["ae"], "ae", dtype=torch.float32)
@@ -82,16 +114,23 @@ def image_latent(world: Path, name: str) -> torch.Tensor:
 
 def sample_errors(world: Path, flux: Path, name: str, lora: Path | None = None) -> list[float]:
     """||z - x0||² / ||noise - x0||² of the official sampler's latent for the image's caption, per seed."""
-    from fluxpipe.prompts import SamplePrompt
-    from fluxpipe.sampler import ModelFiles, encode_texts, load_sampler, read_loras
-    from fluxpipe.sampling import get_noise
+    from fluxpipe.data.prompts import SamplePrompt
+    from fluxpipe.inference.sampler import ModelFiles, encode_texts, load_sampler, read_loras
+    from fluxpipe.maths.sampling import get_noise
 
     m = world / "models"
-    files = ModelFiles(flux=flux, ae=m / FILES["ae"], clip_l=m / FILES["clip_l"], t5xxl=m / FILES["t5xxl"],
-                       clip_tokenizer=m / CLIP_DIR, t5_tokenizer=m / T5_DIR)
+    files = ModelFiles(
+        flux=flux,
+        ae=m / FILES["ae"],
+        clip_l=m / FILES["clip_l"],
+        t5xxl=m / FILES["t5xxl"],
+        clip_tokenizer=m / CLIP_DIR,
+        t5_tokenizer=m / T5_DIR,
+    )
     caption, x0 = CAPTIONS[name], image_latent(world, name)
-    cond = encode_texts(files, [caption], device="cpu", dtype=torch.float32, max_length=T5_LENGTH,
-                        apply_t5_attn_mask=False)[caption]
+    cond = encode_texts(
+        files, [caption], device="cpu", dtype=torch.float32, max_length=T5_LENGTH, apply_t5_attn_mask=False
+    )[caption]
     sampler = load_sampler(files, device="cpu", dtype=torch.float32, loras=read_loras([(lora, 1.0)] if lora else []))
     errors = []
     for seed in SEEDS:
@@ -122,8 +161,15 @@ def test_a_full_fine_tune_samples_its_image(world: Path, fine_tuned: Path) -> No
 def test_a_lora_samples_its_image_and_its_base_does_not(world: Path, fine_tuned: Path) -> None:
     out = world / "lora"
     args = common(world, fine_tuned, "rocket", out, "3e-3", 200)
-    args += ["--network_module", "networks.lora_flux", "--network_dim", "16", "--network_alpha", "16",
-             "--network_train_unet_only"]
+    args += [
+        "--network_module",
+        "networks.lora_flux",
+        "--network_dim",
+        "16",
+        "--network_alpha",
+        "16",
+        "--network_train_unet_only",
+    ]
     assert main(["train", "lora", *args]) == 0
     base = sample_errors(world, fine_tuned, "rocket")
     with_lora = sample_errors(world, fine_tuned, "rocket", out / "out.safetensors")

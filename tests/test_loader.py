@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_st
-from fluxpipe.checkpoints import detect_kind, inspect_checkpoint, load_model
+
 from fluxpipe.errors import CheckpointError
+from fluxpipe.io.checkpoints import detect_kind, inspect_checkpoint, load_model
 from fluxpipe.models import AutoEncoder, Flux
 from fluxpipe.models.autoencoder import tiny_ae
 from fluxpipe.models.flux import tiny
@@ -149,14 +149,17 @@ def test_diffusers_vae_file_is_refused(tmp_path: Path) -> None:
         inspect_checkpoint(write_st(tmp_path / "vae.safetensors", state), "ae")
 
 
-@pytest.mark.parametrize(("given", "slot", "says"), [
-    ("ae", "flux", "is a FLUX.1 autoencoder .* given as a FLUX.1 DiT"),
-    ("flux", "ae", "is a FLUX.1 DiT .* given as a FLUX.1 autoencoder"),
-    ("t5xxl", "clip_l", "is a T5-XXL text encoder .* given as a CLIP-L"),
-    ("clip_l", "t5xxl", "is a CLIP-L text encoder .* given as a T5-XXL"),
-])
+@pytest.mark.parametrize(
+    ("given", "slot", "says"),
+    [
+        ("ae", "flux", "is a FLUX.1 autoencoder .* given as a FLUX.1 DiT"),
+        ("flux", "ae", "is a FLUX.1 DiT .* given as a FLUX.1 autoencoder"),
+        ("t5xxl", "clip_l", "is a T5-XXL text encoder .* given as a CLIP-L"),
+        ("clip_l", "t5xxl", "is a CLIP-L text encoder .* given as a T5-XXL"),
+    ],
+)
 def test_wrong_model_in_a_slot(demo_dir: Path, given: str, slot: str, says: str) -> None:
-    from fluxpipe.demo import FILES
+    from fluxpipe.tools.demo import FILES
 
     with pytest.raises(CheckpointError, match=says):
         inspect_checkpoint(demo_dir / FILES[given], slot)

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from torch import nn
 
 from fluxpipe.errors import CheckpointError
-from fluxpipe.lora import apply_lora
-from fluxpipe.lora_network import FluxLoRANetwork, LoRAModule, LoraSpec, parse_network_args
+from fluxpipe.lora.files import apply_lora
+from fluxpipe.lora.network import FluxLoRANetwork, LoRAModule, LoraSpec, parse_network_args
 from fluxpipe.models.flux import PRESETS, Flux, tiny
 
 WIDTH = 64  # tiny DiT hidden size = tiny text-encoder width
@@ -23,17 +23,27 @@ def text_encoders() -> tuple[nn.Module, nn.Module]:
     from fluxpipe.models import text_encoders as te
 
     torch.manual_seed(0)
-    clip = te.build_clip(te.clip_config_from_shapes({
-        "text_model.embeddings.token_embedding.weight": (100, WIDTH),
-        "text_model.embeddings.position_embedding.weight": (16, WIDTH),
-        "text_model.encoder.layers.0.mlp.fc1.weight": (2 * WIDTH, WIDTH),
-        "text_model.encoder.layers.1.mlp.fc1.weight": (2 * WIDTH, WIDTH)}))
-    t5 = te.build_t5(te.t5_config_from_shapes({
-        "shared.weight": (100, WIDTH),
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (8, 2),
-        "encoder.block.0.layer.0.SelfAttention.q.weight": (WIDTH, WIDTH),
-        "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (2 * WIDTH, WIDTH),
-        "encoder.block.1.layer.0.SelfAttention.q.weight": (WIDTH, WIDTH)}))
+    clip = te.build_clip(
+        te.clip_config_from_shapes(
+            {
+                "text_model.embeddings.token_embedding.weight": (100, WIDTH),
+                "text_model.embeddings.position_embedding.weight": (16, WIDTH),
+                "text_model.encoder.layers.0.mlp.fc1.weight": (2 * WIDTH, WIDTH),
+                "text_model.encoder.layers.1.mlp.fc1.weight": (2 * WIDTH, WIDTH),
+            }
+        )
+    )
+    t5 = te.build_t5(
+        te.t5_config_from_shapes(
+            {
+                "shared.weight": (100, WIDTH),
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (8, 2),
+                "encoder.block.0.layer.0.SelfAttention.q.weight": (WIDTH, WIDTH),
+                "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (2 * WIDTH, WIDTH),
+                "encoder.block.1.layer.0.SelfAttention.q.weight": (WIDTH, WIDTH),
+            }
+        )
+    )
     return clip.eval(), t5.eval()
 
 
@@ -44,10 +54,15 @@ def tiny_flux(seed: int = 0) -> Flux:
 
 def flux_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"img": torch.randn(2, 4, 64, generator=g), "img_ids": torch.zeros(2, 4, 3),
-            "txt": torch.randn(2, 3, WIDTH, generator=g), "txt_ids": torch.zeros(2, 3, 3),
-            "timesteps": torch.tensor([0.3, 0.8]), "y": torch.randn(2, WIDTH, generator=g),
-            "guidance": torch.tensor([3.5, 3.5])}
+    return {
+        "img": torch.randn(2, 4, 64, generator=g),
+        "img_ids": torch.zeros(2, 4, 3),
+        "txt": torch.randn(2, 3, WIDTH, generator=g),
+        "txt_ids": torch.zeros(2, 3, 3),
+        "timesteps": torch.tensor([0.3, 0.8]),
+        "y": torch.randn(2, WIDTH, generator=g),
+        "guidance": torch.tensor([3.5, 3.5]),
+    }
 
 
 def names(net: FluxLoRANetwork) -> set[str]:
@@ -63,6 +78,7 @@ def randomize_up(net: FluxLoRANetwork, seed: int = 2) -> None:
 
 # ---- counts, names, shapes --------------------------------------------------------------------------------
 
+
 def test_full_dev_model_counts_on_meta() -> None:
     with torch.device("meta"):
         flux = Flux(PRESETS["dev"])
@@ -73,22 +89,36 @@ def test_full_dev_model_counts_on_meta() -> None:
     # spec §5.2: 4 786 176 parameters per unit of rank
     assert sum(p.numel() for p in net.parameters()) == 4_786_176 * 16 == 76_578_816
     mods = dict(net.named_children())
-    shapes = {n: (tuple(mods[n].lora_down.weight.shape), tuple(mods[n].lora_up.weight.shape)) for n in (
-        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_37_linear1",
-        "lora_unet_single_blocks_0_linear2", "lora_unet_double_blocks_18_img_mod_lin",
-        "lora_unet_single_blocks_0_modulation_lin")}
-    assert shapes == {"lora_unet_double_blocks_0_img_attn_qkv": ((16, 3072), (9216, 16)),
-                      "lora_unet_single_blocks_37_linear1": ((16, 3072), (21504, 16)),
-                      "lora_unet_single_blocks_0_linear2": ((16, 15360), (3072, 16)),
-                      "lora_unet_double_blocks_18_img_mod_lin": ((16, 3072), (18432, 16)),
-                      "lora_unet_single_blocks_0_modulation_lin": ((16, 3072), (9216, 16))}
+    shapes = {
+        n: (tuple(mods[n].lora_down.weight.shape), tuple(mods[n].lora_up.weight.shape))
+        for n in (
+            "lora_unet_double_blocks_0_img_attn_qkv",
+            "lora_unet_single_blocks_37_linear1",
+            "lora_unet_single_blocks_0_linear2",
+            "lora_unet_double_blocks_18_img_mod_lin",
+            "lora_unet_single_blocks_0_modulation_lin",
+        )
+    }
+    assert shapes == {
+        "lora_unet_double_blocks_0_img_attn_qkv": ((16, 3072), (9216, 16)),
+        "lora_unet_single_blocks_37_linear1": ((16, 3072), (21504, 16)),
+        "lora_unet_single_blocks_0_linear2": ((16, 15360), (3072, 16)),
+        "lora_unet_double_blocks_18_img_mod_lin": ((16, 3072), (18432, 16)),
+        "lora_unet_single_blocks_0_modulation_lin": ((16, 3072), (9216, 16)),
+    }
     assert mods["lora_unet_double_blocks_0_img_attn_qkv"].alpha.shape == ()
     assert not any("final_layer" in n for n in names(net))
     with_in = FluxLoRANetwork(flux, LoraSpec(network_dim=16, in_dims=(4, 4, 4, 4, 4)))
     assert sorted(names(with_in) - names(net)) == [
-        "lora_unet_guidance_in_in_layer", "lora_unet_guidance_in_out_layer", "lora_unet_img_in",
-        "lora_unet_time_in_in_layer", "lora_unet_time_in_out_layer", "lora_unet_txt_in",
-        "lora_unet_vector_in_in_layer", "lora_unet_vector_in_out_layer"]
+        "lora_unet_guidance_in_in_layer",
+        "lora_unet_guidance_in_out_layer",
+        "lora_unet_img_in",
+        "lora_unet_time_in_in_layer",
+        "lora_unet_time_in_out_layer",
+        "lora_unet_txt_in",
+        "lora_unet_vector_in_in_layer",
+        "lora_unet_vector_in_out_layer",
+    ]
 
 
 def test_key_names_and_training_scope(text_encoders) -> None:  # noqa: ANN001
@@ -96,10 +126,14 @@ def test_key_names_and_training_scope(text_encoders) -> None:  # noqa: ANN001
     flux = tiny_flux()
     net = FluxLoRANetwork(flux, LoraSpec(network_dim=3), clip_l=clip, t5xxl=t5)
     got = names(net)
-    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_1_txt_mlp_2",
-            "lora_unet_single_blocks_1_modulation_lin", "lora_unet_single_blocks_0_linear1",
-            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-            "lora_te1_text_model_encoder_layers_1_mlp_fc2"} <= got
+    assert {
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_1_txt_mlp_2",
+        "lora_unet_single_blocks_1_modulation_lin",
+        "lora_unet_single_blocks_0_linear1",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te1_text_model_encoder_layers_1_mlp_fc2",
+    } <= got
     assert len(net.unet_loras) == 2 * 10 + 2 * 3
     assert len(net.text_encoder_loras) == 2 * 6  # CLIP only: T5 needs train_t5xxl
     sd = net.state_dict_kohya()
@@ -114,9 +148,12 @@ def test_key_names_and_training_scope(text_encoders) -> None:  # noqa: ANN001
     with_t5 = FluxLoRANetwork(flux, LoraSpec(train_t5xxl=True), clip_l=clip, t5xxl=t5)
     te3 = {m.lora_name for m in with_t5.text_encoder_loras if m.lora_name.startswith("lora_te3")}
     assert len(te3) == 2 * 7
-    assert {"lora_te3_encoder_block_0_layer_0_SelfAttention_q", "lora_te3_encoder_block_1_layer_0_SelfAttention_o",
-            "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_1",
-            "lora_te3_encoder_block_0_layer_1_DenseReluDense_wo"} <= te3
+    assert {
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+        "lora_te3_encoder_block_1_layer_0_SelfAttention_o",
+        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_1",
+        "lora_te3_encoder_block_0_layer_1_DenseReluDense_wo",
+    } <= te3
     unet_only = FluxLoRANetwork(flux, LoraSpec(), clip_l=clip, t5xxl=t5, train_text_encoder=False)
     assert unet_only.text_encoder_loras == [] and len(unet_only.unet_loras) == 26
     te_only = FluxLoRANetwork(None, LoraSpec(), clip_l=clip, train_unet=False)
@@ -127,11 +164,13 @@ def test_key_names_and_training_scope(text_encoders) -> None:  # noqa: ANN001
 
 # ---- block / type / regex selection -----------------------------------------------------------------------
 
+
 def test_block_selection_type_dims_and_in_dims() -> None:
     flux = tiny_flux()
     single = names(FluxLoRANetwork(flux, LoraSpec(train_blocks="single")))
-    assert single == {f"lora_unet_single_blocks_{i}_{n}" for i in (0, 1)
-                      for n in ("linear1", "linear2", "modulation_lin")}
+    assert single == {
+        f"lora_unet_single_blocks_{i}_{n}" for i in (0, 1) for n in ("linear1", "linear2", "modulation_lin")
+    }
     double0 = names(FluxLoRANetwork(flux, LoraSpec(train_double_block_indices=frozenset({0}))))
     assert not any(n.startswith("lora_unet_double_blocks_1_") for n in double0)
     assert sum(n.startswith("lora_unet_double_blocks_0_") for n in double0) == 10
@@ -148,17 +187,25 @@ def test_block_selection_type_dims_and_in_dims() -> None:
 
     with_in = {m.lora_name: m.rank for m in FluxLoRANetwork(flux, LoraSpec(in_dims=(4, 0, 2, 0, 3))).loras}
     assert {n: r for n, r in with_in.items() if "blocks" not in n} == {
-        "lora_unet_img_in": 4, "lora_unet_vector_in_in_layer": 2, "lora_unet_vector_in_out_layer": 2,
-        "lora_unet_txt_in": 3}
+        "lora_unet_img_in": 4,
+        "lora_unet_vector_in_in_layer": 2,
+        "lora_unet_vector_in_out_layer": 2,
+        "lora_unet_txt_in": 3,
+    }
     with pytest.raises(ValueError, match=r"train_double_block_indices: index 2 out of range.*2 blocks \(0-1\)"):
         FluxLoRANetwork(flux, LoraSpec(train_double_block_indices=frozenset({0, 2})))
 
 
 def test_reg_dims_first_match_wins_and_bypasses_filters() -> None:
-    spec = LoraSpec(**parse_network_args([
-        "train_double_block_indices=0", "img_attn_dim=0",
-        "network_reg_dims=double_blocks_1_img_attn_qkv=7,img_attn=6,img_attn_qkv=9,txt_mod=0,img_in=5",
-    ]))
+    spec = LoraSpec(
+        **parse_network_args(
+            [
+                "train_double_block_indices=0",
+                "img_attn_dim=0",
+                "network_reg_dims=double_blocks_1_img_attn_qkv=7,img_attn=6,img_attn_qkv=9,txt_mod=0,img_in=5",
+            ]
+        )
+    )
     ranks = {m.lora_name: m.rank for m in FluxLoRANetwork(tiny_flux(), spec).loras}
     # block 1 is excluded and img_attn_dim is 0, yet the regexes re-enable those modules (code, not docs)
     assert ranks["lora_unet_double_blocks_1_img_attn_qkv"] == 7  # first match, not the later img_attn_qkv=9
@@ -172,6 +219,7 @@ def test_reg_dims_first_match_wins_and_bypasses_filters() -> None:
 
 
 # ---- module maths -----------------------------------------------------------------------------------------
+
 
 def test_module_output_by_hand() -> None:
     linear = nn.Linear(3, 2)
@@ -237,8 +285,9 @@ def test_merged_file_matches_training_forward(text_encoders) -> None:  # noqa: A
     clip, _ = text_encoders
     flux, inputs = tiny_flux(), flux_inputs()
     merged_flux, merged_clip = copy.deepcopy(flux), copy.deepcopy(clip)
-    net = FluxLoRANetwork(flux, LoraSpec(network_dim=4, network_alpha=2.0, in_dims=(2, 2, 2, 2, 2)), clip_l=clip,
-                          multiplier=0.7)
+    net = FluxLoRANetwork(
+        flux, LoraSpec(network_dim=4, network_alpha=2.0, in_dims=(2, 2, 2, 2, 2)), clip_l=clip, multiplier=0.7
+    )
     randomize_up(net)
     net.apply_to()
     assert apply_lora(merged_flux, net.state_dict_kohya(), 0.7, clip_l=merged_clip) == len(net.loras)
@@ -250,6 +299,7 @@ def test_merged_file_matches_training_forward(text_encoders) -> None:  # noqa: A
 
 
 # ---- loading, saving, param groups ------------------------------------------------------------------------
+
 
 def test_load_kohya_round_trip_and_strict_errors(tmp_path) -> None:  # noqa: ANN001
     flux = tiny_flux()
@@ -281,21 +331,35 @@ def test_param_groups_lrs_and_loraplus(text_encoders) -> None:  # noqa: ANN001
     net = FluxLoRANetwork(tiny_flux(), LoraSpec(network_dim=2, train_t5xxl=True), clip_l=clip, t5xxl=t5)
     groups = net.param_groups(learning_rate=1e-4, unet_lr=1e-3, text_encoder_lr=[1e-5, 2e-5], loraplus_lr_ratio=16)
     summary = [(g["description"], g["lr"], len(g["params"])) for g in groups]
-    assert summary == [("textencoder 1", 1e-5, 12), ("textencoder 1 plus", 1e-5 * 16, 12),
-                       ("textencoder 2", 2e-5, 14), ("textencoder 2 plus", 2e-5 * 16, 14),
-                       ("unet", 1e-3, 26), ("unet plus", 1e-3 * 16, 26)]
+    assert summary == [
+        ("textencoder 1", 1e-5, 12),
+        ("textencoder 1 plus", 1e-5 * 16, 12),
+        ("textencoder 2", 2e-5, 14),
+        ("textencoder 2 plus", 2e-5 * 16, 14),
+        ("unet", 1e-3, 26),
+        ("unet plus", 1e-3 * 16, 26),
+    ]
     ups = {id(m.lora_up.weight) for m in net.loras}
     assert all((id(p) in ups) == g["description"].endswith("plus") for g in groups for p in g["params"])
 
-    frozen_te = net.param_groups(learning_rate=1e-4, text_encoder_lr=[0.0], loraplus_unet_lr_ratio=4,
-                                 reg_lrs=[("single_blocks", 5e-4), ("double_blocks_1", 0.0), ("blocks_0", 1.0)])
+    frozen_te = net.param_groups(
+        learning_rate=1e-4,
+        text_encoder_lr=[0.0],
+        loraplus_unet_lr_ratio=4,
+        reg_lrs=[("single_blocks", 5e-4), ("double_blocks_1", 0.0), ("blocks_0", 1.0)],
+    )
     # text encoders frozen (lr 0), double block 1 frozen by its regex lr 0, single blocks at their own lr
     assert [(g["description"], g["lr"], len(g["params"])) for g in frozen_te] == [
-        ("unet reg_lr_0", 5e-4, 6), ("unet reg_lr_0 plus", pytest.approx(2e-3), 6),
-        ("unet reg_lr_2", 1.0, 10), ("unet reg_lr_2 plus", 4.0, 10)]
+        ("unet reg_lr_0", 5e-4, 6),
+        ("unet reg_lr_0 plus", pytest.approx(2e-3), 6),
+        ("unet reg_lr_2", 1.0, 10),
+        ("unet reg_lr_2 plus", 4.0, 10),
+    ]
     unet = net.param_groups(learning_rate=1e-4, loraplus_unet_lr_ratio=4, reg_lrs=[("double_blocks_1", 0.0)])
     assert [(g["description"], g["lr"], len(g["params"])) for g in unet][-2:] == [
-        ("unet", 1e-4, 16), ("unet plus", pytest.approx(4e-4), 16)]  # block 0 (10) + singles (6)
+        ("unet", 1e-4, 16),
+        ("unet plus", pytest.approx(4e-4), 16),
+    ]  # block 0 (10) + singles (6)
     default = net.param_groups(learning_rate=3e-4)
     assert {g["lr"] for g in default} == {3e-4} and sum(len(g["params"]) for g in default) == 2 * 52
     opt = torch.optim.AdamW(groups)  # the groups are valid optimizer input
@@ -304,39 +368,66 @@ def test_param_groups_lrs_and_loraplus(text_encoders) -> None:  # noqa: ANN001
 
 # ---- network_args -----------------------------------------------------------------------------------------
 
+
 def test_parse_network_args_values() -> None:
-    got = parse_network_args([
-        "train_blocks=single", "train_double_block_indices=0,1,4-5,7", "train_single_block_indices=all",
-        "in_dims=[4,0,0,0,4]", "img_mod_dim=0", "rank_dropout=0.1", "module_dropout=0.2", "train_t5xxl=True",
-        "verbose=false", "network_reg_dims=lora_unet_single.*=8, img_attn=4", "network_reg_lrs=txt_in=1e-5",
-        "loraplus_lr_ratio=16", "conv_dim=4", "split_qkv=False",
-    ])
-    assert got == {"train_blocks": "single", "train_double_block_indices": frozenset({0, 1, 4, 5, 7}),
-                   "train_single_block_indices": None, "in_dims": (4, 0, 0, 0, 4), "img_mod_dim": 0,
-                   "rank_dropout": 0.1, "module_dropout": 0.2, "train_t5xxl": True, "verbose": False,
-                   "network_reg_dims": (("lora_unet_single.*", 8), ("img_attn", 4)),
-                   "network_reg_lrs": (("txt_in", 1e-5),), "loraplus_lr_ratio": 16.0}
+    got = parse_network_args(
+        [
+            "train_blocks=single",
+            "train_double_block_indices=0,1,4-5,7",
+            "train_single_block_indices=all",
+            "in_dims=[4,0,0,0,4]",
+            "img_mod_dim=0",
+            "rank_dropout=0.1",
+            "module_dropout=0.2",
+            "train_t5xxl=True",
+            "verbose=false",
+            "network_reg_dims=lora_unet_single.*=8, img_attn=4",
+            "network_reg_lrs=txt_in=1e-5",
+            "loraplus_lr_ratio=16",
+            "conv_dim=4",
+            "split_qkv=False",
+        ]
+    )
+    assert got == {
+        "train_blocks": "single",
+        "train_double_block_indices": frozenset({0, 1, 4, 5, 7}),
+        "train_single_block_indices": None,
+        "in_dims": (4, 0, 0, 0, 4),
+        "img_mod_dim": 0,
+        "rank_dropout": 0.1,
+        "module_dropout": 0.2,
+        "train_t5xxl": True,
+        "verbose": False,
+        "network_reg_dims": (("lora_unet_single.*", 8), ("img_attn", 4)),
+        "network_reg_lrs": (("txt_in", 1e-5),),
+        "loraplus_lr_ratio": 16.0,
+    }
     assert parse_network_args(["in_dims=1, 2,3,4,5", "train_double_block_indices="]) == {
-        "in_dims": (1, 2, 3, 4, 5), "train_double_block_indices": frozenset()}
+        "in_dims": (1, 2, 3, 4, 5),
+        "train_double_block_indices": frozenset(),
+    }
     spec = LoraSpec(dropout=0.1, **parse_network_args(["single_dim=8"]))
     # reference defaults: rank 4, alpha 1
     assert (spec.network_dim, spec.network_alpha, spec.dropout, spec.single_dim) == (4, 1.0, 0.1, 8)
 
 
-@pytest.mark.parametrize(("arg", "message"), [
-    ("img_atn_dim=4", "unknown key 'img_atn_dim'"),
-    ("train_t5xxl", "expected key=value"),
-    ("img_attn_dim=four", r"img_attn_dim='four'"),
-    ("single_dim=-1", "single_dim=.-1.: -1 is negative"),
-    ("train_double_block_indices=3-1", "'3-1' is not a block index or an increasing range"),
-    ("train_single_block_indices=0,x", "'x' is not a block index"),
-    ("in_dims=[4,0,0,4]", "needs 5 ranks"),
-    ("network_reg_dims=img_attn(=4", "bad regex"),
-    ("network_reg_dims=img_attn", "is not regex=value"),
-    ("train_t5xxl=yes", "yes is not True or False"),
-    ("split_qkv=True", r"split_qkv='True': true is not supported"),
-    ("loraplus_lr_ratio=0", "not a positive number"),
-])
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("img_atn_dim=4", "unknown key 'img_atn_dim'"),
+        ("train_t5xxl", "expected key=value"),
+        ("img_attn_dim=four", r"img_attn_dim='four'"),
+        ("single_dim=-1", "single_dim=.-1.: -1 is negative"),
+        ("train_double_block_indices=3-1", "'3-1' is not a block index or an increasing range"),
+        ("train_single_block_indices=0,x", "'x' is not a block index"),
+        ("in_dims=[4,0,0,4]", "needs 5 ranks"),
+        ("network_reg_dims=img_attn(=4", "bad regex"),
+        ("network_reg_dims=img_attn", "is not regex=value"),
+        ("train_t5xxl=yes", "yes is not True or False"),
+        ("split_qkv=True", r"split_qkv='True': true is not supported"),
+        ("loraplus_lr_ratio=0", "not a positive number"),
+    ],
+)
 def test_parse_network_args_errors(arg: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_network_args([arg])

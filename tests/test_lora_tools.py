@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxpipe.cli import main
-from fluxpipe.demo import FILES
+from fluxpipe.tools.demo import FILES
 from tests.conftest import write_st
 
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"
@@ -44,7 +44,9 @@ def known_svd_lora(tmp_path: Path) -> tuple[Path, torch.Tensor]:
 def test_resize_keeps_the_delta_of_a_low_rank_product_and_picks_dynamic_ranks(tmp_path: Path) -> None:
     u, v = orthonormal(192, 2, 3), orthonormal(64, 2, 4)
     m = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
-    src = write_st(tmp_path / "r4.safetensors", kohya(QKV, (m.T @ v.T).contiguous(), u @ m * 3, 1.0))  # rank 2 in rank 4
+    src = write_st(
+        tmp_path / "r4.safetensors", kohya(QKV, (m.T @ v.T).contiguous(), u @ m * 3, 1.0)
+    )  # rank 2 in rank 4
     out = tmp_path / "r2.safetensors"
     assert main(["lora", "resize", "--model", str(src), "--save_to", str(out), "--new_rank", "2"]) == 0
     got = load_file(out)
@@ -54,21 +56,40 @@ def test_resize_keeps_the_delta_of_a_low_rank_product_and_picks_dynamic_ranks(tm
         meta = f.metadata()
     n = struct.unpack("<Q", out.read_bytes()[:8])[0]
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "0.5"
-    assert meta["sshs_model_hash"] == hashlib.sha256(out.read_bytes()[8 + n:]).hexdigest()
+    assert meta["sshs_model_hash"] == hashlib.sha256(out.read_bytes()[8 + n :]).hexdigest()
     known, _ = known_svd_lora(tmp_path)
     # S = 8, 4, 1, 0.5: sv_ratio 5 keeps S > 1.6 (2); sv_cumulative 0.9: 12/13.5 < 0.9 <= 13/13.5 (3);
     # sv_fro 0.95: (64 + 16) / 81.25 >= 0.95^2 (2)
     for method, param, rank in (("sv_ratio", 5, 2), ("sv_cumulative", 0.9, 3), ("sv_fro", 0.95, 2)):
-        assert main(["lora", "resize", "--model", str(known), "--save_to", str(out), "--new_rank", "4",
-                     "--dynamic_method", method, "--dynamic_param", str(param)]) == 0
+        assert (
+            main(
+                [
+                    "lora",
+                    "resize",
+                    "--model",
+                    str(known),
+                    "--save_to",
+                    str(out),
+                    "--new_rank",
+                    "4",
+                    "--dynamic_method",
+                    method,
+                    "--dynamic_param",
+                    str(param),
+                ]
+            )
+            == 0
+        )
         assert load_file(out)[f"{QKV}.lora_down.weight"].shape[0] == rank, method
     assert main(["lora", "resize", "--model", str(known), "--save_to", str(out), "--new_rank", "8"]) == 2
 
 
 def test_merge_loras_is_the_weighted_sum(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
-    a = {**kohya(QKV, torch.randn(2, 64, generator=g), torch.randn(192, 2, generator=g), 1.0),
-         **kohya(MLP, torch.randn(2, 256, generator=g), torch.randn(64, 2, generator=g), 2.0)}
+    a = {
+        **kohya(QKV, torch.randn(2, 64, generator=g), torch.randn(192, 2, generator=g), 1.0),
+        **kohya(MLP, torch.randn(2, 256, generator=g), torch.randn(64, 2, generator=g), 2.0),
+    }
     b = kohya(QKV, torch.randn(3, 64, generator=g), torch.randn(192, 3, generator=g), 3.0)
     pa, pb = write_st(tmp_path / "a.safetensors", a), write_st(tmp_path / "b.safetensors", b)
     out = tmp_path / "ab.safetensors"
@@ -82,19 +103,38 @@ def test_merge_loras_is_the_weighted_sum(tmp_path: Path) -> None:
 
 
 def test_merge_into_the_dit_gives_a_strict_loading_file(demo_dir: Path, tmp_path: Path) -> None:
-    from fluxpipe.checkpoints import load_model
+    from fluxpipe.io.checkpoints import load_model
 
     g = torch.Generator().manual_seed(0)
     lora = kohya(QKV, torch.randn(2, 64, generator=g), torch.randn(192, 2, generator=g), 1.0)
     path = write_st(tmp_path / "l.safetensors", lora)
     out = tmp_path / "merged.safetensors"
     base = demo_dir / FILES["flux"]
-    assert main(["lora", "merge", "--models", str(path), "--ratios", "0.5", "--flux_model", str(base),
-                 "--save_to", str(out), "--save_precision", "float"]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "merge",
+                "--models",
+                str(path),
+                "--ratios",
+                "0.5",
+                "--flux_model",
+                str(base),
+                "--save_to",
+                str(out),
+                "--save_precision",
+                "float",
+            ]
+        )
+        == 0
+    )
     merged, orig = load_model(out, "flux"), load_file(base)  # strict load: every key, none missing
     want = orig["double_blocks.0.img_attn.qkv.weight"].float() + 0.5 * delta(lora, QKV)
     torch.testing.assert_close(merged.double_blocks[0].img_attn.qkv.weight, want)
-    assert torch.equal(merged.double_blocks[0].img_attn.proj.weight, orig["double_blocks.0.img_attn.proj.weight"].float())
+    assert torch.equal(
+        merged.double_blocks[0].img_attn.proj.weight, orig["double_blocks.0.img_attn.proj.weight"].float()
+    )
     wrong = write_st(tmp_path / "w.safetensors", kohya(QKV, torch.randn(2, 32), torch.randn(96, 2), 1.0))
     assert main(["lora", "merge", "--models", str(wrong), "--flux_model", str(base), "--save_to", str(out)]) == 2
 
@@ -105,8 +145,25 @@ def test_extract_reproduces_a_known_delta(demo_dir: Path, tmp_path: Path) -> Non
     tuned = dict(base) | {"double_blocks.0.img_attn.qkv.weight": base["double_blocks.0.img_attn.qkv.weight"] + d}
     org, ft = write_st(tmp_path / "org.safetensors", base), write_st(tmp_path / "ft.safetensors", tuned)
     out = tmp_path / "x.safetensors"
-    assert main(["lora", "extract", "--model_org", str(org), "--model_tuned", str(ft), "--save_to", str(out),
-                 "--dim", "2", "--clamp_quantile", "1"]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "extract",
+                "--model_org",
+                str(org),
+                "--model_tuned",
+                str(ft),
+                "--save_to",
+                str(out),
+                "--dim",
+                "2",
+                "--clamp_quantile",
+                "1",
+            ]
+        )
+        == 0
+    )
     got = load_file(out)
     torch.testing.assert_close(delta(got, QKV), d, rtol=1e-4, atol=1e-5)
     assert float(delta(got, MLP).abs().max()) < 1e-6  # untouched layers: no delta
@@ -115,35 +172,57 @@ def test_extract_reproduces_a_known_delta(demo_dir: Path, tmp_path: Path) -> Non
 
 
 def test_convert_between_layouts_keeps_the_deltas(tmp_path: Path) -> None:
-    from fluxpipe.sampler import load_lora
+    from fluxpipe.inference.sampler import load_lora
 
     g = torch.Generator().manual_seed(0)
-    lora = {**kohya(QKV, torch.randn(2, 64, generator=g), torch.randn(192, 2, generator=g), 1.0),
-            **kohya("lora_unet_single_blocks_0_linear1", torch.randn(2, 64, generator=g), torch.randn(448, 2, generator=g), 4.0)}
+    lora = {
+        **kohya(QKV, torch.randn(2, 64, generator=g), torch.randn(192, 2, generator=g), 1.0),
+        **kohya(
+            "lora_unet_single_blocks_0_linear1", torch.randn(2, 64, generator=g), torch.randn(448, 2, generator=g), 4.0
+        ),
+    }
     src = write_st(tmp_path / "k.safetensors", lora)
     for dst, prefix in (("diffusers", "transformer."), ("ai-toolkit", "diffusion_model.")):
         out = tmp_path / f"{dst}.safetensors"
         assert main(["lora", "convert", "--src_path", str(src), "--dst_path", str(out), "--dst", dst]) == 0
         peft = load_file(out)
         # to_q's B is the first 64 rows of up, the scale alpha / rank folded in; proj_mlp the last 256 of linear1
-        torch.testing.assert_close(peft[f"{prefix}transformer_blocks.0.attn.to_q.lora_B.weight"],
-                                   lora[f"{QKV}.lora_up.weight"][:64] * 0.5)
-        torch.testing.assert_close(peft[f"{prefix}single_transformer_blocks.0.proj_mlp.lora_B.weight"],
-                                   lora["lora_unet_single_blocks_0_linear1.lora_up.weight"][192:] * 2)
+        torch.testing.assert_close(
+            peft[f"{prefix}transformer_blocks.0.attn.to_q.lora_B.weight"], lora[f"{QKV}.lora_up.weight"][:64] * 0.5
+        )
+        torch.testing.assert_close(
+            peft[f"{prefix}single_transformer_blocks.0.proj_mlp.lora_B.weight"],
+            lora["lora_unet_single_blocks_0_linear1.lora_up.weight"][192:] * 2,
+        )
         layout, back = load_lora(out)
         assert layout == dst
         for name in (QKV, "lora_unet_single_blocks_0_linear1"):
             torch.testing.assert_close(delta(back, name), delta(lora, name), rtol=1e-5, atol=1e-5)
     junk = write_st(tmp_path / "junk.safetensors", {"foo.lora_A.weight": torch.zeros(1, 1)})
-    assert main(["lora", "convert", "--src_path", str(junk), "--dst_path", str(tmp_path / "j.safetensors"),
-                 "--dst", "kohya"]) == 2
+    assert (
+        main(
+            [
+                "lora",
+                "convert",
+                "--src_path",
+                str(junk),
+                "--dst_path",
+                str(tmp_path / "j.safetensors"),
+                "--dst",
+                "kohya",
+            ]
+        )
+        == 2
+    )
 
 
 def test_inspect_reports_ranks_alphas_and_norms(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path, d = known_svd_lora(tmp_path)
     assert main(["lora", "inspect", "--model", str(path)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["layout"] == "kohya" and report["modules"] == 1 and report["ranks"] == [4] and report["alphas"] == [2.0]
+    assert (
+        report["layout"] == "kohya" and report["modules"] == 1 and report["ranks"] == [4] and report["alphas"] == [2.0]
+    )
     assert report["delta_norm"]["max"] == pytest.approx(float(torch.tensor([8.0, 4, 1, 0.5]).norm()), rel=1e-5)
     assert report["metadata"] == {"ss_network_dim": "4"}
     assert main(["lora", "inspect", "--model", str(tmp_path / "none.safetensors")]) == 2

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import dataset_toml, make_dataset
+
 from fluxpipe.cli import main
 
 
@@ -21,16 +21,20 @@ def run(tmp_path: Path, toml_extra: str, capsys: pytest.CaptureFixture[str], sub
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("extra", "subset", "says"), [
-    ("colour_aug = true", "", "unknown key"),
-    ("batch_size = 'two'", "", "batch_size"),
-    ("", "random_crop = true", "random_crop"),
-    ("", "shuffle_caption = true", "shuffle_caption"),
-    ("", "caption_dropout_rate = 0.1", "caption_dropout_rate"),
-    ("", "color_aug = true", "color_aug"),
-])
-def test_bad_dataset_settings_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str,
-                                           subset: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "subset", "says"),
+    [
+        ("colour_aug = true", "", "unknown key"),
+        ("batch_size = 'two'", "", "batch_size"),
+        ("", "random_crop = true", "random_crop"),
+        ("", "shuffle_caption = true", "shuffle_caption"),
+        ("", "caption_dropout_rate = 0.1", "caption_dropout_rate"),
+        ("", "color_aug = true", "color_aug"),
+    ],
+)
+def test_bad_dataset_settings_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, subset: str, says: str
+) -> None:
     code, err = run(tmp_path, extra, capsys, subset)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("fluxpipe: error:") and says in lines[0], err
@@ -43,8 +47,26 @@ def test_good_settings_write_the_manifest(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_bench_caches_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "caches", "--tiny", "--images", "2", "--size", "64", "--workers", "1", "--device", "cpu",
-                 "--workdir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "caches",
+                "--tiny",
+                "--images",
+                "2",
+                "--size",
+                "64",
+                "--workers",
+                "1",
+                "--device",
+                "cpu",
+                "--workdir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["stage"] for r in records] == ["manifest", "cache_latents", "cache_text"]
     assert records[1]["items"] == 2 and records[2]["items"] == 2

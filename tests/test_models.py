@@ -11,20 +11,34 @@ from fluxpipe.models.flux import PRESETS, derived_axes_dim, flux_size_class, inf
 
 # spec §1.3, written out by hand (C = 3072, MLP 12288, 64 in, 4096 T5, 768 CLIP)
 SPEC_SHAPES = {
-    "img_in.weight": (3072, 64), "img_in.bias": (3072,),
-    "txt_in.weight": (3072, 4096), "txt_in.bias": (3072,),
-    "time_in.in_layer.weight": (3072, 256), "time_in.out_layer.weight": (3072, 3072),
-    "vector_in.in_layer.weight": (3072, 768), "vector_in.out_layer.bias": (3072,),
-    "guidance_in.in_layer.weight": (3072, 256), "guidance_in.out_layer.weight": (3072, 3072),
-    "double_blocks.18.img_mod.lin.weight": (18432, 3072), "double_blocks.0.txt_mod.lin.bias": (18432,),
-    "double_blocks.0.img_attn.qkv.weight": (9216, 3072), "double_blocks.0.txt_attn.qkv.bias": (9216,),
-    "double_blocks.0.img_attn.norm.query_norm.scale": (128,), "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
-    "double_blocks.0.img_attn.proj.weight": (3072, 3072), "double_blocks.0.img_mlp.0.weight": (12288, 3072),
-    "double_blocks.0.txt_mlp.2.weight": (3072, 12288), "double_blocks.0.txt_mlp.2.bias": (3072,),
-    "single_blocks.37.linear1.weight": (21504, 3072), "single_blocks.0.linear1.bias": (21504,),
-    "single_blocks.0.linear2.weight": (3072, 15360), "single_blocks.0.norm.query_norm.scale": (128,),
-    "single_blocks.0.modulation.lin.weight": (9216, 3072), "final_layer.linear.weight": (64, 3072),
-    "final_layer.adaLN_modulation.1.weight": (6144, 3072), "final_layer.adaLN_modulation.1.bias": (6144,),
+    "img_in.weight": (3072, 64),
+    "img_in.bias": (3072,),
+    "txt_in.weight": (3072, 4096),
+    "txt_in.bias": (3072,),
+    "time_in.in_layer.weight": (3072, 256),
+    "time_in.out_layer.weight": (3072, 3072),
+    "vector_in.in_layer.weight": (3072, 768),
+    "vector_in.out_layer.bias": (3072,),
+    "guidance_in.in_layer.weight": (3072, 256),
+    "guidance_in.out_layer.weight": (3072, 3072),
+    "double_blocks.18.img_mod.lin.weight": (18432, 3072),
+    "double_blocks.0.txt_mod.lin.bias": (18432,),
+    "double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+    "double_blocks.0.txt_attn.qkv.bias": (9216,),
+    "double_blocks.0.img_attn.norm.query_norm.scale": (128,),
+    "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
+    "double_blocks.0.img_attn.proj.weight": (3072, 3072),
+    "double_blocks.0.img_mlp.0.weight": (12288, 3072),
+    "double_blocks.0.txt_mlp.2.weight": (3072, 12288),
+    "double_blocks.0.txt_mlp.2.bias": (3072,),
+    "single_blocks.37.linear1.weight": (21504, 3072),
+    "single_blocks.0.linear1.bias": (21504,),
+    "single_blocks.0.linear2.weight": (3072, 15360),
+    "single_blocks.0.norm.query_norm.scale": (128,),
+    "single_blocks.0.modulation.lin.weight": (9216, 3072),
+    "final_layer.linear.weight": (64, 3072),
+    "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+    "final_layer.adaLN_modulation.1.bias": (6144,),
 }
 # hand count: embedders 45,047,808 (with guidance) + final 19,077,184 + 19 x 339,831,296 + 38 x 141,591,808
 DEV_PARAMS = 11_901_408_320
@@ -60,8 +74,11 @@ def test_infer_params_round_trips_the_presets(variant: str) -> None:
 
 
 def test_infer_params_counts_pruned_blocks() -> None:
-    shapes = {k: v for k, v in meta_state(PRESETS["dev"]).items()
-              if not k.startswith("double_blocks.") or int(k.split(".")[1]) < 8}
+    shapes = {
+        k: v
+        for k, v in meta_state(PRESETS["dev"]).items()
+        if not k.startswith("double_blocks.") or int(k.split(".")[1]) < 8
+    }
     params = infer_flux_params(shapes)
     assert (params.depth, params.depth_single_blocks) == (8, 38)
     assert flux_size_class(params) == "pruned"
@@ -91,8 +108,14 @@ def test_dev_model_requires_guidance() -> None:
     model = Flux(tiny(True)).eval()
     img, ids = torch.randn(1, 4, 64), torch.zeros(1, 4, 3)
     with pytest.raises(ValueError, match="guidance"):
-        model(img=img, img_ids=ids, txt=torch.randn(1, 3, 32), txt_ids=torch.zeros(1, 3, 3),
-              timesteps=torch.tensor([0.5]), y=torch.randn(1, 32))
+        model(
+            img=img,
+            img_ids=ids,
+            txt=torch.randn(1, 3, 32),
+            txt_ids=torch.zeros(1, 3, 3),
+            timesteps=torch.tensor([0.5]),
+            y=torch.randn(1, 32),
+        )
 
 
 def test_full_autoencoder_keys_and_parameter_inference() -> None:

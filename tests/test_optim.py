@@ -6,11 +6,20 @@ import pytest
 import torch
 
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.optim import build_optimizer, build_scheduler, canonical_optimizer, parse_optimizer_args, resolve_warmup
+from fluxpipe.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    canonical_optimizer,
+    parse_optimizer_args,
+    resolve_warmup,
+)
 
 
 def params() -> list[dict]:
-    return [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5}, {"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    return [
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5},
+        {"params": [torch.nn.Parameter(torch.zeros(2))]},
+    ]
 
 
 def test_names_are_case_insensitive_and_unknown_ones_named() -> None:
@@ -21,7 +30,10 @@ def test_names_are_case_insensitive_and_unknown_ones_named() -> None:
 
 def test_optimizer_args_are_literals() -> None:
     assert parse_optimizer_args(["betas=(0.9,0.99)", "weight_decay=0.01", "foo=bar"]) == {
-        "betas": (0.9, 0.99), "weight_decay": 0.01, "foo": "bar"}
+        "betas": (0.9, 0.99),
+        "weight_decay": 0.01,
+        "foo": "bar",
+    }
     with pytest.raises(FluxpipeError, match="expected key=value"):
         parse_optimizer_args(["weight_decay"])
 
@@ -42,7 +54,11 @@ def test_adafactor_relative_step_and_explicit_lr() -> None:
 
 def test_warmup_forms() -> None:
     assert (resolve_warmup(10, 100), resolve_warmup(0.1, 200), resolve_warmup("5%", 200), resolve_warmup(None, 9)) == (
-        10, 20, 10, 0)
+        10,
+        20,
+        10,
+        0,
+    )
 
 
 def test_schedules_by_hand() -> None:
@@ -72,19 +88,27 @@ def test_bitsandbytes_optimizer_or_a_clear_error() -> None:
 
 
 def test_resumed_adafactor_keeps_fp32_moments_of_bf16_weights() -> None:
-    from fluxpipe.optim import build_optimizer, load_optimizer_state
+    from fluxpipe.training.optim import build_optimizer, load_optimizer_state
 
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
-    opt = build_optimizer("Adafactor", [{"params": [param], "lr": 1e-3}], 1e-3,
-                          {"relative_step": False, "scale_parameter": False, "warmup_init": False})
+    opt = build_optimizer(
+        "Adafactor",
+        [{"params": [param], "lr": 1e-3}],
+        1e-3,
+        {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+    )
     param.grad = torch.randn(8, 4).bfloat16()
     opt.step()
     saved = opt.state_dict()
     row = opt.state[param]["exp_avg_sq_row"]
     assert row.dtype == torch.float32
-    fresh = build_optimizer("Adafactor", [{"params": [param], "lr": 1e-3}], 1e-3,
-                            {"relative_step": False, "scale_parameter": False, "warmup_init": False})
+    fresh = build_optimizer(
+        "Adafactor",
+        [{"params": [param], "lr": 1e-3}],
+        1e-3,
+        {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+    )
     fresh.load_state_dict(saved)  # torch's own load casts to bf16: the moments get rounded
     assert fresh.state[param]["exp_avg_sq_row"].dtype == torch.bfloat16
     load_optimizer_state(fresh, saved)

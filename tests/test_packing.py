@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxpipe.packing import image_ids, num_image_tokens, pack_latents, text_ids, unpack_latents
+from fluxpipe.maths.packing import image_ids, num_image_tokens, pack_latents, text_ids, unpack_latents
 
 
 def test_pack_arange_by_hand() -> None:

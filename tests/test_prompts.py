@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from fluxpipe.data.prompts import SamplePrompt, load_prompts, parse_prompt_line
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.prompts import SamplePrompt, load_prompts, parse_prompt_line
 
 TXT = """\
 # sample prompts for the cat LoRA
@@ -49,22 +49,50 @@ width = 512
 """
 
 JSON = [
-    {"prompt": "a cat on a mat", "width": 1000, "height": 30, "seed": 42, "sample_steps": 0, "guidance_scale": 4,
-     "scale": 2.5, "negative_prompt": "blurry, low  quality", "controlnet_image": "ctrl/pose.png"},
+    {
+        "prompt": "a cat on a mat",
+        "width": 1000,
+        "height": 30,
+        "seed": 42,
+        "sample_steps": 0,
+        "guidance_scale": 4,
+        "scale": 2.5,
+        "negative_prompt": "blurry, low  quality",
+        "controlnet_image": "ctrl/pose.png",
+    },
     "a dog in the rain --s 5000 --w 768 --ss euler_a",
     "a house",
 ]
 
-DEFAULTS = {"negative_prompt": "", "width": 512, "height": 512, "seed": None, "steps": 20, "guidance": 3.5,
-            "cfg_scale": 1.0, "control_image": None, "reference_image": None}
+DEFAULTS = {
+    "negative_prompt": "",
+    "width": 512,
+    "height": 512,
+    "seed": None,
+    "steps": 20,
+    "guidance": 3.5,
+    "cfg_scale": 1.0,
+    "control_image": None,
+    "reference_image": None,
+}
 
 
 def expected(folder: Path) -> list[dict[str, Any]]:
     """The three prompts above, written out by hand (1000 -> 992, 30 -> 64, steps 0 -> 1 and 5000 -> 1000)."""
     return [
-        {"index": 0, "prompt": "a cat on a mat", "negative_prompt": "blurry, low  quality", "width": 992, "height": 64,
-         "seed": 42, "steps": 1, "guidance": 4.0, "cfg_scale": 2.5, "control_image": folder / "ctrl" / "pose.png",
-         "reference_image": None},
+        {
+            "index": 0,
+            "prompt": "a cat on a mat",
+            "negative_prompt": "blurry, low  quality",
+            "width": 992,
+            "height": 64,
+            "seed": 42,
+            "steps": 1,
+            "guidance": 4.0,
+            "cfg_scale": 2.5,
+            "control_image": folder / "ctrl" / "pose.png",
+            "reference_image": None,
+        },
         {**DEFAULTS, "index": 1, "prompt": "a dog in the rain", "width": 768, "steps": 1000},
         {**DEFAULTS, "index": 2, "prompt": "a house"},
     ]
@@ -132,8 +160,11 @@ def test_tables_trim_text_like_txt_lines(tmp_path: Path) -> None:
     [from_toml] = load_prompts(write(tmp_path, "p.toml", toml))
     [from_txt] = load_prompts(write(tmp_path, "p.txt", "a cat  --n  blurry   --cn  c.png \n"))
     assert from_toml == from_txt
-    assert (from_toml.prompt, from_toml.negative_prompt, from_toml.control_image) == ("a cat", "blurry",
-                                                                                      tmp_path / "c.png")
+    assert (from_toml.prompt, from_toml.negative_prompt, from_toml.control_image) == (
+        "a cat",
+        "blurry",
+        tmp_path / "c.png",
+    )
 
 
 def test_control_image_is_resolved_against_the_prompt_files_folder(tmp_path: Path) -> None:
@@ -161,38 +192,42 @@ def test_json_null_means_unset(tmp_path: Path) -> None:
     assert (prompt.seed, prompt.width) == (None, 512)
 
 
-def test_unused_reference_options_are_accepted_with_one_warning(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_unused_reference_options_are_accepted_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     text = "a --ss euler --ctr 0.25\nb --rcfg 1.0 --fs 3.1 --ss ddim\nc --w 768\n"
-    with caplog.at_level(logging.WARNING, logger="fluxpipe.prompts"):
+    with caplog.at_level(logging.WARNING, logger="fluxpipe.data.prompts"):
         prompts = load_prompts(write(tmp_path, "p.txt", text))
     assert [p.prompt for p in prompts] == ["a", "b", "c"] and prompts[2].width == 768
     [record] = caplog.records
     assert all(name in record.getMessage() for name in ("--ss", "--ctr", "--rcfg", "--fs", "p.txt"))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fluxpipe.prompts"):
+    with caplog.at_level(logging.WARNING, logger="fluxpipe.data.prompts"):
         load_prompts(write(tmp_path, "q.toml", TOML))
     [record] = caplog.records
     assert "sample_sampler" in record.getMessage()
 
 
 def test_no_warning_without_unused_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="fluxpipe.prompts"):
+    with caplog.at_level(logging.WARNING, logger="fluxpipe.data.prompts"):
         load_prompts(write(tmp_path, "p.txt", "a --w 768\n"))
         parse_prompt_line("b --s 4", 0, tmp_path)
     assert caplog.records == []
 
 
-@pytest.mark.parametrize("line,words", [
-    ("a cat --x 1", ["line 3", "--x", "unknown option"]),
-    ("a cat --w abc", ["line 3", "--w", "'abc'"]),
-    ("a cat --h 512.5", ["line 3", "--h", "'512.5'"]),
-    ("a cat --d -1", ["line 3", "--d", "-1"]),
-    ("a cat --g nan", ["line 3", "--g", "nan"]),
-    ("a cat --l high", ["line 3", "--l", "'high'"]),
-    ("a cat --w", ["line 3", "--w", "no value"]),
-    ("--w 512 --h 512", ["line 3", "prompt is empty"]),
-])
+@pytest.mark.parametrize(
+    "line,words",
+    [
+        ("a cat --x 1", ["line 3", "--x", "unknown option"]),
+        ("a cat --w abc", ["line 3", "--w", "'abc'"]),
+        ("a cat --h 512.5", ["line 3", "--h", "'512.5'"]),
+        ("a cat --d -1", ["line 3", "--d", "-1"]),
+        ("a cat --g nan", ["line 3", "--g", "nan"]),
+        ("a cat --l high", ["line 3", "--l", "'high'"]),
+        ("a cat --w", ["line 3", "--w", "no value"]),
+        ("--w 512 --h 512", ["line 3", "prompt is empty"]),
+    ],
+)
 def test_bad_txt_lines_name_the_file_line_and_option(tmp_path: Path, line: str, words: list[str]) -> None:
     message = error_of(write(tmp_path, "samples.txt", f"# comment\ngood prompt\n{line}\n"))
     assert all(word in message for word in words), message
@@ -203,45 +238,56 @@ def test_parse_prompt_line_raises_on_a_bad_option(tmp_path: Path) -> None:
         parse_prompt_line("a cat --s many", 0, tmp_path)
 
 
-@pytest.mark.parametrize("text,words", [
-    ('[[prompt.subset]]\nprompt = "x"\nwidht = 512\n', ["prompt.subset[0]", "'widht'", "'width'"]),
-    ('[prompt]\ncolour = "red"\n[[prompt.subset]]\nprompt = "x"\n', ["[prompt]", "'colour'"]),
-    ('[[prompt.subset]]\nprompt = "x"\n[[prompt.subset]]\nprompt = "y"\nwidth = "wide"\n',
-     ["prompt.subset[1]", "width", "'wide'"]),
-    ('[[prompt.subset]]\nprompt = "x"\nseed = true\n', ["seed", "True"]),
-    ('[[prompt.subset]]\nprompt = "  "\n', ["prompt.subset[0]", "prompt is empty"]),
-    ('[[prompt.subset]]\nnegative_prompt = "x"\n', ["prompt is empty"]),
-    ('[prompt\nwidth = 512\n', ["not valid TOML"]),
-    ('[general]\nwidth = 512\n', ["[prompt]", "general"]),
-    ('[prompt]\nsubset = 3\n', ["[[prompt.subset]]"]),
-    ('[prompt]\nwidth = 512\n', ["no prompts"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ('[[prompt.subset]]\nprompt = "x"\nwidht = 512\n', ["prompt.subset[0]", "'widht'", "'width'"]),
+        ('[prompt]\ncolour = "red"\n[[prompt.subset]]\nprompt = "x"\n', ["[prompt]", "'colour'"]),
+        (
+            '[[prompt.subset]]\nprompt = "x"\n[[prompt.subset]]\nprompt = "y"\nwidth = "wide"\n',
+            ["prompt.subset[1]", "width", "'wide'"],
+        ),
+        ('[[prompt.subset]]\nprompt = "x"\nseed = true\n', ["seed", "True"]),
+        ('[[prompt.subset]]\nprompt = "  "\n', ["prompt.subset[0]", "prompt is empty"]),
+        ('[[prompt.subset]]\nnegative_prompt = "x"\n', ["prompt is empty"]),
+        ("[prompt\nwidth = 512\n", ["not valid TOML"]),
+        ("[general]\nwidth = 512\n", ["[prompt]", "general"]),
+        ("[prompt]\nsubset = 3\n", ["[[prompt.subset]]"]),
+        ("[prompt]\nwidth = 512\n", ["no prompts"]),
+    ],
+)
 def test_bad_toml_names_the_file_and_the_key(tmp_path: Path, text: str, words: list[str]) -> None:
     message = error_of(write(tmp_path, "samples.toml", text))
     assert all(word in message for word in words), message
 
 
-@pytest.mark.parametrize("data,words", [
-    ([{"prompt": "x", "sampler": "euler"}], ["item 0", "'sampler'"]),
-    (["ok", {"prompt": "x", "width": "512"}], ["item 1", "width", "'512'"]),
-    (["ok", {"prompt": "x", "scale": False}], ["item 1", "scale"]),
-    (["ok", "x --w abc"], ["item 1", "--w", "'abc'"]),
-    (["ok", 42], ["item 1", "int"]),
-    (["ok", ""], ["item 1", "prompt is empty"]),
-    ([{"width": 512}], ["item 0", "prompt is empty"]),
-    ({"prompt": "x"}, ["list"]),
-    ([], ["no prompts"]),
-])
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        ([{"prompt": "x", "sampler": "euler"}], ["item 0", "'sampler'"]),
+        (["ok", {"prompt": "x", "width": "512"}], ["item 1", "width", "'512'"]),
+        (["ok", {"prompt": "x", "scale": False}], ["item 1", "scale"]),
+        (["ok", "x --w abc"], ["item 1", "--w", "'abc'"]),
+        (["ok", 42], ["item 1", "int"]),
+        (["ok", ""], ["item 1", "prompt is empty"]),
+        ([{"width": 512}], ["item 0", "prompt is empty"]),
+        ({"prompt": "x"}, ["list"]),
+        ([], ["no prompts"]),
+    ],
+)
 def test_bad_json_names_the_file_and_the_item(tmp_path: Path, data: Any, words: list[str]) -> None:
     message = error_of(write(tmp_path, "samples.json", json.dumps(data)))
     assert all(word in message for word in words), message
 
 
-@pytest.mark.parametrize("name,text,words", [
-    ("samples.json", '[{"prompt": "x",}]', ["not valid JSON"]),
-    ("samples.yaml", "- x\n", ["'.yaml'", ".txt, .toml or .json"]),
-    ("samples.txt", "# only comments\n\n", ["no prompts"]),
-])
+@pytest.mark.parametrize(
+    "name,text,words",
+    [
+        ("samples.json", '[{"prompt": "x",}]', ["not valid JSON"]),
+        ("samples.yaml", "- x\n", ["'.yaml'", ".txt, .toml or .json"]),
+        ("samples.txt", "# only comments\n\n", ["no prompts"]),
+    ],
+)
 def test_unusable_files_are_one_error_naming_the_file(tmp_path: Path, name: str, text: str, words: list[str]) -> None:
     message = error_of(write(tmp_path, name, text))
     assert all(word in message for word in words), message

@@ -1,4 +1,4 @@
-"""Tests for fluxpipe.report_images: grid layout, label fitting, curve plots, atomic PNG writes."""
+"""Tests for fluxpipe.inference.report_images: grid layout, label fitting, curve plots, atomic PNG writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFont
 
-from fluxpipe import report_images as ri
-from fluxpipe.report_images import (
+from fluxpipe.inference import report_images as ri
+from fluxpipe.inference.report_images import (
     HEADER_HEIGHT,
     ROW_LABEL_WIDTH,
     TITLE_HEIGHT,
@@ -112,12 +112,15 @@ def test_long_labels_stay_inside_their_column() -> None:
     assert dark_pixels(grid, (2 * pad + ROW_LABEL_WIDTH, pad, gap_x, pad + HEADER_HEIGHT)) > 0
 
 
-@pytest.mark.parametrize(("rows", "cols", "n_rows", "n_cols"), [
-    (["a"], ["x", "y", "z"], 2, 3),  # too few row labels
-    (["a", "b", "c"], ["x", "y", "z"], 2, 3),  # too many row labels
-    (["a", "b"], ["x", "y"], 2, 3),  # too few column labels
-    ([], [], 0, 0),  # empty grid
-])
+@pytest.mark.parametrize(
+    ("rows", "cols", "n_rows", "n_cols"),
+    [
+        (["a"], ["x", "y", "z"], 2, 3),  # too few row labels
+        (["a", "b", "c"], ["x", "y", "z"], 2, 3),  # too many row labels
+        (["a", "b"], ["x", "y"], 2, 3),  # too few column labels
+        ([], [], 0, 0),  # empty grid
+    ],
+)
 def test_mismatched_labels_raise(rows: list[str], cols: list[str], n_rows: int, n_cols: int) -> None:
     cells = [[Image.new("RGB", (4, 4)) for _ in range(n_cols)] for _ in range(n_rows)]
     with pytest.raises(ValueError):
@@ -220,7 +223,9 @@ def test_failed_plot_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_matplotlib_is_imported_lazily_and_pyplot_never() -> None:
-    code = ("import sys; import fluxpipe.report_images as ri; assert 'matplotlib' not in sys.modules; "
-            "ri.curves_figure({'a': [(0.0, 1.0)]}, title='t', xlabel='x', ylabel='y'); "
-            "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
+    code = (
+        "import sys; import fluxpipe.inference.report_images as ri; assert 'matplotlib' not in sys.modules; "
+        "ri.curves_figure({'a': [(0.0, 1.0)]}, title='t', xlabel='x', ylabel='y'); "
+        "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

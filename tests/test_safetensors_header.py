@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluxpipe.errors import CheckpointError
-from fluxpipe.safetensors_file import read_header
+from fluxpipe.io.safetensors_file import read_header
 
 LENGTHS = range(8, 4097, 8)
 

@@ -1,4 +1,4 @@
-"""The evaluate stage's sample-to-training-data distance (fluxpipe.sample_distance), on hand-computed images."""
+"""The evaluate stage's sample-to-training-data distance (fluxpipe.inference.sample_distance), on hand-computed images."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxpipe.sample_distance import mean_nearest_distance, nearest_distance, thumbnail, training_thumbnails
+from fluxpipe.inference.sample_distance import mean_nearest_distance, nearest_distance, thumbnail, training_thumbnails
 from fluxpipe.stages.evaluate import Checkpoint, metrics
 
 
@@ -24,7 +24,9 @@ def half(width: int = 64) -> Image.Image:
 def test_thumbnail_is_box_filtered_rgb_in_unit_range() -> None:
     t = thumbnail(half(64), size=4).reshape(3, 4, 4)
     assert torch.equal(t[:, :, :2], torch.ones(3, 4, 2)) and torch.equal(t[:, :, 2:], torch.zeros(3, 4, 2))
-    assert thumbnail(Image.new("L", (10, 30), 51), size=2).tolist() == pytest.approx([0.2] * 12)  # grey, any size, any mode
+    assert thumbnail(Image.new("L", (10, 30), 51), size=2).tolist() == pytest.approx(
+        [0.2] * 12
+    )  # grey, any size, any mode
 
 
 def test_distance_is_the_rms_to_the_nearest_reference() -> None:
@@ -34,14 +36,16 @@ def test_distance_is_the_rms_to_the_nearest_reference() -> None:
     assert d.tolist() == pytest.approx([math.sqrt(0.5), 0.0, 0.0])  # half the pixels differ by 1 from either
     assert nearest_distance(white[None], black[None]).item() == pytest.approx(1.0)
     assert mean_nearest_distance([half(64), Image.new("RGB", (8, 8), "white")], refs) == pytest.approx(
-        math.sqrt(0.5) / 2)
+        math.sqrt(0.5) / 2
+    )
 
 
 def test_training_thumbnails_read_the_train_split_only(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16), "white").save(tmp_path / "a.png")
     Image.new("RGB", (16, 16), "black").save(tmp_path / "b.png")
-    pd.DataFrame({"path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")], "split": ["train", "val"]}
-                 ).to_parquet(tmp_path / "m.parquet")
+    pd.DataFrame({"path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")], "split": ["train", "val"]}).to_parquet(
+        tmp_path / "m.parquet"
+    )
     refs = training_thumbnails(tmp_path / "m.parquet")
     assert refs.shape == (1, 3 * 32 * 32) and refs.min().item() == 1.0
     pd.DataFrame({"path": [str(tmp_path / "b.png")], "split": ["val"]}).to_parquet(tmp_path / "v.parquet")

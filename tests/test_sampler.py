@@ -11,10 +11,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
-from fluxpipe.prompts import SamplePrompt
-from fluxpipe.sampler import ModelFiles, Sampler, encode_texts, load_sampler, to_pil
-from fluxpipe.sampling import cfg_combine, denoise, get_noise
+from fluxpipe.data.prompts import SamplePrompt
+from fluxpipe.inference.sampler import ModelFiles, Sampler, encode_texts, load_sampler, to_pil
+from fluxpipe.maths.sampling import cfg_combine, denoise, get_noise
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 
 def test_noise_is_the_official_cpu_draw() -> None:
@@ -28,8 +28,9 @@ def test_noise_is_the_official_cpu_draw() -> None:
 
 @pytest.mark.gpu
 def test_noise_is_the_same_on_the_gpu() -> None:
-    assert torch.equal(get_noise(1, 1024, 768, 3, "cuda", torch.float32).cpu(),
-                       get_noise(1, 1024, 768, 3, "cpu", torch.float32))
+    assert torch.equal(
+        get_noise(1, 1024, 768, 3, "cuda", torch.float32).cpu(), get_noise(1, 1024, 768, 3, "cpu", torch.float32)
+    )
 
 
 def test_cfg_combine_by_hand() -> None:
@@ -47,12 +48,32 @@ class TextVelocity(torch.nn.Module):
 def test_true_cfg_by_hand() -> None:
     img, ids = torch.zeros(1, 3, 4), torch.zeros(1, 3, 3)
     pos, neg, vec = torch.full((1, 2, 5), 2.0), torch.full((1, 2, 5), 0.5), torch.zeros(1, 4)
-    out = denoise(TextVelocity(), img, ids, pos, torch.zeros(1, 2, 3), vec, [1.0, 0.0], 3.5,
-                  negative=(neg, vec, None), cfg_scale=4.0)
+    out = denoise(
+        TextVelocity(),
+        img,
+        ids,
+        pos,
+        torch.zeros(1, 2, 3),
+        vec,
+        [1.0, 0.0],
+        3.5,
+        negative=(neg, vec, None),
+        cfg_scale=4.0,
+    )
     # v = 0.5 + 4·(2 − 0.5) = 6.5; one Euler step from 1 to 0: x = 0 − 6.5
     assert torch.allclose(out, torch.full((1, 3, 4), -6.5))
-    plain = denoise(TextVelocity(), img, ids, pos, torch.zeros(1, 2, 3), vec, [1.0, 0.0], 3.5,
-                    negative=(neg, vec, None), cfg_scale=1.0)  # scale 1: the negative prompt is not used
+    plain = denoise(
+        TextVelocity(),
+        img,
+        ids,
+        pos,
+        torch.zeros(1, 2, 3),
+        vec,
+        [1.0, 0.0],
+        3.5,
+        negative=(neg, vec, None),
+        cfg_scale=1.0,
+    )  # scale 1: the negative prompt is not used
     assert torch.allclose(plain, torch.full((1, 3, 4), -2.0))
 
 
@@ -64,13 +85,19 @@ def test_pixels_as_the_official_conversion() -> None:
 
 
 def files(demo: Path) -> ModelFiles:
-    return ModelFiles(flux=demo / FILES["flux"], ae=demo / FILES["ae"], clip_l=demo / FILES["clip_l"],
-                      t5xxl=demo / FILES["t5xxl"], clip_tokenizer=demo / CLIP_DIR, t5_tokenizer=demo / T5_DIR)
+    return ModelFiles(
+        flux=demo / FILES["flux"],
+        ae=demo / FILES["ae"],
+        clip_l=demo / FILES["clip_l"],
+        t5xxl=demo / FILES["t5xxl"],
+        clip_tokenizer=demo / CLIP_DIR,
+        t5_tokenizer=demo / T5_DIR,
+    )
 
 
 def random_lora(demo: Path, path: Path, scale: float = 0.5) -> Path:
-    from fluxpipe.checkpoints import load_model
-    from fluxpipe.lora import lora_targets
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.lora.files import lora_targets
 
     dit = load_model(demo / FILES["flux"], "flux")
     g = torch.Generator().manual_seed(0)
@@ -85,12 +112,13 @@ def random_lora(demo: Path, path: Path, scale: float = 0.5) -> Path:
 
 
 def test_sampler_images_are_seeded_and_loras_attach_and_detach(demo_dir: Path, tmp_path: Path) -> None:
-    from fluxpipe.lora import apply_lora, detach_loras
-    from fluxpipe.sampler import read_loras
+    from fluxpipe.inference.sampler import read_loras
+    from fluxpipe.lora.files import apply_lora, detach_loras
 
     p = SamplePrompt(index=0, prompt="a red cube", width=64, height=80, steps=3)
-    conds = encode_texts(files(demo_dir), [p.prompt], device="cpu", dtype=torch.float32, max_length=32,
-                         apply_t5_attn_mask=False)
+    conds = encode_texts(
+        files(demo_dir), [p.prompt], device="cpu", dtype=torch.float32, max_length=32, apply_t5_attn_mask=False
+    )
     sampler = load_sampler(files(demo_dir), device="cpu", dtype=torch.float32)
     a = sampler.latents(p, conds[p.prompt], None, seed=1)
     assert a.shape == (1, 16, 10, 8) and torch.equal(a, sampler.latents(p, conds[p.prompt], None, seed=1))
@@ -109,12 +137,30 @@ def test_sampler_images_are_seeded_and_loras_attach_and_detach(demo_dir: Path, t
 
 def test_sample_command_writes_the_png(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text("models:\n" + "".join(f"  {k}: {demo_dir / FILES[k]}\n" for k in ("flux", "ae", "clip_l", "t5xxl")) +
-                      f"  clip_tokenizer: {demo_dir / CLIP_DIR}\n  t5_tokenizer: {demo_dir / T5_DIR}\n")
+    config.write_text(
+        "models:\n"
+        + "".join(f"  {k}: {demo_dir / FILES[k]}\n" for k in ("flux", "ae", "clip_l", "t5xxl"))
+        + f"  clip_tokenizer: {demo_dir / CLIP_DIR}\n  t5_tokenizer: {demo_dir / T5_DIR}\n"
+    )
     lora = random_lora(demo_dir, tmp_path / "l.safetensors")
     out = tmp_path / "out.png"
-    base = ["sample", "--config", str(config), "--prompt", "a cat", "--width", "80", "--height", "64", "--steps", "2",
-            "--seed", "3", "--device", "cpu"]
+    base = [
+        "sample",
+        "--config",
+        str(config),
+        "--prompt",
+        "a cat",
+        "--width",
+        "80",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     assert main([*base, "--out", str(out)]) == 0
     assert main([*base, "--lora", f"{lora}:0", "--out", str(tmp_path / "zero.png")]) == 0
     assert main([*base, "--lora", f"{lora}:0.8", "--out", str(tmp_path / "lora.png")]) == 0
@@ -135,18 +181,31 @@ def test_lora_argument_and_checkpoint_labels(tmp_path: Path) -> None:
     assert slug("epoch 5") == "epoch-000005" and slug("step 100") == "step-00000100" and slug("final") == "final"
     with pytest.raises(FluxpipeError, match="final LoRA is missing"):
         find_checkpoints(tmp_path, "run")
-    for name, step, epoch in (("run-000002", 10, 2), ("run", 30, 6), ("run-step00000005", 5, 1), ("run-000004", 20, 4),
-                              ("other", 1, 1)):
-        save_file({"x": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"),
-                  metadata={"ss_steps": str(step), "ss_epoch": str(epoch)})
+    for name, step, epoch in (
+        ("run-000002", 10, 2),
+        ("run", 30, 6),
+        ("run-step00000005", 5, 1),
+        ("run-000004", 20, 4),
+        ("other", 1, 1),
+    ):
+        save_file(
+            {"x": torch.zeros(1)},
+            str(tmp_path / f"{name}.safetensors"),
+            metadata={"ss_steps": str(step), "ss_epoch": str(epoch)},
+        )
     found = find_checkpoints(tmp_path, "run")
-    assert [(c.label, c.step) for c in found] == [("base", 0), ("step 5", 5), ("epoch 2", 10), ("epoch 4", 20),
-                                                  ("final", 30)]
+    assert [(c.label, c.step) for c in found] == [
+        ("base", 0),
+        ("step 5", 5),
+        ("epoch 2", 10),
+        ("epoch 4", 20),
+        ("final", 30),
+    ]
 
 
 def test_control_image_steers_the_sample(demo_dir: Path, tmp_path: Path) -> None:
-    from fluxpipe.checkpoints import inspect_checkpoint
     from fluxpipe.errors import FluxpipeError
+    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.models.controlnet import ControlNetFlux
 
     params = inspect_checkpoint(demo_dir / FILES["flux"], "flux").build().params
@@ -158,8 +217,9 @@ def test_control_image_steers_the_sample(demo_dir: Path, tmp_path: Path) -> None
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "cn.safetensors"))
     for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
         Image.new("RGB", (70, 50), colour).save(tmp_path / f"{name}.png")
-    conds = encode_texts(files(demo_dir), ["a cube"], device="cpu", dtype=torch.float32, max_length=32,
-                         apply_t5_attn_mask=False)
+    conds = encode_texts(
+        files(demo_dir), ["a cube"], device="cpu", dtype=torch.float32, max_length=32, apply_t5_attn_mask=False
+    )
     sampler = load_sampler(files(demo_dir), device="cpu", dtype=torch.float32, controlnet=tmp_path / "cn.safetensors")
     plain = SamplePrompt(index=0, prompt="a cube", width=64, height=48, steps=2)
     red = SamplePrompt(index=0, prompt="a cube", width=64, height=48, steps=2, control_image=tmp_path / "red.png")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fluxpipe.sampling import denoise, get_lin_function, get_schedule, time_shift
+from fluxpipe.maths.sampling import denoise, get_lin_function, get_schedule, time_shift
 
 
 def test_unshifted_schedule_is_linear() -> None:

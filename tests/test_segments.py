@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from fluxpipe.cli import main
 
 
@@ -30,7 +30,7 @@ def _command(method: str, demo: Path, out: Path) -> list[str]:
         a = full_command(demo, out)
         a.remove("--fused_backward_pass")
         a[a.index("--optimizer_type") + 1] = "AdamW"
-        del a[a.index("--optimizer_args"):a.index("--optimizer_args") + 4]
+        del a[a.index("--optimizer_args") : a.index("--optimizer_args") + 4]
         return a
     return cn_command(demo, out)
 
@@ -51,8 +51,7 @@ def test_a_chain_of_segments_equals_one_run(method: str, demo_dir: Path, tmp_pat
     stops = sorted({1, per_epoch})
     previous: list[str] = []
     for stop in stops:
-        assert main(["train", method, *_command(method, demo_dir, chain), "--stop_at_step", str(stop),
-                     *previous]) == 0
+        assert main(["train", method, *_command(method, demo_dir, chain), "--stop_at_step", str(stop), *previous]) == 0
         state = chain / f"{name}-seg{stop:08d}-state"
         assert (state / "state.json").is_file()
         assert not (chain / f"{name}.safetensors").exists()  # a segment writes no final file
@@ -69,14 +68,16 @@ def test_a_chain_of_segments_equals_one_run(method: str, demo_dir: Path, tmp_pat
     assert [(r["step"], r["loss"]) for r in chained] == [(r["step"], r["loss"]) for r in losses]
 
 
-def test_a_stop_before_the_resumed_step_is_one_error(demo_dir: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stop_before_the_resumed_step_is_one_error(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from test_train_lora import seed_command
 
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path), "--stop_at_step", "2"]) == 0
     state = tmp_path / "my_flux_lora-seg00000002-state"
-    assert main(["train", "lora", *seed_command(demo_dir, tmp_path), "--stop_at_step", "2", "--resume",
-                 str(state)]) != 0
+    assert (
+        main(["train", "lora", *seed_command(demo_dir, tmp_path), "--stop_at_step", "2", "--resume", str(state)]) != 0
+    )
     assert "already at step 2" in capsys.readouterr().err
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path), "--stop_at_step", "0"]) != 0
     assert "positive" in capsys.readouterr().err

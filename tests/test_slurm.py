@@ -17,22 +17,29 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
-GPU_RULES = ("latent_shard", "text_shard", "train_lora", "train_full", "train_controlnet", "train_segment",
-             "evaluate_samples")
+GPU_RULES = (
+    "latent_shard",
+    "text_shard",
+    "train_lora",
+    "train_full",
+    "train_controlnet",
+    "train_segment",
+    "evaluate_samples",
+)
 
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
     if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
         pytest.skip("SLURM is not installed and there is no apt-get to install it")
-    result = subprocess.run(["bash", str(REPO / "tests/slurm/start_slurm.sh")], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        ["bash", str(REPO / "tests/slurm/start_slurm.sh")], capture_output=True, text=True, timeout=600
+    )
     if result.returncode in (2, 3):  # not root, or the packages cannot be installed
         pytest.skip(f"cannot start SLURM here: {result.stdout.strip()}")
     assert result.returncode == 0, result.stdout + result.stderr  # it can be started, so it must start
@@ -49,8 +56,14 @@ def copy_workflow(dest: Path) -> Path:
 def slurm_profile(dest: Path) -> Path:
     """config/profiles/slurm for this one-node test cluster: its partition, no account, no GPUs, quick polls."""
     profile = yaml.safe_load((REPO / "config/profiles/slurm/config.yaml").read_text())
-    profile.update({"jobs": 4, "slurm-no-account": True, "slurm-init-seconds-before-status-checks": 2,
-                    "default-resources": {"slurm_partition": "cpu", "mem_mb": 2000, "runtime": 30}})
+    profile.update(
+        {
+            "jobs": 4,
+            "slurm-no-account": True,
+            "slurm-init-seconds-before-status-checks": 2,
+            "default-resources": {"slurm_partition": "cpu", "mem_mb": 2000, "runtime": 30},
+        }
+    )
     profile["set-resources"] = {rule: {"gpu": 0, "tasks_per_gpu": 0} for rule in GPU_RULES}
     (dest / "profile").mkdir()
     (dest / "profile/config.yaml").write_text(yaml.safe_dump(profile))
@@ -58,27 +71,37 @@ def slurm_profile(dest: Path) -> Path:
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(workdir),
-           "XDG_CACHE_HOME": str(workdir / ".cache")}
-    return subprocess.run([str(BIN / "snakemake"), *args], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin",
+        "HOME": str(workdir),
+        "XDG_CACHE_HOME": str(workdir / ".cache"),
+    }
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(slurm: None, tmp_path: Path) -> None:
     cluster = copy_workflow(tmp_path / "cluster")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     # in segments of 40 steps (a queue's wall-time limit): two train_segment jobs, then train_lora resumes
-    result = snakemake(cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config",
-                       "train_segment_steps=40")
+    result = snakemake(
+        cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config", "train_segment_steps=40"
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ran = int(re.findall(r"(\d+) of \d+ steps \(100%\) done", result.stdout + result.stderr)[-1])
-    jobs = subprocess.run(["sacct", "-X", "-n", "-P", "-S", since, "--format=JobID,Comment,State,WorkDir"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    jobs = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-S", since, "--format=JobID,Comment,State,WorkDir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     ours = [line.split("|") for line in jobs if line.split("|")[3].startswith(str(cluster))]
     rules = sorted(comment.split("_wildcards_")[0].removeprefix("rule_") for _, comment, _, _ in ours)
     assert len(ours) == ran and all(state == "COMPLETED" for _, _, state, _ in ours), jobs
-    assert {"demo_models", "validate_models", "dataset_manifest", "latent_shard", "text_shard",
-            "train_lora"} <= set(rules) and rules.count("train_segment") == 2, rules
+    assert {"demo_models", "validate_models", "dataset_manifest", "latent_shard", "text_shard", "train_lora"} <= set(
+        rules
+    ) and rules.count("train_segment") == 2, rules
     local = copy_workflow(tmp_path / "local")  # one job, no segments: the same LoRA
     assert snakemake(local, "--cores", "1", "train_lora").returncode == 0
     a = load_file(str(cluster / "results/train/lora/demo_lora.safetensors"))

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, write_st
 from safetensors.torch import load_file
 
-from conftest import SHARED, write_st
-from fluxpipe.checkpoints import inspect_checkpoint, load_model
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
 from fluxpipe.errors import CheckpointError, FluxpipeError
+from fluxpipe.io.checkpoints import inspect_checkpoint, load_model
 from fluxpipe.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 REAL_CLIP = SHARED / "tokenizers" / "clip-vit-large-patch14"
 REAL_T5 = SHARED / "tokenizers" / "t5-v1_1-xxl"
@@ -28,8 +28,10 @@ def test_clip_file_keys_carry_text_model_prefix_and_load_strictly(demo_dir: Path
 
 
 def test_clip_extra_projection_keys_are_reported_not_silent(demo_dir: Path, tmp_path: Path) -> None:
-    state = load_file(str(demo_dir / FILES["clip_l"])) | {"text_projection.weight": torch.zeros(768, 64),
-                                                          "logit_scale": torch.zeros(())}
+    state = load_file(str(demo_dir / FILES["clip_l"])) | {
+        "text_projection.weight": torch.zeros(768, 64),
+        "logit_scale": torch.zeros(()),
+    }
     spec = inspect_checkpoint(write_st(tmp_path / "clip.safetensors", state), "clip_l")
     assert spec.ignored == ("logit_scale", "text_projection.weight")
 

@@ -7,22 +7,49 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 
 def cn_command(demo: Path, out: Path, *extra: str, dataset: Path | None = None) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(demo / FILES["flux"]), "--clip_l", str(demo / FILES["clip_l"]),
-            "--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]),
-            "--dataset_config", str(dataset or REPO / "config/demo/dataset.toml"), "--output_dir", str(out),
-            "--output_name", "cn", "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--max_train_epochs", "2",
-            "--mixed_precision", "bf16", "--gradient_checkpointing", "--save_every_n_epochs", "1",
-            "--cache_latents", "--cache_text_encoder_outputs", "--clip_tokenizer", str(demo / CLIP_DIR),
-            "--t5_tokenizer", str(demo / T5_DIR), *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(demo / FILES["flux"]),
+        "--clip_l",
+        str(demo / FILES["clip_l"]),
+        "--t5xxl",
+        str(demo / FILES["t5xxl"]),
+        "--ae",
+        str(demo / FILES["ae"]),
+        "--dataset_config",
+        str(dataset or REPO / "config/demo/dataset.toml"),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "cn",
+        "--learning_rate",
+        "1e-3",
+        "--optimizer_type",
+        "AdamW",
+        "--max_train_epochs",
+        "2",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--save_every_n_epochs",
+        "1",
+        "--cache_latents",
+        "--cache_text_encoder_outputs",
+        "--clip_tokenizer",
+        str(demo / CLIP_DIR),
+        "--t5_tokenizer",
+        str(demo / T5_DIR),
+        *extra,
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -31,16 +58,20 @@ def _from_repo(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def base_output(demo: Path, controlnet: Path | None, hint: torch.Tensor) -> torch.Tensor:
-    from fluxpipe.checkpoints import load_model
-    from fluxpipe.models.controlnet import ControlNetFlux, load_controlnet_state
-    from fluxpipe.models.controlnet import ControlledFlux
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 
     dit = load_model(demo / FILES["flux"], "flux", dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
-    kwargs = {"img": torch.randn(1, 16, 64, generator=g), "img_ids": torch.zeros(1, 16, 3),
-              "txt": torch.randn(1, 8, dit.params.context_in_dim, generator=g), "txt_ids": torch.zeros(1, 8, 3),
-              "timesteps": torch.tensor([0.5]), "y": torch.randn(1, dit.params.vec_in_dim, generator=g),
-              "guidance": torch.tensor([1.0])}
+    kwargs = {
+        "img": torch.randn(1, 16, 64, generator=g),
+        "img_ids": torch.zeros(1, 16, 3),
+        "txt": torch.randn(1, 8, dit.params.context_in_dim, generator=g),
+        "txt_ids": torch.zeros(1, 8, 3),
+        "timesteps": torch.tensor([0.5]),
+        "y": torch.randn(1, dit.params.vec_in_dim, generator=g),
+        "guidance": torch.tensor([1.0]),
+    }
     with torch.no_grad():
         if controlnet is None:
             return dit(**kwargs)
@@ -50,7 +81,7 @@ def base_output(demo: Path, controlnet: Path | None, hint: torch.Tensor) -> torc
 
 
 def test_demo_controlnet_trains_in_the_reference_layout(demo_dir: Path, tmp_path: Path) -> None:
-    from fluxpipe.checkpoints import inspect_checkpoint
+    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.models.controlnet import controlnet_key_shapes
 
     assert main(["train", "controlnet", *cn_command(demo_dir, tmp_path)]) == 0
@@ -78,8 +109,9 @@ def test_resume_from_a_state_equals_the_uninterrupted_run(demo_dir: Path, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_dataset_without_conditioning_images_is_refused(demo_dir: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_dataset_without_conditioning_images_is_refused(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     toml = (REPO / "config/demo/dataset.toml").read_text()
     plain = tmp_path / "plain.toml"
     plain.write_text("\n".join(line for line in toml.splitlines() if "conditioning_data_dir" not in line))
@@ -87,20 +119,26 @@ def test_a_dataset_without_conditioning_images_is_refused(demo_dir: Path, tmp_pa
     assert "no conditioning image" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("extra", "says"), [(("--loss_type", "huber", "--huber_schedule", "constant"), "l2 or l1"),
-                                             (("--network_dim", "4"), "not implemented yet"),
-                                             (("--fused_backward_pass",), "Adafactor"),
-                                             (("--sample_every_n_epochs", "1", "--sample_prompts", "p.txt"),
-                                              "not implemented yet")])
-def test_refused_flags(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple,
-                       says: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--loss_type", "huber", "--huber_schedule", "constant"), "l2 or l1"),
+        (("--network_dim", "4"), "not implemented yet"),
+        (("--fused_backward_pass",), "Adafactor"),
+        (("--sample_every_n_epochs", "1", "--sample_prompts", "p.txt"), "not implemented yet"),
+    ],
+)
+def test_refused_flags(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple, says: str
+) -> None:
     assert main(["train", "controlnet", *cn_command(demo_dir, tmp_path, *extra)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
 
 
-def test_a_wrong_starting_controlnet_is_one_error(demo_dir: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_wrong_starting_controlnet_is_one_error(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safetensors.torch import save_file
 
     bad = tmp_path / "bad.safetensors"

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dataset_toml
 from PIL import Image
 
-from conftest import dataset_toml
-from fluxpipe.dataset_config import load_dataset_toml
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.config.dataset import load_dataset_toml
+from fluxpipe.data.batches import CachedTensors, TrainItem, epoch_batches, epoch_repeats, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.io.tables import read_parquet, write_parquet_atomic
 from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
-from fluxpipe.tables import read_parquet, write_parquet_atomic
-from fluxpipe.train_data import CachedTensors, TrainItem, epoch_batches, epoch_repeats, load_items, make_batch
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 SIZES = [(64, 64)] * 4 + [(96, 64)] * 2  # two buckets: 64x64 and 80x48
 
@@ -35,12 +35,24 @@ def _build(root: Path, demo: Path) -> dict[str, Path]:
     _images(root / "reg", [(64, 64)] * 2, ["a photo of a dog"])
     toml = dataset_toml(root / "ds.toml", root / "train", extra="num_repeats = 2\nflip_aug = true")
     with toml.open("a") as f:
-        f.write(f'[[datasets.subsets]]\nimage_dir = "{root / "reg"}"\nis_reg = true\nnum_repeats = 1\nflip_aug = false\n')
+        f.write(
+            f'[[datasets.subsets]]\nimage_dir = "{root / "reg"}"\nis_reg = true\nnum_repeats = 1\nflip_aug = false\n'
+        )
     out = root / "results"
-    paths = {"manifest": out / "dataset" / "manifest.parquet", "latents": out / "cache" / "latents" / "index.parquet",
-             "text": out / "cache" / "text" / "index.parquet"}
-    manifest.run(manifest.ManifestConfig(datasets=load_dataset_toml(toml), out=paths["manifest"], latent_shards=2,
-                                         text_shards=1, hash_cache=root / "h.json"))
+    paths = {
+        "manifest": out / "dataset" / "manifest.parquet",
+        "latents": out / "cache" / "latents" / "index.parquet",
+        "text": out / "cache" / "text" / "index.parquet",
+    }
+    manifest.run(
+        manifest.ManifestConfig(
+            datasets=load_dataset_toml(toml),
+            out=paths["manifest"],
+            latent_shards=2,
+            text_shards=1,
+            hash_cache=root / "h.json",
+        )
+    )
     common = {"manifest": paths["manifest"], "hash_cache": root / "h.json", "batch_size": 8}
     for kind, n in (("latents", 2), ("text", 1)):
         shards = tuple(paths[kind].parent / f"shard-{k:03d}.safetensors" for k in range(n))
@@ -48,11 +60,27 @@ def _build(root: Path, demo: Path) -> dict[str, Path]:
             if kind == "latents":
                 cache_latents.run(cache_latents.CacheLatentsConfig(ae=demo / FILES["ae"], out=shard, shard=k, **common))
             else:
-                cache_text.run(cache_text.CacheTextConfig(
-                    clip_l=demo / FILES["clip_l"], t5xxl=demo / FILES["t5xxl"], clip_tokenizer=demo / CLIP_DIR,
-                    t5_tokenizer=demo / T5_DIR, out=shard, shard=k, max_length=16, **common))
-        cache_index.run(cache_index.CacheIndexConfig(kind=kind, manifest=paths["manifest"], shards=shards,
-                                                     index=paths[kind], summary=paths[kind].with_name("summary.json")))
+                cache_text.run(
+                    cache_text.CacheTextConfig(
+                        clip_l=demo / FILES["clip_l"],
+                        t5xxl=demo / FILES["t5xxl"],
+                        clip_tokenizer=demo / CLIP_DIR,
+                        t5_tokenizer=demo / T5_DIR,
+                        out=shard,
+                        shard=k,
+                        max_length=16,
+                        **common,
+                    )
+                )
+        cache_index.run(
+            cache_index.CacheIndexConfig(
+                kind=kind,
+                manifest=paths["manifest"],
+                shards=shards,
+                index=paths[kind],
+                summary=paths[kind].with_name("summary.json"),
+            )
+        )
     return paths
 
 
@@ -85,8 +113,9 @@ def test_epoch_repeats_and_reg_rebalancing(items: list[TrainItem]) -> None:
     assert epoch_repeats(items) == [6 if it.is_reg else 2 for it in items]
 
     def item(reg: bool, repeats: int, dataset: int = 0) -> TrainItem:
-        return TrainItem(row=0, dataset=dataset, latent_keys=("k",), text_key="t", bucket=(64, 64), is_reg=reg,
-                         repeats=repeats)
+        return TrainItem(
+            row=0, dataset=dataset, latent_keys=("k",), text_key="t", bucket=(64, 64), is_reg=reg, repeats=repeats
+        )
 
     # the reference: reg images past the training count are left out; per dataset; no training images, no reg
     assert epoch_repeats([item(False, 3), item(True, 2), item(True, 2), item(True, 2)]) == [3, 2, 2, 0]

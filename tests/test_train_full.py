@@ -12,30 +12,80 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 BIN = Path(sys.executable).parent
 
 
 def full_command(demo: Path, out: Path, *extra: str, flux: str = "flux") -> list[str]:
     """The reference README's full fine-tune settings (Adafactor, fused backward pass, full_bf16), on the demo."""
-    return ["--pretrained_model_name_or_path", str(demo / FILES[flux]), "--clip_l", str(demo / FILES["clip_l"]),
-            "--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]),
-            "--dataset_config", str(REPO / "config/demo/dataset.toml"), "--output_dir", str(out),
-            "--output_name", "ft", "--save_model_as", "safetensors", "--sdpa", "--persistent_data_loader_workers",
-            "--max_data_loader_n_workers", "2", "--seed", "42", "--gradient_checkpointing", "--mixed_precision",
-            "bf16", "--save_precision", "bf16", "--optimizer_type", "adafactor", "--optimizer_args",
-            "relative_step=False", "scale_parameter=False", "warmup_init=False", "--fused_backward_pass",
-            "--full_bf16", "--lr_scheduler", "constant_with_warmup", "--learning_rate", "1e-4",
-            "--max_grad_norm", "0.0", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
-            "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
-            "--guidance_scale", "1.0", "--cache_latents_to_disk", "--cache_text_encoder_outputs",
-            "--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR), *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(demo / FILES[flux]),
+        "--clip_l",
+        str(demo / FILES["clip_l"]),
+        "--t5xxl",
+        str(demo / FILES["t5xxl"]),
+        "--ae",
+        str(demo / FILES["ae"]),
+        "--dataset_config",
+        str(REPO / "config/demo/dataset.toml"),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "ft",
+        "--save_model_as",
+        "safetensors",
+        "--sdpa",
+        "--persistent_data_loader_workers",
+        "--max_data_loader_n_workers",
+        "2",
+        "--seed",
+        "42",
+        "--gradient_checkpointing",
+        "--mixed_precision",
+        "bf16",
+        "--save_precision",
+        "bf16",
+        "--optimizer_type",
+        "adafactor",
+        "--optimizer_args",
+        "relative_step=False",
+        "scale_parameter=False",
+        "warmup_init=False",
+        "--fused_backward_pass",
+        "--full_bf16",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--learning_rate",
+        "1e-4",
+        "--max_grad_norm",
+        "0.0",
+        "--max_train_epochs",
+        "2",
+        "--save_every_n_epochs",
+        "1",
+        "--timestep_sampling",
+        "shift",
+        "--discrete_flow_shift",
+        "3.1582",
+        "--model_prediction_type",
+        "raw",
+        "--guidance_scale",
+        "1.0",
+        "--cache_latents_to_disk",
+        "--cache_text_encoder_outputs",
+        "--clip_tokenizer",
+        str(demo / CLIP_DIR),
+        "--t5_tokenizer",
+        str(demo / T5_DIR),
+        *extra,
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -44,15 +94,21 @@ def _from_repo(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def forward(flux_file: Path) -> torch.Tensor:
-    from fluxpipe.checkpoints import load_model
+    from fluxpipe.io.checkpoints import load_model
 
     model = load_model(flux_file, "flux", dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, model.params.context_in_dim, generator=g)
     with torch.no_grad():
-        return model(img=img, img_ids=torch.zeros(1, 16, 3), txt=txt, txt_ids=torch.zeros(1, 8, 3),
-                     timesteps=torch.tensor([0.5]), y=torch.randn(1, model.params.vec_in_dim, generator=g),
-                     guidance=torch.tensor([1.0]) if model.params.guidance_embed else None)
+        return model(
+            img=img,
+            img_ids=torch.zeros(1, 16, 3),
+            txt=txt,
+            txt_ids=torch.zeros(1, 8, 3),
+            timesteps=torch.tensor([0.5]),
+            y=torch.randn(1, model.params.vec_in_dim, generator=g),
+            guidance=torch.tensor([1.0]) if model.params.guidance_embed else None,
+        )
 
 
 def test_readme_command_writes_a_strict_loading_dit(demo_dir: Path, tmp_path: Path) -> None:
@@ -66,7 +122,9 @@ def test_readme_command_writes_a_strict_loading_dit(demo_dir: Path, tmp_path: Pa
     assert meta["modelspec.architecture"] == "flux-1-dev" and meta["ss_steps"] == "10"
     assert main(["validate", "--flux", str(final)]) == 0
     assert not torch.allclose(forward(final), forward(demo_dir / FILES["flux"]), atol=1e-4)  # it trained
-    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in (tmp_path / "ft-loss.jsonl").read_text().splitlines()]
+    losses = [
+        float(line.split('"loss": ')[1].split(",")[0]) for line in (tmp_path / "ft-loss.jsonl").read_text().splitlines()
+    ]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
 
 
@@ -94,7 +152,7 @@ def plain_adamw(demo: Path, out: Path, *extra: str) -> list[str]:
     for flag in ("--fused_backward_pass", "--full_bf16"):
         args.remove(flag)
     i = args.index("--optimizer_args")
-    del args[i:i + 4]
+    del args[i : i + 4]
     args[args.index("--optimizer_type") + 1] = "AdamW"
     args[args.index("--mixed_precision") + 1] = "no"
     args[args.index("--save_precision") + 1] = "float"
@@ -121,8 +179,9 @@ def test_kill_then_resume_equals_an_uninterrupted_run(demo_dir: Path, tmp_path: 
     clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not list(killed.glob("*-step00000003-state")):
         time.sleep(0.02)
@@ -136,15 +195,19 @@ def test_kill_then_resume_equals_an_uninterrupted_run(demo_dir: Path, tmp_path: 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("edit", "says"), [
-    (lambda a: a.__setitem__(a.index("--optimizer_type") + 1, "AdamW"), "Adafactor"),
-    (lambda a: a.extend(["--gradient_accumulation_steps", "2"]), "gradient_accumulation_steps"),
-    (lambda a: a.extend(["--blockwise_fused_optimizers"]), "cannot be combined"),
-    (lambda a: a.extend(["--fp8_base"]), "not implemented yet in fluxpipe's full fine-tune"),
-    (lambda a: a.extend(["--network_dim", "4"]), "not implemented yet in fluxpipe's full fine-tune"),
-])
-def test_refused_inputs_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                           edit, says: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda a: a.__setitem__(a.index("--optimizer_type") + 1, "AdamW"), "Adafactor"),
+        (lambda a: a.extend(["--gradient_accumulation_steps", "2"]), "gradient_accumulation_steps"),
+        (lambda a: a.extend(["--blockwise_fused_optimizers"]), "cannot be combined"),
+        (lambda a: a.extend(["--fp8_base"]), "not implemented yet in fluxpipe's full fine-tune"),
+        (lambda a: a.extend(["--network_dim", "4"]), "not implemented yet in fluxpipe's full fine-tune"),
+    ],
+)
+def test_refused_inputs_are_one_error_line(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, says: str
+) -> None:  # noqa: ANN001
     args = full_command(demo_dir, tmp_path)
     edit(args)
     assert main(["train", "full", *args]) == 2

@@ -12,29 +12,72 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 BIN = Path(sys.executable).parent
 
 
 def seed_command(demo: Path, out: Path, *extra: str) -> list[str]:
     """The seed's command (paths pointed at the demo models and dataset), shortened to a few epochs."""
-    return ["--pretrained_model_name_or_path", str(demo / FILES["flux"]), "--clip_l", str(demo / FILES["clip_l"]),
-            "--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]),
-            "--dataset_config", str(REPO / "config/demo/dataset.toml"), "--output_dir", str(out),
-            "--output_name", "my_flux_lora", "--save_model_as", "safetensors", "--network_module",
-            "networks.lora_flux", "--network_dim", "16", "--network_alpha", "1", "--learning_rate", "1e-4",
-            "--optimizer_type", "AdamW8bit", "--lr_scheduler", "constant", "--sdpa", "--max_train_epochs", "2",
-            "--save_every_n_epochs", "1", "--mixed_precision", "fp16", "--gradient_checkpointing",
-            "--guidance_scale", "1.0", "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw",
-            "--blocks_to_swap", "18", "--cache_text_encoder_outputs", "--cache_latents",
-            "--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR), *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(demo / FILES["flux"]),
+        "--clip_l",
+        str(demo / FILES["clip_l"]),
+        "--t5xxl",
+        str(demo / FILES["t5xxl"]),
+        "--ae",
+        str(demo / FILES["ae"]),
+        "--dataset_config",
+        str(REPO / "config/demo/dataset.toml"),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "my_flux_lora",
+        "--save_model_as",
+        "safetensors",
+        "--network_module",
+        "networks.lora_flux",
+        "--network_dim",
+        "16",
+        "--network_alpha",
+        "1",
+        "--learning_rate",
+        "1e-4",
+        "--optimizer_type",
+        "AdamW8bit",
+        "--lr_scheduler",
+        "constant",
+        "--sdpa",
+        "--max_train_epochs",
+        "2",
+        "--save_every_n_epochs",
+        "1",
+        "--mixed_precision",
+        "fp16",
+        "--gradient_checkpointing",
+        "--guidance_scale",
+        "1.0",
+        "--timestep_sampling",
+        "flux_shift",
+        "--model_prediction_type",
+        "raw",
+        "--blocks_to_swap",
+        "18",
+        "--cache_text_encoder_outputs",
+        "--cache_latents",
+        "--clip_tokenizer",
+        str(demo / CLIP_DIR),
+        "--t5_tokenizer",
+        str(demo / T5_DIR),
+        *extra,
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +101,9 @@ def test_seed_command_writes_a_kohya_lora(demo_dir: Path, tmp_path: Path) -> Non
     with safe_open(str(final), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_network_dim"] == "16"
-    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "10"  # 5 training images x 2 repeats / 2 x 2 epochs
+    assert (
+        meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "10"
+    )  # 5 training images x 2 repeats / 2 x 2 epochs
     assert meta["ss_network_train_unet_only"] == "False"
     assert len(meta["sshs_model_hash"]) == 64 and len(meta["sshs_legacy_hash"]) == 8
 
@@ -75,14 +120,26 @@ def test_fp8_base_trains(demo_dir: Path, tmp_path: Path) -> None:
 def test_epoch_ratio_full_bf16_and_tensorboard(demo_dir: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_n_epoch_ratio", "2",
-                        "--full_bf16", "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "demo_")
+    args = seed_command(
+        demo_dir,
+        tmp_path,
+        "--network_train_unet_only",
+        "--save_n_epoch_ratio",
+        "2",
+        "--full_bf16",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+        "--log_prefix",
+        "demo_",
+    )
     args[args.index("--max_train_epochs") + 1] = "4"
     args[args.index("--mixed_precision") + 1] = "bf16"
     args[args.index("--save_every_n_epochs") + 1] = "1"  # overridden: 4 epochs // ratio 2 -> every 2nd epoch
     assert main(["train", "lora", *args]) == 0
     assert sorted(p.name for p in tmp_path.glob("my_flux_lora*.safetensors")) == [
-        "my_flux_lora-000002.safetensors", "my_flux_lora.safetensors"]
+        "my_flux_lora-000002.safetensors",
+        "my_flux_lora.safetensors",
+    ]
     with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # the LoRA itself was bf16
     (run,) = (tmp_path / "logs").iterdir()
@@ -98,8 +155,16 @@ def test_epoch_ratio_full_bf16_and_tensorboard(demo_dir: Path, tmp_path: Path) -
 def test_cpu_offload_checkpointing_trains_the_same_lora(demo_dir: Path, tmp_path: Path) -> None:
     results = []
     for name, extra in (("plain", ()), ("offload", ("--cpu_offload_checkpointing",))):
-        args = seed_command(demo_dir, tmp_path / name, "--network_train_unet_only", "--blocks_to_swap", "0",
-                            "--network_dropout", "0.1", *extra)
+        args = seed_command(
+            demo_dir,
+            tmp_path / name,
+            "--network_train_unet_only",
+            "--blocks_to_swap",
+            "0",
+            "--network_dropout",
+            "0.1",
+            *extra,
+        )
         args[args.index("--max_train_epochs") + 1] = "1"
         assert main(["train", "lora", *args]) == 0
         results.append(load_file(str(tmp_path / name / "my_flux_lora.safetensors")))
@@ -112,8 +177,10 @@ def test_samples_and_validation_leave_the_training_unchanged(demo_dir: Path, tmp
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red cube --w 64 --h 64 --s 2 --d 5\na blue sphere --w 96 --h 64 --s 2\n")
     runs = {}
-    for name, extra in (("plain", ()), ("sampled", ("--sample_prompts", str(prompts), "--sample_every_n_steps", "3",
-                                                    "--sample_at_first"))):
+    for name, extra in (
+        ("plain", ()),
+        ("sampled", ("--sample_prompts", str(prompts), "--sample_every_n_steps", "3", "--sample_at_first")),
+    ):
         args = seed_command(demo_dir, tmp_path / name, "--network_dropout", "0.1", *extra)
         assert main(["train", "lora", *args]) == 0
         runs[name] = load_file(str(tmp_path / name / "my_flux_lora.safetensors"))
@@ -130,8 +197,7 @@ def test_samples_and_validation_leave_the_training_unchanged(demo_dir: Path, tmp
         assert image.size == (96, 64)
 
 
-def test_sample_triggers_need_a_prompt_file(demo_dir: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_triggers_need_a_prompt_file(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path, "--sample_every_n_epochs", "1")]) == 2
     assert "need --sample_prompts FILE" in capsys.readouterr().err
 
@@ -148,8 +214,10 @@ def test_addnet_hashes_by_hand() -> None:
     meta = {"ss_network_dim": "4", "modelspec.title": "x"}
     blob = save(tensors, {"ss_network_dim": "4"})  # only ss_* metadata takes part
     n = struct.unpack("<Q", blob[:8])[0]
-    assert addnet_hashes(tensors, meta) == {"sshs_model_hash": hashlib.sha256(blob[8 + n:]).hexdigest(),
-                                            "sshs_legacy_hash": hashlib.sha256(blob[1 << 20:(1 << 20) + 65536]).hexdigest()[:8]}
+    assert addnet_hashes(tensors, meta) == {
+        "sshs_model_hash": hashlib.sha256(blob[8 + n :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[1 << 20 : (1 << 20) + 65536]).hexdigest()[:8],
+    }
 
 
 def test_save_last_n_epochs_keeps_the_newest(demo_dir: Path, tmp_path: Path) -> None:
@@ -157,16 +225,20 @@ def test_save_last_n_epochs_keeps_the_newest(demo_dir: Path, tmp_path: Path) -> 
     args[args.index("--max_train_epochs") + 1] = "5"
     assert main(["train", "lora", *args]) == 0
     files = sorted(p.name for p in tmp_path.glob("my_flux_lora-0*"))
-    assert files == ["my_flux_lora-000003-state", "my_flux_lora-000003.safetensors", "my_flux_lora-000004-state",
-                     "my_flux_lora-000004.safetensors"]
+    assert files == [
+        "my_flux_lora-000003-state",
+        "my_flux_lora-000003.safetensors",
+        "my_flux_lora-000004-state",
+        "my_flux_lora-000004.safetensors",
+    ]
 
 
 def fixed_noise_loss(demo: Path, cache: Path, lora: Path | None) -> float:
     """Loss of the demo DiT (with the LoRA merged) on fixed timesteps and noise over the demo data."""
-    from fluxpipe.checkpoints import load_model
-    from fluxpipe.lora import apply_lora
+    from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.lora.files import apply_lora
     from fluxpipe.stages.train_lora import FlowSettings, flow_loss
-    from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
 
     idx = (cache / "cache/latents/index.parquet", cache / "cache/text/index.parquet")
     items = load_items(cache / "dataset/manifest.parquet", *idx)
@@ -178,8 +250,9 @@ def fixed_noise_loss(demo: Path, cache: Path, lora: Path | None) -> float:
     with torch.no_grad():
         for epoch in range(3):
             for batch in epoch_batches(items, {0: 2}, epoch, 0):
-                total += float(flow_loss(dit, make_batch(items, batch, tensors, gen, "cpu", torch.float32),
-                                         FlowSettings(), gen))
+                total += float(
+                    flow_loss(dit, make_batch(items, batch, tensors, gen, "cpu", torch.float32), FlowSettings(), gen)
+                )
     return total
 
 
@@ -208,8 +281,9 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
     clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not list(killed.glob("*-step00000004-state")):
         time.sleep(0.02)
@@ -218,19 +292,30 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
     assert list(killed.glob("*-step00000004-state")) and not (killed / "my_flux_lora.safetensors").exists()
     resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
-    a, b = load_file(str(tmp_path / "clean/my_flux_lora.safetensors")), load_file(str(killed / "my_flux_lora.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "clean/my_flux_lora.safetensors")),
+        load_file(str(killed / "my_flux_lora.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("flag", "says"), [(["--v2"], "SD-only"), (["--clip_skip", "2"], "SD-only"),
-                                             (["--max_token_length", "225"], "t5xxl_max_token_length"), (["--bogus_flag"], "bogus_flag"),
-                                             (["--full_fp16"], "not implemented yet"),
-                                             (["--log_with", "wandb"], "TensorBoard only"),
-                                             (["--log_with", "tensorboard"], "needs --logging_dir"),
-                                             (["--cpu_offload_checkpointing"], "cannot be combined"),
-                                             (["--scale_weight_norms", "1.0"], "not implemented yet")])
-def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                           flag: list[str], says: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        (["--v2"], "SD-only"),
+        (["--clip_skip", "2"], "SD-only"),
+        (["--max_token_length", "225"], "t5xxl_max_token_length"),
+        (["--bogus_flag"], "bogus_flag"),
+        (["--full_fp16"], "not implemented yet"),
+        (["--log_with", "wandb"], "TensorBoard only"),
+        (["--log_with", "tensorboard"], "needs --logging_dir"),
+        (["--cpu_offload_checkpointing"], "cannot be combined"),
+        (["--scale_weight_norms", "1.0"], "not implemented yet"),
+    ],
+)
+def test_rejected_flags_are_one_error_line(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str], says: str
+) -> None:
     assert main(["train", "lora", *seed_command(demo_dir, tmp_path), *flag]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
@@ -238,7 +323,7 @@ def test_rejected_flags_are_one_error_line(demo_dir: Path, tmp_path: Path, capsy
 
 @pytest.mark.gpu
 def test_gpu_fp16_training_scales_the_loss(demo_dir: Path, tmp_path: Path) -> None:
-    from fluxpipe.train_state import load_state
+    from fluxpipe.training.state import load_state
 
     args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_state", "--blocks_to_swap", "0")
     args[args.index("--max_train_epochs") + 1] = "1"
@@ -248,20 +333,24 @@ def test_gpu_fp16_training_scales_the_loss(demo_dir: Path, tmp_path: Path) -> No
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "my_flux_lora.safetensors")).values())
 
 
-def test_rerun_from_the_final_state_keeps_ss_epoch_and_removes_a_killed_run_s_temporaries(demo_dir: Path,
-                                                                                          tmp_path: Path) -> None:
+def test_rerun_from_the_final_state_keeps_ss_epoch_and_removes_a_killed_run_s_temporaries(
+    demo_dir: Path, tmp_path: Path
+) -> None:
     from test_atomic import dead_pid
 
-    from fluxpipe.atomic import HOST
+    from fluxpipe.io.atomic import HOST
 
-    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--optimizer_type", "AdamW", "--save_state",
-                        "--auto_resume")
+    args = seed_command(
+        demo_dir, tmp_path, "--network_train_unet_only", "--optimizer_type", "AdamW", "--save_state", "--auto_resume"
+    )
     args[args.index("--max_train_epochs") + 1] = "4"
     args[args.index("--save_every_n_epochs") + 1] = "4"
     assert main(["train", "lora", *args]) == 0
     pid = dead_pid()  # a killed run's leftovers: a step file's temporary and a state's temporary folder
-    orphans = [tmp_path / f".my_flux_lora-step00000003.safetensors.{HOST}-{pid}.x1y2z3w4.tmp",
-               tmp_path / f".my_flux_lora-000002-state.{HOST}-{pid}.{'e5' * 16}.tmp"]
+    orphans = [
+        tmp_path / f".my_flux_lora-step00000003.safetensors.{HOST}-{pid}.x1y2z3w4.tmp",
+        tmp_path / f".my_flux_lora-000002-state.{HOST}-{pid}.{'e5' * 16}.tmp",
+    ]
     orphans[0].write_text("partial")
     orphans[1].mkdir()
     unrelated = [tmp_path / ".my_flux_lora.notes", tmp_path / f".other.safetensors.{HOST}-{pid}.x1y2z3w4.tmp"]
@@ -279,7 +368,7 @@ def test_log_step_stops_on_a_nonfinite_loss() -> None:
 
     from fluxpipe.errors import FluxpipeError
     from fluxpipe.stages.train_lora import log_step
-    from fluxpipe.train_log import TrainLogger
+    from fluxpipe.training.log import TrainLogger
 
     records: list[dict] = []
     logger, bar = TrainLogger(None), tqdm(total=3, disable=True)
@@ -291,9 +380,10 @@ def test_log_step_stops_on_a_nonfinite_loss() -> None:
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_saved_state(
-        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import fluxpipe.stages.train_lora as train_lora
-    from fluxpipe.train_state import load_state
+    from fluxpipe.training.state import load_state
 
     real, calls = train_lora.flow_loss, []
 
@@ -303,8 +393,20 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_saved_state(
         return loss * float("nan") if len(calls) >= 4 else loss
 
     monkeypatch.setattr(train_lora, "flow_loss", diverging)
-    args = seed_command(demo_dir, tmp_path, "--network_train_unet_only", "--save_state", "--save_every_n_steps", "2",
-                        "--blocks_to_swap", "0", "--optimizer_type", "AdamW", "--mixed_precision", "no")
+    args = seed_command(
+        demo_dir,
+        tmp_path,
+        "--network_train_unet_only",
+        "--save_state",
+        "--save_every_n_steps",
+        "2",
+        "--blocks_to_swap",
+        "0",
+        "--optimizer_type",
+        "AdamW",
+        "--mixed_precision",
+        "no",
+    )
     assert main(["train", "lora", *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
     assert len(err) == 1 and err[0].startswith("fluxpipe: error: step 4: the loss is nan; training stopped"), err

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from fluxpipe.prompts import SamplePrompt
-from fluxpipe.train_monitor import MonitorSettings, fixed_noise, sample_due, sample_name, validation_due
+from fluxpipe.data.prompts import SamplePrompt
+from fluxpipe.training.monitor import MonitorSettings, fixed_noise, sample_due, sample_name, validation_due
 
 PROMPTS = (SamplePrompt(index=0, prompt="x"),)
 
@@ -45,7 +45,7 @@ def test_fixed_noise_is_fixed_per_item_and_sigma() -> None:
 
 def test_log_tracker_name_is_the_event_folder(tmp_path: Path) -> None:
     """--log_tracker_name: as the reference's TensorBoard tracker, the events go to <run folder>/<tracker name>."""
-    from fluxpipe.train_log import TrainLogger
+    from fluxpipe.training.log import TrainLogger
 
     logger = TrainLogger(tmp_path, "demo_", tracker_name="my_tracker")
     logger.step(1, 0.5, {"unet": 1e-4})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
+from fluxpipe.training.state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 
 
 def make(seed: int = 0) -> tuple[torch.nn.Linear, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -33,9 +33,16 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
         step(model, opt, sched, gen)
-    state = TrainState(step=3, epoch=1, batch_in_epoch=2, weights=dict(model.state_dict()),
-                       optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=capture_rng({"noise": gen}),
-                       extra={"note": "x", "pair": (1, 2)})
+    state = TrainState(
+        step=3,
+        epoch=1,
+        batch_in_epoch=2,
+        weights=dict(model.state_dict()),
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        rng=capture_rng({"noise": gen}),
+        extra={"note": "x", "pair": (1, 2)},
+    )
     save_state(state, tmp_path / "run-state")
     for _ in range(2):  # the uninterrupted run goes on
         step(model, opt, sched, gen)
@@ -60,8 +67,17 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 def test_damaged_state_is_refused(tmp_path: Path) -> None:
     model, opt, sched = make()
-    save_state(TrainState(step=1, epoch=0, batch_in_epoch=1, weights=dict(model.state_dict()),
-                          optimizer=opt.state_dict(), scheduler=sched.state_dict()), tmp_path / "a-state")
+    save_state(
+        TrainState(
+            step=1,
+            epoch=0,
+            batch_in_epoch=1,
+            weights=dict(model.state_dict()),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+        ),
+        tmp_path / "a-state",
+    )
     tensors = tmp_path / "a-state" / "tensors.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0xFF
@@ -73,8 +89,17 @@ def test_damaged_state_is_refused(tmp_path: Path) -> None:
 def test_newest_state_by_step_ignores_damage(tmp_path: Path) -> None:
     model, opt, sched = make()
     for name, s in (("run-000001-state", 4), ("run-step00000009-state", 9), ("run-state", 7)):
-        save_state(TrainState(step=s, epoch=0, batch_in_epoch=0, weights=dict(model.state_dict()),
-                              optimizer=opt.state_dict(), scheduler=sched.state_dict()), tmp_path / name)
+        save_state(
+            TrainState(
+                step=s,
+                epoch=0,
+                batch_in_epoch=0,
+                weights=dict(model.state_dict()),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+            ),
+            tmp_path / name,
+        )
     (tmp_path / "run-000002-state").mkdir()  # an empty (foreign or half-made) folder
     assert newest_state(tmp_path, "run") == tmp_path / "run-step00000009-state"
     assert not list(tmp_path.glob(".*tmp"))  # no temporary folders left behind
@@ -82,10 +107,23 @@ def test_newest_state_by_step_ignores_damage(tmp_path: Path) -> None:
 
 def test_a_rank_that_is_not_rank_0_reads_only_the_small_parts(tmp_path: Path) -> None:
     weights = {"w": torch.ones(3)}
-    optimizer = {"state": {0: {"exp_avg": torch.full((3,), 2.0), "step": torch.tensor(4.0)}},
-                 "param_groups": [{"lr": 0.1, "params": [0]}]}
-    save_state(TrainState(step=4, epoch=1, batch_in_epoch=2, weights=weights, optimizer=optimizer,
-                          scheduler={"last_epoch": 4}, rng=capture_rng({}), extra={"settings": "s"}), tmp_path / "s")
+    optimizer = {
+        "state": {0: {"exp_avg": torch.full((3,), 2.0), "step": torch.tensor(4.0)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
+    save_state(
+        TrainState(
+            step=4,
+            epoch=1,
+            batch_in_epoch=2,
+            weights=weights,
+            optimizer=optimizer,
+            scheduler={"last_epoch": 4},
+            rng=capture_rng({}),
+            extra={"settings": "s"},
+        ),
+        tmp_path / "s",
+    )
     small = load_state(tmp_path / "s", large=False)
     assert small.weights == {"w": None} and small.optimizer["state"][0]["exp_avg"] is None
     assert small.optimizer["param_groups"] == [{"lr": 0.1, "params": [0]}]  # the plain values are all there

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_st
 from safetensors.torch import load_file
 
-from conftest import write_st
 from fluxpipe.cli import main
-from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
-from fluxpipe.hashing import cached_sha256, sha256_file
+from fluxpipe.io.hashing import cached_sha256, sha256_file
+from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
 
 def demo_args(demo_dir: Path, **override: Path) -> list[str]:
-    files = {"flux": demo_dir / FILES["flux"], "ae": demo_dir / FILES["ae"], "clip-l": demo_dir / FILES["clip_l"],
-             "t5xxl": demo_dir / FILES["t5xxl"]} | override
+    files = {
+        "flux": demo_dir / FILES["flux"],
+        "ae": demo_dir / FILES["ae"],
+        "clip-l": demo_dir / FILES["clip_l"],
+        "t5xxl": demo_dir / FILES["t5xxl"],
+    } | override
     return [w for k, v in files.items() for w in (f"--{k}", str(v))]
 
 
@@ -32,8 +36,16 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def test_report_of_the_demo_models(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, cache = tmp_path / "report.json", tmp_path / "hashes.json"
-    args = demo_args(demo_dir) + ["--clip-tokenizer", str(demo_dir / CLIP_DIR), "--t5-tokenizer",
-                                  str(demo_dir / T5_DIR), "--out", str(out), "--hash-cache", str(cache)]
+    args = demo_args(demo_dir) + [
+        "--clip-tokenizer",
+        str(demo_dir / CLIP_DIR),
+        "--t5-tokenizer",
+        str(demo_dir / T5_DIR),
+        "--out",
+        str(out),
+        "--hash-cache",
+        str(cache),
+    ]
     assert main(["validate", *args]) == 0
     report = json.loads(out.read_text())
     assert report["variant"] == "dev"
@@ -100,24 +112,46 @@ def _bad_files(demo_dir: Path, tmp: Path) -> dict[str, tuple[dict[str, Path], st
         "t5 as clip": ({"clip-l": demo_dir / FILES["t5xxl"]}, "is a T5-XXL text encoder"),
         "width mismatch": ({"flux": write_st(tmp / "odd.safetensors", odd)}, "expects context_in_dim=7"),
         "fp8 e5m2": ({"t5xxl": write_st(tmp / "t5_e5m2.safetensors", e5m2)}, "F8_E5M2 is not supported"),
-        "nan": ({"flux": write_st(tmp / "nan.safetensors", nan)}, "1 tensors hold NaN/Inf values: txt_in.weight (2 values)"),
+        "nan": (
+            {"flux": write_st(tmp / "nan.safetensors", nan)},
+            "1 tensors hold NaN/Inf values: txt_in.weight (2 values)",
+        ),
         "inf fp8": ({"t5xxl": write_st(tmp / "t5_fp8.safetensors", fp8)}, "shared.weight (1 values)"),
-        "int weights": ({"ae": write_st(tmp / "ae_int.safetensors", ints)},
-                        "non-float tensors in float weights: decoder.conv_in.weight is I32"),
-        "byte range": ({"flux": contradicting_header(demo_dir / FILES["flux"], tmp / "range.safetensors")},
-                       "tensor 'img_in.bias': the header's byte range"),
+        "int weights": (
+            {"ae": write_st(tmp / "ae_int.safetensors", ints)},
+            "non-float tensors in float weights: decoder.conv_in.weight is I32",
+        ),
+        "byte range": (
+            {"flux": contradicting_header(demo_dir / FILES["flux"], tmp / "range.safetensors")},
+            "tensor 'img_in.bias': the header's byte range",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["diffusers folder", "truncated", "missing", "ae as dit", "t5 as clip",
-                                  "width mismatch", "fp8 e5m2", "nan", "inf fp8", "int weights", "byte range"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "diffusers folder",
+        "truncated",
+        "missing",
+        "ae as dit",
+        "t5 as clip",
+        "width mismatch",
+        "fp8 e5m2",
+        "nan",
+        "inf fp8",
+        "int weights",
+        "byte range",
+    ],
+)
 def test_each_bad_input_is_one_error_line_and_exit_2(
     demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
 ) -> None:
     override, says = _bad_files(demo_dir, tmp_path)[case]
     out = tmp_path / "report.json"
-    code, err = run_cli(demo_args(demo_dir, **override) + ["--out", str(out), "--hash-cache",
-                                                            str(tmp_path / "c.json")], capsys)
+    code, err = run_cli(
+        demo_args(demo_dir, **override) + ["--out", str(out), "--hash-cache", str(tmp_path / "c.json")], capsys
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fluxpipe: error: ") and says in lines[0], err
@@ -135,7 +169,7 @@ def test_nothing_to_validate(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_scan_counts_nonfinite_values_across_chunk_borders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fluxpipe.hashing as hashing
+    import fluxpipe.io.hashing as hashing
 
     a = torch.tensor([1.0, 2.0, float("nan"), 3.0, float("inf")])  # F32 bytes 0..20: 2 bad
     b = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.bfloat16)  # BF16 20..26: 1 bad

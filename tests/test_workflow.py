@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 pytestmark = pytest.mark.workflow
@@ -20,8 +19,14 @@ BIN = Path(sys.executable).parent
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / ".cache")}
-    return subprocess.run([str(BIN / "snakemake"), "--cores", "1", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "1", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture()
@@ -68,11 +73,15 @@ def test_train_lora_on_the_demo(finished_demo: tuple[Path, subprocess.CompletedP
         summary = json.loads((workdir / f"results/cache/{kind}/summary.json").read_text())
         assert summary["entries"] == 6 and summary["encoded"] == 6, summary
     lora = workdir / "results/train/lora/demo_lora.safetensors"
-    losses = [json.loads(line) for line in (workdir / "results/train/lora/demo_lora-loss.jsonl").read_text().splitlines()]
+    losses = [
+        json.loads(line) for line in (workdir / "results/train/lora/demo_lora-loss.jsonl").read_text().splitlines()
+    ]
     # 5 training images (one of 6 held out for validation) x 2 repeats / batch 2 = 5 steps x 20 epochs
     assert lora.is_file() and len(losses) == 100 and losses[-1]["step"] == 100
-    validation = [json.loads(line) for line in
-                  (workdir / "results/train/lora/demo_lora-validation.jsonl").read_text().splitlines()]
+    validation = [
+        json.loads(line)
+        for line in (workdir / "results/train/lora/demo_lora-validation.jsonl").read_text().splitlines()
+    ]
     assert [r["epoch"] for r in validation] == list(range(21)) and validation[-1]["loss"] < validation[0]["loss"]
     again = snakemake(workdir, "-n", "train_lora", "evaluate_samples")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -110,14 +119,23 @@ def test_other_model_files_rerun_exactly_what_uses_them(finished_demo: tuple, tm
     work = edited_copy(finished_demo[0], tmp_path / "work")
     models = work / "models"  # copies of the demo's files, but an AE of another seed
     shutil.copytree(work / "results/demo_models", models)
-    demo1 = subprocess.run([str(BIN / "fluxpipe"), "demo-models", str(tmp_path / "seed1"), "--seed", "1"],
-                           capture_output=True, text=True, timeout=900)
+    demo1 = subprocess.run(
+        [str(BIN / "fluxpipe"), "demo-models", str(tmp_path / "seed1"), "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert demo1.returncode == 0, demo1.stderr
     shutil.copy(tmp_path / "seed1/ae.safetensors", models / "ae.safetensors")
     cfg = work / "config/config.yaml"
-    for slot, path in (("flux", "flux1-dev.safetensors"), ("ae", "ae.safetensors"), ("clip_l", "clip_l.safetensors"),
-                       ("t5xxl", "t5xxl_fp16.safetensors"), ("clip_tokenizer", "tokenizers/clip-vit-large-patch14"),
-                       ("t5_tokenizer", "tokenizers/t5-v1_1-xxl")):
+    for slot, path in (
+        ("flux", "flux1-dev.safetensors"),
+        ("ae", "ae.safetensors"),
+        ("clip_l", "clip_l.safetensors"),
+        ("t5xxl", "t5xxl_fp16.safetensors"),
+        ("clip_tokenizer", "tokenizers/clip-vit-large-patch14"),
+        ("t5_tokenizer", "tokenizers/t5-v1_1-xxl"),
+    ):
         edit(cfg, f"  {slot}:", f"  {slot}: models/{path} #")
     text_shards = {p: p.stat().st_mtime_ns for p in (work / "results/cache/text").glob("shard-*")}
     lora = work / "results/train/lora/demo_lora.safetensors"
@@ -125,8 +143,13 @@ def test_other_model_files_rerun_exactly_what_uses_them(finished_demo: tuple, tm
     assert dry_run(work, "train_lora") == {"validate_models": 1}  # the rest is planned once it has run
     result = snakemake(work, "train_lora", "evaluate_samples")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert ran_jobs(result) == {"cache_latents": 1, "evaluate_samples": 1, "latent_shard": 4, "train_lora": 1,
-                                "validate_models": 1}
+    assert ran_jobs(result) == {
+        "cache_latents": 1,
+        "evaluate_samples": 1,
+        "latent_shard": 4,
+        "train_lora": 1,
+        "validate_models": 1,
+    }
     assert json.loads((work / "results/cache/latents/summary.json").read_text())["encoded"] == 6
     assert {p: p.stat().st_mtime_ns for p in text_shards} == text_shards  # text encoders unchanged: not rerun
     new = load_file(str(lora))
@@ -173,9 +196,13 @@ def evaluate_then_report(workdir: Path) -> None:
     from PIL import Image
 
     out = workdir / "results/evaluate/demo_lora"
-    pngs = [out / "grid.png", out / "loss.png", out / "validation_loss.png", out / "train_distance.png",
-            *(out / "checkpoints" / f"{n}.png" for n in ("base", "epoch-000005", "epoch-000010", "epoch-000015",
-                                                         "final"))]
+    pngs = [
+        out / "grid.png",
+        out / "loss.png",
+        out / "validation_loss.png",
+        out / "train_distance.png",
+        *(out / "checkpoints" / f"{n}.png" for n in ("base", "epoch-000005", "epoch-000010", "epoch-000015", "final")),
+    ]
     for png in pngs:
         with Image.open(png) as image:
             image.verify()
@@ -190,8 +217,14 @@ def evaluate_then_report(workdir: Path) -> None:
     report = snakemake(workdir, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]
     html = (workdir / "report.html").read_text()
-    for name in ("grid.png", "validation_loss.png", "loss.png", "train_distance.png", "metrics.json",
-                 "epoch-000010.png"):
+    for name in (
+        "grid.png",
+        "validation_loss.png",
+        "loss.png",
+        "train_distance.png",
+        "metrics.json",
+        "epoch-000010.png",
+    ):
         assert name in html, name
 
 
@@ -216,7 +249,9 @@ def test_config_typo_fails_before_any_job(workdir: Path) -> None:
     cfg.write_text(cfg.read_text().replace("hash_cache:", "hash_cahce:"))
     result = snakemake(workdir, "-n", "validate_models")
     # the one line and exit status 2, as from `fluxpipe` itself
-    assert result.returncode == 2 and "fluxpipe: error: config: unknown key(s) hash_cahce" in result.stderr, result.stderr
+    assert result.returncode == 2 and "fluxpipe: error: config: unknown key(s) hash_cahce" in result.stderr, (
+        result.stderr
+    )
 
 
 def test_bad_model_file_stops_the_pipeline_with_the_reason(workdir: Path) -> None:
@@ -259,8 +294,9 @@ def test_help_of_every_command(command: list[str]) -> None:
 
 
 def test_train_processes_launch_torchrun(workdir: Path) -> None:
-    result = snakemake(workdir, "-n", "-p", "train_lora", "train_full", "train_controlnet", "--config",
-                       "train_processes=2")
+    result = snakemake(
+        workdir, "-n", "-p", "train_lora", "train_full", "train_controlnet", "--config", "train_processes=2"
+    )
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-2000:]
     for method in ("lora", "full", "controlnet"):
@@ -288,12 +324,13 @@ def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:
     for name, tensors in chained.items():
         again = load_file(str(out / name))
         assert all(torch.equal(tensors[k], again[k]) for k in tensors), name
-    assert [json.loads(x)["loss"] for x in chained_losses.splitlines()] == \
-        [json.loads(x)["loss"] for x in (out / "demo_lora-loss.jsonl").read_text().splitlines()]
+    assert [json.loads(x)["loss"] for x in chained_losses.splitlines()] == [
+        json.loads(x)["loss"] for x in (out / "demo_lora-loss.jsonl").read_text().splitlines()
+    ]
 
 
 def test_segments_are_planned_from_max_train_steps() -> None:
-    from fluxpipe.config import PipelineConfig
+    from fluxpipe.config.pipeline import PipelineConfig
     from fluxpipe.workflow import previous_segment, segment_ends, segment_state
 
     cfg = PipelineConfig(train={"output_name": "x", "max_train_steps": 100}, train_segment_steps=40)
@@ -316,12 +353,18 @@ def write_report(path: Path, **sha: str) -> str:
 
 
 def test_settings_digests_name_only_the_files_a_rule_uses(tmp_path: Path) -> None:
-    from fluxpipe.config import EvaluateConfig, PipelineConfig
+    from fluxpipe.config.pipeline import EvaluateConfig, PipelineConfig
     from fluxpipe.workflow import evaluate_params, latent_params, text_params, train_params, validated_digests
 
     base = write_report(tmp_path / "a.json", clip_tokenizer="c1")
-    assert validated_digests(base) == {"flux": "flux", "ae": "ae", "clip_l": "clip_l", "t5xxl": "t5xxl",
-                                       "clip_tokenizer": "c1", "t5_tokenizer": "hub"}
+    assert validated_digests(base) == {
+        "flux": "flux",
+        "ae": "ae",
+        "clip_l": "clip_l",
+        "t5xxl": "t5xxl",
+        "clip_tokenizer": "c1",
+        "t5_tokenizer": "hub",
+    }
     other_ae = write_report(tmp_path / "b.json", clip_tokenizer="c1", ae="ae2")
     other_tok = write_report(tmp_path / "c.json", clip_tokenizer="c2")
     cfg = PipelineConfig()
@@ -331,7 +374,9 @@ def test_settings_digests_name_only_the_files_a_rule_uses(tmp_path: Path) -> Non
         assert len({params(cfg, base), params(cfg, other_ae), params(cfg, other_tok)}) == 3
     seeds = PipelineConfig(evaluate=EvaluateConfig(seeds=(3,)))
     assert evaluate_params(seeds, base) != evaluate_params(cfg, base)
-    assert train_params(seeds, base) == train_params(cfg, base) and latent_params(seeds, base) == latent_params(cfg, base)
+    assert train_params(seeds, base) == train_params(cfg, base) and latent_params(seeds, base) == latent_params(
+        cfg, base
+    )
 
 
 def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -> None:
@@ -341,8 +386,10 @@ def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -
     bad.write_text("INFO loading\nfluxpipe: error: x.safetensors: truncated; download it again\n")
     bug = tmp_path / "bug.log"
     bug.write_text("".join(f"line {i}\n" for i in range(10)) + "ZeroDivisionError: division by zero\n")
-    assert failure_lines([str(bad)]) == ([f"{bad}:", "  fluxpipe: error: x.safetensors: truncated; download it "
-                                          "again"], True)
+    assert failure_lines([str(bad)]) == (
+        [f"{bad}:", "  fluxpipe: error: x.safetensors: truncated; download it again"],
+        True,
+    )
     lines, bad_input = failure_lines([str(bad), str(bug)], tail=2)
     assert lines[2:] == [f"{bug}:", "  line 9", "  ZeroDivisionError: division by zero"] and not bad_input
     assert failure_lines([]) == ([], False)
@@ -357,8 +404,15 @@ def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir
     config = workdir / "config/config.yaml"
     cfg = yaml.safe_load(config.read_text())
     cfg["train"].update(model_type="kontext", max_train_epochs=2, save_every_n_epochs=1)
-    cfg["evaluate"].update(prompts=["a cat"], seeds=[0], width=64, height=64, steps=2,
-                           reference_image="config/demo/conditioning/cat.png", reference_size="target")
+    cfg["evaluate"].update(
+        prompts=["a cat"],
+        seeds=[0],
+        width=64,
+        height=64,
+        steps=2,
+        reference_image="config/demo/conditioning/cat.png",
+        reference_size="target",
+    )
     config.write_text(yaml.safe_dump(cfg))
     result = snakemake(workdir, "train_lora", "evaluate_samples")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, dataset_toml, make_dataset
 from PIL import Image
 from safetensors import safe_open
-
-from conftest import REPO, dataset_toml, make_dataset
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
@@ -24,8 +23,12 @@ TARGETS = ("cache_latents", "cache_text_encoder_outputs")
 
 
 def env(workdir: Path) -> dict[str, str]:
-    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / ".cache"),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "XDG_CACHE_HOME": str(workdir / ".cache"),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,8 +49,9 @@ def setup_workdir(root: Path, n_images: int, latent_shards: int) -> Path:
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
     make_dataset(root / "data", n_images)
     dataset_toml(root / "data.toml", Path("data"))
-    (root / "test.yaml").write_text(f"dataset_config: data.toml\ncache:\n  latent_shards: {latent_shards}\n"
-                                    "  text_shards: 2\n  device: cpu\n")
+    (root / "test.yaml").write_text(
+        f"dataset_config: data.toml\ncache:\n  latent_shards: {latent_shards}\n  text_shards: 2\n  device: cpu\n"
+    )
     return root
 
 
@@ -93,8 +97,9 @@ def start_and_kill(workdir: Path, kill_snakemake: bool) -> list[Path]:
 
     shards = workdir / "results/cache/latents"
     cmd = [str(BIN / "snakemake"), "--cores", "1", *TARGETS, "--configfile", "test.yaml"]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env(workdir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -126,7 +131,7 @@ def cache_tensors_equal(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_sigkill_of_a_cache_job_then_plain_rerun_completes_equal(tmp_path: Path) -> None:
-    from fluxpipe.shards import read_shard_metadata
+    from fluxpipe.io.shards import read_shard_metadata
 
     killed = setup_workdir(tmp_path / "killed", 60, 3)
     done = start_and_kill(killed, kill_snakemake=False)  # kills the job building a later shard
@@ -140,7 +145,7 @@ def test_sigkill_of_a_cache_job_then_plain_rerun_completes_equal(tmp_path: Path)
 
 
 def test_sigkill_of_snakemake_then_unlock_and_rerun_incomplete(tmp_path: Path) -> None:
-    from fluxpipe.shards import read_shard_metadata
+    from fluxpipe.io.shards import read_shard_metadata
 
     killed = setup_workdir(tmp_path / "killed", 60, 3)
     done = start_and_kill(killed, kill_snakemake=True)
@@ -172,4 +177,5 @@ def test_a_damaged_shard_is_deleted_by_the_index_and_a_plain_rerun_rebuilds_it(t
     worst = max(float((rebuilt[k] - expected[k]).abs().max()) for k in expected)
     assert worst < 1e-4, worst  # re-encoded (the damaged pool copy was not reused): equal up to rounding
     assert json.loads((work / "results/cache/latents/summary.json").read_text())["shards_rebuilt"] == [
-        "shard-001.safetensors"]
+        "shard-001.safetensors"
+    ]

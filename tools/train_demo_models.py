@@ -2,7 +2,7 @@
 
     python tools/train_demo_models.py OUT [--seed 0] [--ae-steps 600] [--dit-steps 3000] [--images 192]
 
-1. writes the random demo models (``fluxpipe.demo.write_demo_models``: tokenizers and text encoders are kept);
+1. writes the random demo models (``fluxpipe.tools.demo.write_demo_models``: tokenizers and text encoders are kept);
 2. trains the tiny AE (FLUX.1's AutoEncoder at width 32) to reconstruct 32 px crops of the world's images
    (MSE + a small KL, and a term that keeps the normalised latents near zero mean and unit variance, as FLUX.1's);
 3. renders the captioned world at 64 px into OUT/world/ and fully fine-tunes the tiny DiT on it with
@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
-          "white": (245, 245, 245), "black": (15, 15, 15)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 40),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -58,9 +64,9 @@ def world(n: int, size: int, seed: int, shapes: tuple[str, ...] = SHAPES) -> lis
 
 def train_ae(ae_file: Path, steps: int, seed: int, batch: int = 8, crop: int = 32) -> None:
     """Train the AE in ``ae_file`` (overwritten, fp32) on random crops of freshly drawn world images."""
-    from fluxpipe.checkpoints import load_model
-    from fluxpipe.images import to_tensor
-    from fluxpipe.safetensors_file import save_safetensors
+    from fluxpipe.data.images import to_tensor
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.io.safetensors_file import save_safetensors
 
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
@@ -68,8 +74,12 @@ def train_ae(ae_file: Path, steps: int, seed: int, batch: int = 8, crop: int = 3
     opt = torch.optim.AdamW(ae.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(steps):
         images = [img for img, _ in world(batch, 2 * crop, rng.randrange(1 << 30))]
-        x = torch.stack([to_tensor(img.crop((o := rng.randrange(crop + 1), p := rng.randrange(crop + 1),
-                                              o + crop, p + crop))) for img in images])
+        x = torch.stack(
+            [
+                to_tensor(img.crop((o := rng.randrange(crop + 1), p := rng.randrange(crop + 1), o + crop, p + crop)))
+                for img in images
+            ]
+        )
         mean, logvar = ae.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -82,10 +92,15 @@ def train_ae(ae_file: Path, steps: int, seed: int, batch: int = 8, crop: int = 3
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"ae step {step}: loss {loss.item():.4f} (kl {kl.item():.3f}, latent var {scaled.var().item():.2f})",
-                  flush=True)
-    save_safetensors({k: v.detach().contiguous() for k, v in ae.state_dict().items()}, ae_file,
-                     metadata={"fluxpipe.demo": f"tiny AE trained on the shapes world, seed {seed}, {steps} steps"})
+            print(
+                f"ae step {step}: loss {loss.item():.4f} (kl {kl.item():.3f}, latent var {scaled.var().item():.2f})",
+                flush=True,
+            )
+    save_safetensors(
+        {k: v.detach().contiguous() for k, v in ae.state_dict().items()},
+        ae_file,
+        metadata={"fluxpipe.tools.demo": f"tiny AE trained on the shapes world, seed {seed}, {steps} steps"},
+    )
 
 
 def write_world(folder: Path, n: int, seed: int) -> Path:
@@ -95,31 +110,67 @@ def write_world(folder: Path, n: int, seed: int) -> Path:
         image.save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(caption + "\n")
     toml = folder.parent / "world.toml"
-    toml.write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 8\n'
-                    f'enable_bucket = false\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n')
+    toml.write_text(
+        '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 8\n'
+        f'enable_bucket = false\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n'
+    )
     return toml
 
 
 def train_dit(models: Path, toml: Path, out: Path, steps: int, seed: int, t5_length: int) -> Path:
     """`fluxpipe train full` of the demo DiT on the world; returns the saved DiT (bf16)."""
     from fluxpipe.cli import main
-    from fluxpipe.demo import CLIP_DIR, FILES, T5_DIR
+    from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 
-    args = ["--pretrained_model_name_or_path", str(models / FILES["flux"]), "--clip_l", str(models / FILES["clip_l"]),
-            "--t5xxl", str(models / FILES["t5xxl"]), "--ae", str(models / FILES["ae"]), "--dataset_config", str(toml),
-            "--output_dir", str(out), "--output_name", "dit", "--learning_rate", "1e-3", "--optimizer_type", "AdamW",
-            "--lr_scheduler", "cosine", "--max_train_steps", str(steps), "--seed", str(seed),
-            "--guidance_scale", "1.0", "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw",
-            "--cache_text_encoder_outputs", "--cache_latents", "--save_precision", "bf16",
-            "--t5xxl_max_token_length", str(t5_length),
-            "--clip_tokenizer", str(models / CLIP_DIR), "--t5_tokenizer", str(models / T5_DIR)]
+    args = [
+        "--pretrained_model_name_or_path",
+        str(models / FILES["flux"]),
+        "--clip_l",
+        str(models / FILES["clip_l"]),
+        "--t5xxl",
+        str(models / FILES["t5xxl"]),
+        "--ae",
+        str(models / FILES["ae"]),
+        "--dataset_config",
+        str(toml),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "dit",
+        "--learning_rate",
+        "1e-3",
+        "--optimizer_type",
+        "AdamW",
+        "--lr_scheduler",
+        "cosine",
+        "--max_train_steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--guidance_scale",
+        "1.0",
+        "--timestep_sampling",
+        "flux_shift",
+        "--model_prediction_type",
+        "raw",
+        "--cache_text_encoder_outputs",
+        "--cache_latents",
+        "--save_precision",
+        "bf16",
+        "--t5xxl_max_token_length",
+        str(t5_length),
+        "--clip_tokenizer",
+        str(models / CLIP_DIR),
+        "--t5_tokenizer",
+        str(models / T5_DIR),
+    ]
     if main(["train", "full", *args]) != 0:
         raise SystemExit("train full failed")
     return out / "dit.safetensors"
 
 
 def main() -> None:
-    from fluxpipe.demo import FILES, write_demo_models
+    from fluxpipe.tools.demo import FILES, write_demo_models
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)

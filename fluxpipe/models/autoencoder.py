@@ -136,8 +136,9 @@ def _run_mid(mid: nn.Module, h: Tensor) -> Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, resolution: int, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int,
-                 z_channels: int):
+    def __init__(
+        self, resolution: int, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int
+    ):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -169,8 +170,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, out_ch: int, ch_mult: list[int], num_res_blocks: int, in_channels: int,
-                 resolution: int, z_channels: int):
+    def __init__(
+        self,
+        ch: int,
+        out_ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+    ):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -221,10 +230,18 @@ class AutoEncoder(nn.Module):
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params.resolution, params.in_channels, params.ch, params.ch_mult,
-                               params.num_res_blocks, params.z_channels)
-        self.decoder = Decoder(params.ch, params.out_ch, params.ch_mult, params.num_res_blocks,
-                               params.in_channels, params.resolution, params.z_channels)
+        self.encoder = Encoder(
+            params.resolution, params.in_channels, params.ch, params.ch_mult, params.num_res_blocks, params.z_channels
+        )
+        self.decoder = Decoder(
+            params.ch,
+            params.out_ch,
+            params.ch_mult,
+            params.num_res_blocks,
+            params.in_channels,
+            params.resolution,
+            params.z_channels,
+        )
         self.reg = DiagonalGaussian()
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor

@@ -64,8 +64,10 @@ class ControlNetFlux(nn.Module):
     def __init__(self, params: FluxParams, controlnet_depth: int = 2):
         super().__init__()
         if params.in_channels != HINT_FEATURES:
-            raise ValueError(f"ControlNetFlux needs in_channels={HINT_FEATURES} (16-channel latents packed 2x2), "
-                             f"got {params.in_channels}")
+            raise ValueError(
+                f"ControlNetFlux needs in_channels={HINT_FEATURES} (16-channel latents packed 2x2), "
+                f"got {params.in_channels}"
+            )
         if controlnet_depth < 1:
             raise ValueError(f"controlnet_depth must be at least 1, got {controlnet_depth}")
         self.params = params
@@ -115,8 +117,10 @@ class ControlNetFlux(nn.Module):
             raise ValueError("img and txt must be [batch, tokens, features] tensors")
         hint = self.embed_hint(controlnet_cond)
         if hint.shape[1] != img.shape[1]:
-            raise ValueError(f"control image gives {hint.shape[1]} tokens but the latents have {img.shape[1]}: "
-                             f"its height and width must be 16 x the packed latent grid")
+            raise ValueError(
+                f"control image gives {hint.shape[1]} tokens but the latents have {img.shape[1]}: "
+                f"its height and width must be 16 x the packed latent grid"
+            )
         img = self.img_in(img) + hint
         vec = conditioning_vector(self, timesteps, y, guidance)
         txt = self.txt_in(txt)
@@ -144,16 +148,22 @@ def load_controlnet_state(model: ControlNetFlux, state_dict: dict[str, Tensor]) 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k} {tuple(v.shape)} != {expected[k]}" for k, v in state_dict.items()
-                  if k in expected and tuple(v.shape) != expected[k]]
-    problems = [f"{label}: {summarize(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched)) if keys]
+    mismatched = [
+        f"{k} {tuple(v.shape)} != {expected[k]}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    problems = [
+        f"{label}: {summarize(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
+        if keys
+    ]
     if problems:
-        raise CheckpointError("ControlNet state dict does not match ControlNetFlux "
-                              f"(depth {len(model.double_blocks)}): " + "; ".join(problems))
+        raise CheckpointError(
+            "ControlNet state dict does not match ControlNetFlux "
+            f"(depth {len(model.double_blocks)}): " + "; ".join(problems)
+        )
     model.load_state_dict(state_dict, strict=True)
-
-
 
 
 class ControlledFlux(nn.Module):
@@ -164,14 +174,39 @@ class ControlledFlux(nn.Module):
         self.dit, self.controlnet, self.hint = dit, controlnet, hint
         self.params = dit.params
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Tensor | None = None, txt_attention_mask: Tensor | None = None) -> Tensor:
-        residuals = self.controlnet(img=img, img_ids=img_ids, controlnet_cond=self.hint.to(img.dtype), txt=txt,
-                                    txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance,
-                                    txt_attention_mask=txt_attention_mask)
-        return self.dit(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y,
-                        guidance=guidance, txt_attention_mask=txt_attention_mask,
-                        controlnet_residuals=[r.to(img.dtype) for r in residuals])
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        txt_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        residuals = self.controlnet(
+            img=img,
+            img_ids=img_ids,
+            controlnet_cond=self.hint.to(img.dtype),
+            txt=txt,
+            txt_ids=txt_ids,
+            timesteps=timesteps,
+            y=y,
+            guidance=guidance,
+            txt_attention_mask=txt_attention_mask,
+        )
+        return self.dit(
+            img=img,
+            img_ids=img_ids,
+            txt=txt,
+            txt_ids=txt_ids,
+            timesteps=timesteps,
+            y=y,
+            guidance=guidance,
+            txt_attention_mask=txt_attention_mask,
+            controlnet_residuals=[r.to(img.dtype) for r in residuals],
+        )
 
 
 __all__ = ["ControlNetFlux", "ControlledFlux", "controlnet_key_shapes", "load_controlnet_state", "input_hint_block"]

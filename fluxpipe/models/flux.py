@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fluxpipe.offload_checkpoint import offloaded_checkpoint
+from fluxpipe.memory.offload_checkpoint import offloaded_checkpoint
 from fluxpipe.models.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -118,7 +118,7 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
         self.gradient_checkpointing = False  # recompute each block in the backward pass (training memory)
         self.cpu_offload_checkpointing = False  # ... and keep the checkpointed block inputs in host memory
-        self.block_swapper = None  # a fluxpipe.block_swap.BlockSwapper streams the last blocks' weights
+        self.block_swapper = None  # a fluxpipe.memory.block_swap.BlockSwapper streams the last blocks' weights
 
     def forward(
         self,

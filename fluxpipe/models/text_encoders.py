@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from fluxpipe.errors import FluxpipeError
@@ -147,9 +146,11 @@ def check_vocab(tokenizer, rows: int, what: str, setting: str) -> None:  # noqa:
     as unknown tokens). Rows may exceed the vocabulary by padding (T5: 32100 tokens, 32128 rows)."""
     size = len(tokenizer)
     if size > rows or size < rows - min(128, rows // 8):
-        raise FluxpipeError(f"{what} tokenizer has {size} tokens but its encoder embeds {rows}: the tokenizer "
-                            f"(`{setting}:` / --{setting}) does not belong to the encoder file, or its folder is "
-                            "incomplete; point it at the encoder's own tokenizer folder")
+        raise FluxpipeError(
+            f"{what} tokenizer has {size} tokens but its encoder embeds {rows}: the tokenizer "
+            f"(`{setting}:` / --{setting}) does not belong to the encoder file, or its folder is "
+            "incomplete; point it at the encoder's own tokenizer folder"
+        )
 
 
 def load_clip_tokenizer(folder: str | Path | None, max_length: int = 77, rows: int | None = None):

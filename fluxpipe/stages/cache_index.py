@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from fluxpipe.atomic import write_text_atomic
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.shards import REUSE_DIR, DamagedShard, check_shard, prune_reuse, read_shard_metadata, reuse_name
-from fluxpipe.tables import read_parquet, write_parquet_atomic
+from fluxpipe.io.atomic import write_text_atomic
+from fluxpipe.io.shards import REUSE_DIR, DamagedShard, check_shard, prune_reuse, read_shard_metadata, reuse_name
+from fluxpipe.io.tables import read_parquet, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 STATE_FILE = "index-state.json"
@@ -44,9 +44,12 @@ def verify_shards(kind: str, shards: tuple[Path, ...]) -> dict[str, str]:
             shard.unlink(missing_ok=True)
     if damaged:
         stage = "cache-latents" if kind == "latents" else "cache-text"
-        raise FluxpipeError(f"{len(damaged)} {kind} cache shards were damaged and have been deleted ("
-                            + "; ".join(damaged) + "): rerun the same snakemake command, which rebuilds exactly those "
-                            f"shards and this index (by hand: fluxpipe {stage} --shard N for each, then cache-index)")
+        raise FluxpipeError(
+            f"{len(damaged)} {kind} cache shards were damaged and have been deleted ("
+            + "; ".join(damaged)
+            + "): rerun the same snakemake command, which rebuilds exactly those "
+            f"shards and this index (by hand: fluxpipe {stage} --shard N for each, then cache-index)"
+        )
     return digests
 
 
@@ -56,8 +59,12 @@ def _entries(shards: tuple[Path, ...], digests: dict[str, str]) -> tuple[pd.Data
         info, st = read_shard_metadata(shard)
         stats[shard.name] = st.__dict__
         for key, fields in info.items():
-            common = {"key": key, "shard": shard.name, "shard_sha256": digests[shard.name],
-                      **{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in fields.items() if k != "paths"}}
+            common = {
+                "key": key,
+                "shard": shard.name,
+                "shard_sha256": digests[shard.name],
+                **{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in fields.items() if k != "paths"},
+            }
             # latents: one row per image path sharing the entry (identical files are encoded once)
             rows += [{**common, "path": p} for p in fields["paths"]] if "paths" in fields else [common]
     return pd.DataFrame(rows), stats
@@ -71,11 +78,16 @@ def _check_complete(kind: str, manifest: pd.DataFrame, index: pd.DataFrame) -> N
         if "kind" in index:  # (Kontext reference entries are listed under their targets' paths: not the targets')
             index = index[index.kind.fillna("") == ""]
         have = set(zip(index.get("path", []), index.get("bucket", []), strict=True))
-        missing = {p for p, w, h in zip(manifest.path, manifest.bucket_w, manifest.bucket_h, strict=True)
-                   if (p, json.dumps([int(w), int(h)])) not in have}
+        missing = {
+            p
+            for p, w, h in zip(manifest.path, manifest.bucket_w, manifest.bucket_h, strict=True)
+            if (p, json.dumps([int(w), int(h)])) not in have
+        }
     if missing:
-        raise FluxpipeError(f"{len(missing)} manifest entries have no {kind} cache entry (e.g. {sorted(missing)[0]}); "
-                            "the shards are older than the manifest: rerun the cache rule")
+        raise FluxpipeError(
+            f"{len(missing)} manifest entries have no {kind} cache entry (e.g. {sorted(missing)[0]}); "
+            "the shards are older than the manifest: rerun the cache rule"
+        )
 
 
 def _summary(kind: str, index: pd.DataFrame, stats: dict[str, dict], state: dict) -> dict[str, object]:
@@ -84,10 +96,16 @@ def _summary(kind: str, index: pd.DataFrame, stats: dict[str, dict], state: dict
     encoded = sum(stats[n]["encoded"] for n in rebuilt)
     seconds = sum(stats[n]["seconds"] for n in rebuilt)
     dropped = len(set(state.get("keys", [])) - set(index.key)) if state else 0
-    return {"stage": f"cache_{kind}", "entries": len(index), "encoded": encoded, "reused": len(index) - encoded,
-            "dropped": dropped, "seconds": round(seconds, 3),
-            "items_per_s": round(encoded / seconds, 3) if seconds > 0 else None,
-            "shards_rebuilt": sorted(rebuilt)}
+    return {
+        "stage": f"cache_{kind}",
+        "entries": len(index),
+        "encoded": encoded,
+        "reused": len(index) - encoded,
+        "dropped": dropped,
+        "seconds": round(seconds, 3),
+        "items_per_s": round(encoded / seconds, 3) if seconds > 0 else None,
+        "shards_rebuilt": sorted(rebuilt),
+    }
 
 
 def run(cfg: CacheIndexConfig) -> dict[str, object]:
@@ -105,8 +123,9 @@ def run(cfg: CacheIndexConfig) -> dict[str, object]:
     write_parquet_atomic(index, cfg.index, {"fluxpipe.cache_kind": cfg.kind})
     write_text_atomic(cfg.summary, json.dumps(summary, indent=2) + "\n")
     if state_file is not None:
-        write_text_atomic(state_file, json.dumps({"builds": {n: s["build_id"] for n, s in stats.items()},
-                                                  "keys": sorted(index.key)}))
+        write_text_atomic(
+            state_file, json.dumps({"builds": {n: s["build_id"] for n, s in stats.items()}, "keys": sorted(index.key)})
+        )
         prune_reuse(state_file.parent, {reuse_name(s, stats[s.name]["build_id"]) for s in cfg.shards})
     log.info("cache_%s: %s", cfg.kind, json.dumps(summary))
     return summary

@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from fluxpipe.checkpoints import load_model
-from fluxpipe.devices import encode_dtype
-from fluxpipe.hashing import cached_sha256
-from fluxpipe.images import load_rgb, resize_and_crop, to_tensor
-from fluxpipe.shards import ShardStats, build_shard, content_key
-from fluxpipe.tables import read_parquet
+from fluxpipe.data.images import load_rgb, resize_and_crop, to_tensor
+from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.hashing import cached_sha256
+from fluxpipe.io.shards import ShardStats, build_shard, content_key
+from fluxpipe.io.tables import read_parquet
+from fluxpipe.parallel.devices import encode_dtype
 
 log = logging.getLogger(__name__)
 LATENT_CACHE_VERSION = 1
@@ -77,9 +77,17 @@ def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> 
     for r in rows.itertuples(index=False):
         for kind, path, sha in _sources(r, cfg.references):
             for flip in (False, True) if r.flip_aug else (False,):
-                fields = {"v": LATENT_CACHE_VERSION, "image": sha, "bucket": [r.bucket_w, r.bucket_h],
-                          "resized": [r.resized_w, r.resized_h], "crop": [r.crop_left, r.crop_top], "flip": flip,
-                          "ae": ae_sha, "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
+                fields = {
+                    "v": LATENT_CACHE_VERSION,
+                    "image": sha,
+                    "bucket": [r.bucket_w, r.bucket_h],
+                    "resized": [r.resized_w, r.resized_h],
+                    "crop": [r.crop_left, r.crop_top],
+                    "flip": flip,
+                    "ae": ae_sha,
+                    "encode": str(encode_dtype(cfg.device)),
+                    "store": cfg.dtype,
+                }
                 interpolation = getattr(r, "resize_interpolation", "") or ""
                 if interpolation:  # (absent from the key when unset: existing caches stay valid)
                     fields["interpolation"] = interpolation
@@ -87,18 +95,30 @@ def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> 
                     fields["kind"] = kind
                 key = content_key(**fields)
                 old = entries.get(key)
-                entries[key] = LatentEntry(key=key, path=old.path if old else path,
-                                           paths=(*(old.paths if old else ()), r.path),
-                                           bucket=(r.bucket_w, r.bucket_h), resized=(r.resized_w, r.resized_h),
-                                           crop=(r.crop_left, r.crop_top), flip=flip, interpolation=interpolation,
-                                           kind=kind)
+                entries[key] = LatentEntry(
+                    key=key,
+                    path=old.path if old else path,
+                    paths=(*(old.paths if old else ()), r.path),
+                    bucket=(r.bucket_w, r.bucket_h),
+                    resized=(r.resized_w, r.resized_h),
+                    crop=(r.crop_left, r.crop_top),
+                    flip=flip,
+                    interpolation=interpolation,
+                    kind=kind,
+                )
     return list(entries.values())
 
 
 def prepare(entry: LatentEntry) -> torch.Tensor:
     """Decode, resize, crop (and flip) one image: [3, H, W] in [-1, 1]."""
-    image = resize_and_crop(load_rgb(Path(entry.path)), entry.resized, entry.crop[0], entry.crop[1], entry.bucket,
-                            entry.interpolation or None)
+    image = resize_and_crop(
+        load_rgb(Path(entry.path)),
+        entry.resized,
+        entry.crop[0],
+        entry.crop[1],
+        entry.bucket,
+        entry.interpolation or None,
+    )
     x = to_tensor(image)
     return x.flip(-1) if entry.flip else x
 
@@ -124,9 +144,10 @@ def encode(entries: list[LatentEntry], cfg: CacheLatentsConfig) -> dict[str, dic
     store = getattr(torch, cfg.dtype)
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = list(batches(entries, cfg.batch_size))
-    with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool, tqdm(
-        total=len(entries), desc=f"latents shard {cfg.shard}", unit="img", mininterval=2
-    ) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool,
+        tqdm(total=len(entries), desc=f"latents shard {cfg.shard}", unit="img", mininterval=2) as bar,
+    ):
         pending = [pool.submit(lambda b=b: torch.stack([prepare(e) for e in b])) for b in todo[:2]]
         for i, batch in enumerate(todo):
             images = pending[i].result()
@@ -147,10 +168,19 @@ def run(cfg: CacheLatentsConfig) -> ShardStats:
     rows = table[table.latent_shard == cfg.shard]
     ae_sha, _ = cached_sha256(cfg.ae, cfg.hash_cache)
     entries = {e.key: e for e in latent_entries(rows, ae_sha, cfg)}
-    info = {k: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip, **({"kind": e.kind} if e.kind else {})}
-            for k, e in entries.items()}
+    info = {
+        k: {"paths": list(e.paths), "bucket": list(e.bucket), "flip": e.flip, **({"kind": e.kind} if e.kind else {})}
+        for k, e in entries.items()
+    }
     stats = build_shard(cfg.out, info, lambda keys: encode([entries[k] for k in keys], cfg))
-    log.info("latent shard %d: %d entries, %d encoded (%.1f img/s), %d reused, %d dropped, %.1f s",
-             cfg.shard, len(entries), stats.encoded, stats.encoded / max(stats.seconds, 1e-9), stats.reused,
-             stats.dropped, time.perf_counter() - start)
+    log.info(
+        "latent shard %d: %d entries, %d encoded (%.1f img/s), %d reused, %d dropped, %.1f s",
+        cfg.shard,
+        len(entries),
+        stats.encoded,
+        stats.encoded / max(stats.seconds, 1e-9),
+        stats.reused,
+        stats.dropped,
+        time.perf_counter() - start,
+    )
     return stats

@@ -8,7 +8,6 @@ hashes, t5xxl_max_token_length, apply_t5_attn_mask, dtypes, format version) and 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe.checkpoints import load_model
-from fluxpipe.devices import encode_dtype
-from fluxpipe.hashing import cached_sha256
+from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH, encode_prompts
+from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.hashing import cached_sha256, tokenizer_identity
+from fluxpipe.io.shards import ShardStats, build_shard, content_key
+from fluxpipe.io.tables import read_parquet
 from fluxpipe.models import text_encoders as te
-from fluxpipe.shards import ShardStats, build_shard, content_key
-from fluxpipe.tables import read_parquet
-from fluxpipe.text_encoding import CLIP_MAX_LENGTH, encode_prompts
+from fluxpipe.parallel.devices import encode_dtype
 
 log = logging.getLogger(__name__)
 TEXT_CACHE_VERSION = 1
@@ -50,24 +49,19 @@ class CacheTextConfig:
 COMPILE_MIN = 5000  # measured on an H200: compiling T5-XXL costs ~45 s and lifts 49 -> 82 prompts/s
 
 
-def tokenizer_identity(folder: Path | None, hub_id: str, hash_cache: Path | None) -> str:
-    """A hash of the tokenizer's files (or the hub id when it comes from the hub)."""
-    if folder is None:
-        return hub_id
-    digest = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        digest.update(f.name.encode() + cached_sha256(f, hash_cache)[0].encode())
-    return digest.hexdigest()
-
-
 def text_identity(cfg: CacheTextConfig) -> dict[str, object]:
     """Everything besides the caption that determines an entry."""
-    return {"v": TEXT_CACHE_VERSION, "clip": cached_sha256(cfg.clip_l, cfg.hash_cache)[0],
-            "t5": cached_sha256(cfg.t5xxl, cfg.hash_cache)[0],
-            "clip_tok": tokenizer_identity(cfg.clip_tokenizer, te.CLIP_HUB_ID, cfg.hash_cache),
-            "t5_tok": tokenizer_identity(cfg.t5_tokenizer, te.T5_HUB_ID, cfg.hash_cache),
-            "max_length": cfg.max_length, "mask": cfg.apply_t5_attn_mask,
-            "encode": str(encode_dtype(cfg.device)), "store": cfg.dtype}
+    return {
+        "v": TEXT_CACHE_VERSION,
+        "clip": cached_sha256(cfg.clip_l, cfg.hash_cache)[0],
+        "t5": cached_sha256(cfg.t5xxl, cfg.hash_cache)[0],
+        "clip_tok": tokenizer_identity(cfg.clip_tokenizer, te.CLIP_HUB_ID, cfg.hash_cache),
+        "t5_tok": tokenizer_identity(cfg.t5_tokenizer, te.T5_HUB_ID, cfg.hash_cache),
+        "max_length": cfg.max_length,
+        "mask": cfg.apply_t5_attn_mask,
+        "encode": str(encode_dtype(cfg.device)),
+        "store": cfg.dtype,
+    }
 
 
 def warn_truncated(captions: dict[str, str], clip_tok, t5_tok, max_length: int) -> None:  # noqa: ANN001
@@ -79,11 +73,17 @@ def warn_truncated(captions: dict[str, str], clip_tok, t5_tok, max_length: int) 
     clip_counts = [len(ids) for ids in clip_tok(texts, truncation=False).input_ids]
     t5_counts = [len(ids) for ids in t5_tok(texts, truncation=False).input_ids]
     for text, n_clip, n_t5 in zip(texts, clip_counts, t5_counts, strict=True):
-        cut = [f"{n} {name} tokens, only the first {limit} are used" for n, name, limit in
-               ((n_clip, "CLIP", CLIP_MAX_LENGTH), (n_t5, "T5", max_length)) if n > limit]
+        cut = [
+            f"{n} {name} tokens, only the first {limit} are used"
+            for n, name, limit in ((n_clip, "CLIP", CLIP_MAX_LENGTH), (n_t5, "T5", max_length))
+            if n > limit
+        ]
         if cut:
-            log.warning("caption %r is %s (shorten it to keep its end)", text[:60] + ("..." if len(text) > 60 else ""),
-                        "; ".join(cut))
+            log.warning(
+                "caption %r is %s (shorten it to keep its end)",
+                text[:60] + ("..." if len(text) > 60 else ""),
+                "; ".join(cut),
+            )
 
 
 @torch.no_grad()
@@ -99,8 +99,9 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     te.check_vocab(clip_tok, clip.get_input_embeddings().num_embeddings, "CLIP-L", "clip_tokenizer")
     te.check_vocab(t5_tok, t5.get_input_embeddings().num_embeddings, "T5", "t5_tokenizer")
     warn_truncated(captions, clip_tok, t5_tok, cfg.max_length)
-    if cfg.compile == "true" or (cfg.compile == "auto" and cfg.device.startswith("cuda")
-                                 and len(captions) >= COMPILE_MIN):
+    if cfg.compile == "true" or (
+        cfg.compile == "auto" and cfg.device.startswith("cuda") and len(captions) >= COMPILE_MIN
+    ):
         t5 = torch.compile(t5)
     store = getattr(torch, cfg.dtype)
     keys = list(captions)
@@ -108,12 +109,15 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     with tqdm(total=len(keys), desc=f"text shard {cfg.shard}", unit="caption", mininterval=2) as bar:
         for i in range(0, len(keys), cfg.batch_size):
             batch = keys[i : i + cfg.batch_size]
-            emb = encode_prompts(clip, t5, clip_tok, t5_tok, [captions[k] for k in batch], cfg.max_length,
-                                 cfg.apply_t5_attn_mask)
+            emb = encode_prompts(
+                clip, t5, clip_tok, t5_tok, [captions[k] for k in batch], cfg.max_length, cfg.apply_t5_attn_mask
+            )
             for j, key in enumerate(batch):
-                out[key] = {"pooled": emb.pooled[j].float().cpu().to(store).clone(),
-                            "t5": emb.t5[j].float().cpu().to(store).clone(),
-                            "mask": emb.mask[j].to(torch.uint8).clone()}
+                out[key] = {
+                    "pooled": emb.pooled[j].float().cpu().to(store).clone(),
+                    "t5": emb.t5[j].float().cpu().to(store).clone(),
+                    "mask": emb.mask[j].to(torch.uint8).clone(),
+                }
             bar.update(len(batch))
     return out
 
@@ -124,10 +128,20 @@ def run(cfg: CacheTextConfig) -> ShardStats:
     table, _ = read_parquet(cfg.manifest)
     rows = table[table.text_shard == cfg.shard].drop_duplicates("caption_sha256")
     identity = text_identity(cfg)
-    entries = {content_key(caption=sha, **identity): (sha, text) for sha, text in zip(rows.caption_sha256, rows.caption, strict=True)}
+    entries = {
+        content_key(caption=sha, **identity): (sha, text)
+        for sha, text in zip(rows.caption_sha256, rows.caption, strict=True)
+    }
     info = {k: {"caption_sha256": sha} for k, (sha, _) in entries.items()}
     stats = build_shard(cfg.out, info, lambda keys: encode({k: entries[k][1] for k in keys}, cfg))
-    log.info("text shard %d: %d captions, %d encoded (%.1f/s), %d reused, %d dropped, %.1f s", cfg.shard,
-             len(entries), stats.encoded, stats.encoded / max(stats.seconds, 1e-9), stats.reused, stats.dropped,
-             time.perf_counter() - start)
+    log.info(
+        "text shard %d: %d captions, %d encoded (%.1f/s), %d reused, %d dropped, %.1f s",
+        cfg.shard,
+        len(entries),
+        stats.encoded,
+        stats.encoded / max(stats.seconds, 1e-9),
+        stats.reused,
+        stats.dropped,
+        time.perf_counter() - start,
+    )
     return stats

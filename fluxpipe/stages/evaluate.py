@@ -9,7 +9,7 @@ per-step files, the final ``<name>.safetensors``, ``<name>-loss.jsonl`` and, wit
 * ``loss.png``: the training loss per step (raw and smoothed); ``validation_loss.png``: the validation loss per
   step at each fixed sigma and their mean (a note when the dataset has no validation split);
 * ``train_distance.png``: per checkpoint the mean distance of its samples to the nearest training image
-  (``fluxpipe.sample_distance``; needs the dataset manifest);
+  (``fluxpipe.inference.sample_distance``; needs the dataset manifest);
 * ``metrics.json``: per checkpoint its step, epoch, file, validation loss and that distance; the loss summaries.
 
 The DiT and the AE are loaded once; each LoRA is attached unmerged at ``lora_multiplier`` and detached again, so
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fluxpipe.atomic import write_text_atomic
+from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.prompts import SamplePrompt
-from fluxpipe.sample_distance import THUMB, mean_nearest_distance, training_thumbnails
-from fluxpipe.sampler import ModelFiles, Sampler, encode_texts, load_lora, load_sampler, lora_line, split_lora
+from fluxpipe.inference.sample_distance import THUMB, mean_nearest_distance, training_thumbnails
+from fluxpipe.inference.sampler import ModelFiles, Sampler, encode_texts, load_lora, load_sampler, lora_line, split_lora
+from fluxpipe.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,13 @@ def find_checkpoints(train_dir: Path, name: str) -> list[Checkpoint]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         step, epoch = int(meta.get("ss_steps", 0)), int(meta.get("ss_epoch", 0)) or None
-        label = (f"epoch {int(m.group(1))}" if m.group(1) else f"step {int(m.group(2))}" if m.group(2) else "final")
+        label = f"epoch {int(m.group(1))}" if m.group(1) else f"step {int(m.group(2))}" if m.group(2) else "final"
         found.append(Checkpoint(label, path, step, epoch))
     if not any(c.label == "final" for c in found):
-        raise FluxpipeError(f"{train_dir / (name + '.safetensors')}: the run's final LoRA is missing; train first "
-                            "(snakemake --cores 1 train_lora)")
+        raise FluxpipeError(
+            f"{train_dir / (name + '.safetensors')}: the run's final LoRA is missing; train first "
+            "(snakemake --cores 1 train_lora)"
+        )
     found.sort(key=lambda c: (c.label == "final", c.step))
     return [Checkpoint("base", None, 0, 0), *found]
 
@@ -91,8 +93,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def render(sampler: Sampler, prompts: tuple[SamplePrompt, ...], seeds: tuple[int, ...], conds: dict,
-           ) -> list[list[Image.Image]]:
+def render(
+    sampler: Sampler, prompts: tuple[SamplePrompt, ...], seeds: tuple[int, ...], conds: dict
+) -> list[list[Image.Image]]:
     """Images [prompt][seed] (a prompt's own seed replaces the list)."""
     rows = []
     for p in prompts:
@@ -101,66 +104,116 @@ def render(sampler: Sampler, prompts: tuple[SamplePrompt, ...], seeds: tuple[int
     return rows
 
 
-def write_plots(cfg: EvaluateConfig, losses: list[dict], validation: list[dict],
-                distances: list[tuple[int, float]] = ()) -> None:
-    from fluxpipe.report_images import labelled_grid, plot_curves, save_png
+def write_plots(
+    cfg: EvaluateConfig, losses: list[dict], validation: list[dict], distances: list[tuple[int, float]] = ()
+) -> None:
+    from fluxpipe.inference.report_images import labelled_grid, plot_curves, save_png
 
     if losses:
-        plot_curves({"training loss": [(r["step"], r["loss"]) for r in losses]}, cfg.out / "loss.png",
-                    title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss",
-                    smooth=max(2, len(losses) // 20))
+        plot_curves(
+            {"training loss": [(r["step"], r["loss"]) for r in losses]},
+            cfg.out / "loss.png",
+            title=f"{cfg.output_name}: training loss",
+            xlabel="step",
+            ylabel="loss",
+            smooth=max(2, len(losses) // 20),
+        )
     else:
-        save_png(labelled_grid([[Image.new("RGB", (400, 40), "white")]], ["loss"], ["no training loss recorded"]),
-                 cfg.out / "loss.png")
+        save_png(
+            labelled_grid([[Image.new("RGB", (400, 40), "white")]], ["loss"], ["no training loss recorded"]),
+            cfg.out / "loss.png",
+        )
     if validation:
         sigmas = list(validation[0]["by_sigma"])
         series = {"mean": [(r["step"], r["loss"]) for r in validation]}
         series.update({f"sigma {s}": [(r["step"], r["by_sigma"][s]) for r in validation] for s in sigmas})
-        plot_curves(series, cfg.out / "validation_loss.png", title=f"{cfg.output_name}: validation loss "
-                    "(held-out images, fixed sigmas and noise)", xlabel="step", ylabel="loss")
+        plot_curves(
+            series,
+            cfg.out / "validation_loss.png",
+            title=f"{cfg.output_name}: validation loss (held-out images, fixed sigmas and noise)",
+            xlabel="step",
+            ylabel="loss",
+        )
     else:
         note = Image.new("RGB", (400, 40), "white")
-        save_png(labelled_grid([[note]], ["validation"], ["no validation split (set validation_split in the "
-                                                          "dataset TOML)"]), cfg.out / "validation_loss.png")
+        save_png(
+            labelled_grid([[note]], ["validation"], ["no validation split (set validation_split in the dataset TOML)"]),
+            cfg.out / "validation_loss.png",
+        )
     if distances:
-        plot_curves({"samples to nearest training image": list(distances)}, cfg.out / "train_distance.png",
-                    title=f"{cfg.output_name}: sample distance to the training images (lower: closer)",
-                    xlabel="step (0: base)", ylabel=f"RMS of {THUMB}x{THUMB} thumbnails")
+        plot_curves(
+            {"samples to nearest training image": list(distances)},
+            cfg.out / "train_distance.png",
+            title=f"{cfg.output_name}: sample distance to the training images (lower: closer)",
+            xlabel="step (0: base)",
+            ylabel=f"RMS of {THUMB}x{THUMB} thumbnails",
+        )
     else:
-        save_png(labelled_grid([[Image.new("RGB", (400, 40), "white")]], ["distance"],
-                               ["no training images (no dataset manifest given)"]), cfg.out / "train_distance.png")
+        save_png(
+            labelled_grid(
+                [[Image.new("RGB", (400, 40), "white")]],
+                ["distance"],
+                ["no training images (no dataset manifest given)"],
+            ),
+            cfg.out / "train_distance.png",
+        )
 
 
-def metrics(checkpoints: list[Checkpoint], losses: list[dict], validation: list[dict],
-            distances: list[float | None] | None = None) -> dict:
+def metrics(
+    checkpoints: list[Checkpoint],
+    losses: list[dict],
+    validation: list[dict],
+    distances: list[float | None] | None = None,
+) -> dict:
     by_step = {r["step"]: r for r in validation}
     distances = distances or [None] * len(checkpoints)
-    last = losses[-max(1, len(losses) // 10):] if losses else []
+    last = losses[-max(1, len(losses) // 10) :] if losses else []
     return {
-        "checkpoints": [{"label": c.label, "file": str(c.path) if c.path else None, "step": c.step,
-                         "epoch": c.epoch, "validation_loss": by_step.get(c.step, {}).get("loss"),
-                         "train_distance": d}
-                        for c, d in zip(checkpoints, distances, strict=True)],
-        "training_loss": {"steps": len(losses), "first": losses[0]["loss"] if losses else None,
-                          "last_10pct_mean": sum(r["loss"] for r in last) / len(last) if last else None},
+        "checkpoints": [
+            {
+                "label": c.label,
+                "file": str(c.path) if c.path else None,
+                "step": c.step,
+                "epoch": c.epoch,
+                "validation_loss": by_step.get(c.step, {}).get("loss"),
+                "train_distance": d,
+            }
+            for c, d in zip(checkpoints, distances, strict=True)
+        ],
+        "training_loss": {
+            "steps": len(losses),
+            "first": losses[0]["loss"] if losses else None,
+            "last_10pct_mean": sum(r["loss"] for r in last) / len(last) if last else None,
+        },
         "validation_loss": validation,
     }
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    from fluxpipe.lora import apply_lora, detach_loras
-    from fluxpipe.report_images import labelled_grid, save_png
+    from fluxpipe.inference.report_images import labelled_grid, save_png
+    from fluxpipe.lora.files import apply_lora, detach_loras
 
     checkpoints = find_checkpoints(cfg.train_dir, cfg.output_name)
     texts = [p.prompt for p in cfg.prompts] + [p.negative_prompt for p in cfg.prompts if p.cfg_scale != 1.0]
-    enc = {"device": cfg.device, "dtype": cfg.dtype, "max_length": cfg.t5_max_length,
-           "apply_t5_attn_mask": cfg.apply_t5_attn_mask}
+    enc = {
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "max_length": cfg.t5_max_length,
+        "apply_t5_attn_mask": cfg.apply_t5_attn_mask,
+    }
     base_conds = encode_texts(cfg.models, texts, **enc)
-    sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, blocks_to_swap=cfg.blocks_to_swap,
-                           apply_t5_attn_mask=cfg.apply_t5_attn_mask, controlnet=cfg.controlnet,
-                           reference_size=cfg.reference_size)
-    row_labels = [f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts
-                  for s in ((p.seed,) if p.seed is not None else cfg.seeds)]
+    sampler = load_sampler(
+        cfg.models,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        blocks_to_swap=cfg.blocks_to_swap,
+        apply_t5_attn_mask=cfg.apply_t5_attn_mask,
+        controlnet=cfg.controlnet,
+        reference_size=cfg.reference_size,
+    )
+    row_labels = [
+        f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts for s in ((p.seed,) if p.seed is not None else cfg.seeds)
+    ]
     refs = training_thumbnails(cfg.manifest) if cfg.manifest is not None and cfg.manifest.is_file() else None
     columns, distances = [], []
     for c in checkpoints:
@@ -175,20 +228,36 @@ def run(cfg: EvaluateConfig) -> dict:
             log.info("%s", lora_line(c.path, layout, kohya))
         images = render(sampler, cfg.prompts, cfg.seeds, conds)
         detach_loras(sampler.dit)
-        seeds = [str(s) for s in cfg.seeds] if all(p.seed is None for p in cfg.prompts) else ["images"] * max(
-            len(r) for r in images)
+        seeds = (
+            [str(s) for s in cfg.seeds]
+            if all(p.seed is None for p in cfg.prompts)
+            else ["images"] * max(len(r) for r in images)
+        )
         padded = [r + [Image.new("RGB", r[0].size, "white")] * (len(seeds) - len(r)) for r in images]
-        save_png(labelled_grid(padded, [p.prompt[:60] for p in cfg.prompts], [f"seed {s}" for s in seeds],
-                               title=f"{cfg.output_name}: {c.label}"), cfg.out / "checkpoints" / f"{slug(c.label)}.png")
+        save_png(
+            labelled_grid(
+                padded,
+                [p.prompt[:60] for p in cfg.prompts],
+                [f"seed {s}" for s in seeds],
+                title=f"{cfg.output_name}: {c.label}",
+            ),
+            cfg.out / "checkpoints" / f"{slug(c.label)}.png",
+        )
         columns.append([img for row in images for img in row])
         distances.append(None if refs is None else mean_nearest_distance(columns[-1], refs))
         log.info("evaluated %s", c.label)
-    grid = labelled_grid([list(r) for r in zip(*columns, strict=True)], row_labels, [c.label for c in checkpoints],
-                         title=f"{cfg.output_name}: samples across training")
+    grid = labelled_grid(
+        [list(r) for r in zip(*columns, strict=True)],
+        row_labels,
+        [c.label for c in checkpoints],
+        title=f"{cfg.output_name}: samples across training",
+    )
     save_png(grid, cfg.out / "grid.png")
     losses = read_jsonl(cfg.train_dir / f"{cfg.output_name}-loss.jsonl")
     validation = read_jsonl(cfg.train_dir / f"{cfg.output_name}-validation.jsonl")
-    write_plots(cfg, losses, validation, [(c.step, d) for c, d in zip(checkpoints, distances, strict=True) if d is not None])
+    write_plots(
+        cfg, losses, validation, [(c.step, d) for c, d in zip(checkpoints, distances, strict=True) if d is not None]
+    )
     result = metrics(checkpoints, losses, validation, distances)
     write_text_atomic(cfg.out / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result

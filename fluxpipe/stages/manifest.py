@@ -24,15 +24,21 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from fluxpipe.buckets import BucketSpec, check_spec, make_buckets, plan_resize
-from fluxpipe.dataset_config import (IMAGE_EXTENSIONS, DatasetConfig, DatasetsConfig, SubsetConfig, non_utf8_names,
-                                     refuse_non_utf8)
+from fluxpipe.config.dataset import (
+    IMAGE_EXTENSIONS,
+    DatasetConfig,
+    DatasetsConfig,
+    SubsetConfig,
+    non_utf8_names,
+    refuse_non_utf8,
+)
+from fluxpipe.data.buckets import BucketSpec, check_spec, make_buckets, plan_resize
+from fluxpipe.data.images import BadCaption, BadImage, is_image_file, load_rgb, read_caption
 from fluxpipe.errors import FluxpipeError, summarize
-from fluxpipe.hashing import HashCache
-from fluxpipe.images import BadCaption, BadImage, is_image_file, load_rgb, read_caption
-from fluxpipe.atomic import write_text_atomic
-from fluxpipe.shards import stable_shard
-from fluxpipe.tables import write_parquet_atomic
+from fluxpipe.io.atomic import write_text_atomic
+from fluxpipe.io.hashing import HashCache
+from fluxpipe.io.shards import stable_shard
+from fluxpipe.io.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
@@ -71,8 +77,9 @@ def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candid
         _warn_unused_images(Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir")
     by_stem = None
     if sub.conditioning_data_dir is not None:
-        by_stem = _by_stem(_image_files(Path(sub.conditioning_data_dir),
-                                        f"datasets[{di}].subsets[{si}].conditioning_data_dir"))
+        by_stem = _by_stem(
+            _image_files(Path(sub.conditioning_data_dir), f"datasets[{di}].subsets[{si}].conditioning_data_dir")
+        )
     out = []
     for path, caption in paths:
         cond = None
@@ -101,8 +108,13 @@ OTHER_IMAGE_TYPES = (".gif", ".tif", ".tiff", ".avif", ".jxl", ".heic", ".heif",
 def _warn_unused_images(folder: Path, key: str) -> None:
     others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_TYPES)
     if others:
-        log.warning("%s: %d image files of a type not trained on (only %s) are left out: %s; convert them to PNG "
-                    "to use them", key, len(others), " ".join(IMAGE_EXTENSIONS), summarize(others, 20))
+        log.warning(
+            "%s: %d image files of a type not trained on (only %s) are left out: %s; convert them to PNG to use them",
+            key,
+            len(others),
+            " ".join(IMAGE_EXTENSIONS),
+            summarize(others, 20),
+        )
 
 
 def _metadata_image(base: Path | None, key: str) -> Path:
@@ -130,8 +142,10 @@ def _pair(image: Path, by_stem: dict[str, list[Path]], folder: Path) -> tuple[Pa
     if len(matches) == 1:
         return matches[0], None
     if not matches:
-        return None, (f"{image}: no conditioning image {image.stem}.* in {folder} (add one with the same stem, "
-                      f"or remove the image)")
+        return None, (
+            f"{image}: no conditioning image {image.stem}.* in {folder} (add one with the same stem, "
+            f"or remove the image)"
+        )
     names = ", ".join(p.name for p in matches)
     return None, f"{image}: {len(matches)} conditioning images with its stem in {folder}: {names} (keep one)"
 
@@ -150,8 +164,12 @@ def _unpaired_conditioning(cfg: DatasetsConfig) -> list[str]:
             dirs.append(sub.image_dir)
     problems = []
     for cond, stems, dirs in folders.values():
-        problems += [f"{p}: conditioning image without a target (no image {p.stem}.* in {', '.join(dirs)}; remove "
-                     f"it or add the image)" for p in _image_files(cond, "conditioning_data_dir") if p.stem not in stems]
+        problems += [
+            f"{p}: conditioning image without a target (no image {p.stem}.* in {', '.join(dirs)}; remove "
+            f"it or add the image)"
+            for p in _image_files(cond, "conditioning_data_dir")
+            if p.stem not in stems
+        ]
     return problems
 
 
@@ -174,8 +192,10 @@ def _read_metadata(path: Path, separator: str = ",") -> list[tuple[str, str]]:
             return [(r["image_path"], _with_tags(r, separator)) for r in rows]
         return [(k, _with_tags(v or {}, separator)) for k, v in json.loads(text).items()]
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise FluxpipeError(f"{path}: unreadable metadata file ({type(e).__name__}: {e}); expected JSON "
-                            "{image: {caption: ...}} or JSONL lines {image_path, caption}") from e
+        raise FluxpipeError(
+            f"{path}: unreadable metadata file ({type(e).__name__}: {e}); expected JSON "
+            "{image: {caption: ...}} or JSONL lines {image_path, caption}"
+        ) from e
 
 
 def _caption(c: Candidate, sub: SubsetConfig) -> str:
@@ -186,8 +206,10 @@ def _caption(c: Candidate, sub: SubsetConfig) -> str:
         if file.is_file():
             text = read_caption(file)
             if not text:  # the reference stops here too ("caption file is empty")
-                raise BadCaption(f"{file}: caption file is empty (or only whitespace); write a caption into it, or "
-                                 "delete it and set class_tokens")
+                raise BadCaption(
+                    f"{file}: caption file is empty (or only whitespace); write a caption into it, or "
+                    "delete it and set class_tokens"
+                )
         elif sub.class_tokens is not None:
             text = sub.class_tokens
         else:
@@ -200,9 +222,14 @@ def _caption(c: Candidate, sub: SubsetConfig) -> str:
 
 
 def _bucket_spec(ds: DatasetConfig) -> BucketSpec:
-    return BucketSpec(resolution=tuple(ds.resolution), enable_bucket=ds.enable_bucket,
-                      min_bucket_reso=ds.min_bucket_reso, max_bucket_reso=ds.max_bucket_reso,
-                      bucket_reso_steps=ds.bucket_reso_steps, bucket_no_upscale=ds.bucket_no_upscale)
+    return BucketSpec(
+        resolution=tuple(ds.resolution),
+        enable_bucket=ds.enable_bucket,
+        min_bucket_reso=ds.min_bucket_reso,
+        max_bucket_reso=ds.max_bucket_reso,
+        bucket_reso_steps=ds.bucket_reso_steps,
+        bucket_no_upscale=ds.bucket_no_upscale,
+    )
 
 
 def _decoded_size(path: Path, sha: str, decoded: dict[str, list[int]]) -> tuple[int, int]:
@@ -214,8 +241,9 @@ def _decoded_size(path: Path, sha: str, decoded: dict[str, list[int]]) -> tuple[
     return width, height
 
 
-def _conditioning_columns(c: Candidate, size: tuple[int, int], bucketed: bool, hashes: HashCache,
-                          decoded: dict[str, list[int]]) -> dict[str, str]:
+def _conditioning_columns(
+    c: Candidate, size: tuple[int, int], bucketed: bool, hashes: HashCache, decoded: dict[str, list[int]]
+) -> dict[str, str]:
     """``conditioning`` (path) and ``conditioning_sha256`` of a row ("" without one); with buckets the
     conditioning image must have its target's size (spec §7.2)."""
     if c.conditioning is None:
@@ -223,9 +251,11 @@ def _conditioning_columns(c: Candidate, size: tuple[int, int], bucketed: bool, h
     sha, _ = hashes.sha256(c.conditioning)
     cond_size = _decoded_size(c.conditioning, sha, decoded)
     if bucketed and cond_size != size:
-        raise BadImage(f"{c.path}: {size[0]}x{size[1]} but its conditioning image {c.conditioning} is "
-                       f"{cond_size[0]}x{cond_size[1]} (with enable_bucket both must have the same size; resize "
-                       f"the conditioning image)")
+        raise BadImage(
+            f"{c.path}: {size[0]}x{size[1]} but its conditioning image {c.conditioning} is "
+            f"{cond_size[0]}x{cond_size[1]} (with enable_bucket both must have the same size; resize "
+            f"the conditioning image)"
+        )
     return {"conditioning": str(c.conditioning), "conditioning_sha256": sha}
 
 
@@ -239,21 +269,40 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
     sha, _ = hashes.sha256(c.path)
     width, height = _decoded_size(c.path, sha, decoded)
     if min(width, height) < SMALL_IMAGE_SIDE:
-        log.warning("%s: only %dx%d pixels; it is upscaled to its bucket and trains as a blur (use images with "
-                    "sides of %d px or more)", c.path, width, height, SMALL_IMAGE_SIDE)
+        log.warning(
+            "%s: only %dx%d pixels; it is upscaled to its bucket and trains as a blur (use images with "
+            "sides of %d px or more)",
+            c.path,
+            width,
+            height,
+            SMALL_IMAGE_SIDE,
+        )
     spec = _bucket_spec(ds)
     try:
         plan = plan_resize(width, height, spec, make_buckets(spec) if spec.enable_bucket else None)
     except ValueError as e:
         raise BadImage(f"{c.path}: {width}x{height} cannot be bucketed ({e})") from e
     return {
-        "path": str(c.path), "dataset": c.dataset, "subset": c.subset, "sha256": sha,
-        "bytes": c.path.stat().st_size, "width": width, "height": height,
-        "caption": caption, "caption_sha256": hashlib.sha256(caption.encode("utf-8")).hexdigest(),
-        "repeats": sub.num_repeats, "is_reg": sub.is_reg, "flip_aug": sub.flip_aug,
-        "bucket_w": plan.bucket[0], "bucket_h": plan.bucket[1], "resized_w": plan.resized[0],
-        "resized_h": plan.resized[1], "crop_left": plan.crop_left, "crop_top": plan.crop_top,
-        "upscaled": plan.upscale, "resize_interpolation": sub.resize_interpolation or "",
+        "path": str(c.path),
+        "dataset": c.dataset,
+        "subset": c.subset,
+        "sha256": sha,
+        "bytes": c.path.stat().st_size,
+        "width": width,
+        "height": height,
+        "caption": caption,
+        "caption_sha256": hashlib.sha256(caption.encode("utf-8")).hexdigest(),
+        "repeats": sub.num_repeats,
+        "is_reg": sub.is_reg,
+        "flip_aug": sub.flip_aug,
+        "bucket_w": plan.bucket[0],
+        "bucket_h": plan.bucket[1],
+        "resized_w": plan.resized[0],
+        "resized_h": plan.resized[1],
+        "crop_left": plan.crop_left,
+        "crop_top": plan.crop_top,
+        "upscaled": plan.upscale,
+        "resize_interpolation": sub.resize_interpolation or "",
         **_conditioning_columns(c, (width, height), ds.enable_bucket, hashes, decoded),
     }
 
@@ -305,8 +354,9 @@ def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
             return str(e)
 
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        results = list(tqdm(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img",
-                            mininterval=2))
+        results = list(
+            tqdm(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img", mininterval=2)
+        )
     hashes.save()
     write_text_atomic(checked_file, json.dumps(decoded, sort_keys=True))
     rows = [r for r in results if isinstance(r, dict)]
@@ -318,21 +368,31 @@ def run(cfg: ManifestConfig) -> pd.DataFrame:
     start = time.perf_counter()
     rows, problems = scan(cfg)
     if problems and not cfg.skip_bad_images:
-        raise FluxpipeError(f"{len(problems)} bad dataset files: {summarize(problems, 20)}; fix or remove them, "
-                            "or set cache.skip_bad_images: true to leave them out")
+        raise FluxpipeError(
+            f"{len(problems)} bad dataset files: {summarize(problems, 20)}; fix or remove them, "
+            "or set cache.skip_bad_images: true to leave them out"
+        )
     for problem in problems:
         log.warning("left out: %s", problem)
     if not rows:
-        raise FluxpipeError(f"the dataset ({cfg.datasets.source}) has no usable images: check image_dir and the "
-                            "image extensions (.png .jpg .jpeg .webp .bmp)")
+        raise FluxpipeError(
+            f"the dataset ({cfg.datasets.source}) has no usable images: check image_dir and the "
+            "image extensions (.png .jpg .jpeg .webp .bmp)"
+        )
     _assign_split(rows, cfg.datasets)
     for row in rows:
         row["latent_shard"] = stable_shard(str(row["path"]), cfg.latent_shards)
         row["text_shard"] = stable_shard(str(row["caption_sha256"]), cfg.text_shards)
     table = pd.DataFrame(rows).sort_values(["dataset", "subset", "path"], kind="stable").reset_index(drop=True)
-    write_parquet_atomic(table, cfg.out, {"fluxpipe.manifest_version": str(MANIFEST_VERSION),
-                                          "fluxpipe.left_out": json.dumps(problems)})
+    write_parquet_atomic(
+        table, cfg.out, {"fluxpipe.manifest_version": str(MANIFEST_VERSION), "fluxpipe.left_out": json.dumps(problems)}
+    )
     buckets = Counter(f"{w}x{h}" for w, h in zip(table.bucket_w, table.bucket_h, strict=True))
-    log.info("manifest: %d images (%d left out) in %.1f s; buckets %s", len(table), len(problems),
-             time.perf_counter() - start, dict(sorted(buckets.items())))
+    log.info(
+        "manifest: %d images (%d left out) in %.1f s; buckets %s",
+        len(table),
+        len(problems),
+        time.perf_counter() - start,
+        dict(sorted(buckets.items())),
+    )
     return table

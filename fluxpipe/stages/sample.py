@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.prompts import SamplePrompt
-from fluxpipe.sampler import ModelFiles, encode_texts, load_lora, load_sampler, lora_line, split_lora
+from fluxpipe.inference.sampler import ModelFiles, encode_texts, load_lora, load_sampler, lora_line, split_lora
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def output_paths(cfg: SampleConfig) -> list[Path]:
 
 
 def run(cfg: SampleConfig) -> list[Path]:
-    from fluxpipe.report_images import save_png
+    from fluxpipe.inference.report_images import save_png
 
     for path, _ in cfg.loras:
         if not path.is_file():
@@ -66,12 +66,27 @@ def run(cfg: SampleConfig) -> list[Path]:
     loaded = [(path, *load_lora(path)) for path, _ in cfg.loras]
     loras = [(split_lora(kohya), mult) for (_, _, kohya), (_, mult) in zip(loaded, cfg.loras, strict=True)]
     texts = [p.prompt for p in cfg.prompts] + [p.negative_prompt for p in cfg.prompts if p.cfg_scale != 1.0]
-    conds = encode_texts(cfg.models, texts, device=cfg.device, dtype=cfg.dtype, max_length=cfg.t5_max_length,
-                         apply_t5_attn_mask=cfg.apply_t5_attn_mask, loras=loras)
-    sampler = load_sampler(cfg.models, device=cfg.device, dtype=cfg.dtype, loras=loras, merge=cfg.merge,
-                           blocks_to_swap=cfg.blocks_to_swap, apply_t5_attn_mask=cfg.apply_t5_attn_mask,
-                           compile_blocks=cfg.compile_blocks, controlnet=cfg.controlnet,
-                           reference_size=cfg.reference_size)
+    conds = encode_texts(
+        cfg.models,
+        texts,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_length=cfg.t5_max_length,
+        apply_t5_attn_mask=cfg.apply_t5_attn_mask,
+        loras=loras,
+    )
+    sampler = load_sampler(
+        cfg.models,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        loras=loras,
+        merge=cfg.merge,
+        blocks_to_swap=cfg.blocks_to_swap,
+        apply_t5_attn_mask=cfg.apply_t5_attn_mask,
+        compile_blocks=cfg.compile_blocks,
+        controlnet=cfg.controlnet,
+        reference_size=cfg.reference_size,
+    )
     for path, layout, kohya in loaded:  # every module matched its layer (apply_lora is strict): all patched
         print(lora_line(path, layout, kohya))
     written = []

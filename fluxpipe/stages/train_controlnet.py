@@ -3,7 +3,7 @@
 Input: the frozen base DiT (``--blocks_to_swap`` and ``--fp8_base`` allowed for it), a ControlNet-Flux
 (``fluxpipe.models.controlnet``: fresh, with its zero-initialised hint output and residual projections, or
 ``--controlnet_model_name_or_path``, loaded strictly), the caches, and each training image's conditioning image
-from the manifest (resized and centre-cropped with its target, mirrored with it; ``fluxpipe.conditioning``).
+from the manifest (resized and centre-cropped with its target, mirrored with it; ``fluxpipe.data.conditioning``).
 The ControlNet's residuals are added to the base model's image stream after every double block; the loss is
 the LoRA trainer's flow-matching loss (l2 or l1: the reference passes no Huber threshold here). Output: the
 ControlNet's weights in the reference's key layout (``<name>.safetensors`` and per-epoch / per-step files),
@@ -22,18 +22,31 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fluxpipe.atomic import remove_stale_temps
+from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
-from fluxpipe.distributed import world, wrap
-from fluxpipe.ema import create as create_ema, ema_metadata, save_beside
+from fluxpipe.parallel.distributed import world, wrap
 from fluxpipe.stages.train_full import TrainFullConfig, check_parallel, restore, resume_state, write_state
-from fluxpipe.stages.train_lora import FlowSettings, check_segment, log_step, write_losses, draw_flow_noise, \
-    epoch_save_interval, load_dit, plan_steps, prediction_loss, prune_old, segment_suffix, select_rows
-from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
-from fluxpipe.train_log import TrainLogger
-from fluxpipe.train_state import restore_rng
-from fluxpipe.train_weights import WeightOptimizers, modelspec, save_weights
+from fluxpipe.stages.train_lora import (
+    FlowSettings,
+    check_segment,
+    draw_flow_noise,
+    epoch_save_interval,
+    load_dit,
+    log_step,
+    plan_steps,
+    prediction_loss,
+    prune_old,
+    segment_suffix,
+    select_rows,
+    write_losses,
+)
+from fluxpipe.training.ema import create as create_ema
+from fluxpipe.training.ema import ema_metadata, save_beside
+from fluxpipe.training.log import TrainLogger
+from fluxpipe.training.state import restore_rng
+from fluxpipe.training.weights import WeightOptimizers, modelspec, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +66,7 @@ def build_controlnet(cfg: TrainControlNetConfig, params) -> ControlNetFlux:  # n
     torch.manual_seed(cfg.seed)  # a fresh ControlNet's initial weights follow the seed
     controlnet = ControlNetFlux(params)
     if cfg.controlnet is not None:
-        from fluxpipe.safetensors_file import read_header, read_tensors
+        from fluxpipe.io.safetensors_file import read_header, read_tensors
 
         header = read_header(cfg.controlnet)
         load_controlnet_state(controlnet, read_tensors(cfg.controlnet, {k: k for k in header.tensors}))
@@ -64,30 +77,43 @@ def build_controlnet(cfg: TrainControlNetConfig, params) -> ControlNetFlux:  # n
 
 def conditioning_rows(cfg: TrainControlNetConfig, items: list) -> list[dict]:
     """Manifest rows of the training items, each with its conditioning image (else one error)."""
-    from fluxpipe.tables import read_parquet
+    from fluxpipe.io.tables import read_parquet
 
     rows = read_parquet(cfg.manifest)[0].to_dict("records")
     missing = [str(rows[it.row]["path"]) for it in items if not rows[it.row].get("conditioning")]
     if missing:
-        raise FluxpipeError(f"{cfg.manifest}: {len(missing)} training images have no conditioning image (e.g. "
-                            f"{missing[0]}); ControlNet training needs conditioning_data_dir in every subset of the "
-                            "dataset TOML")
+        raise FluxpipeError(
+            f"{cfg.manifest}: {len(missing)} training images have no conditioning image (e.g. "
+            f"{missing[0]}); ControlNet training needs conditioning_data_dir in every subset of the "
+            "dataset TOML"
+        )
     return rows
 
 
 def hints(rows: list[dict], items: list, batch: dict, images, device: str) -> Tensor:  # noqa: ANN001
     """[B, 3, H, W] control images of a batch, mirrored where the batch drew a flipped latent."""
     flipped = batch["flipped"].tolist()
-    return torch.stack([images.get(rows[items[i].row], flip=f) for i, f in zip(batch["indices"], flipped,
-                                                                              strict=True)]).to(device)
+    return torch.stack(
+        [images.get(rows[items[i].row], flip=f) for i, f in zip(batch["indices"], flipped, strict=True)]
+    ).to(device)
 
 
-def save_controlnet(controlnet: ControlNetFlux, cfg: TrainControlNetConfig, suffix: str, step: int,
-                    epoch: int, extra: dict[str, str] | None = None) -> Path:
-    meta = {**modelspec(f"flux-1-{cfg.variant}/controlnet", cfg.output_name), "ss_steps": str(step),
-            "ss_epoch": str(epoch), "fluxpipe_settings": cfg.settings, **(extra or {})}
-    path = save_weights(controlnet, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta,
-                        cfg.save_precision)
+def save_controlnet(
+    controlnet: ControlNetFlux,
+    cfg: TrainControlNetConfig,
+    suffix: str,
+    step: int,
+    epoch: int,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    meta = {
+        **modelspec(f"flux-1-{cfg.variant}/controlnet", cfg.output_name),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "fluxpipe_settings": cfg.settings,
+        **(extra or {}),
+    }
+    path = save_weights(controlnet, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision)
     log.info("saved %s (step %d, epoch %d)", path, step, epoch)
     return path
 
@@ -113,7 +139,7 @@ class ControlNetLoss(torch.nn.Module):
 def train(cfg: TrainControlNetConfig) -> Path:
     """The ControlNet training loop (DDP across torchrun's processes); returns the final ControlNet file, or,
     when a segment stops early, its state folder."""
-    from fluxpipe.conditioning import ConditioningImages
+    from fluxpipe.data.conditioning import ConditioningImages
 
     gen = torch.Generator().manual_seed(cfg.seed)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
@@ -147,12 +173,24 @@ def train(cfg: TrainControlNetConfig) -> Path:
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
-                         window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
+    logger = TrainLogger(
+        cfg.logging_dir if w.main else None,
+        cfg.log_prefix,
+        window=math.ceil(len(first_batches) / accum),
+        tracker_name=cfg.log_tracker_name,
+    )
     model = wrap(ControlNetLoss(controlnet, dit, cfg.math), w)
 
-    def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str = "", every: int | None = None,
-                   model_file: bool = True, state_too: bool = cfg.save_state) -> None:
+    def save_point(
+        suffix: str,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        kind: str = "",
+        every: int | None = None,
+        model_file: bool = True,
+        state_too: bool = cfg.save_state,
+    ) -> None:
         if not w.main:  # only rank 0 writes
             return
         if model_file:
@@ -164,8 +202,9 @@ def train(cfg: TrainControlNetConfig) -> Path:
             prune_old(cfg, kind, step if kind == "step" else epoch, every)
         write_losses(loss_file, records, state.step if state else 0)
 
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
-               disable=not w.main)
+    bar = tqdm(
+        total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2, disable=not w.main
+    )
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         batches = epoch_batches(items, sizes, epoch, cfg.seed)
@@ -176,8 +215,11 @@ def train(cfg: TrainControlNetConfig) -> Path:
             batch["hint"] = hints(rows_table, items, batch, images, cfg.device)
             rows, share = w.part(len(batches[bi]))
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
-                with torch.autocast(torch.device(cfg.device).type, dtype=cfg.compute_dtype,
-                                    enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16):
+                with torch.autocast(
+                    torch.device(cfg.device).type,
+                    dtype=cfg.compute_dtype,
+                    enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16,
+                ):
                     loss = model(batch, gen, rows)
                 (loss * share / accum).backward()
             if not boundary:
@@ -209,10 +251,14 @@ def train(cfg: TrainControlNetConfig) -> Path:
     logger.close()
     save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
     if w.main:
-        save_beside(ema, lambda s: save_controlnet(controlnet, cfg, s, step, min(epoch + 1, epochs),
-                                                   ema_metadata(ema)), "")
-    final = save_controlnet(controlnet, cfg, "", step, min(epoch + 1, epochs)) if w.main else \
-        cfg.output_dir / f"{cfg.output_name}.safetensors"
+        save_beside(
+            ema, lambda s: save_controlnet(controlnet, cfg, s, step, min(epoch + 1, epochs), ema_metadata(ema)), ""
+        )
+    final = (
+        save_controlnet(controlnet, cfg, "", step, min(epoch + 1, epochs))
+        if w.main
+        else cfg.output_dir / f"{cfg.output_name}.safetensors"
+    )
     optim.remove()
     tensors.close()
     w.barrier()  # the others wait for rank 0's files

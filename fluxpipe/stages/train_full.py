@@ -5,7 +5,7 @@ outputs are cached). Output: ``<output_dir>/<name>.safetensors`` (and ``-000001`
 the official BFL layout with ModelSpec metadata naming the right variant, written one tensor at a time;
 ``<name>-loss.jsonl``; ``-state`` folders that restore the step and epoch counters (the reference's full
 fine-tune does not). The maths is the LoRA trainer's (``flow_loss``); weights are fp32 with bf16/fp16 autocast,
-or bf16 with ``--full_bf16``; optimizer modes in ``fluxpipe.train_weights``.
+or bf16 with ``--full_bf16``; optimizer modes in ``fluxpipe.training.weights``.
 """
 
 from __future__ import annotations
@@ -19,20 +19,31 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe.atomic import remove_stale_temps
-from fluxpipe.checkpoints import load_model
+from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.sampler import ModelFiles
-from fluxpipe.stages.train_lora import FlowSettings, build_monitor, check_segment, log_step, write_losses, \
-    epoch_save_interval, flow_loss, plan_steps, prune_old, segment_suffix
-from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
-from fluxpipe.train_log import TrainLogger
-from fluxpipe.train_monitor import MonitorSettings
-from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
-from fluxpipe.distributed import World, world
-from fluxpipe.ema import EmaSettings, create as create_ema, ema_metadata, save_beside
-from fluxpipe.optim import canonical_optimizer
-from fluxpipe.train_weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
+from fluxpipe.inference.sampler import ModelFiles
+from fluxpipe.io.atomic import remove_stale_temps
+from fluxpipe.io.checkpoints import load_model
+from fluxpipe.parallel.distributed import World, world
+from fluxpipe.stages.train_lora import (
+    FlowSettings,
+    build_monitor,
+    check_segment,
+    epoch_save_interval,
+    flow_loss,
+    log_step,
+    plan_steps,
+    prune_old,
+    segment_suffix,
+    write_losses,
+)
+from fluxpipe.training.ema import EmaSettings, ema_metadata, save_beside
+from fluxpipe.training.ema import create as create_ema
+from fluxpipe.training.log import TrainLogger
+from fluxpipe.training.monitor import MonitorSettings
+from fluxpipe.training.optim import canonical_optimizer
+from fluxpipe.training.state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
+from fluxpipe.training.weights import OptimizerSettings, WeightOptimizers, modelspec, save_weights
 
 log = logging.getLogger(__name__)
 FSDP_OPTIMIZERS = ("AdamW", "SGDNesterov")  # torch.optim's: they step DTensor shards
@@ -79,7 +90,9 @@ class TrainFullConfig:
     sample_models: ModelFiles | None = None
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
-    ema: EmaSettings | None = None  # --ema_decay: an EMA of the trained weights, <name>-ema.safetensors (fluxpipe.ema)
+    ema: EmaSettings | None = (
+        None  # --ema_decay: an EMA of the trained weights, <name>-ema.safetensors (fluxpipe.training.ema)
+    )
 
 
 def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
@@ -92,15 +105,18 @@ def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     dit.requires_grad_(True)
     if swap:
-        from fluxpipe.block_swap import BlockSwapper
+        from fluxpipe.memory.block_swap import BlockSwapper
 
         try:
             dit.block_swapper = BlockSwapper(dit, cfg.blocks_to_swap, cfg.device)
         except ValueError as e:
             raise FluxpipeError(f"{cfg.flux}: {e}") from e
         dit.block_swapper.place(dit)
-        log.info("blocks_to_swap %d: %.2f GB of trained weights stay in host memory (updated there)",
-                 cfg.blocks_to_swap, dit.block_swapper.host_bytes() / 1e9)
+        log.info(
+            "blocks_to_swap %d: %.2f GB of trained weights stay in host memory (updated there)",
+            cfg.blocks_to_swap,
+            dit.block_swapper.host_bytes() / 1e9,
+        )
     return dit.train()
 
 
@@ -111,13 +127,24 @@ def autocast(cfg: TrainFullConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.compute_dtype)
 
 
-def save_dit(dit: torch.nn.Module, cfg: TrainFullConfig, suffix: str, step: int, epoch: int,
-             main: bool = True, extra: dict[str, str] | None = None) -> Path:
+def save_dit(
+    dit: torch.nn.Module,
+    cfg: TrainFullConfig,
+    suffix: str,
+    step: int,
+    epoch: int,
+    main: bool = True,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """The DiT file (a sharded DiT is gathered tensor by tensor: every rank calls this; rank 0 writes)."""
-    meta = {**modelspec(f"flux-1-{cfg.variant}", cfg.output_name), "ss_steps": str(step), "ss_epoch": str(epoch),
-            "fluxpipe_settings": cfg.settings, **(extra or {})}
-    path = save_weights(dit, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision,
-                        main)
+    meta = {
+        **modelspec(f"flux-1-{cfg.variant}", cfg.output_name),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "fluxpipe_settings": cfg.settings,
+        **(extra or {}),
+    }
+    path = save_weights(dit, cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors", meta, cfg.save_precision, main)
     if main:
         log.info("saved %s (step %d, epoch %d)", path, step, epoch)
     return path
@@ -129,18 +156,26 @@ def check_parallel(cfg: TrainFullConfig, w: World, sharded: bool) -> None:
         return
     o = cfg.optim
     if o.fused_backward_pass or o.blockwise_fused_optimizers:
-        raise FluxpipeError("--fused_backward_pass / --blockwise_fused_optimizers update each weight from this "
-                            "process's gradient before the processes average theirs: run them in one process, or "
-                            "drop the flag under torchrun")
+        raise FluxpipeError(
+            "--fused_backward_pass / --blockwise_fused_optimizers update each weight from this "
+            "process's gradient before the processes average theirs: run them in one process, or "
+            "drop the flag under torchrun"
+        )
     if sharded and (cfg.blocks_to_swap or cfg.cpu_offload_checkpointing):
-        raise FluxpipeError("--blocks_to_swap / --cpu_offload_checkpointing: under torchrun the full fine-tune "
-                            "shards the weights across the GPUs (FSDP2) instead; drop the flag")
+        raise FluxpipeError(
+            "--blocks_to_swap / --cpu_offload_checkpointing: under torchrun the full fine-tune "
+            "shards the weights across the GPUs (FSDP2) instead; drop the flag"
+        )
     if sharded and cfg.ema is not None:
-        raise FluxpipeError("--ema_decay: the EMA of FSDP-sharded weights is not implemented; train the full "
-                            "fine-tune with an EMA in one process (--ema_on_cpu keeps it in host memory)")
+        raise FluxpipeError(
+            "--ema_decay: the EMA of FSDP-sharded weights is not implemented; train the full "
+            "fine-tune with an EMA in one process (--ema_on_cpu keeps it in host memory)"
+        )
     if sharded and canonical_optimizer(o.optimizer_type) not in FSDP_OPTIMIZERS:
-        raise FluxpipeError(f"--optimizer_type {o.optimizer_type}: it cannot step FSDP-sharded weights; under "
-                            f"torchrun use one of {', '.join(FSDP_OPTIMIZERS)} (or train in one process)")
+        raise FluxpipeError(
+            f"--optimizer_type {o.optimizer_type}: it cannot step FSDP-sharded weights; under "
+            f"torchrun use one of {', '.join(FSDP_OPTIMIZERS)} (or train in one process)"
+        )
 
 
 def resume_state(cfg: TrainFullConfig, large: bool = True) -> TrainState | None:
@@ -149,15 +184,17 @@ def resume_state(cfg: TrainFullConfig, large: bool = True) -> TrainState | None:
         return None
     state = load_state(folder, large=large)
     if state.extra.get("settings") != cfg.settings:
-        raise FluxpipeError(f"{folder}: this state was made with other training settings; resume it with the same "
-                            "settings, or delete the state folder to start afresh")
+        raise FluxpipeError(
+            f"{folder}: this state was made with other training settings; resume it with the same "
+            "settings, or delete the state folder to start afresh"
+        )
     log.info("resuming from %s at step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_in_epoch)
     return state
 
 
 def restore(model: torch.nn.Module, optim: WeightOptimizers, state: TrainState, w: World) -> None:
     """A state's weights and optimizer state into the (possibly sharded) model."""
-    from fluxpipe import fsdp
+    from fluxpipe.parallel import fsdp
 
     if not fsdp.is_sharded(model):
         model.load_state_dict(state.weights)
@@ -169,24 +206,45 @@ def restore(model: torch.nn.Module, optim: WeightOptimizers, state: TrainState, 
         sched.load_state_dict(state.optimizer["schedulers"][k])
 
 
-def write_state(model, optim: WeightOptimizers, gen, cfg, step, epoch, batch_in_epoch, suffix,  # noqa: ANN001
-                w: World | None = None, ema=None) -> None:  # noqa: ANN001
+def write_state(
+    model,
+    optim: WeightOptimizers,
+    gen,
+    cfg,
+    step,
+    epoch,
+    batch_in_epoch,
+    suffix,  # noqa: ANN001
+    w: World | None = None,
+    ema=None,
+) -> None:  # noqa: ANN001
     """The trained module's weights (the DiT, or the ControlNet), the optimizers, counters and RNG states; a
     sharded model is gathered (every rank calls this), rank 0 writes."""
-    from fluxpipe import fsdp
+    from fluxpipe.parallel import fsdp
 
     w = w or World()
     if fsdp.is_sharded(model):
         weights = fsdp.model_state(model)
-        optimizer = {"optimizers": {"main": fsdp.optimizer_state(model, optim.optimizers["main"])},
-                     "schedulers": {k: s.state_dict() for k, s in optim.schedulers.items()}}
+        optimizer = {
+            "optimizers": {"main": fsdp.optimizer_state(model, optim.optimizers["main"])},
+            "schedulers": {k: s.state_dict() for k, s in optim.schedulers.items()},
+        }
     elif w.main:
         weights, optimizer = dict(model.state_dict()), optim.state_dict()
     if w.main:
-        save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
-                              optimizer=optimizer, scheduler={}, rng=capture_rng({"noise": gen}),
-                              extra={"settings": cfg.settings, "ema": ema.state_dict() if ema is not None else None}),
-                   cfg.output_dir / f"{cfg.output_name}{suffix}-state")
+        save_state(
+            TrainState(
+                step=step,
+                epoch=epoch,
+                batch_in_epoch=batch_in_epoch,
+                weights=weights,
+                optimizer=optimizer,
+                scheduler={},
+                rng=capture_rng({"noise": gen}),
+                extra={"settings": cfg.settings, "ema": ema.state_dict() if ema is not None else None},
+            ),
+            cfg.output_dir / f"{cfg.output_name}{suffix}-state",
+        )
 
 
 def train(cfg: TrainFullConfig) -> Path:
@@ -201,12 +259,14 @@ def train(cfg: TrainFullConfig) -> Path:
     check_parallel(cfg, w, sharded=True)
     accum = cfg.gradient_accumulation_steps
     if accum > 1 and (cfg.optim.fused_backward_pass or cfg.optim.blockwise_fused_optimizers):
-        raise FluxpipeError("--gradient_accumulation_steps > 1 cannot be combined with --fused_backward_pass or "
-                            "--blockwise_fused_optimizers (each backward pass updates the weights)")
+        raise FluxpipeError(
+            "--gradient_accumulation_steps > 1 cannot be combined with --fused_backward_pass or "
+            "--blockwise_fused_optimizers (each backward pass updates the weights)"
+        )
     tensors = CachedTensors(cfg.latent_index, cfg.text_index)
     dit = load_trainable_dit(cfg)
     if w.size > 1:
-        from fluxpipe.fsdp import shard_dit
+        from fluxpipe.parallel.fsdp import shard_dit
 
         shard_dit(dit)
         if w.main:
@@ -231,18 +291,29 @@ def train(cfg: TrainFullConfig) -> Path:
     loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
     records: list[dict] = []
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
-                         window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
+    logger = TrainLogger(
+        cfg.logging_dir if w.main else None,
+        cfg.log_prefix,
+        window=math.ceil(len(first_batches) / accum),
+        tracker_name=cfg.log_tracker_name,
+    )
     # samples and validation run the trained weights as they are (fp32 or bf16), without autocast; on every
     # rank when sharded (each forward needs them all), written by rank 0
-    monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype,
-                            writes=w.main)
+    monitor = build_monitor(cfg, dit, dit, tensors, None, [], logger, dtype=next(dit.parameters()).dtype, writes=w.main)
     if ema is not None and cfg.ema.for_eval:
         monitor.weights = ema.swapped
     monitor.at_start(step)
 
-    def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str = "", every: int | None = None,
-                   model_file: bool = True, state_too: bool = cfg.save_state) -> None:
+    def save_point(
+        suffix: str,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        kind: str = "",
+        every: int | None = None,
+        model_file: bool = True,
+        state_too: bool = cfg.save_state,
+    ) -> None:
         if model_file:
             save_dit(dit, cfg, suffix, step, epoch, w.main)
             save_beside(ema, lambda s: save_dit(dit, cfg, s, step, epoch, w.main, ema_metadata(ema)), suffix)
@@ -253,16 +324,18 @@ def train(cfg: TrainFullConfig) -> Path:
                 prune_old(cfg, kind, step if kind == "step" else epoch, every)
             write_losses(loss_file, records, state.step if state else 0)
 
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
-               disable=not w.main)
+    bar = tqdm(
+        total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2, disable=not w.main
+    )
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         batches = epoch_batches(items, sizes, epoch, cfg.seed)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
-            batch = make_batch(items, batches[bi], tensors, gen, cfg.device,
-                               torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype)
+            batch = make_batch(
+                items, batches[bi], tensors, gen, cfg.device, torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype
+            )
             rows, share = w.part(len(batches[bi]))
             # a rank left no rows of a short batch still runs one (weighted 0): every forward gathers from all ranks
             if w.size > 1:

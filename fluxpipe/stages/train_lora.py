@@ -2,8 +2,8 @@
 
 Input: the strict-loaded DiT, the manifest and both cache indexes. Output: ``<output_dir>/<name>.safetensors``
 (plus per-epoch / per-step files and ``-state`` folders when asked) in the kohya/ComfyUI layout with ss_* and
-modelspec metadata, and ``<name>-loss.jsonl``. One explicit loop; the maths lives in fluxpipe.flow, the
-data in fluxpipe.train_data, the state in fluxpipe.train_state. A run resumes exactly from a state folder.
+modelspec metadata, and ``<name>-loss.jsonl``. One explicit loop; the maths lives in fluxpipe.maths.flow, the
+data in fluxpipe.data.batches, the state in fluxpipe.training.state. A run resumes exactly from a state folder.
 """
 
 from __future__ import annotations
@@ -19,21 +19,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe import flow
-from fluxpipe.atomic import remove_stale_temps, write_text_atomic
-from fluxpipe.checkpoints import load_model
-from fluxpipe.distributed import world, wrap
-from fluxpipe.ema import EmaSettings, create as create_ema, ema_metadata, save_beside
+from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.kontext import kontext_forward, reference_tokens
-from fluxpipe.lora_network import FluxLoRANetwork, LoraSpec
-from fluxpipe.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
-from fluxpipe.packing import image_ids, pack_latents, text_ids
-from fluxpipe.train_data import CachedTensors, epoch_batches, load_items, make_batch
-from fluxpipe.sampler import ModelFiles
-from fluxpipe.train_log import TrainLogger
-from fluxpipe.train_monitor import Monitor, MonitorSettings, validation_loss
-from fluxpipe.train_state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
+from fluxpipe.inference.sampler import ModelFiles
+from fluxpipe.io.atomic import remove_stale_temps, write_text_atomic
+from fluxpipe.io.checkpoints import load_model
+from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
+from fluxpipe.maths import flow
+from fluxpipe.maths.kontext import kontext_forward, reference_tokens
+from fluxpipe.maths.packing import image_ids, pack_latents, text_ids
+from fluxpipe.parallel.distributed import world, wrap
+from fluxpipe.training.ema import EmaSettings, ema_metadata, save_beside
+from fluxpipe.training.ema import create as create_ema
+from fluxpipe.training.log import TrainLogger
+from fluxpipe.training.monitor import Monitor, MonitorSettings, validation_loss
+from fluxpipe.training.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
+from fluxpipe.training.state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class TrainLoraConfig:
     clip_l: Path | None = None  # given: the CLIP-L LoRA is trained too (pooled vector recomputed each step)
     clip_tokenizer: Path | None = None
     text_encoder_lr: tuple[float, ...] | None = None
-    blocks_to_swap: int = 0  # stream the last blocks' weights from pinned host memory (fluxpipe.block_swap)
+    blocks_to_swap: int = 0  # stream the last blocks' weights from pinned host memory (fluxpipe.memory.block_swap)
     cpu_offload_checkpointing: bool = False
     torch_compile: bool = False  # compile each resident block (regional compilation)
     dynamo_backend: str = "inductor"
@@ -116,7 +117,9 @@ class TrainLoraConfig:
     sample_models: ModelFiles | None = None  # AE and text encoders for the samples' prompts
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
-    ema: EmaSettings | None = None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.ema)
+    ema: EmaSettings | None = (
+        None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
+    )
     kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
 
 
@@ -125,17 +128,30 @@ def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple
     (``--ip_noise_gamma`` perturbed, else the noise itself)."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
-    t = flow.sample_timesteps(m.timestep_sampling, bsz, (h // 2) * (w // 2), gen, sigmoid_scale=m.sigmoid_scale,
-                              discrete_flow_shift=m.discrete_flow_shift, weighting_scheme=m.weighting_scheme,
-                              logit_mean=m.logit_mean, logit_std=m.logit_std, mode_scale=m.mode_scale).to(x0.device)
+    t = flow.sample_timesteps(
+        m.timestep_sampling,
+        bsz,
+        (h // 2) * (w // 2),
+        gen,
+        sigmoid_scale=m.sigmoid_scale,
+        discrete_flow_shift=m.discrete_flow_shift,
+        weighting_scheme=m.weighting_scheme,
+        logit_mean=m.logit_mean,
+        logit_std=m.logit_std,
+        mode_scale=m.mode_scale,
+    ).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-    perturbed = flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength) \
-        if m.ip_noise_gamma else noise
+    perturbed = (
+        flow.ip_noise(noise, m.ip_noise_gamma, gen, random_strength=m.ip_noise_gamma_random_strength)
+        if m.ip_noise_gamma
+        else noise
+    )
     return t, noise, perturbed
 
 
-def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator,
-              rows: list[int] | None = None) -> torch.Tensor:
+def flow_loss(
+    dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator, rows: list[int] | None = None
+) -> torch.Tensor:
     """Mean loss of one batch: ``draw_flow_noise``, then ``prediction_loss``. With ``rows`` (a data-parallel
     rank's share) every draw is still made for the whole batch, then only those rows compute."""
     draws = draw_flow_noise(batch, m, gen)
@@ -147,8 +163,10 @@ def flow_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Gen
 def select_rows(batch: dict, draws: tuple[torch.Tensor, ...], rows: list[int]) -> tuple[dict, tuple]:
     """A data-parallel rank's rows of a batch and of its random draws."""
     index = torch.tensor(rows, dtype=torch.long)
-    return ({k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
-            tuple(d[index.to(d.device)] for d in draws))
+    return (
+        {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+        tuple(d[index.to(d.device)] for d in draws),
+    )
 
 
 class LoraLoss(torch.nn.Module):
@@ -158,8 +176,9 @@ class LoraLoss(torch.nn.Module):
         super().__init__()
         self.network, self.dit, self.m, self.pooled_fn = network, [dit], m, pooled_fn  # (the DiT is not registered)
 
-    def forward(self, batch: dict, gen: torch.Generator, rows: list[int] | None, captions: list[str] | None,
-                ) -> torch.Tensor:
+    def forward(
+        self, batch: dict, gen: torch.Generator, rows: list[int] | None, captions: list[str] | None
+    ) -> torch.Tensor:
         if self.pooled_fn is not None:  # a trained CLIP-L LoRA: its pooled vector, inside DDP's forward
             batch = {**batch, "pooled": self.pooled_fn(captions)}
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
@@ -168,11 +187,17 @@ class LoraLoss(torch.nn.Module):
         return flow_loss(self.dit[0], batch, self.m, gen, rows=rows)
 
 
-def prediction_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, t: torch.Tensor, noise: torch.Tensor,
-                    perturbed: torch.Tensor | None = None) -> torch.Tensor:
+def prediction_loss(
+    dit: torch.nn.Module,
+    batch: dict,
+    m: FlowSettings,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    perturbed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-item loss [B] at timesteps ``t``: x_t from ``perturbed`` noise (default ``noise``), velocity prediction
     against noise - x0 (the validation loss calls this with fixed t and noise). A Kontext batch's ``reference``
-    latents join the sequence un-noised (``fluxpipe.kontext``); the loss is on the target tokens only."""
+    latents join the sequence un-noised (``fluxpipe.maths.kontext``); the loss is on the target tokens only."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
     device, dtype = x0.device, x0.dtype
@@ -180,25 +205,37 @@ def prediction_loss(dit: torch.nn.Module, batch: dict, m: FlowSettings, t: torch
     img = pack_latents(x_t)
     txt = batch["t5"]
     reference = reference_tokens(batch["reference"]) if "reference" in batch else None  # Kontext: loss on targets
-    pred = kontext_forward(dit, img, image_ids(bsz, h, w, device=device, dtype=dtype), reference, txt=txt,
-                           txt_ids=text_ids(bsz, txt.shape[1], device=device, dtype=dtype), timesteps=t.to(dtype),
-                           y=batch["pooled"], guidance=torch.full((bsz,), m.guidance_scale, device=device, dtype=dtype),
-                           txt_attention_mask=batch["t5_mask"] if m.apply_t5_attn_mask else None)
+    pred = kontext_forward(
+        dit,
+        img,
+        image_ids(bsz, h, w, device=device, dtype=dtype),
+        reference,
+        txt=txt,
+        txt_ids=text_ids(bsz, txt.shape[1], device=device, dtype=dtype),
+        timesteps=t.to(dtype),
+        y=batch["pooled"],
+        guidance=torch.full((bsz,), m.guidance_scale, device=device, dtype=dtype),
+        txt_attention_mask=batch["t5_mask"] if m.apply_t5_attn_mask else None,
+    )
     pred = flow.apply_prediction_type(pred.float(), img.float(), t, m.model_prediction_type)
     target = pack_latents(flow.velocity_target(x0, noise)).float()
     weighting = flow.loss_weighting(m.weighting_scheme, t) if m.model_prediction_type == "sigma_scaled" else None
-    c = flow.huber_c(m.huber_schedule, m.huber_c, t, huber_scale=m.huber_scale) \
-        if m.loss_type in ("huber", "smooth_l1") else None
+    c = (
+        flow.huber_c(m.huber_schedule, m.huber_c, t, huber_scale=m.huber_scale)
+        if m.loss_type in ("huber", "smooth_l1")
+        else None
+    )
     loss = flow.loss(pred, target, m.loss_type, c, weighting=weighting)
     return loss.reshape(bsz, -1).mean(dim=1)
 
 
 def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
     """CLIP-L pooled vectors [B, 768] with gradients to the CLIP LoRA (the T5 outputs stay cached)."""
-    from fluxpipe.text_encoding import CLIP_MAX_LENGTH
+    from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH
 
-    ids = tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
     return clip(ids.to(next(clip.parameters()).device)).pooler_output.to(dtype)
 
 
@@ -209,8 +246,10 @@ def segment_suffix(step: int) -> str:
 
 def check_segment(stop_at_step: int | None, step: int) -> None:
     if stop_at_step is not None and stop_at_step <= step:
-        raise FluxpipeError(f"--stop_at_step {stop_at_step}: the resumed run is already at step {step}; give a "
-                            "later step, or resume from an earlier state")
+        raise FluxpipeError(
+            f"--stop_at_step {stop_at_step}: the resumed run is already at step {step}; give a "
+            "later step, or resume from an earlier state"
+        )
 
 
 def epoch_save_interval(save_every_n_epochs: int | None, save_n_epoch_ratio: int | None, epochs: int) -> int | None:
@@ -239,17 +278,30 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
     blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
     (header,) = struct.unpack("<Q", blob[:8])
-    return {"sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+    }
 
 
-def save_lora(network: FluxLoRANetwork, cfg: TrainLoraConfig, suffix: str, step: int, epoch: int,
-              extra: dict[str, str] | None = None) -> Path:
-    from fluxpipe.safetensors_file import save_safetensors
+def save_lora(
+    network: FluxLoRANetwork,
+    cfg: TrainLoraConfig,
+    suffix: str,
+    step: int,
+    epoch: int,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    from fluxpipe.io.safetensors_file import save_safetensors
 
     path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
-    meta = {**cfg.metadata, "ss_steps": str(step), "ss_epoch": str(epoch),
-            "ss_training_finished_at": str(int(time.time())), **(extra or {})}
+    meta = {
+        **cfg.metadata,
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_training_finished_at": str(int(time.time())),
+        **(extra or {}),
+    }
     tensors = network.state_dict_kohya(cfg.save_precision)
     save_safetensors(tensors, path, {**meta, **addnet_hashes(tensors, meta)})
     log.info("saved %s (step %d, epoch %d)", path, step, epoch)
@@ -259,8 +311,11 @@ def save_lora(network: FluxLoRANetwork, cfg: TrainLoraConfig, suffix: str, step:
 def prune_old(cfg: TrainLoraConfig, kind: str, current: int, every: int | None) -> None:
     """--save_last_n_epochs / --save_last_n_steps (and their _state forms): remove the file (and state) saved
     n saves ago, as the reference does."""
-    keep, keep_state = ((cfg.save_last_n_epochs, cfg.save_last_n_epochs_state) if kind == "epoch"
-                        else (cfg.save_last_n_steps, cfg.save_last_n_steps_state))
+    keep, keep_state = (
+        (cfg.save_last_n_epochs, cfg.save_last_n_epochs_state)
+        if kind == "epoch"
+        else (cfg.save_last_n_steps, cfg.save_last_n_steps_state)
+    )
     keep_state = keep_state or keep
     for n, is_state in ((keep, False), (keep_state, True)):
         if not n or not every:
@@ -288,31 +343,47 @@ def _resume_from(cfg: TrainLoraConfig) -> TrainState | None:
         return None
     state = load_state(folder)
     if state.extra.get("settings") != cfg.metadata.get("fluxpipe_settings"):
-        raise FluxpipeError(f"{folder}: this state was made with other training settings; resume it with the same "
-                            "settings, or delete the state folder (or pick another --output_name) to start afresh")
+        raise FluxpipeError(
+            f"{folder}: this state was made with other training settings; resume it with the same "
+            "settings, or delete the state folder (or pick another --output_name) to start afresh"
+        )
     log.info("resuming from %s at step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_in_epoch)
     return state
 
 
 def _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler, ema=None) -> None:  # noqa: ANN001
     weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    save_state(TrainState(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, weights=weights,
-                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=capture_rng({"noise": gen}),
-                          extra={"settings": cfg.metadata.get("fluxpipe_settings"),
-                                 "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                 "ema": ema.state_dict() if ema is not None else None}),
-               cfg.output_dir / f"{cfg.output_name}{suffix}-state")
+    save_state(
+        TrainState(
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch_in_epoch,
+            weights=weights,
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            rng=capture_rng({"noise": gen}),
+            extra={
+                "settings": cfg.metadata.get("fluxpipe_settings"),
+                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "ema": ema.state_dict() if ema is not None else None,
+            },
+        ),
+        cfg.output_dir / f"{cfg.output_name}{suffix}-state",
+    )
 
 
-def log_step(records: list[dict], logger: TrainLogger, bar: tqdm, step: int, epoch: int, loss: float,
-             lrs: dict[str, float]) -> None:
+def log_step(
+    records: list[dict], logger: TrainLogger, bar: tqdm, step: int, epoch: int, loss: float, lrs: dict[str, float]
+) -> None:
     """One optimizer step's loss record, logged scalars (``lrs``: by group, the first one recorded) and bar.
     A NaN/Inf loss stops the run here (all three trainers), before anything of this step is recorded or saved."""
     if not math.isfinite(loss):
         bar.close()  # the error line then starts a line of its own
-        raise FluxpipeError(f"step {step}: the loss is {loss}; training stopped before saving anything of this step "
-                            "(the files and state saved before it are kept): lower the learning rate or check the "
-                            "data and model files, then resume from the last state")
+        raise FluxpipeError(
+            f"step {step}: the loss is {loss}; training stopped before saving anything of this step "
+            "(the files and state saved before it are kept): lower the learning rate or check the "
+            "data and model files, then resume from the last state"
+        )
     records.append({"step": step, "epoch": epoch, "loss": loss, "lr": next(iter(lrs.values()))})
     average = logger.step(step, loss, lrs)
     bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{average:.4f}", epoch=epoch)
@@ -321,7 +392,9 @@ def log_step(records: list[dict], logger: TrainLogger, bar: tqdm, step: int, epo
 
 def write_losses(path: Path, records: list[dict], keep_until: int) -> None:
     """``<name>-loss.jsonl``: the records of this job after those of the resumed run up to ``keep_until``."""
-    write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in _log_losses(path, records, keep_until)))
+    write_text_atomic(
+        path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in _log_losses(path, records, keep_until))
+    )
 
 
 def _log_losses(path: Path, records: list[dict], keep_until: int) -> list[dict]:
@@ -340,11 +413,11 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     if cfg.fp8_base:
-        from fluxpipe.fp8 import store_linears_fp8
+        from fluxpipe.memory.fp8 import store_linears_fp8
 
         log.info("fp8_base: %d Linear weights stored as float8_e4m3fn", store_linears_fp8(dit))
     if swap:
-        from fluxpipe.block_swap import BlockSwapper
+        from fluxpipe.memory.block_swap import BlockSwapper
 
         try:
             swapper = BlockSwapper(dit, cfg.blocks_to_swap, cfg.device)
@@ -352,45 +425,91 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
             raise FluxpipeError(f"{cfg.flux}: {e}") from e
         swapper.place(dit)
         dit.block_swapper = swapper
-        log.info("blocks_to_swap %d: %d double + %d single blocks stream %.2f GB from pinned host memory",
-                 cfg.blocks_to_swap, len(swapper.plan.double), len(swapper.plan.single), swapper.host_bytes() / 1e9)
+        log.info(
+            "blocks_to_swap %d: %d double + %d single blocks stream %.2f GB from pinned host memory",
+            cfg.blocks_to_swap,
+            len(swapper.plan.double),
+            len(swapper.plan.single),
+            swapper.host_bytes() / 1e9,
+        )
     if cfg.torch_compile:
-        from fluxpipe.sampler import compile_resident_blocks
+        from fluxpipe.inference.sampler import compile_resident_blocks
 
-        log.info("torch_compile: %d blocks compiled (%s)", compile_resident_blocks(dit, cfg.dynamo_backend),
-                 cfg.dynamo_backend)
+        log.info(
+            "torch_compile: %d blocks compiled (%s)",
+            compile_resident_blocks(dit, cfg.dynamo_backend),
+            cfg.dynamo_backend,
+        )
     return dit
 
 
-def build_monitor(cfg: TrainLoraConfig, dit: torch.nn.Module, network: torch.nn.Module, tensors: CachedTensors,
-                  pooled_fn, captions: list[str], logger: TrainLogger,  # noqa: ANN001
-                  dtype: torch.dtype | None = None, writes: bool = True, references: bool = False) -> Monitor:
+def build_monitor(
+    cfg: TrainLoraConfig,
+    dit: torch.nn.Module,
+    network: torch.nn.Module,
+    tensors: CachedTensors,
+    pooled_fn,
+    captions: list[str],
+    logger: TrainLogger,  # noqa: ANN001
+    dtype: torch.dtype | None = None,
+    writes: bool = True,
+    references: bool = False,
+) -> Monitor:
     """Samples (prompts encoded now, encoders freed; the AE kept for decoding) and the validation loss, with the
     DiT computing in ``dtype`` (default: the training's compute dtype). Shared with the full fine-tune."""
-    from fluxpipe.devices import encode_dtype
+    from fluxpipe.parallel.devices import encode_dtype
 
     s = cfg.monitor
     dtype = dtype or cfg.compute_dtype
     sampler, conds = None, {}
     if s.sample_prompts:
-        from fluxpipe.sampler import Sampler, encode_texts
+        from fluxpipe.inference.sampler import Sampler, encode_texts
 
         if cfg.sample_models is None:
             raise FluxpipeError("--sample_prompts needs the model files of --ae, --clip_l and --t5xxl")
         texts = [p.prompt for p in s.sample_prompts] + [p.negative_prompt for p in s.sample_prompts]
-        conds = encode_texts(cfg.sample_models, texts, device=cfg.device, dtype=encode_dtype(cfg.device),
-                             max_length=cfg.t5_max_length, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
+        conds = encode_texts(
+            cfg.sample_models,
+            texts,
+            device=cfg.device,
+            dtype=encode_dtype(cfg.device),
+            max_length=cfg.t5_max_length,
+            apply_t5_attn_mask=cfg.math.apply_t5_attn_mask,
+        )
         ae = load_model(cfg.sample_models.ae, "ae", dtype=encode_dtype(cfg.device), device=cfg.device)
         sampler = Sampler(dit, ae, device=cfg.device, dtype=dtype, apply_t5_attn_mask=cfg.math.apply_t5_attn_mask)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="val", references=references)
     validation = None
     if items and (s.validate_every_n_epochs or s.validate_every_n_steps):
+
         def validation() -> dict:
-            return validation_loss(dit, network, items, tensors, cfg.math, sigmas=s.sigmas, seed=s.validation_seed,
-                                   device=cfg.device, dtype=dtype, limit=s.max_validation_steps,
-                                   pooled_fn=pooled_fn, captions=captions)
-    return Monitor(s, output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed, sampler=sampler,
-                   conds=conds, pooled_fn=pooled_fn, validation=validation, logger=logger, writes=writes)
+            return validation_loss(
+                dit,
+                network,
+                items,
+                tensors,
+                cfg.math,
+                sigmas=s.sigmas,
+                seed=s.validation_seed,
+                device=cfg.device,
+                dtype=dtype,
+                limit=s.max_validation_steps,
+                pooled_fn=pooled_fn,
+                captions=captions,
+            )
+
+    return Monitor(
+        s,
+        output_dir=cfg.output_dir,
+        output_name=cfg.output_name,
+        seed=cfg.seed,
+        sampler=sampler,
+        conds=conds,
+        pooled_fn=pooled_fn,
+        validation=validation,
+        logger=logger,
+        writes=writes,
+    )
 
 
 def train(cfg: TrainLoraConfig) -> Path:
@@ -404,8 +523,8 @@ def train(cfg: TrainLoraConfig) -> Path:
     dit = load_dit(cfg)
     clip, clip_tok, captions = None, None, []
     if cfg.clip_l is not None:
+        from fluxpipe.io.tables import read_parquet
         from fluxpipe.models.text_encoders import load_clip_tokenizer
-        from fluxpipe.tables import read_parquet
 
         clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
         clip_tok = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
@@ -416,19 +535,28 @@ def train(cfg: TrainLoraConfig) -> Path:
     network.apply_to()
     dit.train()
     ema = create_ema(cfg.ema, network)
-    groups = network.param_groups(learning_rate=cfg.learning_rate, unet_lr=cfg.unet_lr,
-                                  text_encoder_lr=list(cfg.text_encoder_lr) if cfg.text_encoder_lr else None,
-                                  loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
-                                  loraplus_unet_lr_ratio=cfg.lora.loraplus_unet_lr_ratio,
-                                  loraplus_text_encoder_lr_ratio=cfg.lora.loraplus_text_encoder_lr_ratio,
-                                  reg_lrs=cfg.lora.network_reg_lrs)
+    groups = network.param_groups(
+        learning_rate=cfg.learning_rate,
+        unet_lr=cfg.unet_lr,
+        text_encoder_lr=list(cfg.text_encoder_lr) if cfg.text_encoder_lr else None,
+        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+        loraplus_unet_lr_ratio=cfg.lora.loraplus_unet_lr_ratio,
+        loraplus_text_encoder_lr_ratio=cfg.lora.loraplus_text_encoder_lr_ratio,
+        reg_lrs=cfg.lora.network_reg_lrs,
+    )
     opt = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, dict(cfg.optimizer_args))
     w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)
     sizes = {k: v * w.size for k, v in cfg.batch_sizes.items()}
     first_batches = epoch_batches(items, sizes, 0, cfg.seed)
     total, epochs = plan_steps(len(first_batches), cfg)
-    sched = build_scheduler(cfg.lr_scheduler, opt, total, resolve_warmup(cfg.lr_warmup_steps, total),
-                            cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    sched = build_scheduler(
+        cfg.lr_scheduler,
+        opt,
+        total,
+        resolve_warmup(cfg.lr_warmup_steps, total),
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+    )
     step, start_epoch, start_batch = 0, 0, 0
     # fp16 (on a GPU only: the CPU computes fp16 runs in bf16) scales the loss so that small gradients survive
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.compute_dtype == torch.float16 and cfg.device.startswith("cuda"))
@@ -452,12 +580,18 @@ def train(cfg: TrainLoraConfig) -> Path:
     params = [p for g in opt.param_groups for p in g["params"]]
     accum = cfg.gradient_accumulation_steps
     every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(cfg.logging_dir if w.main else None, cfg.log_prefix,
-                         window=math.ceil(len(first_batches) / accum), tracker_name=cfg.log_tracker_name)
+    logger = TrainLogger(
+        cfg.logging_dir if w.main else None,
+        cfg.log_prefix,
+        window=math.ceil(len(first_batches) / accum),
+        tracker_name=cfg.log_tracker_name,
+    )
     pooled_fn = (lambda texts: clip_pooled(clip, clip_tok, texts, cfg.compute_dtype)) if clip is not None else None
-    monitor = build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger,
-                            references=cfg.kontext) if w.main else \
-        Monitor(MonitorSettings(), output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed)
+    monitor = (
+        build_monitor(cfg, dit, network, tensors, pooled_fn, captions, logger, references=cfg.kontext)
+        if w.main
+        else Monitor(MonitorSettings(), output_dir=cfg.output_dir, output_name=cfg.output_name, seed=cfg.seed)
+    )
     if ema is not None and cfg.ema.for_eval:
         monitor.weights = ema.swapped
     monitor.at_start(step)
@@ -474,8 +608,9 @@ def train(cfg: TrainLoraConfig) -> Path:
             prune_old(cfg, kind, step if kind == "step" else epoch, every)
         write_losses(loss_file, records, state.step if state else 0)
 
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2,
-               disable=not w.main)
+    bar = tqdm(
+        total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2, disable=not w.main
+    )
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         batches = epoch_batches(items, sizes, epoch, cfg.seed)
@@ -501,7 +636,9 @@ def train(cfg: TrainLoraConfig) -> Path:
             step += 1
             if ema is not None:
                 ema.update(step)
-            log_step(records, logger, bar, step, epoch, loss_value, {g["description"]: g["lr"] for g in opt.param_groups})
+            log_step(
+                records, logger, bar, step, epoch, loss_value, {g["description"]: g["lr"] for g in opt.param_groups}
+            )
             monitor.after_step(step, epoch)
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
@@ -529,8 +666,11 @@ def train(cfg: TrainLoraConfig) -> Path:
         if cfg.save_state:
             _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler, ema)
         save_beside(ema, lambda s: save_lora(network, cfg, s, step, min(epoch + 1, epochs), ema_metadata(ema)), "")
-    final = save_lora(network, cfg, "", step, min(epoch + 1, epochs)) if w.main else \
-        cfg.output_dir / f"{cfg.output_name}.safetensors"
+    final = (
+        save_lora(network, cfg, "", step, min(epoch + 1, epochs))
+        if w.main
+        else cfg.output_dir / f"{cfg.output_name}.safetensors"
+    )
     tensors.close()
     w.barrier()  # the others wait for rank 0's files
     return final
@@ -538,7 +678,7 @@ def train(cfg: TrainLoraConfig) -> Path:
 
 def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
     """A LoRA file to continue from (--network_weights): checked as safetensors first, never unpickled."""
-    from fluxpipe.safetensors_file import read_header, read_tensors
+    from fluxpipe.io.safetensors_file import read_header, read_tensors
 
     header = read_header(path)
     return read_tensors(path, {k: k for k in header.tensors})

@@ -3,7 +3,7 @@
 Input: paths of the DiT, AE, CLIP-L and T5-XXL files, optional tokenizer folders. Output: a JSON report
 (variant dev/schnell, size class, dtypes, parameter counts, sha256, keys that are deliberately ignored).
 The sha256 and a NaN/Inf count of every float tensor come from one streamed read, cached together by file
-identity (fluxpipe.hashing); a file with any NaN/Inf value is refused, naming the tensors. Every file is checked from its header against a meta-device model, strictly;
+identity (fluxpipe.io.hashing); a file with any NaN/Inf value is refused, naming the tensors. Every file is checked from its header against a meta-device model, strictly;
 the widths that connect the models (CLIP -> vector_in, T5 -> txt_in, AE latents -> img_in) must agree.
 """
 
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxpipe import __version__
-from fluxpipe.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
 from fluxpipe.errors import CheckpointError, FluxpipeError, summarize
-from fluxpipe.hashing import HashCache
+from fluxpipe.io.atomic import write_text_atomic
+from fluxpipe.io.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
+from fluxpipe.io.hashing import HashCache
 from fluxpipe.models import text_encoders as te
-from fluxpipe.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,18 @@ def check_widths(specs: dict[str, ModelSpec]) -> None:
         checks.append(("ae", specs["ae"].params.z_channels * 4, "in_channels", flux.params.in_channels))
     for slot, width, field, expected in checks:
         if width != expected and not (field == "in_channels" and expected == 384):
-            raise FluxpipeError(f"{specs[slot].header.path} gives width {width}, but the DiT "
-                                f"{flux.header.path} expects {field}={expected}: the files belong to different models")
+            raise FluxpipeError(
+                f"{specs[slot].header.path} gives width {width}, but the DiT "
+                f"{flux.header.path} expects {field}={expected}: the files belong to different models"
+            )
 
 
 def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[str, object]:
     out: dict[str, object] = {}
-    for key, loader, slot in (("clip_tokenizer", te.load_clip_tokenizer, "clip_l"),
-                              ("t5_tokenizer", te.load_t5_tokenizer, "t5xxl")):
+    for key, loader, slot in (
+        ("clip_tokenizer", te.load_clip_tokenizer, "clip_l"),
+        ("t5_tokenizer", te.load_t5_tokenizer, "t5xxl"),
+    ):
         folder = getattr(cfg, key)
         if folder is None:
             continue
@@ -83,10 +87,13 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
         rows = specs[slot].params.vocab_size if slot in specs else None
         if rows is not None:
             te.check_vocab(tok, rows, "CLIP-L" if slot == "clip_l" else "T5", key)
-        from fluxpipe.stages.cache_text import tokenizer_identity
+        from fluxpipe.io.hashing import tokenizer_identity
 
-        out[key] = {"path": str(folder), "vocab_size": len(tok),
-                    "sha256": tokenizer_identity(Path(folder), "", cfg.hash_cache)}
+        out[key] = {
+            "path": str(folder),
+            "vocab_size": len(tok),
+            "sha256": tokenizer_identity(Path(folder), "", cfg.hash_cache),
+        }
     return out
 
 
@@ -97,8 +104,10 @@ def scan_file(hashes: HashCache, spec: ModelSpec) -> tuple[str, bool]:
     digest, nonfinite, cached = hashes.scan(header.path, header.data_start, tensors)
     if nonfinite:
         named = [f"{k} ({n} values)" for k, n in nonfinite.items()]
-        raise CheckpointError(f"{header.path}: {len(nonfinite)} tensors hold NaN/Inf values: {summarize(named, 4)}; "
-                              "the file is damaged or was saved from a diverged run: download or export it again")
+        raise CheckpointError(
+            f"{header.path}: {len(nonfinite)} tensors hold NaN/Inf values: {summarize(named, 4)}; "
+            "the file is damaged or was saved from a diverged run: download or export it again"
+        )
     return digest, cached
 
 
@@ -117,12 +126,23 @@ def run(cfg: ValidateConfig) -> dict[str, object]:
     for slot, spec in specs.items():
         digest, cached = scans[slot]
         report["models"][slot] = {
-            "path": str(spec.header.path), "bytes": spec.header.path.stat().st_size, "sha256": digest,
-            "parameters": spec.num_parameters, "dtypes": spec.dtypes(), **spec.describe(),
+            "path": str(spec.header.path),
+            "bytes": spec.header.path.stat().st_size,
+            "sha256": digest,
+            "parameters": spec.num_parameters,
+            "dtypes": spec.dtypes(),
+            **spec.describe(),
             "ignored_keys": list(spec.ignored),
         }
-        log.info("%s: %s, %s parameters, %s, sha256 %s%s", slot, spec.header.path, f"{spec.num_parameters:,}",
-                 spec.dtypes(), digest[:12], " (cached)" if cached else "")
+        log.info(
+            "%s: %s, %s parameters, %s, sha256 %s%s",
+            slot,
+            spec.header.path,
+            f"{spec.num_parameters:,}",
+            spec.dtypes(),
+            digest[:12],
+            " (cached)" if cached else "",
+        )
     if "flux" in specs:
         report["variant"] = report["models"]["flux"]["variant"]
     report["tokenizers"] = _tokenizer_report(cfg, specs)

@@ -26,9 +26,21 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-PARAMS = dict(in_channels=64, out_channels=64, vec_in_dim=8, context_in_dim=16, hidden_size=32, mlp_ratio=4.0,
-              num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10_000, qkv_bias=True,
-              guidance_embed=True)
+PARAMS = dict(
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=8,
+    context_in_dim=16,
+    hidden_size=32,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    axes_dim=[4, 6, 6],
+    theta=10_000,
+    qkv_bias=True,
+    guidance_embed=True,
+)
 TARGET = (32, 48)  # width, height of the edited image (its noise: 16 x 6 x 4 latent, 6 tokens)
 IMAGE = (60, 40)  # width, height of the reference image (aspect 1.5 -> 1248 x 832: 78 x 52 = 4056 tokens)
 SEED, STEPS, GUIDANCE, TXT_LEN = 7, 2, 2.5, 5
@@ -59,33 +71,65 @@ def main() -> None:
         torch.nn.init.normal_(p, std=0.2)
     ae = torch.nn.Conv2d(3, 16, kernel_size=8, stride=8)
     torch.nn.init.normal_(ae.weight, std=0.05)
-    pixels = torch.randint(0, 256, (IMAGE[1], IMAGE[0], 3), generator=torch.Generator().manual_seed(1),
-                           dtype=torch.uint8)
+    pixels = torch.randint(
+        0, 256, (IMAGE[1], IMAGE[0], 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
     txt = torch.randn(1, TXT_LEN, PARAMS["context_in_dim"], generator=torch.Generator().manual_seed(2))
     vec = torch.randn(1, PARAMS["vec_in_dim"], generator=torch.Generator().manual_seed(3))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "reference.png"
         Image.fromarray(pixels.numpy()).save(path)
         inp, height, width = sampling.prepare_kontext(
-            t5=lambda prompt: txt, clip=lambda prompt: vec, prompt="edit it", ae=types.SimpleNamespace(encode=ae),
-            img_cond_path=str(path), seed=SEED, device=torch.device("cpu"), target_width=TARGET[0],
-            target_height=TARGET[1])
+            t5=lambda prompt: txt,
+            clip=lambda prompt: vec,
+            prompt="edit it",
+            ae=types.SimpleNamespace(encode=ae),
+            img_cond_path=str(path),
+            seed=SEED,
+            device=torch.device("cpu"),
+            target_width=TARGET[0],
+            target_height=TARGET[1],
+        )
     timesteps = sampling.get_schedule(STEPS, inp["img"].shape[1], shift=True)
     with torch.no_grad():
-        out = sampling.denoise(dit, img=inp["img"].float(), img_ids=inp["img_ids"], txt=inp["txt"],
-                               txt_ids=inp["txt_ids"], vec=inp["vec"], timesteps=timesteps, guidance=GUIDANCE,
-                               img_cond_seq=inp["img_cond_seq"].float(), img_cond_seq_ids=inp["img_cond_seq_ids"])
+        out = sampling.denoise(
+            dit,
+            img=inp["img"].float(),
+            img_ids=inp["img_ids"],
+            txt=inp["txt"],
+            txt_ids=inp["txt_ids"],
+            vec=inp["vec"],
+            timesteps=timesteps,
+            guidance=GUIDANCE,
+            img_cond_seq=inp["img_cond_seq"].float(),
+            img_cond_seq_ids=inp["img_cond_seq_ids"],
+        )
     tensors = {f"dit.{k}": v.contiguous() for k, v in dit.state_dict().items()}
     tensors |= {f"ae.{k}": v.contiguous() for k, v in ae.state_dict().items()}
-    tensors |= {"pixels": pixels, "txt": txt, "vec": vec, "noise": inp["img"], "img_ids": inp["img_ids"],
-                "ref_tokens": inp["img_cond_seq"], "ref_ids": inp["img_cond_seq_ids"], "out": out,
-                "timesteps": torch.tensor(timesteps, dtype=torch.float64)}
-    meta = {"params": json.dumps(PARAMS), "target": json.dumps([width, height]), "seed": str(SEED),
-            "guidance": str(GUIDANCE), "source": "black-forest-labs/flux 802fb47 src/flux/sampling.py"}
+    tensors |= {
+        "pixels": pixels,
+        "txt": txt,
+        "vec": vec,
+        "noise": inp["img"],
+        "img_ids": inp["img_ids"],
+        "ref_tokens": inp["img_cond_seq"],
+        "ref_ids": inp["img_cond_seq_ids"],
+        "out": out,
+        "timesteps": torch.tensor(timesteps, dtype=torch.float64),
+    }
+    meta = {
+        "params": json.dumps(PARAMS),
+        "target": json.dumps([width, height]),
+        "seed": str(SEED),
+        "guidance": str(GUIDANCE),
+        "source": "black-forest-labs/flux 802fb47 src/flux/sampling.py",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(args.out), meta)
-    print(f"{args.out}: {out.shape[1]} target tokens, {inp['img_cond_seq'].shape[1]} reference tokens; "
-          f"{np.prod(out.shape)} outputs")
+    print(
+        f"{args.out}: {out.shape[1]} target tokens, {inp['img_cond_seq'].shape[1]} reference tokens; "
+        f"{np.prod(out.shape)} outputs"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Images, buckets, captions, conditioning images and training batches read from the caches."""

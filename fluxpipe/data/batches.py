@@ -1,0 +1,350 @@
+"""Training data from the caches: the items of a split, the reference's epoch order, and ready batches.
+
+``load_items`` joins the manifest with the latent and text cache indexes into one ``TrainItem`` per
+image (its latent entries, unflipped and, with ``flip_aug``, flipped; its text entry; bucket; flags).
+``epoch_batches`` gives the reference's per-epoch order (spec §3.2): every item ``repeats`` times
+(regularization items rebalanced so they match the training images, as the reference does), grouped by
+(dataset, bucket), each group shuffled and cut into batches of ``batch_size`` (last partial batch kept),
+and the batches shuffled; one ``random.Random`` seeded by (seed, epoch) makes the order a pure function
+of (items, seed, epoch), so a resumed run skips the first k batches of an epoch exactly.
+``CachedTensors`` reads entries from the memory-mapped safetensors shards (no pickle; each shard checked against
+the sha256 its index recorded when first opened), and
+``make_batch`` draws a fresh latent from each cached AE posterior, z = 0.3611·(mean + exp(logvar/2)·ε
+− 0.1159), choosing the flipped entry with p = 0.5 for ``flip_aug`` items.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from fluxpipe.errors import FluxpipeError, summarize
+from fluxpipe.io.shards import DamagedShard, check_shard
+from fluxpipe.io.tables import read_parquet
+from fluxpipe.models.autoencoder import FLUX1_AE
+
+RERUN = "the caches are older than the manifest: rerun the cache rules"
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One manifest image of the split, with the cache entries it trains on."""
+
+    row: int  # row index in the manifest table
+    dataset: int
+    latent_keys: tuple[str, ...]  # (unflipped,) or, with flip_aug, (unflipped, flipped)
+    text_key: str
+    bucket: tuple[int, int]  # (width, height) in pixels
+    is_reg: bool
+    repeats: int
+    reference_keys: tuple[str, ...] = ()  # Kontext: the reference latent entries, one per latent key (flip)
+
+
+# ---- joining the manifest with the cache indexes ---------------------------------------------------------
+
+
+def _latent_lookup(index: pd.DataFrame, kind: str = "") -> dict[tuple[str, tuple[int, int], bool], str]:
+    """(image path, bucket (w, h), flip) -> latent key (identical files share a key, listed per path) of the
+    entries of ``kind`` ("": the images; "reference": their Kontext references, listed under the targets' paths)."""
+    out: dict[tuple[str, tuple[int, int], bool], str] = {}
+    if index.empty or "path" not in index:
+        return out
+    index = index[index.kind.fillna("") == kind] if "kind" in index else (index if not kind else index.iloc[:0])
+    for key, path, bucket, flip in zip(index.key, index.path, index.bucket, index.flip, strict=True):
+        w, h = json.loads(bucket)
+        out.setdefault((str(path), (int(w), int(h)), bool(flip)), str(key))
+    return out
+
+
+def _text_lookup(index: pd.DataFrame) -> dict[str, str]:
+    """caption sha256 -> text key."""
+    if index.empty or "caption_sha256" not in index:
+        return {}
+    return {str(sha): str(key) for key, sha in zip(index.key, index.caption_sha256, strict=True)}
+
+
+def _missing_error(kind: str, missing: list[str]) -> FluxpipeError:
+    return FluxpipeError(f"{len(missing)} manifest rows have no {kind} cache entry ({summarize(missing, 3)}); {RERUN}")
+
+
+def load_items(
+    manifest: Path, latent_index: Path, text_index: Path, split: str = "train", references: bool = False
+) -> list[TrainItem]:
+    """One ``TrainItem`` per manifest row of ``split``, in manifest order (empty if the split is); with
+    ``references`` (Kontext) each also has its reference entries.
+
+    Raises FluxpipeError naming the rows whose latent, reference or text entries are missing from the indexes.
+    """
+    table, _ = read_parquet(manifest)
+    latent_table = read_parquet(latent_index)[0]
+    latents = _latent_lookup(latent_table)
+    refs = _latent_lookup(latent_table, "reference") if references else {}
+    texts = _text_lookup(read_parquet(text_index)[0])
+    items: list[TrainItem] = []
+    no_latent: list[str] = []
+    no_text: list[str] = []
+    no_reference: list[str] = []
+    for row, r in zip(table.index, table.itertuples(index=False), strict=True):
+        if r.split != split:
+            continue
+        bucket = (int(r.bucket_w), int(r.bucket_h))
+        flips = (False, True) if bool(r.flip_aug) else (False,)
+        keys = [latents.get((str(r.path), bucket, flip)) for flip in flips]
+        text_key = texts.get(str(r.caption_sha256))
+        ref_keys = [refs.get((str(r.path), bucket, flip)) for flip in flips] if references else []
+        if None in ref_keys:
+            no_reference.append(f"{r.path} at {bucket[0]}x{bucket[1]}")
+            continue
+        if any(k is None for k in keys):
+            no_latent.append(f"{r.path} at {bucket[0]}x{bucket[1]}")
+        if text_key is None:
+            no_text.append(f"{r.path} (caption {str(r.caption_sha256)[:12]})")
+        if None in keys or text_key is None:
+            continue
+        items.append(
+            TrainItem(
+                row=int(row),
+                dataset=int(r.dataset),
+                latent_keys=tuple(str(k) for k in keys),
+                text_key=str(text_key),
+                bucket=bucket,
+                is_reg=bool(r.is_reg),
+                repeats=int(r.repeats),
+                reference_keys=tuple(str(k) for k in ref_keys),
+            )
+        )
+    if no_reference:
+        raise FluxpipeError(
+            f"{len(no_reference)} manifest rows have no Kontext reference latent "
+            f"({summarize(no_reference, 3)}): Kontext training needs conditioning_data_dir (the "
+            "reference images, same stem as their targets) in every subset, and the latent cache "
+            "built for Kontext (train model_type: kontext); rerun the cache rules"
+        )
+    if no_latent:
+        raise _missing_error("latent", no_latent)
+    if no_text:
+        raise _missing_error("text", no_text)
+    return items
+
+
+# ---- reading cache entries ----------------------------------------------------------------------------------
+
+
+class CachedTensors:
+    """Cache entries by key, read from the shard files named in the two indexes.
+
+    Each shard is opened once with ``safe_open`` (memory-mapped, no pickle) and kept open until ``close``;
+    a tensor is read only when asked for. Usable as a context manager.
+    """
+
+    def __init__(self, latent_index: Path, text_index: Path) -> None:
+        self._where: dict[str, Path] = {}
+        self._sha256: dict[Path, str] = {}  # shard -> the sha256 its index recorded (checked when first opened)
+        for index in (Path(latent_index), Path(text_index)):
+            table, _ = read_parquet(index)
+            if table.empty:
+                continue
+            if "shard_sha256" not in table:
+                raise FluxpipeError(
+                    f"{index}: records no shard sha256 (written by an older fluxpipe); rerun the "
+                    "cache rules (snakemake rebuilds them: their format version changed)"
+                )
+            shards = [index.parent / str(s) for s in table.shard]
+            self._where.update(zip((str(k) for k in table.key), shards, strict=True))
+            self._sha256.update(zip(shards, (str(d) for d in table.shard_sha256), strict=True))
+        self._open: dict[Path, Any] = {}
+        self._names: dict[Path, set[str]] = {}
+
+    def _get(self, key: str, part: str) -> Tensor:
+        path = self._where.get(key)
+        if path is None:
+            raise FluxpipeError(f"cache entry {key} is in neither index; {RERUN}")
+        if path not in self._open:
+            self._check(path)
+            handle = safe_open(str(path), framework="pt")
+            self._open[path], self._names[path] = handle, set(handle.keys())
+        name = f"{key}.{part}"
+        if name not in self._names[path]:
+            raise FluxpipeError(f"{path}: has no tensor {name}; {RERUN}")
+        return self._open[path].get_tensor(name)
+
+    def _check(self, path: Path) -> None:
+        """The shard's bytes must be those its index was built from (one streamed read per shard)."""
+        try:
+            if check_shard(path) == self._sha256[path]:
+                return
+            problem = f"{path}: is not the shard its index was built from"
+        except DamagedShard as e:
+            problem = str(e)
+        raise FluxpipeError(
+            f"{problem}; delete it (rm {path}) and rerun the same snakemake command: it rebuilds "
+            "that shard, the index and this run"
+        )
+
+    def latent(self, key: str) -> tuple[Tensor, Tensor]:
+        """(mean, logvar), each [16, H/8, W/8]: the AE posterior before FLUX's scale and shift."""
+        return self._get(key, "mean"), self._get(key, "logvar")
+
+    def text(self, key: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(pooled [768], t5 [L, 4096], mask [L] uint8 with 1 = real token)."""
+        return self._get(key, "pooled"), self._get(key, "t5"), self._get(key, "mask")
+
+    def close(self) -> None:
+        self._open.clear()  # safe_open handles release their mapping when dropped
+        self._names.clear()
+
+    def __enter__(self) -> CachedTensors:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+# ---- the epoch order ----------------------------------------------------------------------------------------
+
+
+def epoch_repeats(items: Sequence[TrainItem]) -> list[int]:
+    """Times each item is seen per epoch: its ``repeats``, except regularization items, rebalanced per
+    dataset as the reference does (DreamBoothDataset): walking the reg items in order, each takes its own
+    repeats until the reg count reaches the dataset's training count (later reg items are left out, 0), then
+    one more each, round-robin, until it does. Without training images a dataset's reg items are unused."""
+    counts = [0 if it.is_reg else it.repeats for it in items]
+    for dataset in sorted({it.dataset for it in items}):
+        target = sum(it.repeats for it in items if it.dataset == dataset and not it.is_reg)
+        regs = [i for i, it in enumerate(items) if it.dataset == dataset and it.is_reg]
+        n, first = 0, True
+        while regs and n < target:
+            for i in regs:
+                step = items[i].repeats if first else 1
+                counts[i] += step
+                n += step
+                if n >= target:
+                    break
+            first = False
+    return counts
+
+
+def _batch_size(batch_size: int | Mapping[int, int], dataset: int) -> int:
+    size = batch_size if isinstance(batch_size, int) else batch_size.get(dataset)
+    if size is None or size < 1:
+        raise ValueError(f"dataset {dataset}: batch size must be an int >= 1, got {size!r}")
+    return size
+
+
+def batches_per_epoch(manifest: Path, batch_size: int | Mapping[int, int]) -> int:
+    """How many batches an epoch of the manifest's training split has (the same count in every epoch), from the
+    manifest alone: what the workflow needs to plan a run's segments before the caches exist."""
+    table, _ = read_parquet(manifest)
+    items = [
+        TrainItem(
+            row=int(row),
+            dataset=int(r.dataset),
+            latent_keys=(),
+            text_key="",
+            bucket=(int(r.bucket_w), int(r.bucket_h)),
+            is_reg=bool(r.is_reg),
+            repeats=int(r.repeats),
+        )
+        for row, r in zip(table.index, table.itertuples(index=False), strict=True)
+        if r.split == "train"
+    ]
+    return len(epoch_batches(items, batch_size, 0, 0))
+
+
+def epoch_batches(
+    items: Sequence[TrainItem], batch_size: int | Mapping[int, int], epoch: int, seed: int
+) -> list[list[int]]:
+    """The epoch's batches as lists of indices into ``items`` (spec §3.2), a pure function of its arguments.
+
+    Groups: (dataset, bucket), each holding every item ``epoch_repeats`` times in item order. With one
+    ``random.Random`` seeded by (seed, epoch), in the reference's order of draws: the list of (group, batch
+    number) is shuffled, then each group's contents (groups in sorted order); batch j of a group is its
+    slice [j·bs, (j+1)·bs), the last one partial. ``batch_size`` is one int or {dataset index: int}.
+    The reference also reshuffles batches across datasets (its DataLoader's shuffle=True); the single
+    shuffle of all batches here does the same. Not bit-identical to the reference's order (other RNG seed).
+    """
+    groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
+    for i, (item, count) in enumerate(zip(items, epoch_repeats(items), strict=True)):
+        groups.setdefault((item.dataset, item.bucket), []).extend([i] * count)
+    order = sorted(k for k, v in groups.items() if v)
+    sizes = {k: _batch_size(batch_size, k[0]) for k in order}
+    slots = [(k, j) for k in order for j in range(-(-len(groups[k]) // sizes[k]))]
+    rng = random.Random(f"fluxpipe.epoch_batches:{int(seed)}:{int(epoch)}")  # str seed: sha512, stable
+    rng.shuffle(slots)
+    for k in order:
+        rng.shuffle(groups[k])
+    return [groups[k][j * sizes[k] : (j + 1) * sizes[k]] for k, j in slots]
+
+
+# ---- batches ------------------------------------------------------------------------------------------------
+
+
+def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """float32 U[0,1) or N(0,1) drawn on the generator's device, then moved to ``device``."""
+    fn = torch.rand if kind == "rand" else torch.randn
+    return fn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+
+
+def make_batch(
+    items: Sequence[TrainItem],
+    indices: Sequence[int],
+    tensors: CachedTensors,
+    generator: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Tensors ready for the DiT for the items at ``indices`` (all in one bucket).
+
+    Draws from ``generator``, in this order: u = rand(B) (a ``flip_aug`` item uses its flipped entry when
+    u < 0.5; drawn for every item so the draws do not depend on the flags), then ε = randn(B, C, H/8, W/8);
+    both float32 on the generator's device. Returns ``latents`` [B, 16, H/8, W/8] = 0.3611·(mean +
+    exp(logvar/2)·ε − 0.1159) computed in float32 on ``device`` and cast to ``dtype``; ``pooled`` [B, 768]
+    and ``t5`` [B, L, 4096] in ``dtype``; ``t5_mask`` [B, L] bool; ``is_reg`` and ``flipped`` [B] bool;
+    ``indices`` (list of int); for Kontext items ``reference`` (``reference_latents``).
+    """
+    chosen = [items[i] for i in indices]
+    assert chosen, "make_batch needs at least one item"
+    assert len({it.bucket for it in chosen}) == 1, f"a batch mixes buckets: {sorted({it.bucket for it in chosen})}"
+    u = _draw("rand", (len(chosen),), generator, "cpu")
+    flipped = [len(it.latent_keys) > 1 and bool(u[b] < 0.5) for b, it in enumerate(chosen)]
+    moments = [tensors.latent(it.latent_keys[1 if f else 0]) for it, f in zip(chosen, flipped, strict=True)]
+    mean = torch.stack([m for m, _ in moments]).to(device, torch.float32)
+    logvar = torch.stack([lv for _, lv in moments]).to(device, torch.float32)
+    eps = _draw("randn", tuple(mean.shape), generator, device)
+    latents = FLUX1_AE.scale_factor * (mean + torch.exp(0.5 * logvar) * eps - FLUX1_AE.shift_factor)
+    texts = [tensors.text(it.text_key) for it in chosen]
+    refs = {"reference": reference_latents(chosen, flipped, tensors, device, dtype)} if chosen[0].reference_keys else {}
+    return {
+        **refs,
+        "latents": latents.to(dtype),
+        "pooled": torch.stack([p for p, _, _ in texts]).to(device, dtype),
+        "t5": torch.stack([t for _, t, _ in texts]).to(device, dtype),
+        "t5_mask": torch.stack([m for _, _, m in texts]).to(device).bool(),
+        "is_reg": torch.tensor([it.is_reg for it in chosen], dtype=torch.bool, device=device),
+        "flipped": torch.tensor(flipped, dtype=torch.bool, device=device),
+        "indices": list(indices),
+    }
+
+
+def reference_latents(
+    chosen: Sequence[TrainItem],
+    flipped: Sequence[bool],
+    tensors: CachedTensors,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Kontext reference latents [B, 16, H/8, W/8]: 0.3611·(mean − 0.1159) of each item's cached reference
+    posterior (its mode: no draw, so the target's random stream is unchanged), flipped with its target."""
+    means = [tensors.latent(it.reference_keys[1 if f else 0])[0] for it, f in zip(chosen, flipped, strict=True)]
+    mean = torch.stack(means).to(device, torch.float32)
+    return (FLUX1_AE.scale_factor * (mean - FLUX1_AE.shift_factor)).to(dtype)

@@ -1,0 +1,1 @@
+"""Memory modes: block swap, fp8 base weights, offloaded activation checkpointing."""

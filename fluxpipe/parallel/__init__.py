@@ -1,0 +1,1 @@
+"""Devices and data parallelism: the process group, DDP/FSDP wrapping."""

@@ -1,0 +1,1 @@
+"""Developer tools: the embedded demo's tiny models, and the benchmark."""

@@ -1,0 +1,203 @@
+"""What a training run shows while it trains: sample images and a validation loss that can be compared.
+
+Samples (spec §8.4): the reference's prompt files and triggers (``sample_at_first``, ``sample_every_n_steps``,
+``sample_every_n_epochs`` — the epoch setting wins), written as
+``<output_dir>/sample/<output_name>_<e%06d | %06d>_<index:02d>_<YYYYmmddHHMMSS>_<seed>.png``. Unlike the
+reference, a prompt without ``--d`` gets the seed ``training seed + index`` (the same every time, so epochs
+compare), and the noise is the official sampler's (the images reproduce in other tools). The prompts are encoded
+once at the start (the text encoders are freed); a trained CLIP-L LoRA recomputes the pooled vector each time.
+
+Validation loss (spec §8.5, made comparable): the held-out split of the manifest, each item at the fixed sigmas
+``VALIDATION_SIGMAS`` with noise fixed per item (seeded by the validation seed and the item's manifest row), so
+the numbers differ between epochs only because the LoRA did. Logged per epoch (and before the first step) to
+``<output_name>-validation.jsonl`` and TensorBoard ``loss/validation/epoch_average``.
+
+Both run inside ``torch.random.fork_rng``: the training's random streams are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fluxpipe.data.prompts import SamplePrompt
+from fluxpipe.io.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MonitorSettings:
+    sample_prompts: tuple[SamplePrompt, ...] = ()
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+    validate_every_n_epochs: int | None = 1
+    validate_every_n_steps: int | None = None
+    max_validation_steps: int | None = None  # at most this many validation items (all when None)
+    validation_seed: int = 0
+    sigmas: tuple[float, ...] = VALIDATION_SIGMAS
+    extra: dict = field(default_factory=dict)
+
+
+def sample_due(s: MonitorSettings, step: int, epoch_end: int | None) -> bool:
+    """Whether to sample now: after optimizer step ``step`` (epoch_end None) or at the end of epoch
+    ``epoch_end`` (1-based). sample_every_n_epochs, when set, replaces the step trigger (as the reference)."""
+    if not s.sample_prompts:
+        return False
+    if epoch_end is not None:
+        return bool(s.sample_every_n_epochs) and epoch_end % s.sample_every_n_epochs == 0
+    return not s.sample_every_n_epochs and bool(s.sample_every_n_steps) and step % s.sample_every_n_steps == 0
+
+
+def validation_due(s: MonitorSettings, step: int, epoch_end: int | None) -> bool:
+    if epoch_end is not None:
+        return bool(s.validate_every_n_epochs) and epoch_end % s.validate_every_n_epochs == 0
+    return bool(s.validate_every_n_steps) and step % s.validate_every_n_steps == 0
+
+
+def sample_name(output_name: str, step: int, epoch: int | None, index: int, seed: int, stamp: str) -> str:
+    """The reference's sample file name: e%06d for epoch samples (and at first), %06d for step samples."""
+    label = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    return f"{output_name}_{label}_{index:02d}_{stamp}_{seed}.png"
+
+
+def fixed_noise(shape: tuple[int, ...], seed: int, row: int, k: int) -> torch.Tensor:
+    """Validation noise of manifest row ``row`` at sigma number ``k``: the same in every epoch and run."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + row * 64 + k) % 2**63)
+    return torch.randn(shape, generator=gen)
+
+
+class Monitor:
+    """Samples and validation loss of one run (a no-op when neither is configured)."""
+
+    def __init__(
+        self,
+        s: MonitorSettings,
+        *,
+        output_dir: Path,
+        output_name: str,
+        seed: int,
+        sampler=None,  # noqa: ANN001
+        conds: dict | None = None,
+        pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
+        validation: Callable[[], dict[str, float]] | None = None,
+        logger=None,  # noqa: ANN001
+        writes: bool = True,
+    ) -> None:
+        self.s, self.output_dir, self.output_name, self.seed = s, output_dir, output_name, seed
+        self.writes = writes  # False: compute (a sharded model needs every process) but leave the files to rank 0
+        self.sampler, self.conds, self.pooled_fn = sampler, conds or {}, pooled_fn
+        self.validation, self.logger = validation, logger
+        self.validation_file = output_dir / f"{output_name}-validation.jsonl"
+        self.weights = contextlib.nullcontext  # --ema_for_eval: a context with the EMA weights swapped in
+
+    def at_start(self, step: int) -> None:
+        if step == 0:
+            if self.s.sample_at_first and self.s.sample_prompts:
+                self.sample(step, epoch=0)
+            if self.validation is not None:
+                self.validate(step, epoch=0)
+
+    def after_step(self, step: int, epoch: int) -> None:
+        if sample_due(self.s, step, None):
+            self.sample(step, None)
+        if self.validation is not None and validation_due(self.s, step, None):
+            self.validate(step, epoch)
+
+    def after_epoch(self, epoch: int, step: int) -> None:
+        """``epoch`` is 1-based (the number of epochs done)."""
+        if sample_due(self.s, step, epoch):
+            self.sample(step, epoch)
+        if self.validation is not None and validation_due(self.s, step, epoch):
+            self.validate(step, epoch)
+
+    def sample(self, step: int, epoch: int | None) -> list[Path]:
+        from dataclasses import replace
+
+        from fluxpipe.inference.report_images import save_png
+
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        written = []
+        with (
+            self.weights(),
+            torch.random.fork_rng(devices=[self.sampler.device] if self.sampler.device.startswith("cuda") else []),
+        ):
+            for p in self.s.sample_prompts:
+                seed = p.seed if p.seed is not None else self.seed + p.index
+                cond, neg = self.conds[p.prompt], self.conds.get(p.negative_prompt) if p.cfg_scale != 1.0 else None
+                if self.pooled_fn is not None:  # a trained CLIP-L LoRA: the pooled vector of the current weights
+                    with torch.no_grad():
+                        cond = replace(cond, vec=self.pooled_fn([p.prompt]).cpu())
+                        neg = None if neg is None else replace(neg, vec=self.pooled_fn([p.negative_prompt]).cpu())
+                image = self.sampler.image(p, cond, neg, seed)
+                path = self.output_dir / "sample" / sample_name(self.output_name, step, epoch, p.index, seed, stamp)
+                if self.writes:
+                    written.append(save_png(image, path))
+        log.info("samples at step %d: %s", step, ", ".join(p.name for p in written))
+        return written
+
+    def validate(self, step: int, epoch: int) -> float:
+        with self.weights(), torch.random.fork_rng(devices=[]):
+            result = self.validation()
+        if not self.writes:
+            return result["loss"]
+        record = {"step": step, "epoch": epoch, **result}
+        old = self.validation_file.read_text().splitlines() if self.validation_file.is_file() else []
+        kept = [line for line in old if line.strip() and json.loads(line)["step"] < step]
+        write_text_atomic(self.validation_file, "".join(x + "\n" for x in [*kept, json.dumps(record)]))
+        if self.logger is not None and self.logger.writer is not None:
+            self.logger.writer.add_scalar("loss/validation/epoch_average", result["loss"], step)
+        log.info("validation loss at step %d (epoch %d): %.5f", step, epoch, result["loss"])
+        return result["loss"]
+
+
+@torch.no_grad()
+def validation_loss(
+    dit: torch.nn.Module,
+    network: torch.nn.Module,
+    items: list,
+    tensors,
+    math_settings,  # noqa: ANN001
+    *,
+    sigmas: tuple[float, ...],
+    seed: int,
+    device: str,
+    dtype: torch.dtype,
+    limit: int | None = None,
+    pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
+    captions: list[str] | None = None,
+) -> dict:
+    """Mean loss over the validation items at each fixed sigma (fixed latent draw and noise per item), with the
+    LoRA's dropouts off; {"loss": mean, "by_sigma": {sigma: mean}}."""
+    from fluxpipe.data.batches import make_batch
+    from fluxpipe.stages.train_lora import prediction_loss
+
+    was = dit.training, network.training
+    dit.eval()
+    network.eval()
+    sums = [0.0] * len(sigmas)
+    chosen = items[:limit] if limit else items
+    try:
+        for i, item in enumerate(chosen):
+            batch = make_batch(chosen, [i], tensors, torch.Generator().manual_seed(seed + item.row), device, dtype)
+            if pooled_fn is not None and captions is not None:
+                batch["pooled"] = pooled_fn([captions[item.row]]).to(dtype)
+            for k, sigma in enumerate(sigmas):
+                noise = fixed_noise(tuple(batch["latents"].shape), seed, item.row, k).to(device, dtype)
+                t = torch.full((1,), sigma, device=device)
+                sums[k] += float(prediction_loss(dit, batch, math_settings, t, noise)[0])
+    finally:
+        dit.train(was[0])
+        network.train(was[1])
+    by_sigma = {str(s): v / len(chosen) for s, v in zip(sigmas, sums, strict=True)}
+    return {"loss": sum(by_sigma.values()) / len(sigmas), "by_sigma": by_sigma, "items": len(chosen)}
