@@ -5,12 +5,19 @@ The rules stay thin by asking these functions for their inputs; the functions ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import shlex
+import sys
+from pathlib import Path
 
-from fluxpipe.config.pipeline import MODEL_SLOTS, PipelineConfig
+from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
+from fluxpipe.config.pipeline import MODEL_SLOTS, PipelineConfig, load_pipeline, train_argv
+from fluxpipe.errors import FluxpipeError
 
 DEMO_DIR = "results/demo_models"
 DEMO_FILES = {
@@ -84,8 +91,6 @@ def shard_paths(kind: str, count: int) -> list[str]:
 
 def dataset_files(cfg: PipelineConfig) -> list[str]:
     """Every file the manifest reads (images, captions, metadata), found by listing folders only."""
-    from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
-
     datasets = cfg.datasets()
     files: set[str] = set()
     bad: list[str] = []  # names Snakemake could not write into its lock files
@@ -216,8 +221,6 @@ def train_params(cfg: PipelineConfig, report: str) -> str:
 
 def evaluate_params(cfg: PipelineConfig, report: str) -> str:
     """The evaluate stage's settings (evaluate:, the T5 length and mask) and the model files it samples with."""
-    import dataclasses
-
     return settings_digest(
         {
             "models": validated_digests(report),
@@ -238,8 +241,6 @@ def config_args(config: dict) -> str:
     """`--config-json '<the merged settings>'` for the `fluxpipe` commands: config.yaml, --configfile files and
     --config values as Snakemake merged them. Not a file (a dry run writes nothing); not tracked either: each
     rule's params name the settings it depends on."""
-    import shlex
-
     return f"--config-json {shlex.quote(json.dumps(config, sort_keys=True, separators=(',', ':'), default=str))}"
 
 
@@ -280,8 +281,6 @@ def method_output(cfg: PipelineConfig, method: str) -> str:
 
 def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
     """The reference's flags for `fluxpipe train full|controlnet`: the pipeline's files plus its section."""
-    from fluxpipe.config.pipeline import train_argv
-
     files = model_files(cfg)
     owned = {
         "pretrained_model_name_or_path": files["flux"],
@@ -305,10 +304,7 @@ def method_flags(cfg: PipelineConfig, method: str) -> dict:
 
 def planned_steps(cfg: PipelineConfig, method: str, manifest: str) -> int:
     """The optimizer steps a run will make, as the trainer plans them (max_train_epochs over max_train_steps)."""
-    import math
-    from pathlib import Path
-
-    from fluxpipe.data.batches import batches_per_epoch
+    from fluxpipe.data.batches import batches_per_epoch  # loads torch: only for the rules that plan steps
 
     flags = method_flags(cfg, method)
     if not flags.get("max_train_epochs"):
@@ -347,8 +343,6 @@ def train_launcher(cfg: PipelineConfig) -> str:
 
 def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
-    from fluxpipe.config.pipeline import train_argv
-
     files = model_files(cfg)
     owned = {
         "pretrained_model_name_or_path": files["flux"],
@@ -382,11 +376,6 @@ def evaluate_dir(cfg: PipelineConfig) -> str:
 
 def load_or_exit(config: dict) -> PipelineConfig:
     """The typed config, or the `fluxpipe: error:` line and exit status 2 (as every `fluxpipe` command)."""
-    import sys
-
-    from fluxpipe.config.pipeline import load_pipeline
-    from fluxpipe.errors import FluxpipeError
-
     try:
         return load_pipeline(config)
     except FluxpipeError as e:
@@ -397,8 +386,6 @@ def load_or_exit(config: dict) -> PipelineConfig:
 def report_failures(logs: list[str]) -> None:
     """Snakemake's onerror: show the failed jobs' errors in the terminal (their logs stay in logs/); exit
     status 2 when each failure was bad input, as the `fluxpipe` command itself (else Snakemake's 1)."""
-    import sys
-
     lines, bad_input = failure_lines(logs)
     if lines:
         print("\n".join(["fluxpipe: failed job(s):", *lines]), file=sys.stderr)

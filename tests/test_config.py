@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO
 
 from fluxpipe import workflow
-from fluxpipe.config.pipeline import ConfigError, load_pipeline, load_pipeline_file
+from fluxpipe.config.pipeline import load_pipeline, load_pipeline_file
+from fluxpipe.config.typed import ConfigError
 
 
 def test_repository_config_is_valid_and_means_demo() -> None:

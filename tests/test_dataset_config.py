@@ -18,7 +18,7 @@ from fluxpipe.config.dataset import (
     load_dataset_toml,
     parse_datasets,
 )
-from fluxpipe.config.pipeline import ConfigError
+from fluxpipe.config.typed import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,21 +9,18 @@ The Snakefile and the command line use this same loader.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fluxpipe.config.dataset import DatasetsConfig, load_dataset_toml, parse_datasets
+from fluxpipe.config.reference_flags import given_dataset_flags, parse_train_args
+from fluxpipe.config.typed import ConfigError, from_dict
 from fluxpipe.errors import FluxpipeError
 
 MODEL_SLOTS = ("flux", "ae", "clip_l", "t5xxl")
-
-
-class ConfigError(FluxpipeError):
-    """A setting that is unknown, of the wrong type or inconsistent with another."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -175,10 +172,8 @@ class PipelineConfig:
         if self.train_segment_steps < 0:
             raise ConfigError(f"train_segment_steps: {self.train_segment_steps} is negative (0: no segments)")
 
-    def datasets(self):  # noqa: ANN201 - DatasetsConfig (imported lazily: it reads files)
+    def datasets(self) -> DatasetsConfig | None:
         """The validated dataset structure (None when no dataset is configured)."""
-        from fluxpipe.config.dataset import load_dataset_toml, parse_datasets
-
         if self.dataset_config is not None:
             return load_dataset_toml(self.dataset_config)
         if self.dataset is not None:
@@ -186,64 +181,11 @@ class PipelineConfig:
         return None
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def convert(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one value against a type annotation (dataclasses, unions, lists, scalars)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return convert(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(_type_name(o) for o in options)}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
-        return tuple(convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is str and isinstance(value, Path):
-        return str(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys and wrong types raise ConfigError naming the key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    kwargs = {k: convert(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
 def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
     """PipelineConfig from the parsed config.yaml mapping (empty strings count as unset); the dataset
     structure is validated too, so a typo anywhere fails here."""
     cfg = from_dict(PipelineConfig, _blank_to_none(data or {}))
     cfg.datasets()
-    from fluxpipe.config.reference_flags import given_dataset_flags, parse_train_args
-
     for section, method in (("train", "lora"), ("train_full", "full"), ("train_controlnet", "controlnet")):
         flags = getattr(cfg, section)
         if flags is not None:

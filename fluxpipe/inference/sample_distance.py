@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fluxpipe.data.images import load_rgb
+
 THUMB = 32
 
 
@@ -40,8 +42,6 @@ def mean_nearest_distance(samples: Sequence[Image.Image], references: Tensor) ->
 def training_thumbnails(manifest: Path) -> Tensor | None:
     """[N, D] thumbnails of the manifest's training images (split 'train'); None when there are none."""
     import pandas as pd
-
-    from fluxpipe.data.images import load_rgb
 
     table = pd.read_parquet(manifest, columns=["path", "split"])
     paths = [Path(p) for p in table.loc[table["split"] == "train", "path"]]

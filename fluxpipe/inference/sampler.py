@@ -23,10 +23,20 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from fluxpipe.data.images import load_rgb, to_tensor
 from fluxpipe.data.prompts import SamplePrompt
-from fluxpipe.maths.kontext import kontext_resolution
+from fluxpipe.data.text_encoding import encode_prompts
+from fluxpipe.errors import CheckpointError, FluxpipeError
+from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.safetensors_file import read_header, read_tensors
+from fluxpipe.lora.files import apply_lora
+from fluxpipe.lora.layouts import count_modules, to_kohya
+from fluxpipe.maths.kontext import kontext_resolution, reference_tokens
 from fluxpipe.maths.packing import image_ids, pack_latents, text_ids, unpack_latents
 from fluxpipe.maths.sampling import denoise, get_noise, get_schedule
+from fluxpipe.memory.block_swap import BlockSwapper
+from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
+from fluxpipe.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +70,6 @@ def split_lora(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
 
 def load_lora(path: Path) -> tuple[str, dict[str, Tensor]]:
     """(layout, the LoRA in the kohya layout) of a LoRA file in any layout ``fluxpipe.lora.layouts`` reads."""
-    from fluxpipe.errors import CheckpointError
-    from fluxpipe.io.safetensors_file import read_header, read_tensors
-    from fluxpipe.lora.layouts import to_kohya
-
     header = read_header(path)
     try:
         return to_kohya(read_tensors(path, {k: k for k in header.tensors}), header.metadata)
@@ -73,8 +79,6 @@ def load_lora(path: Path) -> tuple[str, dict[str, Tensor]]:
 
 def lora_line(path: Path, layout: str, kohya: dict[str, Tensor]) -> str:
     """'<file>: <layout>, N modules patched (M text-encoder)'."""
-    from fluxpipe.lora.layouts import count_modules
-
     n, te = count_modules(kohya)
     return f"{path}: {layout}, {n} modules patched ({te} text-encoder)"
 
@@ -96,11 +100,6 @@ def encode_texts(
     batch_size: int = 8,
 ) -> dict[str, Conditioning]:
     """Every distinct text encoded once; the encoders (with their LoRA parts merged) are freed afterwards."""
-    from fluxpipe.data.text_encoding import encode_prompts
-    from fluxpipe.io.checkpoints import load_model
-    from fluxpipe.lora.files import apply_lora
-    from fluxpipe.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
-
     clip = load_model(files.clip_l, "clip_l", dtype=dtype, device=device)
     t5 = load_model(files.t5xxl, "t5xxl", dtype=dtype, device=device)
     for parts, mult in loras:
@@ -189,10 +188,6 @@ class Sampler:
         """(tokens, ids) of the prompt's Kontext reference image, or None without one."""
         if p.reference_image is None:
             return None
-        from fluxpipe.data.images import load_rgb
-        from fluxpipe.errors import FluxpipeError
-        from fluxpipe.maths.kontext import reference_tokens
-
         if not Path(p.reference_image).is_file():
             raise FluxpipeError(f"{p.reference_image}: no such reference image (prompt {p.index}, --reference-image)")
         image = load_rgb(Path(p.reference_image))
@@ -204,10 +199,6 @@ class Sampler:
         sample's pixel grid, 8 x the latent size)."""
         if p.control_image is None:
             return self.dit
-        from fluxpipe.data.images import load_rgb, to_tensor
-        from fluxpipe.errors import FluxpipeError
-        from fluxpipe.models.controlnet import ControlledFlux
-
         if self.controlnet is None:
             raise FluxpipeError(
                 f"prompt {p.index} has a control image (--cn {p.control_image}) but no ControlNet "
@@ -230,8 +221,6 @@ class Sampler:
 def encode_reference(ae: nn.Module, image: Image.Image, size: tuple[int, int], device: str) -> Tensor:
     """The Kontext reference latent [1, 16, H/8, W/8] of ``image`` resized (Lanczos) to ``size`` (W, H):
     scale · (posterior mean − shift), in float32."""
-    from fluxpipe.data.images import to_tensor
-
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     x = to_tensor(image)[None].to(device, next(ae.parameters()).dtype)
@@ -253,17 +242,12 @@ def load_sampler(
 ) -> Sampler:
     """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
     training's --torch_compile) and AE on ``device``."""
-    from fluxpipe.io.checkpoints import load_model
-    from fluxpipe.lora.files import apply_lora
-
     swap = blocks_to_swap and device.startswith("cuda")
     dit = load_model(files.flux, "flux", dtype=dtype, device="cpu" if swap else device)
     for parts, mult in loras:
         if "lora_unet" in parts:
             apply_lora(dit, parts["lora_unet"], mult, merge=merge)
     if swap:
-        from fluxpipe.memory.block_swap import BlockSwapper
-
         dit.block_swapper = BlockSwapper(dit, blocks_to_swap, device)
         dit.block_swapper.place(dit)
     if compile_blocks:
@@ -271,9 +255,6 @@ def load_sampler(
     ae = load_model(files.ae, "ae", dtype=torch.float32 if device == "cpu" else dtype, device=device)
     net = None
     if controlnet is not None:
-        from fluxpipe.io.safetensors_file import read_header, read_tensors
-        from fluxpipe.models.controlnet import ControlNetFlux, load_controlnet_state
-
         net = ControlNetFlux(dit.params)
         load_controlnet_state(net, read_tensors(controlnet, {k: k for k in read_header(controlnet).tensors}))
         net = net.to(device, dtype).requires_grad_(False)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fluxpipe.errors import CheckpointError, summarize
+from fluxpipe.io.checkpoints import COMFY_PREFIX, KIND_TEXT, detect_kind
 from fluxpipe.lora.files import lora_pair_tensors
 
 KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te3)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -225,8 +226,6 @@ def _not_a_lora(keys: list[str]) -> str | None:
     """What a file without LoRA keys is (a DiT, an AE, ...), or None when it has LoRA keys."""
     if any(KOHYA_KEY.match(k) or PEFT_KEY.match(k) for k in keys):
         return None
-    from fluxpipe.io.checkpoints import COMFY_PREFIX, KIND_TEXT, detect_kind
-
     kind = detect_kind({k.removeprefix(COMFY_PREFIX) for k in keys})
     return KIND_TEXT.get(kind, KIND_TEXT["unknown"])
 

@@ -382,11 +382,6 @@ class FluxLoRANetwork(nn.Module):
         for m in self.loras:
             m.remove()
 
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = multiplier
-        for m in self.loras:
-            m.multiplier = multiplier
-
     @torch.no_grad()
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """``<name>.lora_down.weight / .lora_up.weight / .alpha`` on CPU in ``dtype`` (None: the LoRA dtype)."""

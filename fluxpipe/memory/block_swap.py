@@ -19,7 +19,6 @@ on a CUDA device the copies are asynchronous (``non_blocking`` from pinned memor
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +171,3 @@ class BlockSwapper:
         if training and torch.is_grad_enabled():
             return checkpoint(call, *args, use_reentrant=False)
         return call(*args)
-
-
-def is_swapped(swapper: BlockSwapper | None, key: BlockKey) -> bool:
-    return swapper is not None and key in swapper.blocks
-
-
-BlockRunner = Callable[[BlockKey, nn.Module, tuple, bool], Tensor | tuple[Tensor, ...]]

@@ -36,7 +36,6 @@ from fluxpipe.models.layers import DoubleStreamBlock, EmbedND, MLPEmbedder
 
 HINT_CHANNELS = 16  # channels out of input_hint_block
 HINT_FEATURES = HINT_CHANNELS * 2 * 2  # per token after 2x2 packing
-HINT_DOWNSCALE = 8  # three stride-2 convs
 _HINT_STRIDED = (4, 8, 12)  # Sequential indices of the stride-2 convs
 
 

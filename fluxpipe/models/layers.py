@@ -162,44 +162,55 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(hidden_size, double=True))
-            setattr(self, f"{stream}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{stream}_attn", SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=qkv_bias))
-            setattr(self, f"{stream}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            mlp = nn.Sequential(
-                nn.Linear(hidden_size, mlp_hidden_dim, bias=True),
-                nn.GELU(approximate="tanh"),
-                nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
-            )
-            setattr(self, f"{stream}_mlp", mlp)
-
-    def _qkv(self, stream: str, x: Tensor, mod: ModulationOut) -> tuple[Tensor, Tensor, Tensor]:
-        attn: SelfAttention = getattr(self, f"{stream}_attn")
-        x_mod = (1 + mod.scale) * getattr(self, f"{stream}_norm1")(x) + mod.shift
-        q, k, v = _split_heads(attn.qkv(x_mod), self.num_heads)
-        q, k = attn.norm(q, k, v)
-        return q, k, v
-
-    def _residual(self, stream: str, x: Tensor, attn_out: Tensor, mod1: ModulationOut, mod2: ModulationOut) -> Tensor:
-        x = x + mod1.gate * getattr(self, f"{stream}_attn").proj(attn_out)
-        x_mod = (1 + mod2.scale) * getattr(self, f"{stream}_norm2")(x) + mod2.shift
-        return x + mod2.gate * getattr(self, f"{stream}_mlp")(x_mod)
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden_dim, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
+        )
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden_dim, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
+        )
 
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, attn_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self._qkv("img", img, img_mod1)
-        txt_q, txt_k, txt_v = self._qkv("txt", txt, txt_mod1)
+
+        # prepare image for attention
+        img_modulated = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
+        img_q, img_k, img_v = _split_heads(self.img_attn.qkv(img_modulated), self.num_heads)
+        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
+
+        # prepare txt for attention
+        txt_modulated = (1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift
+        txt_q, txt_k, txt_v = _split_heads(self.txt_attn.qkv(txt_modulated), self.num_heads)
+        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
+
+        # run actual attention
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
         attn = attention(q, k, v, pe=pe, attn_mask=attn_mask)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = self._residual("img", img, img_attn, img_mod1, img_mod2)
-        txt = self._residual("txt", txt, txt_attn, txt_mod1, txt_mod2)
+
+        # calculate the img blocks
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
+
+        # calculate the txt blocks
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
         return img, txt
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.inference.report_images import save_png
 from fluxpipe.inference.sampler import ModelFiles, encode_texts, load_lora, load_sampler, lora_line, split_lora
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ def output_paths(cfg: SampleConfig) -> list[Path]:
 
 
 def run(cfg: SampleConfig) -> list[Path]:
-    from fluxpipe.inference.report_images import save_png
-
     for path, _ in cfg.loras:
         if not path.is_file():
             raise FluxpipeError(f"{path}: no such LoRA file (--lora path[:multiplier])")

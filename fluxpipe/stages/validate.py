@@ -19,7 +19,7 @@ from fluxpipe import __version__
 from fluxpipe.errors import CheckpointError, FluxpipeError, summarize
 from fluxpipe.io.atomic import write_text_atomic
 from fluxpipe.io.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
-from fluxpipe.io.hashing import HashCache
+from fluxpipe.io.hashing import HashCache, tokenizer_identity
 from fluxpipe.models import text_encoders as te
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,6 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
         rows = specs[slot].params.vocab_size if slot in specs else None
         if rows is not None:
             te.check_vocab(tok, rows, "CLIP-L" if slot == "clip_l" else "T5", key)
-        from fluxpipe.io.hashing import tokenizer_identity
-
         out[key] = {
             "path": str(folder),
             "vocab_size": len(tok),
