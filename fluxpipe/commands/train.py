@@ -14,8 +14,8 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,13 +23,11 @@ from fluxpipe import __version__
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.lora.network import LoraSpec, parse_network_args
-from fluxpipe.stages.train_lora import FlowSettings, TrainLoraConfig
+from fluxpipe.training.configs import TrainControlNetConfig, TrainFullConfig, TrainLoraConfig
 from fluxpipe.training.ema import EmaSettings
+from fluxpipe.training.loss import FlowSettings
 from fluxpipe.training.optim import parse_optimizer_args
 
-if TYPE_CHECKING:
-    from fluxpipe.stages.train_controlnet import TrainControlNetConfig
-    from fluxpipe.stages.train_full import TrainFullConfig
 from fluxpipe.config.reference_flags import DATASET_FLAGS, FOLDER_FLAGS, dataset_flag_defaults
 from fluxpipe.data.text_encoding import default_t5_max_length
 from fluxpipe.training.monitor import MonitorSettings
@@ -218,7 +216,6 @@ HONOURED_FULL = frozenset(
 
 
 # ControlNet: the full fine-tune's flags, plus what concerns the frozen base model and the starting ControlNet
-# (samples and validation loss during ControlNet training are not wired yet: refused, not ignored)
 HONOURED_CONTROLNET = frozenset(
     (
         HONOURED_FULL
@@ -232,18 +229,6 @@ HONOURED_CONTROLNET = frozenset(
         }
     )
     - set(FOLDER_FLAGS)  # ControlNet folder mode (with --conditioning_data_dir): not yet
-    - {
-        "sample_prompts",
-        "sample_every_n_steps",
-        "sample_every_n_epochs",
-        "sample_at_first",
-        "validation_seed",
-        "validation_split",
-        "validate_every_n_steps",
-        "validate_every_n_epochs",
-        "max_validation_steps",
-        "ema_for_eval",
-    }
 )
 
 
@@ -525,6 +510,55 @@ def ema_settings(ns: argparse.Namespace) -> EmaSettings | None:
     )
 
 
+def common_fields(
+    ns: argparse.Namespace,
+    caches: CachePaths,
+    device: str,
+    auto_resume: bool,
+    models: tuple[Path | None, Path | None],
+    variant: str,
+) -> dict[str, Any]:
+    """The fields every method's config has (the shared loop's and the DiT's), from the parsed flags."""
+    datasets = load_datasets(ns)
+    return {
+        "flux": Path(ns.pretrained_model_name_or_path),
+        "manifest": caches.manifest,
+        "latent_index": caches.latent_index,
+        "text_index": caches.text_index,
+        "output_dir": Path(ns.output_dir),
+        "output_name": ns.output_name or "last",
+        "batch_sizes": {i: ds.batch_size for i, ds in enumerate(datasets.datasets)},
+        "math": flow_settings(ns),
+        "max_train_steps": ns.max_train_steps,
+        "max_train_epochs": ns.max_train_epochs,
+        "gradient_accumulation_steps": ns.gradient_accumulation_steps,
+        "compute_dtype": compute_dtype(ns.mixed_precision, device),
+        "seed": ns.seed,
+        "gradient_checkpointing": ns.gradient_checkpointing,
+        "cpu_offload_checkpointing": ns.cpu_offload_checkpointing,
+        "blocks_to_swap": ns.blocks_to_swap or 0,
+        "save_every_n_epochs": ns.save_every_n_epochs,
+        "save_every_n_steps": ns.save_every_n_steps,
+        "save_n_epoch_ratio": ns.save_n_epoch_ratio,
+        "save_precision": DTYPES[ns.save_precision],
+        "save_state": ns.save_state or auto_resume,
+        "save_last_n_epochs": ns.save_last_n_epochs,
+        "save_last_n_epochs_state": ns.save_last_n_epochs_state,
+        "save_last_n_steps": ns.save_last_n_steps,
+        "save_last_n_steps_state": ns.save_last_n_steps_state,
+        "resume": Path(ns.resume) if ns.resume else None,
+        "auto_resume": auto_resume,
+        "device": device,
+        "logging_dir": Path(ns.logging_dir) if ns.logging_dir else None,
+        "log_prefix": ns.log_prefix or "",
+        "log_tracker_name": ns.log_tracker_name or "",
+        "monitor": monitor_settings(ns),
+        "sample_models": sample_models(ns, *models),
+        "t5_max_length": ns.t5xxl_max_token_length or default_t5_max_length(variant),
+        "ema": ema_settings(ns),
+    }
+
+
 def lora_config(
     ns: argparse.Namespace,
     caches: CachePaths,
@@ -536,23 +570,18 @@ def lora_config(
     """The typed training config from the parsed flags (already checked with check_supported)."""
     from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.io.tables import read_parquet
+    from fluxpipe.training.metadata import dataset_metadata
 
     ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
-    datasets = load_datasets(ns)
     table, _ = read_parquet(caches.manifest)
     variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
-    t5_max_length = ns.t5xxl_max_token_length or default_t5_max_length(variant)
-    math_settings = flow_settings(ns)
+    common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
+    data = data_digest(caches, Path(ns.pretrained_model_name_or_path))
+    metadata = training_metadata(ns, variant, 0, int((table.split == "train").sum()), data)
+    metadata |= dataset_metadata(load_datasets(ns), table, ns.dataset_config is not None, world_size())
     return TrainLoraConfig(
-        flux=Path(ns.pretrained_model_name_or_path),
-        manifest=caches.manifest,
-        latent_index=caches.latent_index,
-        text_index=caches.text_index,
-        output_dir=Path(ns.output_dir),
-        output_name=ns.output_name or "last",
-        batch_sizes={i: ds.batch_size for i, ds in enumerate(datasets.datasets)},
+        **common,
         lora=lora_spec(ns),
-        math=math_settings,
         network_weights=Path(ns.network_weights) if ns.network_weights else None,
         learning_rate=ns.learning_rate,
         unet_lr=ns.unet_lr,
@@ -562,50 +591,23 @@ def lora_config(
         lr_warmup_steps=ns.lr_warmup_steps,
         lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles,
         lr_scheduler_power=ns.lr_scheduler_power,
-        max_train_steps=ns.max_train_steps,
-        max_train_epochs=ns.max_train_epochs,
-        gradient_accumulation_steps=ns.gradient_accumulation_steps,
         max_grad_norm=ns.max_grad_norm,
-        compute_dtype=compute_dtype(ns.mixed_precision, device),
-        seed=ns.seed,
-        gradient_checkpointing=ns.gradient_checkpointing,
-        save_every_n_epochs=ns.save_every_n_epochs,
-        save_every_n_steps=ns.save_every_n_steps,
-        save_precision=DTYPES[ns.save_precision],
-        save_state=ns.save_state or auto_resume,
-        resume=Path(ns.resume) if ns.resume else None,
-        auto_resume=auto_resume,
-        device=device,
         clip_l=None if ns.network_train_unet_only else Path(ns.clip_l),
         clip_tokenizer=clip_tokenizer,
         fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
-        save_last_n_epochs=ns.save_last_n_epochs,
-        save_last_n_epochs_state=ns.save_last_n_epochs_state,
-        save_last_n_steps=ns.save_last_n_steps,
-        save_last_n_steps_state=ns.save_last_n_steps_state,
         text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,
-        blocks_to_swap=ns.blocks_to_swap or 0,
-        cpu_offload_checkpointing=ns.cpu_offload_checkpointing,
         torch_compile=ns.torch_compile,
         dynamo_backend=ns.dynamo_backend,
         network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32,
-        save_n_epoch_ratio=ns.save_n_epoch_ratio,
-        logging_dir=Path(ns.logging_dir) if ns.logging_dir else None,
-        log_prefix=ns.log_prefix or "",
-        log_tracker_name=ns.log_tracker_name or "",
-        monitor=monitor_settings(ns),
-        t5_max_length=t5_max_length,
-        ema=ema_settings(ns),
         kontext=ns.model_type == "kontext",
-        sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
-        metadata=training_metadata(
-            ns,
-            variant,
-            0,
-            int((table.split == "train").sum()),
-            data_digest(caches, Path(ns.pretrained_model_name_or_path)),
-        ),
+        metadata=metadata,
     )
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def full_config(
@@ -618,12 +620,11 @@ def full_config(
 ) -> TrainFullConfig:
     """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
     from fluxpipe.io.checkpoints import inspect_checkpoint
-    from fluxpipe.stages.train_full import TrainFullConfig
     from fluxpipe.training.weights import OptimizerSettings
 
     ns.seed = 42 if ns.seed is None else ns.seed
-    datasets = load_datasets(ns)
     variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
     optim = OptimizerSettings(
         optimizer_type=ns.optimizer_type,
         optimizer_args=parse_optimizer_args(ns.optimizer_args or []),
@@ -637,45 +638,11 @@ def full_config(
         blockwise_fused_optimizers=ns.blockwise_fused_optimizers,
     )
     return TrainFullConfig(
-        flux=Path(ns.pretrained_model_name_or_path),
-        manifest=caches.manifest,
-        latent_index=caches.latent_index,
-        text_index=caches.text_index,
-        output_dir=Path(ns.output_dir),
-        output_name=ns.output_name or "last",
-        batch_sizes={i: ds.batch_size for i, ds in enumerate(datasets.datasets)},
+        **common,
         variant=variant,
-        math=flow_settings(ns),
         optim=optim,
-        max_train_steps=ns.max_train_steps,
-        max_train_epochs=ns.max_train_epochs,
-        gradient_accumulation_steps=ns.gradient_accumulation_steps,
-        compute_dtype=compute_dtype(ns.mixed_precision, device),
         full_bf16=ns.full_bf16,
-        seed=ns.seed,
-        gradient_checkpointing=ns.gradient_checkpointing,
-        cpu_offload_checkpointing=ns.cpu_offload_checkpointing,
-        blocks_to_swap=ns.blocks_to_swap or 0,
-        save_every_n_epochs=ns.save_every_n_epochs,
-        save_every_n_steps=ns.save_every_n_steps,
-        save_n_epoch_ratio=ns.save_n_epoch_ratio,
-        save_precision=DTYPES[ns.save_precision],
-        save_state=ns.save_state or auto_resume,
-        save_last_n_epochs=ns.save_last_n_epochs,
-        save_last_n_epochs_state=ns.save_last_n_epochs_state,
-        save_last_n_steps=ns.save_last_n_steps,
-        save_last_n_steps_state=ns.save_last_n_steps_state,
-        resume=Path(ns.resume) if ns.resume else None,
-        auto_resume=auto_resume,
-        device=device,
         settings=settings_digest(ns, data_digest(caches, Path(ns.pretrained_model_name_or_path))),
-        logging_dir=Path(ns.logging_dir) if ns.logging_dir else None,
-        log_prefix=ns.log_prefix or "",
-        log_tracker_name=ns.log_tracker_name or "",
-        ema=ema_settings(ns),
-        monitor=monitor_settings(ns),
-        sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
-        t5_max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant),
     )
 
 
@@ -689,8 +656,6 @@ def controlnet_config(
 ) -> TrainControlNetConfig:
     """The typed ControlNet config: the full fine-tune's settings plus the base model's memory options."""
     import dataclasses
-
-    from fluxpipe.stages.train_controlnet import TrainControlNetConfig
 
     full = full_config(ns, caches, device, auto_resume, clip_tokenizer, t5_tokenizer)
     return TrainControlNetConfig(

@@ -318,7 +318,7 @@ def bench_train(device: str, configs: tuple[str, ...] = ("ckpt", "none"), steps:
     """LoRA training steps on a random-initialised full-size FLUX.1-dev (gpu-targets.md's workload): 1024²
     (4096 image tokens), 512 text tokens, rank 16, batch 1, bf16 base, AdamW; s/step and peak memory. Each
     configuration builds its model afresh on the device (the swapped weights then move to pinned host memory)."""
-    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+    from fluxpipe.training.loss import FlowSettings, flow_loss
 
     for name in configs:
         cfg = parse_train_config(name)
@@ -443,7 +443,7 @@ def bench_weights(device: str, methods: tuple[str, ...] = ("full", "controlnet")
     ControlNet, AdamW, checkpointing, a 1024² control image) on the gpu-targets workload: s/step, peak GiB."""
     from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux
     from fluxpipe.models.flux import PRESETS, Flux
-    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+    from fluxpipe.training.loss import FlowSettings, flow_loss
     from fluxpipe.training.weights import OptimizerSettings, WeightOptimizers
 
     for method in methods:
