@@ -38,7 +38,7 @@ def load_trainable_dit(cfg: TrainFullConfig) -> torch.nn.Module:
     stay in pinned host memory, stream to the device for each use, and are updated there by the optimizer."""
     dtype = torch.bfloat16 if cfg.full_bf16 else torch.float32
     swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
-    dit = load_model(cfg.flux, "flux", dtype=dtype, device="cpu" if swap else cfg.device)
+    dit: Any = load_model(cfg.flux, "flux", dtype=dtype, device="cpu" if swap else cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing or cfg.cpu_offload_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     dit.requires_grad_(True)

@@ -136,7 +136,8 @@ def lora_method(cfg: TrainLoraConfig, s: LoopSettings, d: TrainData, w: World) -
 
     def loss(batch: dict, gen: torch.Generator, rows: list[int] | None, indices: list[int]) -> torch.Tensor:
         texts = [captions[d.items[i].row] for i in indices] if pooled_fn is not None else None
-        return model(batch, gen, rows, texts)
+        out: torch.Tensor = model(batch, gen, rows, texts)
+        return out
 
     def restore(state: TrainState) -> None:
         network.load_state_dict(state.weights)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -15,22 +15,31 @@ log = logging.getLogger(__name__)
 
 
 class FrozenDit(Protocol):
-    flux: Path
-    compute_dtype: torch.dtype
-    device: str
-    gradient_checkpointing: bool
-    cpu_offload_checkpointing: bool
-    fp8_base: bool
-    blocks_to_swap: int
-    torch_compile: bool
-    dynamo_backend: str
+    @property
+    def flux(self) -> Path: ...
+    @property
+    def compute_dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def gradient_checkpointing(self) -> bool: ...
+    @property
+    def cpu_offload_checkpointing(self) -> bool: ...
+    @property
+    def fp8_base(self) -> bool: ...
+    @property
+    def blocks_to_swap(self) -> int: ...
+    @property
+    def torch_compile(self) -> bool: ...
+    @property
+    def dynamo_backend(self) -> str: ...
 
 
 def load_dit(cfg: FrozenDit) -> torch.nn.Module:
     """The frozen DiT on the device: fp8 storage, block swap (swapped weights stay in pinned host memory),
     checkpointing mode and compiled blocks as configured."""
     swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
-    dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
+    dit: Any = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     if cfg.fp8_base:

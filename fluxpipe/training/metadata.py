@@ -76,7 +76,8 @@ def _subset(sub: SubsetConfig, rows: pd.DataFrame, dreambooth: bool) -> dict[str
 def _dataset(ds: DatasetConfig, rows: pd.DataFrame, dirs: dict[str, dict], tags: dict[str, dict]) -> dict[str, Any]:
     """One entry of ss_datasets; ``dirs`` and ``tags`` gather ss_dataset_dirs and ss_tag_frequency."""
     dreambooth = all(sub.metadata_file is None for sub in ds.subsets)
-    subsets, own_tags = [], {}
+    subsets: list[dict[str, Any]] = []
+    own_tags: dict[str, dict[str, int]] = {}
     for si, sub in enumerate(ds.subsets):
         mine = rows[rows.subset == si]
         subsets.append(_subset(sub, mine, dreambooth))

@@ -26,18 +26,27 @@ log = logging.getLogger(__name__)
 
 
 class StepPlan(Protocol):
-    max_train_steps: int
-    max_train_epochs: int | None
-    gradient_accumulation_steps: int
+    @property
+    def max_train_steps(self) -> int: ...
+    @property
+    def max_train_epochs(self) -> int | None: ...
+    @property
+    def gradient_accumulation_steps(self) -> int: ...
 
 
 class Pruning(Protocol):
-    output_dir: Path
-    output_name: str
-    save_last_n_epochs: int | None
-    save_last_n_epochs_state: int | None
-    save_last_n_steps: int | None
-    save_last_n_steps_state: int | None
+    @property
+    def output_dir(self) -> Path: ...
+    @property
+    def output_name(self) -> str: ...
+    @property
+    def save_last_n_epochs(self) -> int | None: ...
+    @property
+    def save_last_n_epochs_state(self) -> int | None: ...
+    @property
+    def save_last_n_steps(self) -> int | None: ...
+    @property
+    def save_last_n_steps_state(self) -> int | None: ...
 
 
 def segment_suffix(step: int) -> str:
