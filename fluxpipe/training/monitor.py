@@ -225,30 +225,9 @@ def build_monitor(
     """Samples (prompts encoded now, encoders freed; the AE kept for decoding; ``controlnet`` steers prompts with
     a control image) and the validation loss, the DiT computing in ``dtype``."""
     from fluxpipe.data.batches import load_items
-    from fluxpipe.errors import FluxpipeError
-    from fluxpipe.io.checkpoints import load_model
-    from fluxpipe.parallel.devices import encode_dtype
 
     m = s.monitor
-    sampler, conds = None, {}
-    if m.sample_prompts:
-        from fluxpipe.inference.sampler import Sampler, encode_texts
-
-        if s.sample_models is None:
-            raise FluxpipeError("--sample_prompts needs the model files of --ae, --clip_l and --t5xxl")
-        texts = [p.prompt for p in m.sample_prompts] + [p.negative_prompt for p in m.sample_prompts]
-        conds = encode_texts(
-            s.sample_models,
-            texts,
-            device=s.device,
-            dtype=encode_dtype(s.device),
-            max_length=s.t5_max_length,
-            apply_t5_attn_mask=s.math.apply_t5_attn_mask,
-        )
-        ae = load_model(s.sample_models.ae, "ae", dtype=encode_dtype(s.device), device=s.device)
-        sampler = Sampler(
-            dit, ae, device=s.device, dtype=dtype, apply_t5_attn_mask=s.math.apply_t5_attn_mask, controlnet=controlnet
-        )
+    sampler, conds = _sampler(s, dit, dtype, controlnet) if m.sample_prompts else (None, {})
     items = load_items(s.manifest, s.latent_index, s.text_index, split="val", references=s.references)
     validation = None
     if items and (m.validate_every_n_epochs or m.validate_every_n_steps):
@@ -280,3 +259,29 @@ def build_monitor(
         logger=logger,
         writes=writes,
     )
+
+
+def _sampler(s: LoopSettings, dit: torch.nn.Module, dtype: torch.dtype, controlnet: torch.nn.Module | None) -> tuple:
+    """The samples' sampler and their prompts' encodings (the text encoders freed after)."""
+    from fluxpipe.errors import FluxpipeError
+    from fluxpipe.inference.sampler import Sampler, encode_texts
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.parallel.devices import encode_dtype
+
+    m = s.monitor
+    if s.sample_models is None:
+        raise FluxpipeError("--sample_prompts needs the model files of --ae, --clip_l and --t5xxl")
+    texts = [p.prompt for p in m.sample_prompts] + [p.negative_prompt for p in m.sample_prompts]
+    conds = encode_texts(
+        s.sample_models,
+        texts,
+        device=s.device,
+        dtype=encode_dtype(s.device),
+        max_length=s.t5_max_length,
+        apply_t5_attn_mask=s.math.apply_t5_attn_mask,
+    )
+    ae = load_model(s.sample_models.ae, "ae", dtype=encode_dtype(s.device), device=s.device)
+    sampler = Sampler(
+        dit, ae, device=s.device, dtype=dtype, apply_t5_attn_mask=s.math.apply_t5_attn_mask, controlnet=controlnet
+    )
+    return sampler, conds
