@@ -223,7 +223,7 @@ def test_bad_ema_flags_are_one_line(
 def test_fsdp_refuses_an_ema_in_one_line() -> None:
     from fluxpipe.errors import FluxpipeError
     from fluxpipe.parallel.distributed import World
-    from fluxpipe.stages.train_full import TrainFullConfig, check_parallel
+    from fluxpipe.training.configs import TrainFullConfig, check_parallel
 
     cfg = TrainFullConfig(
         flux=Path("f"),
@@ -261,7 +261,7 @@ def test_the_settings_digest_counts_the_decay_not_where_the_ema_lives() -> None:
 def test_pruning_an_old_step_file_removes_its_ema_file_too(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from fluxpipe.stages.train_lora import prune_old
+    from fluxpipe.training.saving import prune_old
 
     cfg = SimpleNamespace(
         output_dir=tmp_path,

@@ -16,7 +16,7 @@ from conftest import REPO
 from safetensors import safe_open
 
 from fluxpipe.cli import main
-from fluxpipe.stages.train_lora import FlowSettings, prediction_loss
+from fluxpipe.training.loss import FlowSettings, prediction_loss
 from fluxpipe.tools.demo import FILES
 from tests.test_flux_reference import AXES, L_TXT, make_model, reference_flux
 from tests.test_kontext_reference import naive_ids, naive_pack

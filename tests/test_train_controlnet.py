@@ -125,7 +125,6 @@ def test_a_dataset_without_conditioning_images_is_refused(
         (("--loss_type", "huber", "--huber_schedule", "constant"), "l2 or l1"),
         (("--network_dim", "4"), "not implemented yet"),
         (("--fused_backward_pass",), "Adafactor"),
-        (("--sample_every_n_epochs", "1", "--sample_prompts", "p.txt"), "not implemented yet"),
     ],
 )
 def test_refused_flags(

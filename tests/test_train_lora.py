@@ -208,7 +208,7 @@ def test_addnet_hashes_by_hand() -> None:
 
     from safetensors.torch import save
 
-    from fluxpipe.stages.train_lora import addnet_hashes
+    from fluxpipe.lora.files import addnet_hashes
 
     tensors = {"a.lora_down.weight": torch.arange(300_000, dtype=torch.float32).reshape(3000, 100)}
     meta = {"ss_network_dim": "4", "modelspec.title": "x"}
@@ -238,7 +238,7 @@ def fixed_noise_loss(demo: Path, cache: Path, lora: Path | None) -> float:
     from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
     from fluxpipe.io.checkpoints import load_model
     from fluxpipe.lora.files import apply_lora
-    from fluxpipe.stages.train_lora import FlowSettings, flow_loss
+    from fluxpipe.training.loss import FlowSettings, flow_loss
 
     idx = (cache / "cache/latents/index.parquet", cache / "cache/text/index.parquet")
     items = load_items(cache / "dataset/manifest.parquet", *idx)
@@ -367,7 +367,7 @@ def test_log_step_stops_on_a_nonfinite_loss() -> None:
     from tqdm import tqdm
 
     from fluxpipe.errors import FluxpipeError
-    from fluxpipe.stages.train_lora import log_step
+    from fluxpipe.training.saving import log_step
     from fluxpipe.training.log import TrainLogger
 
     records: list[dict] = []

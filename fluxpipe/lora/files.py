@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -154,3 +155,35 @@ def lora_pair_tensors(module: str, parts: dict[str, Tensor], down_name: str, up_
             f"LoRA module {module!r}: {up_name} {tuple(up.shape)} and {down_name} {tuple(down.shape)} do not chain"
         )
     return down, up
+
+
+def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The reference's sshs_model_hash / sshs_legacy_hash (spec §5.7): sha256 of the tensor-data section, and
+    the first 8 hex digits of sha256 of the 64 KiB at 1 MiB, of a serialization carrying only ss_* metadata."""
+    import hashlib
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    (header,) = struct.unpack("<Q", blob[:8])
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+    }
+
+
+def save_lora(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """A trained LoRA file (kohya layout tensors), atomically, with the sshs_* hashes of its ss_* metadata."""
+    from fluxpipe.io.safetensors_file import save_safetensors
+
+    save_safetensors(tensors, path, {**metadata, **addnet_hashes(tensors, metadata)})
+    return path
+
+
+def load_lora_file(path: Path) -> dict[str, Tensor]:
+    """A LoRA file to continue from (--network_weights): checked as safetensors first, never unpickled."""
+    from fluxpipe.io.safetensors_file import read_header, read_tensors
+
+    header = read_header(path)
+    return read_tensors(path, {k: k for k in header.tensors})

@@ -7,59 +7,33 @@ from the manifest (resized and centre-cropped with its target, mirrored with it;
 The ControlNet's residuals are added to the base model's image stream after every double block; the loss is
 the LoRA trainer's flow-matching loss (l2 or l1: the reference passes no Huber threshold here). Output: the
 ControlNet's weights in the reference's key layout (``<name>.safetensors`` and per-epoch / per-step files),
-``<name>-loss.jsonl``, ``-state`` folders that resume exactly.
+``<name>-loss.jsonl``, ``-state`` folders that resume exactly; samples (prompts with ``--cn`` control
+images) and the validation loss (each held-out image with its conditioning image) as the other methods.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
-from fluxpipe.parallel.distributed import world, wrap
-from fluxpipe.stages.train_full import TrainFullConfig, check_parallel, restore, resume_state, write_state
-from fluxpipe.stages.train_lora import (
-    FlowSettings,
-    check_segment,
-    draw_flow_noise,
-    epoch_save_interval,
-    load_dit,
-    log_step,
-    plan_steps,
-    prediction_loss,
-    prune_old,
-    segment_suffix,
-    select_rows,
-    write_losses,
-)
+from fluxpipe.parallel.distributed import World, world, wrap
+from fluxpipe.training.configs import TrainControlNetConfig, check_parallel
+from fluxpipe.training.dit import load_dit
 from fluxpipe.training.ema import create as create_ema
-from fluxpipe.training.ema import ema_metadata, save_beside
-from fluxpipe.training.log import TrainLogger
-from fluxpipe.training.state import restore_rng
-from fluxpipe.training.weights import WeightOptimizers, modelspec, save_weights
+from fluxpipe.training.engine import Method, TrainData, ddp_sync, load_data, train_loop
+from fluxpipe.training.loss import FlowSettings, draw_flow_noise, prediction_loss, select_rows
+from fluxpipe.training.monitor import build_monitor
+from fluxpipe.training.settings import LoopSettings
+from fluxpipe.training.weights import Optimizers, WeightOptimizers, modelspec, save_weights
 
+__all__ = ["TrainControlNetConfig", "run", "train"]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TrainControlNetConfig(TrainFullConfig):
-    """The full fine-tune's settings (they apply to the ControlNet's weights here; blocks_to_swap to the base)
-    plus the frozen base model's options and the starting ControlNet."""
-
-    controlnet: Path | None = None  # start from this ControlNet (strict), else fresh
-    fp8_base: bool = False
-    torch_compile: bool = False
-    dynamo_backend: str = "inductor"
 
 
 def build_controlnet(cfg: TrainControlNetConfig, params) -> ControlNetFlux:  # noqa: ANN001 - FluxParams
@@ -136,130 +110,80 @@ class ControlNetLoss(torch.nn.Module):
         return prediction_loss(model, batch, self.m, *draws).mean()
 
 
-def train(cfg: TrainControlNetConfig) -> Path:
-    """The ControlNet training loop (DDP across torchrun's processes); returns the final ControlNet file, or,
-    when a segment stops early, its state folder."""
+class Autocast(torch.nn.Module):
+    """A module called under the training's autocast (the ControlNet's fp32 weights meet the base's dtype)."""
+
+    def __init__(self, module: torch.nn.Module, device: str, dtype: torch.dtype, enabled: bool) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype, self.enabled = module, torch.device(device).type, dtype, enabled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            return self.module(*args, **kwargs)
+
+
+def restore(controlnet: ControlNetFlux, optim: Optimizers, state: Any) -> None:  # noqa: ANN401 - TrainState
+    controlnet.load_state_dict(state.weights)
+    optim.load_state_dict(state.optimizer)
+
+
+def controlnet_method(cfg: TrainControlNetConfig, s: LoopSettings, d: TrainData, w: World) -> Method:
     from fluxpipe.data.conditioning import ConditioningImages
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
-    if not items:
-        raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
-    w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)
-    check_parallel(cfg, w, sharded=False)
-    rows_table, images = conditioning_rows(cfg, items), ConditioningImages()
-    tensors = CachedTensors(cfg.latent_index, cfg.text_index)
+    rows_table, images = conditioning_rows(cfg, d.items), ConditioningImages()
     dit = load_dit(cfg).train()  # frozen, but in training mode: its blocks are checkpointed when asked
     controlnet = build_controlnet(cfg, dit.params)
-    accum = cfg.gradient_accumulation_steps
-    sizes = {k: v * w.size for k, v in cfg.batch_sizes.items()}
-    first_batches = epoch_batches(items, sizes, 0, cfg.seed)
-    total, epochs = plan_steps(len(first_batches), cfg)
-    optim = WeightOptimizers(controlnet, cfg.optim, total)
+    optim = WeightOptimizers(controlnet, cfg.optim, d.total)
     ema = create_ema(cfg.ema, controlnet)
-    torch.manual_seed(cfg.seed)
-    step, start_epoch, start_batch = 0, 0, 0
-    state = resume_state(cfg)
-    if state is not None:
-        check_segment(cfg.stop_at_step, state.step)
-        restore(controlnet, optim, state, w)
-        if ema is not None:
-            ema.load_state_dict(state.extra["ema"])
-        restore_rng(state.rng, {"noise": gen})
-        step, start_epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    if w.main:  # what a killed run of this output left
-        remove_stale_temps(cfg.output_dir, cfg.output_name)
-    loss_file = cfg.output_dir / f"{cfg.output_name}-loss.jsonl"
-    records: list[dict] = []
-    every_epochs = epoch_save_interval(cfg.save_every_n_epochs, cfg.save_n_epoch_ratio, epochs)
-    logger = TrainLogger(
-        cfg.logging_dir if w.main else None,
-        cfg.log_prefix,
-        window=math.ceil(len(first_batches) / accum),
-        tracker_name=cfg.log_tracker_name,
-    )
     model = wrap(ControlNetLoss(controlnet, dit, cfg.math), w)
+    mixed = cfg.compute_dtype != torch.float32 and not cfg.full_bf16
+    steered = Autocast(controlnet, cfg.device, cfg.compute_dtype, mixed)
 
-    def save_point(
-        suffix: str,
-        step: int,
-        epoch: int,
-        batch_in_epoch: int,
-        kind: str = "",
-        every: int | None = None,
-        model_file: bool = True,
-        state_too: bool = cfg.save_state,
-    ) -> None:
-        if not w.main:  # only rank 0 writes
-            return
-        if model_file:
-            save_controlnet(controlnet, cfg, suffix, step, epoch)
-            save_beside(ema, lambda s: save_controlnet(controlnet, cfg, s, step, epoch, ema_metadata(ema)), suffix)
-        if state_too:
-            write_state(controlnet, optim, gen, cfg, step, epoch, batch_in_epoch, suffix, ema=ema)
-        if kind:
-            prune_old(cfg, kind, step if kind == "step" else epoch, every)
-        write_losses(loss_file, records, state.step if state else 0)
+    def loss(batch: dict, gen: torch.Generator, rows: list[int] | None, indices: list[int]) -> Tensor:
+        batch["hint"] = hints(rows_table, d.items, batch, images, cfg.device)
+        with torch.autocast(torch.device(cfg.device).type, dtype=cfg.compute_dtype, enabled=mixed):
+            return model(batch, gen, rows)
 
-    bar = tqdm(
-        total=total, initial=step, desc=f"train {cfg.output_name}", unit="step", mininterval=2, disable=not w.main
-    )
-    epoch = start_epoch
-    for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, sizes, epoch, cfg.seed)
-        first = start_batch if epoch == start_epoch else 0
-        for bi in range(first, len(batches)):
-            boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
-            batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
-            batch["hint"] = hints(rows_table, items, batch, images, cfg.device)
-            rows, share = w.part(len(batches[bi]))
-            with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
-                with torch.autocast(
-                    torch.device(cfg.device).type,
-                    dtype=cfg.compute_dtype,
-                    enabled=cfg.compute_dtype != torch.float32 and not cfg.full_bf16,
-                ):
-                    loss = model(batch, gen, rows)
-                (loss * share / accum).backward()
-            if not boundary:
-                continue
-            loss_value = float(w.mean(loss.detach(), len(rows) if rows is not None else 1))  # once a step
-            optim.step()
-            step += 1
-            if ema is not None:
-                ema.update(step)
-            log_step(records, logger, bar, step, epoch, loss_value, optim.lrs())
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-                save_point(f"-step{step:08d}", step, epoch, bi + 1, "step", cfg.save_every_n_steps)
-            if step >= total or step == cfg.stop_at_step:
-                break
-        if step == cfg.stop_at_step and step < total:  # this segment ends; the next job resumes its state
-            save_point(segment_suffix(step), step, epoch, bi + 1, model_file=False, state_too=True)
-            bar.close()
-            logger.close()
-            optim.remove()
-            tensors.close()
-            w.barrier()
-            return cfg.output_dir / f"{cfg.output_name}{segment_suffix(step)}-state"
-        logger.epoch(epoch + 1)
-        if step >= total:
-            break
-        if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < epochs:
-            save_point(f"-{epoch + 1:06d}", step, epoch + 1, 0, "epoch", every_epochs)
-    bar.close()
-    logger.close()
-    save_point("", step, epochs, 0, model_file=False)  # the final state (with --save_state) and the loss log
-    if w.main:
-        save_beside(
-            ema, lambda s: save_controlnet(controlnet, cfg, s, step, min(epoch + 1, epochs), ema_metadata(ema)), ""
+    def prepare(batch: dict, items: list) -> dict:  # a validation image's conditioning image
+        return {**batch, "hint": hints(rows_table, items, batch, images, cfg.device)}
+
+    def monitor(logger: Any, writes: bool) -> Any:  # noqa: ANN401
+        return build_monitor(
+            s,
+            dit,
+            controlnet,
+            d.tensors,
+            logger,
+            dtype=cfg.compute_dtype,
+            writes=writes,
+            model_for=lambda batch: ControlledFlux(dit, steered, batch.get("hint", torch.empty(0))),  # type: ignore[arg-type]
+            prepare=prepare,
+            controlnet=steered,
         )
-    final = (
-        save_controlnet(controlnet, cfg, "", step, min(epoch + 1, epochs))
-        if w.main
-        else cfg.output_dir / f"{cfg.output_name}.safetensors"
+
+    return Method(
+        optim=optim,
+        loss=loss,
+        save=lambda suffix, step, epoch, extra: save_controlnet(controlnet, cfg, suffix, step, epoch, extra),
+        capture=lambda: (dict(controlnet.state_dict()), optim.state_dict(), {}),
+        restore=lambda state: restore(controlnet, optim, state),
+        monitor=monitor,
+        batch_dtype=cfg.compute_dtype,
+        sync=ddp_sync(model, w),
+        ema=ema,
     )
-    optim.remove()
-    tensors.close()
-    w.barrier()  # the others wait for rank 0's files
-    return final
+
+
+def run(cfg: TrainControlNetConfig) -> Path:
+    """Train the ControlNet (DDP across torchrun's processes); returns the final ControlNet file, or, when a
+    segment stops early, its state folder."""
+    w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)
+    check_parallel(cfg, w, sharded=False)
+    s = LoopSettings.of(cfg)
+    d = load_data(s, w)
+    method = controlnet_method(cfg, s, d, w)
+    torch.manual_seed(cfg.seed)
+    return train_loop(s, method, d)
+
+
+train = run

@@ -36,8 +36,8 @@ from fluxpipe.models.autoencoder import FLUX1_AE, AutoEncoder
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux
 from fluxpipe.models.flux import PRESETS, Flux
 from fluxpipe.stages import cache_latents, cache_text, manifest
-from fluxpipe.stages.train_lora import FlowSettings, flow_loss
 from fluxpipe.tools.demo import CLIP_DIR, T5_DIR, write_clip_tokenizer, write_demo_models, write_t5_tokenizer
+from fluxpipe.training.loss import FlowSettings, flow_loss
 from fluxpipe.training.weights import OptimizerSettings, WeightOptimizers
 
 # T5-XXL's tensor shapes that t5_config_from_shapes reads

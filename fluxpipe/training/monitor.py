@@ -22,13 +22,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.io.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from fluxpipe.training.settings import LoopSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,6 @@ class MonitorSettings:
     max_validation_steps: int | None = None  # at most this many validation items (all when None)
     validation_seed: int = 0
     sigmas: tuple[float, ...] = VALIDATION_SIGMAS
-    extra: dict = field(default_factory=dict)
 
 
 def sample_due(s: MonitorSettings, step: int, epoch_end: int | None) -> bool:
@@ -163,41 +166,122 @@ class Monitor:
 
 @torch.no_grad()
 def validation_loss(
-    dit: torch.nn.Module,
-    network: torch.nn.Module,
+    model_for: Callable[[dict], torch.nn.Module],
+    trained: torch.nn.Module,
     items: list,
-    tensors,
-    math_settings,  # noqa: ANN001
+    tensors: Any,  # noqa: ANN401 - fluxpipe.data.batches.CachedTensors
+    math_settings: Any,  # noqa: ANN401 - fluxpipe.training.loss.FlowSettings
     *,
     sigmas: tuple[float, ...],
     seed: int,
     device: str,
     dtype: torch.dtype,
     limit: int | None = None,
-    pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
-    captions: list[str] | None = None,
+    prepare: Callable[[dict, list], dict] | None = None,
 ) -> dict:
     """Mean loss over the validation items at each fixed sigma (fixed latent draw and noise per item), with the
-    LoRA's dropouts off; {"loss": mean, "by_sigma": {sigma: mean}}."""
+    trained module's dropouts off; {"loss": mean, "by_sigma": {sigma: mean}}. ``model_for(batch)`` is what
+    predicts (the DiT, or the DiT steered by the ControlNet); ``prepare(batch, items)`` adds what a method's
+    forward needs beyond the caches (a trained CLIP-L's pooled vector, a control image)."""
     from fluxpipe.data.batches import make_batch
-    from fluxpipe.stages.train_lora import prediction_loss
+    from fluxpipe.training.loss import prediction_loss
 
-    was = dit.training, network.training
-    dit.eval()
-    network.eval()
+    model = model_for({})
+    was = model.training, trained.training
+    model.eval()
+    trained.eval()
     sums = [0.0] * len(sigmas)
     chosen = items[:limit] if limit else items
     try:
         for i, item in enumerate(chosen):
             batch = make_batch(chosen, [i], tensors, torch.Generator().manual_seed(seed + item.row), device, dtype)
-            if pooled_fn is not None and captions is not None:
-                batch["pooled"] = pooled_fn([captions[item.row]]).to(dtype)
+            if prepare is not None:
+                batch = prepare(batch, chosen)
             for k, sigma in enumerate(sigmas):
                 noise = fixed_noise(tuple(batch["latents"].shape), seed, item.row, k).to(device, dtype)
                 t = torch.full((1,), sigma, device=device)
-                sums[k] += float(prediction_loss(dit, batch, math_settings, t, noise)[0])
+                sums[k] += float(prediction_loss(model_for(batch), batch, math_settings, t, noise)[0])
     finally:
-        dit.train(was[0])
-        network.train(was[1])
+        model.train(was[0])
+        trained.train(was[1])
     by_sigma = {str(s): v / len(chosen) for s, v in zip(sigmas, sums, strict=True)}
     return {"loss": sum(by_sigma.values()) / len(sigmas), "by_sigma": by_sigma, "items": len(chosen)}
+
+
+def build_monitor(
+    s: LoopSettings,
+    dit: torch.nn.Module,
+    trained: torch.nn.Module,
+    tensors: Any,  # noqa: ANN401 - fluxpipe.data.batches.CachedTensors
+    logger: Any,  # noqa: ANN401 - fluxpipe.training.log.TrainLogger
+    *,
+    dtype: torch.dtype,
+    writes: bool = True,
+    pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
+    model_for: Callable[[dict], torch.nn.Module] | None = None,
+    prepare: Callable[[dict, list], dict] | None = None,
+    controlnet: torch.nn.Module | None = None,
+) -> Monitor:
+    """Samples (prompts encoded now, encoders freed; the AE kept for decoding; ``controlnet`` steers prompts with
+    a control image) and the validation loss, the DiT computing in ``dtype``."""
+    from fluxpipe.data.batches import load_items
+
+    m = s.monitor
+    sampler, conds = _sampler(s, dit, dtype, controlnet) if m.sample_prompts else (None, {})
+    items = load_items(s.manifest, s.latent_index, s.text_index, split="val", references=s.references)
+    validation = None
+    if items and (m.validate_every_n_epochs or m.validate_every_n_steps):
+
+        def validation() -> dict:
+            return validation_loss(
+                model_for or (lambda batch: dit),
+                trained,
+                items,
+                tensors,
+                s.math,
+                sigmas=m.sigmas,
+                seed=m.validation_seed,
+                device=s.device,
+                dtype=dtype,
+                limit=m.max_validation_steps,
+                prepare=prepare,
+            )
+
+    return Monitor(
+        m,
+        output_dir=s.output_dir,
+        output_name=s.output_name,
+        seed=s.seed,
+        sampler=sampler,
+        conds=conds,
+        pooled_fn=pooled_fn,
+        validation=validation,
+        logger=logger,
+        writes=writes,
+    )
+
+
+def _sampler(s: LoopSettings, dit: torch.nn.Module, dtype: torch.dtype, controlnet: torch.nn.Module | None) -> tuple:
+    """The samples' sampler and their prompts' encodings (the text encoders freed after)."""
+    from fluxpipe.errors import FluxpipeError
+    from fluxpipe.inference.sampler import Sampler, encode_texts
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.parallel.devices import encode_dtype
+
+    m = s.monitor
+    if s.sample_models is None:
+        raise FluxpipeError("--sample_prompts needs the model files of --ae, --clip_l and --t5xxl")
+    texts = [p.prompt for p in m.sample_prompts] + [p.negative_prompt for p in m.sample_prompts]
+    conds = encode_texts(
+        s.sample_models,
+        texts,
+        device=s.device,
+        dtype=encode_dtype(s.device),
+        max_length=s.t5_max_length,
+        apply_t5_attn_mask=s.math.apply_t5_attn_mask,
+    )
+    ae = load_model(s.sample_models.ae, "ae", dtype=encode_dtype(s.device), device=s.device)
+    sampler = Sampler(
+        dit, ae, device=s.device, dtype=dtype, apply_t5_attn_mask=s.math.apply_t5_attn_mask, controlnet=controlnet
+    )
+    return sampler, conds

@@ -35,61 +35,45 @@ class OptimizerSettings:
     blockwise_fused_optimizers: bool = False
 
 
-class WeightOptimizers:
-    """The optimizer(s) and scheduler(s) of one run over ``module``'s trainable parameters."""
+class Optimizers:
+    """The optimizer(s) and scheduler(s) of one run: ``step`` once per optimizer step, after the last backward
+    (a ``GradScaler`` unscales before clipping and skips a step whose fp16 gradients overflowed)."""
 
-    def __init__(self, module: nn.Module, s: OptimizerSettings, total_steps: int) -> None:
-        from fluxpipe.training.fused_optim import (
-            BlockwiseFusedOptimizers,
-            check_fused_options,
-            enable_fused_backward,
-            key_name,
-        )
-        from fluxpipe.training.optim import build_optimizer, build_scheduler, canonical_optimizer, resolve_warmup
+    def __init__(
+        self,
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+        params: list[nn.Parameter],
+        max_grad_norm: float,
+        hooks: Any = None,  # noqa: ANN401 - the fused modes' hooks (they step inside backward)
+        group_lrs: bool = False,  # lrs() by parameter group (the LoRA's), else the first scheduler's
+    ) -> None:
+        self.optimizers, self.schedulers, self.params = optimizers, schedulers, params
+        self.max_grad_norm, self.hooks, self.group_lrs = max_grad_norm, hooks, group_lrs
 
-        try:
-            check_fused_options(
-                s.fused_backward_pass, s.blockwise_fused_optimizers, canonical_optimizer(s.optimizer_type)
-            )
-        except ValueError as e:
-            raise FluxpipeError(str(e)) from e
-        self.s = s
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.hooks = None
-
-        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            return build_optimizer(
-                s.optimizer_type, [{"params": params, "lr": s.learning_rate}], s.learning_rate, dict(s.optimizer_args)
-            )
-
-        clip = s.max_grad_norm or None
-        if s.blockwise_fused_optimizers:
-            self.hooks = BlockwiseFusedOptimizers(module, make, max_grad_norm=clip)
-            self.optimizers = {key_name(k): o for k, o in self.hooks.optimizers.items()}
-        else:
-            self.optimizers = {"main": make(self.params)}
-            if s.fused_backward_pass:
-                self.hooks = enable_fused_backward(self.optimizers["main"], max_grad_norm=clip)
-        warmup = resolve_warmup(s.lr_warmup_steps, total_steps)
-        self.schedulers = {
-            k: build_scheduler(s.lr_scheduler, o, total_steps, warmup, s.lr_scheduler_num_cycles, s.lr_scheduler_power)
-            for k, o in self.optimizers.items()
-        }
-
-    def step(self) -> None:
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         """After the last backward of an optimizer step (the hooks already stepped in the fused modes)."""
         if self.hooks is None:
-            if self.s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm)
-            self.optimizers["main"].step()
-            self.optimizers["main"].zero_grad(set_to_none=True)
+            main = self.optimizers["main"]
+            if scaler is not None:
+                scaler.unscale_(main)  # (a no-op unless fp16 on a GPU)
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if scaler is not None:
+                scaler.step(main)  # skips the step when an fp16 gradient overflowed, as accelerate does
+                scaler.update()
+            else:
+                main.step()
+            main.zero_grad(set_to_none=True)
         else:  # the hooks updated the weights outside optimizer.step(): tell the schedulers it happened
             for opt in self.optimizers.values():
-                opt._opt_called = True  # noqa: SLF001 - the flag torch's LRScheduler checks
+                opt._opt_called = True  # type: ignore[attr-defined] # noqa: SLF001 - the flag torch's LRScheduler checks
         for sched in self.schedulers.values():
             sched.step()
 
     def lrs(self) -> dict[str, float]:
+        if self.group_lrs:
+            return {g["description"]: g["lr"] for g in self.optimizers["main"].param_groups}
         return {name: sched.get_last_lr()[0] for name, sched in list(self.schedulers.items())[:1]}
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,6 +93,48 @@ class WeightOptimizers:
     def remove(self) -> None:
         if self.hooks is not None:
             self.hooks.remove()
+
+
+class WeightOptimizers(Optimizers):
+    """The optimizer(s) and scheduler(s) of a run over ``module``'s trainable parameters, in the mode asked."""
+
+    def __init__(self, module: nn.Module, s: OptimizerSettings, total_steps: int) -> None:
+        from fluxpipe.training.fused_optim import (
+            BlockwiseFusedOptimizers,
+            check_fused_options,
+            enable_fused_backward,
+            key_name,
+        )
+        from fluxpipe.training.optim import build_optimizer, build_scheduler, canonical_optimizer, resolve_warmup
+
+        try:
+            check_fused_options(
+                s.fused_backward_pass, s.blockwise_fused_optimizers, canonical_optimizer(s.optimizer_type)
+            )
+        except ValueError as e:
+            raise FluxpipeError(str(e)) from e
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return build_optimizer(
+                s.optimizer_type, [{"params": params, "lr": s.learning_rate}], s.learning_rate, dict(s.optimizer_args)
+            )
+
+        clip = s.max_grad_norm or None
+        hooks: Any = None
+        if s.blockwise_fused_optimizers:
+            hooks = BlockwiseFusedOptimizers(module, make, max_grad_norm=clip)
+            optimizers = {key_name(k): o for k, o in hooks.optimizers.items()}
+        else:
+            optimizers = {"main": make(params)}
+            if s.fused_backward_pass:
+                hooks = enable_fused_backward(optimizers["main"], max_grad_norm=clip)
+        warmup = resolve_warmup(s.lr_warmup_steps, total_steps)
+        schedulers = {
+            k: build_scheduler(s.lr_scheduler, o, total_steps, warmup, s.lr_scheduler_num_cycles, s.lr_scheduler_power)
+            for k, o in optimizers.items()
+        }
+        super().__init__(optimizers, schedulers, params, s.max_grad_norm, hooks)
 
 
 def modelspec(architecture: str, title: str) -> dict[str, str]:

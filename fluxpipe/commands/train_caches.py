@@ -1,0 +1,127 @@
+"""The manifest and caches a training command reads: the Snakemake pipeline's (``--cache_dir``), or built for a
+standalone run in ``<output_dir>/.fluxpipe-cache`` with the same stage code, from the dataset the reference's
+flags describe (``--dataset_config``, or folder mode)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxpipe.config.reference_flags import FOLDER_FLAGS, dataset_flag_defaults
+from fluxpipe.errors import FluxpipeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    manifest: Path
+    latent_index: Path
+    text_index: Path
+
+
+def pipeline_caches(cache_dir: Path) -> CachePaths:
+    """The Snakemake pipeline's caches under ``cache_dir`` (normally results/)."""
+    return CachePaths(
+        manifest=cache_dir / "dataset/manifest.parquet",
+        latent_index=cache_dir / "cache/latents/index.parquet",
+        text_index=cache_dir / "cache/text/index.parquet",
+    )
+
+
+def with_cli_validation(datasets, ns: argparse.Namespace):  # noqa: ANN001, ANN201 - DatasetsConfig
+    """--validation_split / --validation_seed for the datasets whose TOML sets none (the TOML wins)."""
+    from dataclasses import replace
+
+    if not ns.validation_split and ns.validation_seed is None:
+        return datasets
+    out = [
+        replace(
+            ds,
+            validation_split=ds.validation_split or (ns.validation_split or 0.0),
+            validation_seed=ds.validation_seed if ds.validation_seed is not None else ns.validation_seed,
+        )
+        for ds in datasets.datasets
+    ]
+    return replace(datasets, datasets=tuple(out) if isinstance(datasets.datasets, tuple) else out)
+
+
+def load_datasets(ns: argparse.Namespace):  # noqa: ANN201 - DatasetsConfig
+    """The dataset as the reference builds it from the flags: --dataset_config (TOML or JSON), else folder mode
+    (--train_data_dir N_concept subfolders, --reg_data_dir, --in_json); command-line dataset flags as fallbacks."""
+    from fluxpipe.config.dataset import folder_datasets, load_dataset_toml, parse_datasets
+
+    defaults = dataset_flag_defaults(ns)
+    if ns.dataset_config is not None:
+        folders = [f"--{f}" for f in FOLDER_FLAGS if getattr(ns, f) is not None]
+        if folders:
+            log.warning("%s ignored: --dataset_config is given (as by the reference)", ", ".join(folders))
+        return load_dataset_toml(ns.dataset_config, defaults)
+    if ns.train_data_dir is None:
+        raise FluxpipeError(
+            "no dataset: give --dataset_config (a TOML or JSON file) or --train_data_dir (a folder "
+            "of N_concept subfolders) with --resolution"
+        )
+    if "resolution" not in defaults:
+        raise FluxpipeError("--train_data_dir needs --resolution (SIZE or W,H, e.g. 512 or 768,512)")
+    data = folder_datasets(ns.train_data_dir, ns.reg_data_dir, ns.in_json)
+    return parse_datasets(data, f"--train_data_dir {ns.train_data_dir}", defaults)
+
+
+def build_caches(
+    ns: argparse.Namespace, work: Path, device: str, clip_tokenizer: Path | None, t5_tokenizer: Path | None
+) -> CachePaths:
+    """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
+    from fluxpipe.config.dataset import check_cacheable
+    from fluxpipe.data.text_encoding import default_t5_max_length
+    from fluxpipe.io.checkpoints import inspect_checkpoint
+    from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
+
+    datasets = with_cli_validation(load_datasets(ns), ns)
+    check_cacheable(datasets, cache_latents=True, cache_text=True)
+    paths = pipeline_caches(work)
+    manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
+    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    for kind in ("latents", "text"):
+        shard = work / f"cache/{kind}/shard-000.safetensors"
+        shard.unlink(missing_ok=True)
+        if kind == "latents":
+            cache_latents.run(
+                cache_latents.CacheLatentsConfig(
+                    manifest=paths.manifest,
+                    ae=Path(ns.ae),
+                    out=shard,
+                    shard=0,
+                    batch_size=ns.vae_batch_size or 1,
+                    device=device,
+                    references=ns.model_type == "kontext",
+                )
+            )
+        else:
+            cache_text.run(
+                cache_text.CacheTextConfig(
+                    manifest=paths.manifest,
+                    clip_l=Path(ns.clip_l),
+                    t5xxl=Path(ns.t5xxl),
+                    clip_tokenizer=clip_tokenizer,
+                    t5_tokenizer=t5_tokenizer,
+                    out=shard,
+                    shard=0,
+                    max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant),
+                    apply_t5_attn_mask=ns.apply_t5_attn_mask,
+                    device=device,
+                )
+            )
+        index = paths.latent_index if kind == "latents" else paths.text_index
+        cache_index.run(
+            cache_index.CacheIndexConfig(
+                kind=kind,
+                manifest=paths.manifest,
+                shards=(shard,),
+                index=index,
+                summary=index.with_name("summary.json"),
+            )
+        )
+    return paths
