@@ -47,10 +47,10 @@ class CachePaths:
 
 def pipeline_caches(cache_dir: Path) -> CachePaths:
     """The Snakemake pipeline's caches under ``cache_dir`` (normally results/)."""
+    from fluxpipe.config.results import LATENT_INDEX_IN, MANIFEST_IN, TEXT_INDEX_IN
+
     return CachePaths(
-        manifest=cache_dir / "dataset/manifest.parquet",
-        latent_index=cache_dir / "cache/latents/index.parquet",
-        text_index=cache_dir / "cache/text/index.parquet",
+        manifest=cache_dir / MANIFEST_IN, latent_index=cache_dir / LATENT_INDEX_IN, text_index=cache_dir / TEXT_INDEX_IN
     )
 
 
@@ -168,7 +168,8 @@ HONOURED = (
         """
 pretrained_model_name_or_path clip_l t5xxl ae dataset_config output_dir output_name save_model_as network_module
 network_dim network_alpha network_dropout network_args network_weights learning_rate unet_lr optimizer_type
-optimizer_args lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power max_train_steps
+optimizer_args lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_type
+lr_scheduler_args max_train_steps
 max_train_epochs gradient_accumulation_steps max_grad_norm mixed_precision seed gradient_checkpointing
 save_every_n_epochs save_every_n_steps save_precision save_state resume timestep_sampling sigmoid_scale
 discrete_flow_shift weighting_scheme logit_mean logit_std mode_scale model_prediction_type guidance_scale
@@ -562,6 +563,8 @@ def lora_config(
         lr_warmup_steps=ns.lr_warmup_steps,
         lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles,
         lr_scheduler_power=ns.lr_scheduler_power,
+        lr_scheduler_type=ns.lr_scheduler_type,
+        lr_scheduler_args=parse_optimizer_args(ns.lr_scheduler_args or [], "lr_scheduler_args"),
         max_train_steps=ns.max_train_steps,
         max_train_epochs=ns.max_train_epochs,
         gradient_accumulation_steps=ns.gradient_accumulation_steps,
@@ -632,6 +635,8 @@ def full_config(
         lr_warmup_steps=ns.lr_warmup_steps,
         lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles,
         lr_scheduler_power=ns.lr_scheduler_power,
+        lr_scheduler_type=ns.lr_scheduler_type,
+        lr_scheduler_args=parse_optimizer_args(ns.lr_scheduler_args or [], "lr_scheduler_args"),
         max_grad_norm=ns.max_grad_norm,
         fused_backward_pass=ns.fused_backward_pass,
         blockwise_fused_optimizers=ns.blockwise_fused_optimizers,

@@ -81,6 +81,8 @@ class TrainLoraConfig:
     lr_warmup_steps: int | float | str | None = None
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_type: str = ""  # a scheduler class (module.Class or a torch.optim.lr_scheduler name)
+    lr_scheduler_args: dict = field(default_factory=dict)
     max_train_steps: int = 1600
     max_train_epochs: int | None = None
     gradient_accumulation_steps: int = 1
@@ -556,6 +558,8 @@ def train(cfg: TrainLoraConfig) -> Path:
         resolve_warmup(cfg.lr_warmup_steps, total),
         cfg.lr_scheduler_num_cycles,
         cfg.lr_scheduler_power,
+        scheduler_type=cfg.lr_scheduler_type,
+        scheduler_args=dict(cfg.lr_scheduler_args),
     )
     step, start_epoch, start_batch = 0, 0, 0
     # fp16 (on a GPU only: the CPU computes fp16 runs in bf16) scales the loss so that small gradients survive

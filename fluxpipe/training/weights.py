@@ -30,6 +30,8 @@ class OptimizerSettings:
     lr_warmup_steps: int | float | str | None = None
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_type: str = ""  # a scheduler class (module.Class or a torch.optim.lr_scheduler name)
+    lr_scheduler_args: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0
     fused_backward_pass: bool = False
     blockwise_fused_optimizers: bool = False
@@ -72,7 +74,16 @@ class WeightOptimizers:
                 self.hooks = enable_fused_backward(self.optimizers["main"], max_grad_norm=clip)
         warmup = resolve_warmup(s.lr_warmup_steps, total_steps)
         self.schedulers = {
-            k: build_scheduler(s.lr_scheduler, o, total_steps, warmup, s.lr_scheduler_num_cycles, s.lr_scheduler_power)
+            k: build_scheduler(
+                s.lr_scheduler,
+                o,
+                total_steps,
+                warmup,
+                s.lr_scheduler_num_cycles,
+                s.lr_scheduler_power,
+                scheduler_type=s.lr_scheduler_type,
+                scheduler_args=dict(s.lr_scheduler_args),
+            )
             for k, o in self.optimizers.items()
         }
 
