@@ -22,6 +22,7 @@ import torch
 from fluxpipe import __version__
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
+from fluxpipe.lora.lycoris import network_kwargs
 from fluxpipe.lora.network import LoraSpec, parse_network_args
 from fluxpipe.stages.train_lora import FlowSettings, TrainLoraConfig
 from fluxpipe.training.ema import EmaSettings
@@ -285,6 +286,10 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
         )
     check_logging(ns.logging_dir, ns.log_with)
     check_kontext(ns, method)
+    if method == "lora" and ns.network_module == "lycoris.kohya" and not ns.network_train_unet_only:
+        raise FluxpipeError(
+            "--network_module lycoris.kohya: fluxpipe trains LyCORIS on the DiT only: add --network_train_unet_only"
+        )
     if ns.blocks_to_swap and not device.startswith("cuda"):
         log.warning(
             "--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored", ns.blocks_to_swap
@@ -333,6 +338,8 @@ def check_kontext_pairs(ns: argparse.Namespace, datasets) -> None:  # noqa: ANN0
 
 
 def lora_spec(ns: argparse.Namespace) -> LoraSpec:
+    if ns.network_module == "lycoris.kohya":  # its --network_args go to the LyCORIS package (TrainLoraConfig.lycoris)
+        return LoraSpec(network_dim=ns.network_dim or 4, network_alpha=ns.network_alpha, dropout=ns.network_dropout)
     try:
         extra = parse_network_args(list(ns.network_args or []))
         spec = LoraSpec(
@@ -420,7 +427,7 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_max_train_steps": str(ns.max_train_steps),
         "ss_lr_warmup_steps": str(ns.lr_warmup_steps),
         "ss_lr_scheduler": ns.lr_scheduler,
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": ns.network_module or "networks.lora_flux",
         "ss_network_dim": str(ns.network_dim),
         "ss_network_alpha": str(ns.network_alpha),
         "ss_network_dropout": str(ns.network_dropout),
@@ -580,6 +587,7 @@ def lora_config(
         auto_resume=auto_resume,
         device=device,
         clip_l=None if ns.network_train_unet_only else Path(ns.clip_l),
+        lycoris=network_kwargs(ns.network_args or []) if ns.network_module == "lycoris.kohya" else None,
         clip_tokenizer=clip_tokenizer,
         fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
         save_last_n_epochs=ns.save_last_n_epochs,

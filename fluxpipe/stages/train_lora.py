@@ -24,6 +24,7 @@ from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.io.atomic import remove_stale_temps, write_text_atomic
 from fluxpipe.io.checkpoints import load_model
+from fluxpipe.lora.lycoris import LycorisFluxNetwork
 from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
 from fluxpipe.maths import flow
 from fluxpipe.maths.kontext import kontext_forward, reference_tokens
@@ -123,6 +124,7 @@ class TrainLoraConfig:
         None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
     )
     kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
+    lycoris: dict[str, str] | None = None  # --network_module lycoris.kohya: its --network_args (fluxpipe.lora.lycoris)
 
 
 def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -531,7 +533,14 @@ def train(cfg: TrainLoraConfig) -> Path:
         clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
         clip_tok = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
         captions = read_parquet(cfg.manifest)[0].caption.tolist()
-    network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype).to(cfg.device)
+    if cfg.lycoris is not None:  # LyCORIS through its package (the DiT only; its own param groups)
+        lora = cfg.lora
+        network = LycorisFluxNetwork(
+            dit, cfg.lycoris, lora.network_dim, lora.network_alpha, lora.dropout, cfg.network_dtype
+        )
+    else:
+        network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype)
+    network = network.to(cfg.device)
     if cfg.network_weights is not None:
         network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
     network.apply_to()
