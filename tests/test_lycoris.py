@@ -203,3 +203,33 @@ def test_tiny_training_run_writes_a_lokr_file_both_loaders_read(
     theirs = lycoris_merge(dit, sd, 1.0)  # the package's own loader
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.workflow
+def test_snakemake_train_lora_with_lycoris_on_the_demo(tmp_path: Path) -> None:
+    """The demo pipeline with a LoKr network ends with a LyCORIS file that fluxpipe's sampler path reads."""
+    from test_workflow import copy_repo, snakemake
+
+    from fluxpipe.inference.sampler import load_lora
+
+    work = copy_repo(tmp_path)
+    cfg = work / "config" / "config.yaml"
+    text = cfg.read_text()
+    for old, new in (
+        (
+            "  network_module: networks.lora_flux\n",
+            "  network_module: lycoris.kohya\n  network_args: [algo=lokr, factor=4]\n",
+        ),
+        ("  max_train_epochs: 20\n", "  max_train_epochs: 2\n"),
+        ("  save_every_n_epochs: 5\n", "  save_every_n_epochs: 1\n"),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    cfg.write_text(text)
+    result = snakemake(work, "train_lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = work / "results/train/lora/demo_lora.safetensors"
+    layout, sd = load_lora(final)
+    assert layout == "kohya" and any(k.endswith(".lokr_w1") for k in sd)
+    with safe_open(str(final), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"

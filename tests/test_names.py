@@ -182,3 +182,24 @@ def test_results_paths_are_spelled_in_one_module() -> None:
     assert spelled == []
     assert results.shard_path("latents", 7) == "results/cache/latents/shard-007.safetensors"
     assert results.evaluate_dir("x") == "results/evaluate/x" and results.TRAIN_DIRS["full"] == "results/train/full"
+
+
+def test_schedule_free_weights_for_saving_are_the_average() -> None:
+    """SGDScheduleFree (momentum 0.9, lr 1, no warmup) on loss = p from p = 0: the train point y and the average x
+    differ after two steps; eval_weights shows x and restores y (hand values from the schedule-free update)."""
+    pytest.importorskip("schedulefree")
+    from fluxpipe.training.optim import eval_weights
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer("SGDScheduleFree", [{"params": [p]}], 1.0, {"momentum": 0.9, "warmup_steps": 0})
+    for _ in range(2):
+        opt.zero_grad()
+        p.sum().backward()
+        opt.step()
+    y = p.detach().clone()
+    with eval_weights(opt):
+        x = p.detach().clone()
+    assert torch.equal(p.detach(), y) and not torch.equal(x, y)
+    # z after 2 steps is -2; x_1 = -1, x_2 = x_1 + (z_2 - x_1) / 2 = -1.5; y = 0.9 * x + 0.1 * z = -1.55
+    torch.testing.assert_close(x, torch.tensor([-1.5]))
+    torch.testing.assert_close(y, torch.tensor([-1.55]))

@@ -34,7 +34,14 @@ from fluxpipe.training.ema import EmaSettings, ema_metadata, save_beside
 from fluxpipe.training.ema import create as create_ema
 from fluxpipe.training.log import TrainLogger
 from fluxpipe.training.monitor import Monitor, MonitorSettings, validation_loss
-from fluxpipe.training.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
+from fluxpipe.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    eval_weights,
+    load_optimizer_state,
+    use_eval_weights,
+    resolve_warmup,
+)
 from fluxpipe.training.state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 
 log = logging.getLogger(__name__)
@@ -613,8 +620,9 @@ def train(cfg: TrainLoraConfig) -> Path:
     def save_point(suffix: str, step: int, epoch: int, batch_in_epoch: int, kind: str, every: int) -> None:
         if not w.main:  # only rank 0 writes
             return
-        save_lora(network, cfg, suffix, step, epoch)
-        save_beside(ema, lambda s: save_lora(network, cfg, s, step, epoch, ema_metadata(ema)), suffix)
+        with eval_weights(opt):  # (schedule-free: its averaged weights)
+            save_lora(network, cfg, suffix, step, epoch)
+            save_beside(ema, lambda s: save_lora(network, cfg, s, step, epoch, ema_metadata(ema)), suffix)
         if cfg.save_state:
             _write_state(network, opt, sched, gen, cfg, step, epoch, batch_in_epoch, suffix, scaler, ema)
         if kind:
@@ -678,6 +686,7 @@ def train(cfg: TrainLoraConfig) -> Path:
         write_losses(loss_file, records, state.step if state else 0)
         if cfg.save_state:
             _write_state(network, opt, sched, gen, cfg, step, epochs, 0, "", scaler, ema)
+        use_eval_weights(opt)  # the final files hold a schedule-free optimizer's averaged weights
         save_beside(ema, lambda s: save_lora(network, cfg, s, step, min(epoch + 1, epochs), ema_metadata(ema)), "")
     final = (
         save_lora(network, cfg, "", step, min(epoch + 1, epochs))

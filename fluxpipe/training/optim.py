@@ -10,9 +10,10 @@ forms of ``--lr_warmup_steps``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -224,3 +225,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         for key, value in saved.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step":
                 optimizer.state[param][key] = value.to(param.device)
+
+
+def use_eval_weights(optimizer: torch.optim.Optimizer) -> bool:
+    """Switch a schedule-free optimizer's parameters to its averaged weights; False for any other optimizer."""
+    if not type(optimizer).__module__.startswith("schedulefree"):
+        return False
+    optimizer.eval()  # type: ignore[attr-defined]
+    return True
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The weights a schedule-free optimizer evaluates (its averaged x, not the training point y) while inside, as
+    the reference switches them around saving; other optimizers: nothing happens."""
+    schedule_free = use_eval_weights(optimizer)
+    try:
+        yield
+    finally:
+        if schedule_free:
+            optimizer.train()  # type: ignore[attr-defined]
