@@ -162,6 +162,17 @@ def test_missing_lycoris_package_is_one_line_at_parse_time(
     assert len(err) == 1 and err[0].startswith("fluxpipe: error: --network_module lycoris.kohya"), err
 
 
+def test_lycoris_needs_unet_only_and_no_fp8() -> None:
+    from fluxpipe.commands.train import check_supported
+    from fluxpipe.config.reference_flags import parse_train_args
+
+    base = ["--network_module", "lycoris.kohya", "--output_dir", "unused"]
+    with pytest.raises(FluxpipeError, match="--network_train_unet_only"):
+        check_supported(parse_train_args(base), "cpu")
+    with pytest.raises(FluxpipeError, match="--fp8_base"):
+        check_supported(parse_train_args(base + ["--network_train_unet_only", "--fp8_base"]), "cpu")
+
+
 def test_lycoris_network_args_are_checked_at_parse_time() -> None:
     from fluxpipe.config.reference_flags import parse_train_args
 

@@ -290,6 +290,8 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
         raise FluxpipeError(
             "--network_module lycoris.kohya: fluxpipe trains LyCORIS on the DiT only: add --network_train_unet_only"
         )
+    if method == "lora" and ns.network_module == "lycoris.kohya" and ns.fp8_base:
+        raise FluxpipeError("--fp8_base with --network_module lycoris.kohya: not supported yet; leave --fp8_base out")
     if ns.blocks_to_swap and not device.startswith("cuda"):
         log.warning(
             "--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored", ns.blocks_to_swap

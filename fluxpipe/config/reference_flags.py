@@ -6,7 +6,9 @@ around argparse: ``--config_file x.toml`` (sections flattened, flags given on th
 and implied flags; it then refuses what fluxpipe will not do and validates values, each failure one
 ``FluxpipeError`` line naming the flag (never ``sys.exit``). ``namespace_to_dict`` hands plain values to the trainer.
 
-Deliberate departures from the reference, for the README: ``CHANGED_DEFAULTS`` (spec §4.2-4.4, §14.2, §15),
+The parts live beside it: the flag table in ``flag_table``, the departures and allowed values in ``flag_rules``,
+the TOML and dataset conversions in ``flag_convert``, the optimizer / scheduler / network names in ``names``
+(re-exported here). Deliberate departures from the reference, for the README: ``CHANGED_DEFAULTS`` (spec §4.2-4.4, §14.2, §15),
 ``REJECTED`` (SD-only or deprecated flags) and ``IGNORED_FOR_FLUX`` (accepted with a warning; the reference is silent).
 """
 
