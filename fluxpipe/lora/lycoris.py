@@ -61,7 +61,7 @@ class LycorisFluxNetwork(nn.Module):
         dit: nn.Module,
         args: Mapping[str, str],
         network_dim: int,
-        network_alpha: float,
+        network_alpha: float | None,
         dropout: float | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:

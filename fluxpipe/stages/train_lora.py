@@ -44,6 +44,8 @@ from fluxpipe.training.optim import (
 )
 from fluxpipe.training.state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
 
+Network = FluxLoRANetwork | LycorisFluxNetwork  # what the loop trains (--network_module)
+
 log = logging.getLogger(__name__)
 
 
@@ -183,7 +185,7 @@ def select_rows(batch: dict, draws: tuple[torch.Tensor, ...], rows: list[int]) -
 class LoraLoss(torch.nn.Module):
     """One rank's loss of a batch, as a module whose only parameters are the LoRA's (what DDP wraps)."""
 
-    def __init__(self, network: FluxLoRANetwork, dit: torch.nn.Module, m: FlowSettings, pooled_fn=None) -> None:  # noqa: ANN001
+    def __init__(self, network: Network, dit: torch.nn.Module, m: FlowSettings, pooled_fn=None) -> None:  # noqa: ANN001
         super().__init__()
         self.network, self.dit, self.m, self.pooled_fn = network, [dit], m, pooled_fn  # (the DiT is not registered)
 
@@ -296,12 +298,7 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def save_lora(
-    network: FluxLoRANetwork,
-    cfg: TrainLoraConfig,
-    suffix: str,
-    step: int,
-    epoch: int,
-    extra: dict[str, str] | None = None,
+    network: Network, cfg: TrainLoraConfig, suffix: str, step: int, epoch: int, extra: dict[str, str] | None = None
 ) -> Path:
     from fluxpipe.io.safetensors_file import save_safetensors
 
@@ -540,6 +537,7 @@ def train(cfg: TrainLoraConfig) -> Path:
         clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
         clip_tok = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
         captions = read_parquet(cfg.manifest)[0].caption.tolist()
+    network: Network
     if cfg.lycoris is not None:  # LyCORIS through its package (the DiT only; its own param groups)
         lora = cfg.lora
         network = LycorisFluxNetwork(
