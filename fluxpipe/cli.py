@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fluxpipe import __version__
+from fluxpipe.config import results
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.parallel.devices import resolve_device
 from fluxpipe.stages.lora_tools import add_lora_commands
@@ -478,13 +479,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Prompts, seeds and sizes come from the config's evaluate: section.",
     )
     _add_config(p, required=False)
-    p.add_argument("--train-dir", type=Path, default=Path("results/train/lora"))
+    p.add_argument("--train-dir", type=Path, default=Path(results.TRAIN_DIRS["lora"]))
     p.add_argument("--name", help="the run's output_name (default: train.output_name of the config)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--manifest",
         type=Path,
-        default=Path("results/dataset/manifest.parquet"),
+        default=Path(results.MANIFEST),
         help="dataset manifest whose training images the sample distance uses (skipped if absent)",
     )
     p.set_defaults(func=_evaluate)

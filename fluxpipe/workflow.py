@@ -18,8 +18,22 @@ from pathlib import Path
 from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
 from fluxpipe.config.pipeline import MODEL_SLOTS, PipelineConfig, load_pipeline, train_argv
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.config.results import (  # noqa: F401 - the rules read these through this module
+    DEMO_DIR,
+    LATENT_INDEX,
+    LATENT_SUMMARY,
+    MANIFEST,
+    RESULTS,
+    SEGMENT_STATE,
+    SHARD_PATTERN,
+    TEXT_INDEX,
+    TEXT_SUMMARY,
+    TRAIN_DIRS,
+    VALIDATE_REPORT,
+    shard_path,
+)
+from fluxpipe.config.results import evaluate_dir as _evaluate_dir
 
-DEMO_DIR = "results/demo_models"
 DEMO_FILES = {
     "flux": f"{DEMO_DIR}/flux1-dev.safetensors",
     "ae": f"{DEMO_DIR}/ae.safetensors",
@@ -33,7 +47,6 @@ DEMO_OUTPUTS = [DEMO_FILES[s] for s in MODEL_SLOTS] + [
     f"{DEMO_FILES['clip_tokenizer']}/vocab.json",
     f"{DEMO_FILES['t5_tokenizer']}/tokenizer.json",
 ]
-VALIDATE_REPORT = "results/validate/models.json"
 DEMO_VERSION = 1  # bump when the demo models' content changes
 
 
@@ -73,16 +86,7 @@ def validate_args(cfg: PipelineConfig) -> list[str]:
 
 # ---- dataset manifest and caches -------------------------------------------------------------------
 
-MANIFEST = "results/dataset/manifest.parquet"
-LATENT_INDEX = "results/cache/latents/index.parquet"
-LATENT_SUMMARY = "results/cache/latents/summary.json"
-TEXT_INDEX = "results/cache/text/index.parquet"
-TEXT_SUMMARY = "results/cache/text/summary.json"
 CACHE_FORMAT = {"manifest": 1, "latents": 2, "text": 2}  # bump when a stage's output format changes
-
-
-def shard_path(kind: str, shard: int | str) -> str:
-    return f"results/cache/{kind}/shard-{int(shard):03d}.safetensors"
 
 
 def shard_paths(kind: str, count: int) -> list[str]:
@@ -261,7 +265,7 @@ def failure_lines(logs: list[str], tail: int = 5) -> tuple[list[str], bool]:
 
 # ---- training ----------------------------------------------------------------------------------------
 
-TRAIN_DIR = "results/train/lora"
+TRAIN_DIR = TRAIN_DIRS["lora"]
 
 
 def lora_output(cfg: PipelineConfig) -> str:
@@ -269,7 +273,7 @@ def lora_output(cfg: PipelineConfig) -> str:
     return f"{TRAIN_DIR}/{name}.safetensors"
 
 
-METHOD_DIRS = {"full": "results/train/full", "controlnet": "results/train/controlnet"}
+METHOD_DIRS = {m: TRAIN_DIRS[m] for m in ("full", "controlnet")}
 METHOD_SECTIONS = {"full": "train_full", "controlnet": "train_controlnet"}
 
 
@@ -368,7 +372,7 @@ def training_argv(cfg: PipelineConfig, method: str) -> list[str]:
 
 def evaluate_dir(cfg: PipelineConfig) -> str:
     name = (cfg.train or {}).get("output_name") or "last"
-    return f"results/evaluate/{name}"
+    return _evaluate_dir(name)
 
 
 # ---- errors --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ rule latent_shard:
         manifest=manifest_file,
         report=validated,
     output:
-        "results/cache/latents/shard-{shard}.safetensors",
+        fw.SHARD_PATTERN.replace("{kind}", "latents"),
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "latents", wildcards.shard),
         settings=validated_settings(fw.latent_params),
@@ -54,7 +54,7 @@ rule text_shard:
         manifest=manifest_file,
         report=validated,
     output:
-        "results/cache/text/shard-{shard}.safetensors",
+        fw.SHARD_PATTERN.replace("{kind}", "text"),
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "text", wildcards.shard),
         settings=validated_settings(fw.text_params),

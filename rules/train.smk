@@ -22,7 +22,7 @@ rule train_lora:
     log:
         "logs/train_lora.log",
     shell:
-        "{params.launcher} train lora {params.flags:q} --cache_dir results {params.resume} > {log:q} 2>&1"
+        "{params.launcher} train lora {params.flags:q} --cache_dir {fw.RESULTS} {params.resume} > {log:q} 2>&1"
 
 
 # Full fine-tuning (config.yaml's train_full:, flux_train.py's flags; FSDP2 across processes) and ControlNet
@@ -46,7 +46,7 @@ rule train_full:
     log:
         "logs/train_full.log",
     shell:
-        "{params.launcher} train full {params.flags:q} --cache_dir results {params.resume} > {log:q} 2>&1"
+        "{params.launcher} train full {params.flags:q} --cache_dir {fw.RESULTS} {params.resume} > {log:q} 2>&1"
 
 
 rule train_controlnet:
@@ -68,7 +68,7 @@ rule train_controlnet:
     log:
         "logs/train_controlnet.log",
     shell:
-        "{params.launcher} train controlnet {params.flags:q} --cache_dir results {params.resume} > {log:q} 2>&1"
+        "{params.launcher} train controlnet {params.flags:q} --cache_dir {fw.RESULTS} {params.resume} > {log:q} 2>&1"
 
 
 # One segment of a segmented run: train until step {end}, leave the state, exit. Temporary: Snakemake deletes
@@ -80,7 +80,7 @@ rule train_segment:
         text=fw.TEXT_SUMMARY,
         previous=lambda wc: fw.previous_segment(CFG, wc.method, int(wc.end)),
     output:
-        temp(directory("results/train/{method}/{name}-seg{end}-state")),
+        temp(directory(fw.SEGMENT_STATE)),
     params:
         flags=lambda wc: fw.training_argv(CFG, wc.method),
         launcher=fw.train_launcher(CFG),
@@ -93,5 +93,5 @@ rule train_segment:
     log:
         "logs/train_{method}-{name}-seg{end}.log",
     shell:
-        "{params.launcher} train {wildcards.method} {params.flags:q} --cache_dir results "
+        "{params.launcher} train {wildcards.method} {params.flags:q} --cache_dir {fw.RESULTS} "
         "--stop_at_step {params.end} {params.resume} > {log:q} 2>&1"

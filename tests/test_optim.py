@@ -24,7 +24,7 @@ def params() -> list[dict]:
 
 def test_names_are_case_insensitive_and_unknown_ones_named() -> None:
     assert canonical_optimizer("adamw8bit") == "AdamW8bit"
-    with pytest.raises(FluxpipeError, match="'AdamX' is not one of"):
+    with pytest.raises(FluxpipeError, match="unknown optimizer 'AdamX': one of"):
         canonical_optimizer("AdamX")
 
 

@@ -155,7 +155,7 @@ def test_invalid_values_name_the_flag(argv: list[str], flag: str) -> None:
     fails(BASE + argv, flag)
 
 
-@pytest.mark.parametrize("module", [None, "networks.oft_flux", "lycoris.kohya"])
+@pytest.mark.parametrize("module", [None, "networks.oft_flux"])
 def test_network_module_must_be_lora_flux(module: str | None) -> None:
     fails([] if module is None else ["--network_module", module], "--network_module")
 

@@ -16,6 +16,7 @@ import torch
 
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
+from fluxpipe.lora.lycoris import network_kwargs
 from fluxpipe.lora.network import LoraSpec, parse_network_args
 from fluxpipe.training.configs import TrainControlNetConfig, TrainFullConfig, TrainLoraConfig
 from fluxpipe.training.ema import EmaSettings
@@ -74,6 +75,8 @@ def compute_dtype(mixed_precision: str, device: str) -> torch.dtype:
 
 
 def lora_spec(ns: argparse.Namespace) -> LoraSpec:
+    if ns.network_module == "lycoris.kohya":  # its --network_args go to the LyCORIS package (TrainLoraConfig.lycoris)
+        return LoraSpec(network_dim=ns.network_dim or 4, network_alpha=ns.network_alpha, dropout=ns.network_dropout)
     try:
         extra = parse_network_args(list(ns.network_args or []))
         spec = LoraSpec(
@@ -237,8 +240,11 @@ def lora_config(
         lr_warmup_steps=ns.lr_warmup_steps,
         lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles,
         lr_scheduler_power=ns.lr_scheduler_power,
+        lr_scheduler_type=ns.lr_scheduler_type,
+        lr_scheduler_args=parse_optimizer_args(ns.lr_scheduler_args or [], "lr_scheduler_args"),
         max_grad_norm=ns.max_grad_norm,
         clip_l=None if ns.network_train_unet_only else Path(ns.clip_l),
+        lycoris=network_kwargs(ns.network_args or []) if ns.network_module == "lycoris.kohya" else None,
         clip_tokenizer=clip_tokenizer,
         fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
         text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,
@@ -279,6 +285,8 @@ def full_config(
         lr_warmup_steps=ns.lr_warmup_steps,
         lr_scheduler_num_cycles=ns.lr_scheduler_num_cycles,
         lr_scheduler_power=ns.lr_scheduler_power,
+        lr_scheduler_type=ns.lr_scheduler_type,
+        lr_scheduler_args=parse_optimizer_args(ns.lr_scheduler_args or [], "lr_scheduler_args"),
         max_grad_norm=ns.max_grad_norm,
         fused_backward_pass=ns.fused_backward_pass,
         blockwise_fused_optimizers=ns.blockwise_fused_optimizers,

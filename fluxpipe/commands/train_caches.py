@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxpipe.config.reference_flags import FOLDER_FLAGS, dataset_flag_defaults
+from fluxpipe.config.results import LATENT_INDEX_IN, MANIFEST_IN, TEXT_INDEX_IN
 from fluxpipe.errors import FluxpipeError
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,7 @@ class CachePaths:
 def pipeline_caches(cache_dir: Path) -> CachePaths:
     """The Snakemake pipeline's caches under ``cache_dir`` (normally results/)."""
     return CachePaths(
-        manifest=cache_dir / "dataset/manifest.parquet",
-        latent_index=cache_dir / "cache/latents/index.parquet",
-        text_index=cache_dir / "cache/text/index.parquet",
+        manifest=cache_dir / MANIFEST_IN, latent_index=cache_dir / LATENT_INDEX_IN, text_index=cache_dir / TEXT_INDEX_IN
     )
 
 

@@ -20,7 +20,8 @@ HONOURED = (
         """
 pretrained_model_name_or_path clip_l t5xxl ae dataset_config output_dir output_name save_model_as network_module
 network_dim network_alpha network_dropout network_args network_weights learning_rate unet_lr optimizer_type
-optimizer_args lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power max_train_steps
+optimizer_args lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_type
+lr_scheduler_args max_train_steps
 max_train_epochs gradient_accumulation_steps max_grad_norm mixed_precision seed gradient_checkpointing
 save_every_n_epochs save_every_n_steps save_precision save_state resume timestep_sampling sigmoid_scale
 discrete_flow_shift weighting_scheme logit_mean logit_std mode_scale model_prediction_type guidance_scale
@@ -123,6 +124,12 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
         )
     check_logging(ns.logging_dir, ns.log_with)
     check_kontext(ns, method)
+    if method == "lora" and ns.network_module == "lycoris.kohya" and not ns.network_train_unet_only:
+        raise FluxpipeError(
+            "--network_module lycoris.kohya: fluxpipe trains LyCORIS on the DiT only: add --network_train_unet_only"
+        )
+    if method == "lora" and ns.network_module == "lycoris.kohya" and ns.fp8_base:
+        raise FluxpipeError("--fp8_base with --network_module lycoris.kohya: not supported yet; leave --fp8_base out")
     if ns.blocks_to_swap and not device.startswith("cuda"):
         log.warning(
             "--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored", ns.blocks_to_swap

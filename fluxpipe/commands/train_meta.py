@@ -86,7 +86,7 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_max_train_steps": str(ns.max_train_steps),
         "ss_lr_warmup_steps": str(ns.lr_warmup_steps),
         "ss_lr_scheduler": ns.lr_scheduler,
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": ns.network_module or "networks.lora_flux",
         "ss_network_dim": str(ns.network_dim),
         "ss_network_alpha": str(ns.network_alpha),
         "ss_network_dropout": str(ns.network_dropout),

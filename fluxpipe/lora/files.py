@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxpipe.errors import CheckpointError, summarize
+from fluxpipe.lora.lycoris import LYCORIS_SUFFIXES, ModuleDelta, attach_delta, merge_delta, module_delta
 
 # module-path prefix of each LoRA prefix inside the model it targets (transformers 5's CLIPTextModel
 # has no `text_model.` level, but the file names keep it, as the reference and ComfyUI write them)
@@ -40,19 +41,23 @@ class LoraPair:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
-def parse_lora(state_dict: Mapping[str, Tensor]) -> dict[str, LoraPair]:
-    """Group a kohya-layout state dict by module name; alpha defaults to the rank when absent or 0."""
+def parse_lora(state_dict: Mapping[str, Tensor]) -> dict[str, LoraPair | ModuleDelta]:
+    """Group a kohya-layout state dict by module name; alpha defaults to the rank when absent or 0. Modules with
+    LyCORIS tensors (LoKr, LoHa, full, DoRA's dora_scale) become their weight delta (fluxpipe.lora.lycoris)."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state_dict.items():
         name, _, suffix = key.partition(".")
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha") and suffix not in LYCORIS_SUFFIXES:
             raise CheckpointError(
                 f"LoRA key {key!r} is not in the kohya/ComfyUI layout (expected <name>.lora_down.weight, "
                 ".lora_up.weight, .alpha); convert the file to that layout first"
             )
         parts.setdefault(name, {})[suffix] = tensor
-    pairs = {}
+    pairs: dict[str, LoraPair | ModuleDelta] = {}
     for name, p in parts.items():
+        if LYCORIS_SUFFIXES.intersection(p):
+            pairs[name] = module_delta(name, p)
+            continue
         down, up = lora_pair_tensors(name, p, "lora_down", "lora_up")
         alpha = float(p["alpha"]) if "alpha" in p else 0.0
         pairs[name] = LoraPair(down=down, up=up, alpha=alpha or float(down.shape[0]))
@@ -107,7 +112,10 @@ def apply_lora(
         hint = f"; pass the text encoder(s) for {sorted(missing_te)}" if missing_te else ""
         raise CheckpointError(f"{len(unmatched)} LoRA modules match no layer: {summarize(unmatched)}{hint}")
     for name, pair in pairs.items():
-        (merge_pair if merge else attach_pair)(targets[name], pair, multiplier)
+        if isinstance(pair, ModuleDelta):
+            (merge_delta if merge else attach_delta)(targets[name], pair, multiplier)
+        else:
+            (merge_pair if merge else attach_pair)(targets[name], pair, multiplier)
     return len(pairs)
 
 

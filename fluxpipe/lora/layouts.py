@@ -28,7 +28,10 @@ from fluxpipe.errors import CheckpointError, summarize
 from fluxpipe.io.checkpoints import COMFY_PREFIX, KIND_TEXT, detect_kind
 from fluxpipe.lora.files import lora_pair_tensors
 
-KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te3)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_KEY = re.compile(  # (+ LyCORIS's LoKr / LoHa / full / DoRA tensors under the same module names)
+    r"^(lora_unet|lora_te1|lora_te3)_\w+\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|diff|diff_b|"
+    r"lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$"
+)
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
 # diffusers module-name suffix -> (BFL module path inside a block, slice index, number of slices)
 DOUBLE = {

@@ -32,7 +32,10 @@ def _pairs(path: Path) -> tuple[str, dict, dict[str, str]]:
     from fluxpipe.lora.files import parse_lora
 
     layout, kohya = load_lora(path)
-    return layout, parse_lora(kohya), read_header(path).metadata
+    pairs = parse_lora(kohya)
+    if any(not hasattr(p, "down") for p in pairs.values()):  # LyCORIS modules: deltas, no down/up pair
+        raise FluxpipeError(f"{path}: a LyCORIS file (LoKr/LoHa/full); the lora tools read LoRA down/up pairs only")
+    return layout, pairs, read_header(path).metadata
 
 
 def _kohya_tensors(pairs: dict, dtype) -> dict:  # noqa: ANN001

@@ -18,6 +18,7 @@ import torch
 
 from fluxpipe.io.checkpoints import load_model
 from fluxpipe.lora.files import load_lora_file, save_lora
+from fluxpipe.lora.lycoris import LycorisFluxNetwork
 from fluxpipe.lora.network import FluxLoRANetwork
 from fluxpipe.parallel.distributed import World, world, wrap
 from fluxpipe.training.configs import TrainLoraConfig
@@ -35,13 +36,14 @@ from fluxpipe.training.weights import Optimizers
 __all__ = ["TrainLoraConfig", "run", "train"]
 log = logging.getLogger(__name__)
 PooledFn = Callable[[list[str]], torch.Tensor]
+Network = FluxLoRANetwork | LycorisFluxNetwork  # what the loop trains (--network_module)
 
 
 class LoraLoss(torch.nn.Module):
     """One rank's loss of a batch, as a module whose only parameters are the LoRA's (what DDP wraps)."""
 
     def __init__(
-        self, network: FluxLoRANetwork, dit: torch.nn.Module, m: FlowSettings, pooled_fn: PooledFn | None = None
+        self, network: Network, dit: torch.nn.Module, m: FlowSettings, pooled_fn: PooledFn | None = None
     ) -> None:
         super().__init__()
         self.network, self.dit, self.m, self.pooled_fn = network, [dit], m, pooled_fn  # (the DiT is not registered)
@@ -81,16 +83,25 @@ def trained_clip(cfg: TrainLoraConfig) -> tuple[torch.nn.Module | None, PooledFn
     return clip, (lambda texts: clip_pooled(clip, tokenizer, texts, cfg.compute_dtype)), captions
 
 
-def build_network(cfg: TrainLoraConfig, dit: torch.nn.Module, clip: torch.nn.Module | None) -> FluxLoRANetwork:
-    """What this method trains: the LoRA of the DiT (and of CLIP-L), applied to the frozen models."""
-    network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype).to(cfg.device)
+def build_network(cfg: TrainLoraConfig, dit: torch.nn.Module, clip: torch.nn.Module | None) -> Network:
+    """What this method trains: the LoRA of the DiT (and of CLIP-L), applied to the frozen models; or a LyCORIS
+    network of the DiT through its package (--network_module lycoris.kohya)."""
+    network: Network
+    if cfg.lycoris is not None:
+        lora = cfg.lora
+        network = LycorisFluxNetwork(
+            dit, cfg.lycoris, lora.network_dim, lora.network_alpha, lora.dropout, cfg.network_dtype
+        )
+    else:
+        network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype)
+    network = network.to(cfg.device)
     if cfg.network_weights is not None:
         network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
     network.apply_to()
     return network
 
 
-def lora_optimizers(cfg: TrainLoraConfig, network: FluxLoRANetwork, total: int) -> Optimizers:
+def lora_optimizers(cfg: TrainLoraConfig, network: Network, total: int) -> Optimizers:
     groups = network.param_groups(
         learning_rate=cfg.learning_rate,
         unet_lr=cfg.unet_lr,
@@ -102,12 +113,21 @@ def lora_optimizers(cfg: TrainLoraConfig, network: FluxLoRANetwork, total: int) 
     )
     opt = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, dict(cfg.optimizer_args))
     warmup = resolve_warmup(cfg.lr_warmup_steps, total)
-    sched = build_scheduler(cfg.lr_scheduler, opt, total, warmup, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    sched = build_scheduler(
+        cfg.lr_scheduler,
+        opt,
+        total,
+        warmup,
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+        scheduler_type=cfg.lr_scheduler_type,
+        scheduler_args=dict(cfg.lr_scheduler_args),
+    )
     params = [p for g in opt.param_groups for p in g["params"]]
     return Optimizers({"main": opt}, {"main": sched}, params, cfg.max_grad_norm, group_lrs=True)
 
 
-def lora_saver(cfg: TrainLoraConfig, network: FluxLoRANetwork, meta: dict[str, str]) -> Callable[..., Path]:
+def lora_saver(cfg: TrainLoraConfig, network: Network, meta: dict[str, str]) -> Callable[..., Path]:
     def save(suffix: str, step: int, epoch: int, extra: dict[str, str] | None) -> Path:
         path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
         metadata = {

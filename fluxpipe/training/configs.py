@@ -42,6 +42,8 @@ class TrainLoraConfig:
     lr_warmup_steps: int | float | str | None = None
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_type: str = ""  # a scheduler class (module.Class or a torch.optim.lr_scheduler name)
+    lr_scheduler_args: dict = field(default_factory=dict)
     max_train_steps: int = 1600
     max_train_epochs: int | None = None
     gradient_accumulation_steps: int = 1
@@ -81,6 +83,7 @@ class TrainLoraConfig:
     ema: EmaSettings | None = (
         None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
     )
+    lycoris: dict[str, str] | None = None  # --network_module lycoris.kohya: its --network_args (fluxpipe.lora.lycoris)
     kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
 
 

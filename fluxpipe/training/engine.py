@@ -136,8 +136,9 @@ class _Run:
         if not (w.main or m.sharded):
             return
         if what.get("model", True):
-            m.save(suffix, step, epoch, None)
-            save_beside(m.ema, lambda x: m.save(x, step, epoch, ema_metadata(m.ema)), suffix)
+            with m.optim.eval_weights():  # (schedule-free: its averaged weights, as the reference saves them)
+                m.save(suffix, step, epoch, None)
+                save_beside(m.ema, lambda x: m.save(x, step, epoch, ema_metadata(m.ema)), suffix)
         if what.get("state", s.save_state):
             parts = m.capture()
             if w.main:
@@ -256,8 +257,9 @@ def train_loop(s: LoopSettings, m: Method, d: TrainData) -> Path:
     final = s.output_dir / f"{s.output_name}.safetensors"
     if w.main or m.sharded:
         done = min(epoch + 1, d.epochs)
-        save_beside(m.ema, lambda x: m.save(x, step, done, ema_metadata(m.ema)), "")
-        final = m.save("", step, done, None)
+        with m.optim.eval_weights():  # the final files hold a schedule-free optimizer's averaged weights
+            save_beside(m.ema, lambda x: m.save(x, step, done, ema_metadata(m.ema)), "")
+            final = m.save("", step, done, None)
     _finish(m, d)
     return final
 

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules by the reference trainer's names, from well-kept libraries.
 
-``build_optimizer`` maps ``--optimizer_type`` (case-insensitive) to torch, bitsandbytes, transformers
-(Adafactor), lion_pytorch or prodigyopt, with ``--optimizer_args`` values; ``build_scheduler`` maps
+``build_optimizer`` maps ``--optimizer_type`` (case-insensitive; the names are fluxpipe.config.names.OPTIMIZERS) to
+torch, bitsandbytes, transformers (Adafactor), lion_pytorch, dadaptation, prodigyopt or schedulefree, or imports a
+``module.Class`` path, with ``--optimizer_args`` values; ``build_scheduler`` maps
 ``--lr_scheduler`` to transformers' schedule functions; ``resolve_warmup`` reads the int / fraction / "N%"
 forms of ``--lr_warmup_steps``.
 """
@@ -9,64 +10,39 @@ forms of ``--lr_warmup_steps``.
 from __future__ import annotations
 
 import ast
-import importlib
+import contextlib
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
+from fluxpipe.config.names import (
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    canonical_optimizer,
+    import_class,
+    is_schedule_free,
+    optimizer_class,
+)
 from fluxpipe.errors import FluxpipeError
 
 log = logging.getLogger(__name__)
 
-# canonical name -> (module, class, extra default kwargs)
-OPTIMIZERS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "AdamW": ("torch.optim", "AdamW", {}),
-    "SGDNesterov": ("torch.optim", "SGD", {"nesterov": True, "momentum": 0.9}),
-    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", {}),
-    "PagedAdamW8bit": ("bitsandbytes.optim", "PagedAdamW8bit", {}),
-    "PagedAdamW": ("bitsandbytes.optim", "PagedAdamW", {}),
-    "PagedAdamW32bit": ("bitsandbytes.optim", "PagedAdamW32bit", {}),
-    "Lion8bit": ("bitsandbytes.optim", "Lion8bit", {}),
-    "PagedLion8bit": ("bitsandbytes.optim", "PagedLion8bit", {}),
-    "SGDNesterov8bit": ("bitsandbytes.optim", "SGD8bit", {"nesterov": True, "momentum": 0.9}),
-    "Lion": ("lion_pytorch", "Lion", {}),
-    "Prodigy": ("prodigyopt", "Prodigy", {}),
-    "Adafactor": ("transformers.optimization", "Adafactor", {}),
-}
-PACKAGES = {"bitsandbytes.optim": "bitsandbytes", "lion_pytorch": "lion-pytorch", "prodigyopt": "prodigyopt"}
 
-
-def canonical_optimizer(name: str) -> str:
-    for canonical in OPTIMIZERS:
-        if canonical.lower() == name.lower():
-            return canonical
-    raise FluxpipeError(f"--optimizer_type {name!r} is not one of {', '.join(OPTIMIZERS)}")
-
-
-def parse_optimizer_args(args: Iterable[str]) -> dict[str, Any]:
+def parse_optimizer_args(args: Iterable[str], flag: str = "optimizer_args") -> dict[str, Any]:
     """['betas=(0.9,0.99)', 'weight_decay=0.01'] -> {'betas': (0.9, 0.99), 'weight_decay': 0.01} (literals only)."""
     out: dict[str, Any] = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key.strip():
-            raise FluxpipeError(f"--optimizer_args {arg!r}: expected key=value")
+            raise FluxpipeError(f"--{flag} {arg!r}: expected key=value")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             out[key.strip()] = value.strip()  # a bare word, e.g. a string option
     return out
-
-
-def _optimizer_class(canonical: str) -> type:
-    module_name, class_name, _ = OPTIMIZERS[canonical]
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except ImportError as e:
-        package = PACKAGES.get(module_name, module_name)
-        raise FluxpipeError(f"--optimizer_type {canonical} needs the package {package}: pip install {package}") from e
 
 
 def _kind_problem(key: str, default: Any, value: Any) -> str | None:
@@ -92,9 +68,9 @@ def check_optimizer_args(name: str, raw: list[str]) -> dict[str, Any]:
     """``--optimizer_args`` parsed and checked against the optimizer's signature (names, tuple lengths, number
     and bool types), so that a typo fails before any model loads; returns the parsed values."""
     args = parse_optimizer_args(raw)
-    if name not in OPTIMIZERS:  # a module.Class path, or one fluxpipe has no class for (refused when built)
-        return args
-    params = dict(inspect.signature(_optimizer_class(name).__init__).parameters)
+    name = canonical_optimizer(name)
+    cls: Any = optimizer_class(name)
+    params = dict(inspect.signature(cls.__init__).parameters)
     params.pop("self", None)
     params.pop("params", None)
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -107,7 +83,8 @@ def check_optimizer_args(name: str, raw: list[str]) -> dict[str, Any]:
                 f"--optimizer_args {given[key]}: {name} has no argument {key!r} (it takes "
                 f"{', '.join(k for k, p in params.items() if p.kind is not p.VAR_POSITIONAL)})"
             )
-        default = OPTIMIZERS[name][2].get(key, params[key].default)
+        forced = OPTIMIZERS[name].defaults if name in OPTIMIZERS else {}
+        default = forced.get(key, params[key].default)
         if (problem := _kind_problem(key, default, value)) is not None:
             raise FluxpipeError(f"--optimizer_args {given[key]}: {problem}")
     return args
@@ -118,14 +95,17 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer over ``param_groups`` (each may carry its own lr)."""
     canonical = canonical_optimizer(name)
-    defaults = OPTIMIZERS[canonical][2]
-    cls = _optimizer_class(canonical)
+    defaults = OPTIMIZERS[canonical].defaults if canonical in OPTIMIZERS else {}
+    cls = optimizer_class(canonical)
     kwargs = {**defaults, **optimizer_args}
     if canonical == "Adafactor":
         kwargs = _adafactor_kwargs(kwargs, param_groups, lr)
     else:
         kwargs["lr"] = lr
-    return cls(param_groups, **kwargs)
+    optimizer = cls(param_groups, **kwargs)
+    if is_schedule_free(canonical):  # schedule-free optimizers start in eval mode; training steps need train mode
+        optimizer.train()
+    return optimizer
 
 
 def _adafactor_kwargs(kwargs: dict[str, Any], groups: list[dict[str, Any]], lr: float) -> dict[str, Any]:
@@ -147,17 +127,7 @@ def _adafactor_kwargs(kwargs: dict[str, Any], groups: list[dict[str, Any]], lr: 
     return kwargs
 
 
-SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "inverse_sqrt",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
-)
+SCHEDULERS = tuple(n for n in LR_SCHEDULERS if n != "adafactor")  # transformers' names
 
 
 def resolve_warmup(value: int | float | str | None, total_steps: int) -> int:
@@ -181,12 +151,29 @@ def build_scheduler(
     power: float = 1.0,
     min_lr_ratio: float | None = None,
     timescale: int | None = None,
+    scheduler_type: str = "",
+    scheduler_args: dict[str, Any] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """transformers' schedule of that name over ``total_steps`` optimizer steps."""
+    """The schedule as the reference builds it (spec §8.2): a constant one for the schedule-free optimizers,
+    Adafactor's own for ``adafactor``, a ``scheduler_type`` class (module.Class, or a torch.optim.lr_scheduler
+    name) over ``scheduler_args``, else transformers' schedule of that name (``scheduler_args`` on top)."""
     from transformers import get_scheduler
 
+    args = dict(scheduler_args or {})
+    if type(optimizer).__module__.startswith("schedulefree"):  # the reference's DummyScheduler: lr stays as set
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if name == "adafactor":
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer, initial_lr=optimizer.defaults.get("lr") or 0.0)
+    if scheduler_type:
+        path = scheduler_type if "." in scheduler_type else f"torch.optim.lr_scheduler.{scheduler_type}"
+        return import_class(path, "lr_scheduler_type")(optimizer, **args)
+    if name == "piecewise_constant":
+        rules = piecewise_rules(str(args.pop("step_rules", "")))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: piecewise_multiplier(rules, step), **args)
     if name not in SCHEDULERS:
-        raise FluxpipeError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+        raise FluxpipeError(f"--lr_scheduler {name!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if name == "constant" and warmup_steps:
         raise FluxpipeError("--lr_scheduler constant takes no warmup: use constant_with_warmup")
     extra: dict[str, Any] = {}
@@ -205,8 +192,26 @@ def build_scheduler(
         optimizer,
         num_warmup_steps=warmup_steps,
         num_training_steps=total_steps,
-        scheduler_specific_kwargs=extra or None,
+        scheduler_specific_kwargs={**extra, **args} or None,
     )
+
+
+def piecewise_rules(text: str) -> tuple[tuple[tuple[int, float], ...], float]:
+    """diffusers' ``step_rules`` of piecewise_constant: "1:10,0.1:20,0.01" is multiplier 1 before step 10, 0.1
+    before step 20, then 0.01."""
+    *pairs, last = text.split(",")
+    try:
+        rules = tuple(sorted((int(s), float(m)) for m, s in (p.split(":") for p in pairs)))
+        return rules, float(last)
+    except ValueError:
+        raise FluxpipeError(
+            f"--lr_scheduler_args step_rules={text!r}: write multiplier:step,...,final_multiplier (e.g. 1:10,0.1:20,0.01)"
+        ) from None
+
+
+def piecewise_multiplier(rules: tuple[tuple[tuple[int, float], ...], float], step: int) -> float:
+    """The multiplier of the first rule whose step is still ahead, else the final one."""
+    return next((m for until, m in rules[0] if step < until), rules[1])
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -220,3 +225,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         for key, value in saved.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step":
                 optimizer.state[param][key] = value.to(param.device)
+
+
+def use_eval_weights(optimizer: torch.optim.Optimizer) -> bool:
+    """Switch a schedule-free optimizer's parameters to its averaged weights; False for any other optimizer."""
+    if not type(optimizer).__module__.startswith("schedulefree"):
+        return False
+    optimizer.eval()  # type: ignore[attr-defined]
+    return True
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The weights a schedule-free optimizer evaluates (its averaged x, not the training point y) while inside, as
+    the reference switches them around saving; other optimizers: nothing happens."""
+    schedule_free = use_eval_weights(optimizer)
+    try:
+        yield
+    finally:
+        if schedule_free:
+            optimizer.train()  # type: ignore[attr-defined]

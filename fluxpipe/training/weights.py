@@ -9,7 +9,9 @@ there). One learning-rate scheduler per optimizer, stepped once per optimizer st
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch import nn
 
 from fluxpipe import __version__
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.training.optim import eval_weights
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -30,6 +33,8 @@ class OptimizerSettings:
     lr_warmup_steps: int | float | str | None = None
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_type: str = ""  # a scheduler class (module.Class or a torch.optim.lr_scheduler name)
+    lr_scheduler_args: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0
     fused_backward_pass: bool = False
     blockwise_fused_optimizers: bool = False
@@ -70,6 +75,14 @@ class Optimizers:
                 opt._opt_called = True  # type: ignore[attr-defined] # noqa: SLF001 - the flag torch's LRScheduler checks
         for sched in self.schedulers.values():
             sched.step()
+
+    @contextlib.contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        """Inside: a schedule-free optimizer's averaged weights in the parameters (others: nothing changes)."""
+        with contextlib.ExitStack() as stack:
+            for opt in self.optimizers.values():
+                stack.enter_context(eval_weights(opt))
+            yield
 
     def lrs(self) -> dict[str, float]:
         if self.group_lrs:
@@ -131,7 +144,16 @@ class WeightOptimizers(Optimizers):
                 hooks = enable_fused_backward(optimizers["main"], max_grad_norm=clip)
         warmup = resolve_warmup(s.lr_warmup_steps, total_steps)
         schedulers = {
-            k: build_scheduler(s.lr_scheduler, o, total_steps, warmup, s.lr_scheduler_num_cycles, s.lr_scheduler_power)
+            k: build_scheduler(
+                s.lr_scheduler,
+                o,
+                total_steps,
+                warmup,
+                s.lr_scheduler_num_cycles,
+                s.lr_scheduler_power,
+                scheduler_type=s.lr_scheduler_type,
+                scheduler_args=dict(s.lr_scheduler_args),
+            )
             for k, o in optimizers.items()
         }
         super().__init__(optimizers, schedulers, params, s.max_grad_norm, hooks)
