@@ -203,3 +203,12 @@ def test_schedule_free_weights_for_saving_are_the_average() -> None:
     # z after 2 steps is -2; x_1 = -1, x_2 = x_1 + (z_2 - x_1) / 2 = -1.5; y = 0.9 * x + 0.1 * z = -1.55
     torch.testing.assert_close(x, torch.tensor([-1.5]))
     torch.testing.assert_close(y, torch.tensor([-1.55]))
+
+
+@pytest.mark.parametrize("method", ["full", "controlnet"])
+def test_schedule_free_is_refused_for_the_full_and_controlnet_trainers(method: str) -> None:
+    from fluxpipe.commands.train import check_supported
+
+    ns = parse_train_args(["--optimizer_type", "AdamWScheduleFree", "--output_dir", "unused"], method)
+    with pytest.raises(FluxpipeError, match="--optimizer_type AdamWScheduleFree: schedule-free optimizers train LoRAs"):
+        check_supported(ns, "cpu", method)

@@ -22,6 +22,7 @@ import torch
 from fluxpipe import __version__
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
+from fluxpipe.config.names import is_schedule_free
 from fluxpipe.lora.lycoris import network_kwargs
 from fluxpipe.lora.network import LoraSpec, parse_network_args
 from fluxpipe.stages.train_lora import FlowSettings, TrainLoraConfig
@@ -289,6 +290,11 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
     if method == "lora" and ns.network_module == "lycoris.kohya" and not ns.network_train_unet_only:
         raise FluxpipeError(
             "--network_module lycoris.kohya: fluxpipe trains LyCORIS on the DiT only: add --network_train_unet_only"
+        )
+    if method != "lora" and is_schedule_free(ns.optimizer_type):
+        raise FluxpipeError(
+            f"--optimizer_type {ns.optimizer_type}: schedule-free optimizers train LoRAs only so far (the {method} "
+            "trainer does not switch them to their averaged weights for saving); use AdamW or Adafactor"
         )
     if method == "lora" and ns.network_module == "lycoris.kohya" and ns.fp8_base:
         raise FluxpipeError("--fp8_base with --network_module lycoris.kohya: not supported yet; leave --fp8_base out")
