@@ -244,3 +244,14 @@ def test_snakemake_train_lora_with_lycoris_on_the_demo(tmp_path: Path) -> None:
     assert layout == "kohya" and any(k.endswith(".lokr_w1") for k in sd)
     with safe_open(str(final), "pt") as f:
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+
+
+def test_every_accepted_lycoris_key_is_read_by_the_package() -> None:
+    """No --network_args key is accepted that lycoris.kohya.create_network would silently drop."""
+    import inspect
+    import re
+
+    from fluxpipe.config.names import NETWORK_ARGS
+
+    read = set(re.findall(r'kwargs\.get\("(\w+)"', inspect.getsource(kohya.create_network)))
+    assert NETWORK_ARGS["lycoris.kohya"] <= read, NETWORK_ARGS["lycoris.kohya"] - read

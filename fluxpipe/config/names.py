@@ -161,8 +161,8 @@ network_reg_lrs rank_dropout module_dropout conv_dim conv_alpha loraplus_lr_rati
 loraplus_text_encoder_lr_ratio verbose""".split()
     ),
     "lycoris.kohya": frozenset(
-        """algo preset conv_dim conv_alpha dropout rank_dropout module_dropout use_tucker use_scalar
-rank_dropout_scale constraint rescaled factor dora_wd wd_on_output train_norm bypass_mode full_matrix block_size
+        """algo preset conv_dim conv_alpha dropout rank_dropout module_dropout use_tucker use_scalar constraint
+rescaled factor dora_wd wd_on_output train_norm bypass_mode full_matrix block_size
 rs_lora unbalanced_factorization decompose_both""".split()
     ),
 }
