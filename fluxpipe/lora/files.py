@@ -121,12 +121,12 @@ def attach_pair(linear: nn.Linear, pair: LoraPair, multiplier: float) -> None:
     down, up = pair.down.to(linear.weight.device), pair.up.to(linear.weight.device)
     previous, factor = linear.forward, multiplier * pair.scale
     if "_lora_base_forward" not in linear.__dict__:  # what detach_loras restores
-        linear._lora_base_forward = linear.__dict__.get("forward")
+        linear.__dict__["_lora_base_forward"] = linear.__dict__.get("forward")
 
     def forward(x: Tensor) -> Tensor:
         return previous(x) + factor * nn.functional.linear(nn.functional.linear(x, down.to(x.dtype)), up.to(x.dtype))
 
-    linear.forward = forward
+    linear.__dict__["forward"] = forward  # an instance attribute, as assigning linear.forward makes
 
 
 def detach_loras(model: nn.Module) -> int:
@@ -138,7 +138,7 @@ def detach_loras(model: nn.Module) -> int:
             if base is None:
                 del m.forward
             else:
-                m.forward = base
+                m.__dict__["forward"] = base
             count += 1
     return count
 
