@@ -7,10 +7,13 @@ lora_up.weight,alpha}`` with prefixes ``lora_unet`` (DiT), ``lora_te1`` (CLIP-L)
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from fluxpipe.errors import CheckpointError, summarize
@@ -154,3 +157,14 @@ def lora_pair_tensors(module: str, parts: dict[str, Tensor], down_name: str, up_
             f"LoRA module {module!r}: {up_name} {tuple(up.shape)} and {down_name} {tuple(down.shape)} do not chain"
         )
     return down, up
+
+
+def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The reference's sshs_model_hash / sshs_legacy_hash (spec §5.7): sha256 of the tensor-data section, and
+    the first 8 hex digits of sha256 of the 64 KiB at 1 MiB, of a serialization carrying only ss_* metadata."""
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    (header,) = struct.unpack("<Q", blob[:8])
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+    }

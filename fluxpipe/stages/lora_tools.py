@@ -52,7 +52,7 @@ def _kohya_tensors(pairs: dict, dtype) -> dict:  # noqa: ANN001
 def save_lora_file(tensors: dict, path: Path, metadata: dict[str, str], dim: str, alpha: str) -> None:
     """Atomic write with ss_network_dim / ss_network_alpha set and the sshs_* hashes recomputed."""
     from fluxpipe.io.safetensors_file import save_safetensors
-    from fluxpipe.stages.train_lora import addnet_hashes
+    from fluxpipe.lora.files import addnet_hashes
 
     meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     meta |= {"ss_network_dim": dim, "ss_network_alpha": alpha}
