@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
 from fluxpipe.config.pipeline import MODEL_SLOTS, PipelineConfig, load_pipeline, train_argv
+from fluxpipe.config.typed import ConfigError
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.config.results import (  # noqa: F401 - the rules read these through this module
     DEMO_DIR,
@@ -313,7 +314,10 @@ def planned_steps(cfg: PipelineConfig, method: str, manifest: str) -> int:
     flags = method_flags(cfg, method)
     if not flags.get("max_train_epochs"):
         return int(flags.get("max_train_steps") or 1600)
-    sizes = {i: ds.batch_size * cfg.train_processes for i, ds in enumerate(cfg.datasets().datasets)}
+    datasets = cfg.datasets()
+    if datasets is None:
+        raise ConfigError("no dataset configured: set dataset_config (a TOML file) or dataset in config.yaml")
+    sizes = {i: ds.batch_size * cfg.train_processes for i, ds in enumerate(datasets.datasets)}
     per_epoch = math.ceil(batches_per_epoch(Path(manifest), sizes) / int(flags.get("gradient_accumulation_steps") or 1))
     return int(flags["max_train_epochs"]) * per_epoch
 
@@ -357,8 +361,9 @@ def train_lora_argv(cfg: PipelineConfig) -> list[str]:
         "output_dir": TRAIN_DIR,
     }
     argv = train_argv(cfg.train or {}, owned)
-    if tokenizer_dirs(cfg)["clip_tokenizer"]:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
-        argv += ["--clip_tokenizer", tokenizer_dirs(cfg)["clip_tokenizer"]]
+    clip_tokenizer = tokenizer_dirs(cfg)["clip_tokenizer"]
+    if clip_tokenizer:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
+        argv += ["--clip_tokenizer", clip_tokenizer]
     return argv
 
 

@@ -171,3 +171,16 @@ def test_a_header_length_ending_in_0x80_is_not_taken_for_pickle(tmp_path: Path) 
             assert list(read_header(path).tensors) == ["a" * (pad + 1)]
             return
     pytest.fail("no header length ending in 0x80 was produced")
+
+
+def test_peft_scale_reads_alpha_pattern_and_refuses_what_is_not_a_number() -> None:
+    from fluxpipe.lora.layouts import peft_scale
+
+    config = {"transformer.lora_alpha": 8, "transformer.alpha_pattern": {"proj_out": 2}}
+    assert peft_scale("transformer.blocks.0.attn", 4, None, config) == 2.0  # 8 / 4
+    assert peft_scale("transformer.blocks.0.proj_out", 4, None, config) == 0.5  # the pattern's 2 / 4
+    assert peft_scale("transformer.x", 4, torch.tensor(2.0), config) == 0.5  # an .alpha key comes first
+    with pytest.raises(CheckpointError, match="lora_alpha of transformer.x: 'eight' is not a number"):
+        peft_scale("transformer.x", 4, None, {"transformer.lora_alpha": "eight"})
+    with pytest.raises(CheckpointError, match="alpha_pattern: \\['proj_out'\\] is not a mapping"):
+        peft_scale("transformer.x", 4, None, {"transformer.lora_alpha": 8, "transformer.alpha_pattern": ["proj_out"]})

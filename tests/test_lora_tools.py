@@ -233,3 +233,21 @@ def test_each_tool_has_help(tool: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         main(["lora", tool, "--help"])
     assert e.value.code == 0 and f"fluxpipe lora {tool}" in capsys.readouterr().out
+
+
+def test_addnet_hashes_by_hand() -> None:
+    import hashlib
+    import struct
+
+    import torch
+    from safetensors.torch import save
+
+    from fluxpipe.lora.files import addnet_hashes
+
+    tensors = {"a.lora_down.weight": torch.arange(300_000, dtype=torch.float32).reshape(3000, 100)}
+    blob = save(tensors, {"ss_network_dim": "4"})  # only ss_* metadata takes part
+    n = struct.unpack("<Q", blob[:8])[0]
+    assert addnet_hashes(tensors, {"ss_network_dim": "4", "modelspec.title": "x"}) == {
+        "sshs_model_hash": hashlib.sha256(blob[8 + n :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[1 << 20 : (1 << 20) + 65536]).hexdigest()[:8],
+    }

@@ -26,7 +26,7 @@ def _type_name(tp: Any) -> str:
 def convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one value against a type annotation (dataclasses, unions, lists, scalars)."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)

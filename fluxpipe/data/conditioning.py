@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def load_conditioning(
     return x.flip(-1) if flip else x
 
 
-def _pair(row: Mapping[str, object], a: str, b: str) -> tuple[int, int]:
+def _pair(row: Mapping[str, Any], a: str, b: str) -> tuple[int, int]:  # row: a manifest row
     return int(row[a]), int(row[b])
 
 

@@ -169,10 +169,11 @@ def resize_and_crop(
 ) -> Image.Image:
     """Scale to `resized` with `interpolation` (a RESAMPLING name; None: area averaging when shrinking, Lanczos
     when enlarging, as the reference's defaults), then crop the bucket-sized box at (crop_left, crop_top)."""
-    if img.size != tuple(resized):
-        grows = resized[0] * resized[1] > img.size[0] * img.size[1]
+    size = (resized[0], resized[1])  # (also from a list)
+    if img.size != size:
+        grows = size[0] * size[1] > img.size[0] * img.size[1]
         method = RESAMPLING[interpolation or ("lanczos" if grows else "area")]
-        img = img.resize(tuple(resized), method)
+        img = img.resize(size, method)
     box = (crop_left, crop_top, crop_left + bucket[0], crop_top + bucket[1])
     if box[2] > img.size[0] or box[3] > img.size[1] or crop_left < 0 or crop_top < 0:
         raise ValueError(f"crop box {box} does not fit in the resized image {img.size}")

@@ -229,8 +229,10 @@ def _read_toml(text: str, path: Path) -> Parsed:
     table = data.get("prompt")
     extra = sorted(set(data) - {"prompt"})
     if not isinstance(table, dict) or extra:
-        found = f"; found {', '.join(extra)}" if extra else ""
-        raise FluxpipeError(f"{path}: expected only a [prompt] table of defaults with [[prompt.subset]] entries{found}")
+        listed = f"; found {', '.join(extra)}" if extra else ""
+        raise FluxpipeError(
+            f"{path}: expected only a [prompt] table of defaults with [[prompt.subset]] entries{listed}"
+        )
     subsets = table.get("subset", [])
     if not isinstance(subsets, list) or not all(isinstance(s, dict) for s in subsets):
         raise FluxpipeError(f"{path}: prompt.subset must be a list of tables; write each prompt as [[prompt.subset]]")

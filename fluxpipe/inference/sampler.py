@@ -16,6 +16,7 @@ official code draws a posterior sample with the global RNG; its spread is tiny) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from fluxpipe.data.images import load_rgb, to_tensor
 from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.data.text_encoding import encode_prompts
 from fluxpipe.errors import CheckpointError, FluxpipeError
-from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.checkpoints import load_ae, load_flux, load_model
 from fluxpipe.io.safetensors_file import read_header, read_tensors
 from fluxpipe.lora.files import apply_lora
 from fluxpipe.lora.layouts import count_modules, to_kohya
@@ -35,8 +36,10 @@ from fluxpipe.maths.kontext import kontext_resolution, reference_tokens
 from fluxpipe.maths.packing import image_ids, pack_latents, text_ids, unpack_latents
 from fluxpipe.maths.sampling import denoise, get_noise, get_schedule
 from fluxpipe.memory.block_swap import BlockSwapper
+from fluxpipe.models.autoencoder import AutoEncoder
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
-from fluxpipe.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+from fluxpipe.models.flux import Flux
+from fluxpipe.models.text_encoders import embedding_rows, load_clip_tokenizer, load_t5_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def encode_texts(
     dtype: torch.dtype,
     max_length: int,
     apply_t5_attn_mask: bool,
-    loras: list[tuple[dict, float]] = (),
+    loras: Sequence[tuple[dict, float]] = (),
     batch_size: int = 8,
 ) -> dict[str, Conditioning]:
     """Every distinct text encoded once; the encoders (with their LoRA parts merged) are freed afterwards."""
@@ -107,8 +110,8 @@ def encode_texts(
             apply_lora(nn.Identity(), parts["lora_te1"], mult, clip_l=clip)
         if "lora_te3" in parts:
             apply_lora(nn.Identity(), parts["lora_te3"], mult, t5xxl=t5)
-    clip_tok = load_clip_tokenizer(files.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
-    t5_tok = load_t5_tokenizer(files.t5_tokenizer, max_length, rows=t5.get_input_embeddings().num_embeddings)
+    clip_tok = load_clip_tokenizer(files.clip_tokenizer, rows=embedding_rows(clip))
+    t5_tok = load_t5_tokenizer(files.t5_tokenizer, max_length, rows=embedding_rows(t5))
     unique = list(dict.fromkeys(texts))
     out: dict[str, Conditioning] = {}
     for i in range(0, len(unique), batch_size):
@@ -133,13 +136,13 @@ class Sampler:
 
     def __init__(
         self,
-        dit: nn.Module,
-        ae: nn.Module,
+        dit: Flux,
+        ae: AutoEncoder,
         *,
         device: str,
         dtype: torch.dtype,
         apply_t5_attn_mask: bool = False,
-        controlnet: nn.Module | None = None,
+        controlnet: ControlNetFlux | None = None,
         reference_size: str = "kontext",
     ) -> None:
         self.dit, self.ae, self.device, self.dtype = dit, ae, device, dtype
@@ -218,7 +221,7 @@ class Sampler:
 
 
 @torch.no_grad()
-def encode_reference(ae: nn.Module, image: Image.Image, size: tuple[int, int], device: str) -> Tensor:
+def encode_reference(ae: AutoEncoder, image: Image.Image, size: tuple[int, int], device: str) -> Tensor:
     """The Kontext reference latent [1, 16, H/8, W/8] of ``image`` resized (Lanczos) to ``size`` (W, H):
     scale · (posterior mean − shift), in float32."""
     if image.size != size:
@@ -232,7 +235,7 @@ def load_sampler(
     *,
     device: str,
     dtype: torch.dtype,
-    loras: list[tuple[dict, float]] = (),
+    loras: Sequence[tuple[dict, float]] = (),
     merge: bool = True,
     blocks_to_swap: int = 0,
     apply_t5_attn_mask: bool = False,
@@ -243,7 +246,7 @@ def load_sampler(
     """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
     training's --torch_compile) and AE on ``device``."""
     swap = blocks_to_swap and device.startswith("cuda")
-    dit = load_model(files.flux, "flux", dtype=dtype, device="cpu" if swap else device)
+    dit = load_flux(files.flux, dtype=dtype, device="cpu" if swap else device)
     for parts, mult in loras:
         if "lora_unet" in parts:
             apply_lora(dit, parts["lora_unet"], mult, merge=merge)
@@ -252,7 +255,7 @@ def load_sampler(
         dit.block_swapper.place(dit)
     if compile_blocks:
         compile_resident_blocks(dit)
-    ae = load_model(files.ae, "ae", dtype=torch.float32 if device == "cpu" else dtype, device=device)
+    ae = load_ae(files.ae, dtype=torch.float32 if device == "cpu" else dtype, device=device)
     net = None
     if controlnet is not None:
         net = ControlNetFlux(dit.params)
@@ -269,7 +272,7 @@ def load_sampler(
     )
 
 
-def compile_resident_blocks(dit: nn.Module, backend: str = "inductor") -> int:
+def compile_resident_blocks(dit: Flux, backend: str = "inductor") -> int:
     """torch.compile each block that is not streamed by a block swapper (regional compilation: the blocks of a
     kind share one compiled graph); returns how many."""
     swapper = dit.block_swapper

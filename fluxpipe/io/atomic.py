@@ -70,7 +70,7 @@ def is_stale_temp(path: Path, target_prefix: str) -> bool:
 
 def remove_stale_temps(folder: Path, target_prefix: str) -> list[Path]:
     """Remove the stale temporaries (see ``is_stale_temp``) in ``folder``; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for path in folder.glob(f".{glob.escape(target_prefix)}*"):

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,8 +24,11 @@ from fluxpipe.errors import CheckpointError, summarize
 from fluxpipe.io.hashing import FLOAT_CODES
 from fluxpipe.io.safetensors_file import DTYPE_NAMES, Header, read_header, read_tensors
 from fluxpipe.models import text_encoders as te
-from fluxpipe.models.autoencoder import AutoEncoder, infer_ae_params
-from fluxpipe.models.flux import Flux, flux_size_class, flux_variant, infer_flux_params
+from fluxpipe.models.autoencoder import AutoEncoder, AutoEncoderParams, infer_ae_params
+from fluxpipe.models.flux import Flux, FluxParams, flux_size_class, flux_variant, infer_flux_params
+
+if TYPE_CHECKING:  # transformers loads when a text encoder's config is made (models.text_encoders)
+    from transformers import CLIPTextConfig, T5Config
 
 SLOTS = ("flux", "ae", "clip_l", "t5xxl")
 COMFY_PREFIX = "model.diffusion_model."
@@ -51,7 +55,7 @@ class ModelSpec:
     """What a checkpoint file is and how it maps onto a model (built by ``inspect_checkpoint``)."""
 
     slot: str
-    params: object  # FluxParams | AutoEncoderParams | CLIPTextConfig | T5Config
+    params: FluxParams | AutoEncoderParams | CLIPTextConfig | T5Config
     key_map: dict[str, str]  # file key -> model state-dict key
     ignored: tuple[str, ...]  # file keys deliberately unused (reported, never silent)
     build: Callable[[], nn.Module]
@@ -73,19 +77,48 @@ class ModelSpec:
 
     def describe(self) -> dict[str, object]:
         """Variant and size facts for reports."""
-        if self.slot == "flux":
+        p = self.params
+        if isinstance(p, FluxParams):
             return {
-                "variant": flux_variant(self.params),
-                "size": flux_size_class(self.params),
-                "depth": self.params.depth,
-                "depth_single_blocks": self.params.depth_single_blocks,
-                "hidden_size": self.params.hidden_size,
+                "variant": flux_variant(p),
+                "size": flux_size_class(p),
+                "depth": p.depth,
+                "depth_single_blocks": p.depth_single_blocks,
+                "hidden_size": p.hidden_size,
             }
-        if self.slot == "ae":
-            return {"ch": self.params.ch, "ch_mult": self.params.ch_mult, "z_channels": self.params.z_channels}
-        if self.slot == "clip_l":
-            return {"hidden_size": self.params.hidden_size, "layers": self.params.num_hidden_layers}
-        return {"d_model": self.params.d_model, "layers": self.params.num_layers, "heads": self.params.num_heads}
+        if isinstance(p, AutoEncoderParams):
+            return {"ch": p.ch, "ch_mult": p.ch_mult, "z_channels": p.z_channels}
+        from transformers import CLIPTextConfig  # loaded already: it made this config
+
+        if isinstance(p, CLIPTextConfig):
+            return {"hidden_size": p.hidden_size, "layers": p.num_hidden_layers}
+        return {"d_model": p.d_model, "layers": p.num_layers, "heads": p.num_heads}
+
+    @property
+    def flux_params(self) -> FluxParams:
+        if not isinstance(self.params, FluxParams):
+            raise TypeError(f"{self.header.path} is {self.slot}, not a FLUX.1 DiT")
+        return self.params
+
+    @property
+    def width(self) -> int:
+        """The width the DiT must fit: CLIP-L's hidden size, T5's d_model, 4 x the AE's latent channels."""
+        p = self.params
+        if isinstance(p, FluxParams):
+            return p.hidden_size
+        if isinstance(p, AutoEncoderParams):
+            return p.z_channels * 4
+        from transformers import CLIPTextConfig  # loaded already: it made this config
+
+        return p.hidden_size if isinstance(p, CLIPTextConfig) else p.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        """A text encoder's embedding rows."""
+        p = self.params
+        if isinstance(p, FluxParams | AutoEncoderParams):
+            raise TypeError(f"{self.header.path} is {self.slot}, not a text encoder")
+        return p.vocab_size
 
 
 def detect_kind(keys: set[str]) -> str:
@@ -138,7 +171,9 @@ def _file_keys(header: Header, slot: str) -> dict[str, str]:
     return out
 
 
-def _params_and_builder(slot: str, header: Header) -> tuple[object, Callable[[], nn.Module]]:
+def _params_and_builder(
+    slot: str, header: Header
+) -> tuple[FluxParams | AutoEncoderParams | CLIPTextConfig | T5Config, Callable[[], nn.Module]]:
     shapes = {nk: header.tensors[k].shape for k, nk in _file_keys(header, slot).items()}
     if slot == "flux":
         params = infer_flux_params(shapes)
@@ -148,13 +183,13 @@ def _params_and_builder(slot: str, header: Header) -> tuple[object, Callable[[],
             )
         return params, lambda: Flux(params)
     if slot == "ae":
-        params = infer_ae_params(shapes)
-        return params, lambda: AutoEncoder(params)
+        ae_params = infer_ae_params(shapes)
+        return ae_params, lambda: AutoEncoder(ae_params)
     if slot == "clip_l":
-        cfg = te.clip_config_from_shapes({te.CLIP_FILE_PREFIX + k: v for k, v in shapes.items()})
-        return cfg, lambda: te.build_clip(cfg)
-    cfg = te.t5_config_from_shapes(shapes)
-    return cfg, lambda: te.build_t5(cfg)
+        clip_cfg = te.clip_config_from_shapes({te.CLIP_FILE_PREFIX + k: v for k, v in shapes.items()})
+        return clip_cfg, lambda: te.build_clip(clip_cfg)
+    t5_cfg = te.t5_config_from_shapes(shapes)
+    return t5_cfg, lambda: te.build_t5(t5_cfg)
 
 
 def _ignorable(slot: str, file_key: str) -> bool:
@@ -245,6 +280,20 @@ def _materialize_buffers(model: nn.Module) -> None:
         owner._buffers[name.rpartition(".")[2]] = _META_BUFFER_FIXERS[name](buf)
 
 
+def load_flux(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Flux:
+    """``load_model`` of a FLUX.1 DiT file."""
+    model = load_model(path, "flux", dtype, device)
+    assert isinstance(model, Flux)  # the flux slot builds a Flux
+    return model
+
+
+def load_ae(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> AutoEncoder:
+    """``load_model`` of a FLUX.1 autoencoder file."""
+    model = load_model(path, "ae", dtype, device)
+    assert isinstance(model, AutoEncoder)  # the ae slot builds an AutoEncoder
+    return model
+
+
 def load_model(
     path: str | Path, slot: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -262,7 +311,7 @@ def load_model(
         model = spec.build()
     model.load_state_dict(state, strict=True, assign=True)
     if spec.slot == "t5xxl":
-        model.encoder.embed_tokens = model.shared  # one tensor, as in the original model
+        model.get_submodule("encoder").embed_tokens = model.get_submodule("shared")  # one tensor, as the original
     _materialize_buffers(model)
     model.requires_grad_(False)
     return model.to(device).eval()

@@ -227,7 +227,7 @@ def canonical_header(tensors: Mapping[str, TensorInfo], metadata: Mapping[str, s
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     data = t.detach().contiguous().cpu().reshape(-1)
-    return memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+    return data.view(torch.uint8).numpy().data if data.numel() else memoryview(b"")
 
 
 def save_safetensors_streaming(

@@ -7,11 +7,14 @@ lora_up.weight,alpha}`` with prefixes ``lora_unet`` (DiT), ``lora_te1`` (CLIP-L)
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from fluxpipe.errors import CheckpointError, summarize
@@ -130,12 +133,12 @@ def attach_pair(linear: nn.Linear, pair: LoraPair, multiplier: float) -> None:
     down, up = pair.down.to(linear.weight.device), pair.up.to(linear.weight.device)
     previous, factor = linear.forward, multiplier * pair.scale
     if "_lora_base_forward" not in linear.__dict__:  # what detach_loras restores
-        linear._lora_base_forward = linear.__dict__.get("forward")
+        linear.__dict__["_lora_base_forward"] = linear.__dict__.get("forward")
 
     def forward(x: Tensor) -> Tensor:
         return previous(x) + factor * nn.functional.linear(nn.functional.linear(x, down.to(x.dtype)), up.to(x.dtype))
 
-    linear.forward = forward
+    linear.__dict__["forward"] = forward  # an instance attribute, as assigning linear.forward makes
 
 
 def detach_loras(model: nn.Module) -> int:
@@ -147,7 +150,7 @@ def detach_loras(model: nn.Module) -> int:
             if base is None:
                 del m.forward
             else:
-                m.forward = base
+                m.__dict__["forward"] = base
             count += 1
     return count
 
@@ -168,11 +171,6 @@ def lora_pair_tensors(module: str, parts: dict[str, Tensor], down_name: str, up_
 def addnet_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """The reference's sshs_model_hash / sshs_legacy_hash (spec §5.7): sha256 of the tensor-data section, and
     the first 8 hex digits of sha256 of the 64 KiB at 1 MiB, of a serialization carrying only ss_* metadata."""
-    import hashlib
-    import struct
-
-    from safetensors.torch import save
-
     blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
     (header,) = struct.unpack("<Q", blob[:8])
     return {

@@ -154,9 +154,14 @@ def peft_scale(module: str, rank: int, alpha: Tensor | None, config: Mapping[str
     lora_alpha = config.get(f"{part}.lora_alpha")
     if lora_alpha is None:
         return 1.0
-    for pattern, value in dict(config.get(f"{part}.alpha_pattern") or {}).items():
+    patterns = config.get(f"{part}.alpha_pattern") or {}
+    if not isinstance(patterns, Mapping):
+        raise CheckpointError(f"{part}.alpha_pattern: {patterns!r} is not a mapping of module patterns to alphas")
+    for pattern, value in patterns.items():
         if module == pattern or module.endswith("." + pattern):
             lora_alpha = value
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, int | float):
+        raise CheckpointError(f"{part}.lora_alpha of {module}: {lora_alpha!r} is not a number")
     rs = bool(config.get(f"{part}.use_rslora"))
     return float(lora_alpha) / (rank**0.5 if rs else rank)
 
@@ -166,6 +171,8 @@ def _peft_pairs(state: Mapping[str, Tensor], config: Mapping[str, object]) -> di
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
         m = PEFT_KEY.match(key)
+        if m is None:
+            raise CheckpointError(f"{key}: not a PEFT LoRA key (<module>.lora_A/lora_B.weight or .alpha)")
         parts.setdefault(m.group("module"), {})[m.group("part")] = tensor
     out = {}
     for module, p in parts.items():
@@ -209,7 +216,10 @@ def peft_to_kohya(state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> d
     out: dict[str, Tensor] = {}
     fused: dict[tuple[str, int], dict[int, tuple[Tensor, Tensor, float]]] = {}
     for module, (down, up, scale) in _peft_pairs(state, _adapter_config(metadata)).items():
-        _, target = _peft_module(module)
+        found = _peft_module(module)
+        if found is None:  # classify() has refused such files before
+            raise CheckpointError(f"{module}: not a FLUX.1 or text-encoder module this LoRA layout names")
+        _, target = found
         if target.startswith("lora_te"):
             out.update(_kohya_module(target, down, up, scale * down.shape[0]))
             continue

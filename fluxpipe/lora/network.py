@@ -53,6 +53,8 @@ class LoRAModule(nn.Module):
     sample (scale × 1/(1-p)), ``module_dropout`` skips the whole branch with probability p.
     """
 
+    alpha: Tensor  # a registered buffer (saved as ``<name>.alpha``)
+
     def __init__(
         self,
         lora_name: str,
@@ -71,8 +73,9 @@ class LoRAModule(nn.Module):
             raise ValueError(f"{lora_name}: LoRA rank must be >= 1, got {rank}")
         self.lora_name, self.rank, self.multiplier = lora_name, rank, multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        kw = {"bias": False, "device": org.weight.device, "dtype": dtype}  # a meta model gives meta LoRA weights
-        self.lora_down, self.lora_up = nn.Linear(org.in_features, rank, **kw), nn.Linear(rank, org.out_features, **kw)
+        device = org.weight.device  # a meta model gives meta LoRA weights
+        self.lora_down = nn.Linear(org.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_up = nn.Linear(rank, org.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32, device=org.weight.device))
@@ -93,7 +96,7 @@ class LoRAModule(nn.Module):
         if self._org_forward is None:
             org = self._org[0]
             self._org_forward, self._instance_forward = org.forward, org.__dict__.get("forward")
-            org.forward = self.forward
+            org.__dict__["forward"] = self.forward  # an instance attribute, as assigning org.forward makes
 
     def remove(self) -> None:
         """Give the wrapped Linear its original forward back."""
@@ -101,7 +104,7 @@ class LoRAModule(nn.Module):
             if self._instance_forward is None:
                 del self._org[0].forward  # back to the class's forward
             else:
-                self._org[0].forward = self._instance_forward
+                self._org[0].__dict__["forward"] = self._instance_forward
             self._org_forward = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -266,14 +269,20 @@ def parse_network_args(args: list[str]) -> dict[str, Any]:
 
 
 # ---- rank resolution per target ---------------------------------------------------------------------------
-def _reg_rank(name: str, spec: LoraSpec, default: int | None = None) -> int | None:
+def _reg_match(name: str, spec: LoraSpec) -> int | None:
+    """Rank of the first network_reg_dims regex found in ``name`` (None: none matches)."""
+    return next((rank for pattern, rank in spec.network_reg_dims if re.search(pattern, name)), None)
+
+
+def _reg_rank(name: str, spec: LoraSpec, default: int) -> int:
     """Rank of the first network_reg_dims regex found in ``name``, else ``default``."""
-    return next((rank for pattern, rank in spec.network_reg_dims if re.search(pattern, name)), default)
+    reg = _reg_match(name, spec)
+    return default if reg is None else reg
 
 
 def _block_rank(name: str, kind: str, index: int, spec: LoraSpec) -> int:
     """Type dims, then the block-index filter; a network_reg_dims match bypasses both (as the code does)."""
-    if (reg := _reg_rank(name, spec)) is not None:
+    if (reg := _reg_match(name, spec)) is not None:
         return reg
     rank = next(
         (d for key, ids in TYPE_DIMS.items() if (d := getattr(spec, key)) is not None and all(i in name for i in ids)),
@@ -286,8 +295,8 @@ def _block_rank(name: str, kind: str, index: int, spec: LoraSpec) -> int:
 def unet_plan(flux: nn.Module, spec: LoraSpec) -> Plan:
     """Every DiT target of spec §5.2 with its rank: block layers first, then conditioning layers (in_dims)."""
     for key, count in (
-        ("train_double_block_indices", len(flux.double_blocks)),
-        ("train_single_block_indices", len(flux.single_blocks)),
+        ("train_double_block_indices", len(list(flux.get_submodule("double_blocks").children()))),
+        ("train_single_block_indices", len(list(flux.get_submodule("single_blocks").children()))),
     ):
         if (kept := getattr(spec, key)) and max(kept) >= count:
             raise ValueError(f"{key}: index {max(kept)} out of range; the model has {count} blocks (0-{count - 1})")

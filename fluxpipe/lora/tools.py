@@ -45,6 +45,8 @@ def resize_pair(
     u, s, vh = torch.linalg.svd(product, full_matrices=False)
     rank = min(new_rank, pair.rank)
     if method is not None:
+        if param is None:
+            raise ValueError(f"the dynamic rank method {method} needs its parameter")
         rank = min(rank, dynamic_rank(s[: pair.rank], method, param))
     up = (u[:, :rank] * s[:rank]).cpu()
     return LoraPair(down=vh[:rank].contiguous().cpu(), up=up.contiguous(), alpha=pair.scale * rank)

@@ -83,7 +83,7 @@ def denoise(
     """
     batch = img.shape[0]
     cfg = negative is not None and cfg_scale != 1.0
-    if cfg:
+    if cfg and negative is not None:
         n_txt, n_vec, n_mask = negative
         txt, vec, txt_ids = torch.cat((n_txt, txt)), torch.cat((n_vec, vec)), torch.cat((txt_ids, txt_ids))
         if txt_mask is not None or n_mask is not None:

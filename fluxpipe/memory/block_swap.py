@@ -78,7 +78,7 @@ def prefetch_target(order: tuple[BlockKey, ...], key: BlockKey, backward: bool, 
     return order[pos + 1]
 
 
-def _swapped_weights(block: nn.Module) -> dict[str, nn.Parameter]:
+def _swapped_weights(block: nn.Module) -> dict[str, Tensor]:
     return {f"{name}.weight": m.weight for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
@@ -87,7 +87,10 @@ class BlockSwapper:
 
     def __init__(self, dit: nn.Module, blocks_to_swap: int, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.plan = swap_plan(blocks_to_swap, len(dit.double_blocks), len(dit.single_blocks))
+        double, single = dit.double_blocks, dit.single_blocks
+        if not isinstance(double, nn.ModuleList) or not isinstance(single, nn.ModuleList):
+            raise TypeError("block swapping needs a FLUX DiT (double_blocks and single_blocks)")
+        self.plan = swap_plan(blocks_to_swap, len(double), len(single))
         self.order = self.plan.order
         self.blocks = {key: getattr(dit, f"{key[0]}_blocks")[key[1]] for key in self.order}
         self.host = {key: _swapped_weights(block) for key, block in self.blocks.items()}

@@ -30,6 +30,6 @@ def store_linears_fp8(model: nn.Module) -> int:
             if module.weight.requires_grad:
                 raise ValueError("fp8 storage is for frozen weights only")
             module.weight.data = module.weight.data.to(FP8)
-            module.forward = types.MethodType(_upcast_forward, module)
+            module.__dict__["forward"] = types.MethodType(_upcast_forward, module)  # this instance's forward
             count += 1
     return count

@@ -115,24 +115,42 @@ class Upsample(nn.Module):
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks: list[ResnetBlock]) -> nn.Module:
-    """One resolution level: ``block`` list plus an (always empty) ``attn`` list, as in the official tree."""
-    level = nn.Module()
-    level.block = nn.ModuleList(blocks)
-    level.attn = nn.ModuleList()
-    return level
+class Level(nn.Module):
+    """One resolution level as in the official tree: the ``block`` list, an (always empty) ``attn`` list and,
+    but at the last level, a ``downsample`` (encoder) or ``upsample`` (decoder) run after the blocks."""
+
+    def __init__(
+        self, blocks: list[ResnetBlock], downsample: Downsample | None = None, upsample: Upsample | None = None
+    ):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()
+        if downsample is not None:
+            self.downsample = downsample
+        if upsample is not None:
+            self.upsample = upsample
+
+    def forward(self, h: Tensor) -> Tensor:
+        for block in self.block:
+            h = block(h)
+        for resample in ("downsample", "upsample"):
+            module = self._modules.get(resample)
+            if module is not None:
+                h = module(h)
+        return h
 
 
-def _mid(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
-    return mid
+class Mid(nn.Module):
+    """The middle of the encoder and the decoder: ResNet block, attention, ResNet block."""
 
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
 
-def _run_mid(mid: nn.Module, h: Tensor) -> Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+    def forward(self, h: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 class Encoder(nn.Module):
@@ -149,23 +167,18 @@ class Encoder(nn.Module):
         for i_level, mult in enumerate(ch_mult):
             block_in, block_out = ch * in_mult[i_level], ch * mult
             blocks = [ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(num_res_blocks)]
-            level = _level(blocks)
             block_in = block_out
-            if i_level != self.num_resolutions - 1:
-                level.downsample = Downsample(block_in)
-            self.down.append(level)
-        self.mid = _mid(block_in)
+            last = i_level == self.num_resolutions - 1
+            self.down.append(Level(blocks, downsample=None if last else Downsample(block_in)))
+        self.mid = Mid(block_in)
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
-        for i_level, level in enumerate(self.down):
-            for block in level.block:
-                h = block(h)
-            if i_level != self.num_resolutions - 1:
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -185,28 +198,22 @@ class Decoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid(block_in)
+        self.mid = Mid(block_in)
         levels: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
             block_out = ch * ch_mult[i_level]
             blocks = [ResnetBlock(block_in if i == 0 else block_out, block_out) for i in range(num_res_blocks + 1)]
-            level = _level(blocks)
             block_in = block_out
-            if i_level != 0:
-                level.upsample = Upsample(block_in)
-            levels.insert(0, level)
+            levels.insert(0, Level(blocks, upsample=Upsample(block_in) if i_level != 0 else None))
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
+        h = self.mid(self.conv_in(z))
         h = h.to(next(self.up.parameters()).dtype)
         for i_level in reversed(range(self.num_resolutions)):
-            for block in self.up[i_level].block:
-                h = block(h)
-            if i_level != 0:
-                h = self.up[i_level].upsample(h)
+            h = self.up[i_level](h)
         return self.conv_out(swish(self.norm_out(h)))
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fluxpipe.memory.block_swap import BlockSwapper
 from fluxpipe.memory.offload_checkpoint import offloaded_checkpoint
 from fluxpipe.models.layers import (
     DoubleStreamBlock,
@@ -97,7 +99,7 @@ class Flux(nn.Module):
         super().__init__()
         self.params = params
         self.in_channels = params.in_channels
-        self.out_channels = params.out_channels
+        self.out_channels = params.out_channels or params.in_channels  # (FluxParams fills it in)
         pe_dim = params.hidden_size // params.num_heads
         self.hidden_size = params.hidden_size
         self.num_heads = params.num_heads
@@ -118,7 +120,7 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
         self.gradient_checkpointing = False  # recompute each block in the backward pass (training memory)
         self.cpu_offload_checkpointing = False  # ... and keep the checkpointed block inputs in host memory
-        self.block_swapper = None  # a fluxpipe.memory.block_swap.BlockSwapper streams the last blocks' weights
+        self.block_swapper: BlockSwapper | None = None  # streams the last blocks' weights (--blocks_to_swap)
 
     def forward(
         self,
@@ -148,11 +150,11 @@ class Flux(nn.Module):
                 img = img + controlnet_residuals[i % len(controlnet_residuals)]
         x = torch.cat((txt, img), dim=1)
         for j, block in enumerate(self.single_blocks):
-            x = self._run_block(("single", j), block, (x, vec, pe, mask))
+            x = cast(Tensor, self._run_block(("single", j), block, (x, vec, pe, mask)))  # a single block: one tensor
         x = x[:, txt.shape[1] :, ...]
         return self.final_layer(x, vec)
 
-    def _run_block(self, key: tuple[str, int], block: nn.Module, args: tuple) -> Tensor | tuple[Tensor, Tensor]:
+    def _run_block(self, key: tuple[str, int], block: nn.Module, args: tuple) -> Tensor | tuple[Tensor, ...]:
         """One block: streamed by the block swapper, checkpointed (optionally with its inputs in host memory),
         or called directly."""
         if self.block_swapper is not None and key in self.block_swapper.blocks:
@@ -164,7 +166,20 @@ class Flux(nn.Module):
         return block(*args)
 
 
-def conditioning_vector(model: nn.Module, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+class Embedders(Protocol):
+    """What ``conditioning_vector`` reads of a model: its params and the time, guidance and vector embedders."""
+
+    @property
+    def params(self) -> FluxParams: ...
+    @property
+    def time_in(self) -> nn.Module: ...
+    @property
+    def guidance_in(self) -> nn.Module: ...
+    @property
+    def vector_in(self) -> nn.Module: ...
+
+
+def conditioning_vector(model: Embedders, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
     """The modulation vector of a FLUX.1 model (or a ControlNet-Flux, which has the same embedders):
     time_in(t) [+ guidance_in(g) for dev] + vector_in(y)."""
     vec = model.time_in(timestep_embedding(timesteps, 256))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fluxpipe.errors import FluxpipeError
 
 if TYPE_CHECKING:  # transformers is imported where it is used: it costs seconds, and many stages never need it
+    from torch import nn
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 CLIP_FILE_PREFIX = "text_model."
@@ -28,11 +30,11 @@ CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 T5_HUB_ID = "google/t5-v1_1-xxl"
 
 
-def _count(shapes: dict[str, tuple[int, ...]], pattern: str) -> int:
+def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
     return len({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
 
 
-def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], eos_token_id: int | None = None) -> CLIPTextConfig:
+def clip_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], eos_token_id: int | None = None) -> CLIPTextConfig:
     """CLIPTextConfig for a ``text_model.*`` state dict (CLIP-L: 49408 x 768, 12 layers, 12 heads of 64).
 
     FLUX's CLIP-L uses quick_gelu. The pooled output is the hidden state at the first end-of-text token,
@@ -59,7 +61,7 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], eos_token_id: in
     )
 
 
-def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Config:
+def t5_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> T5Config:
     """T5Config (encoder only, gated GELU, no biases) for a T5 v1.1 state dict (XXL: d_model 4096, 64 heads)."""
     from transformers import T5Config
 
@@ -81,7 +83,6 @@ def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> T5Config:
         dropout_rate=0.0,
         is_encoder_decoder=False,
         use_cache=False,
-        tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=1,
     )
@@ -140,6 +141,17 @@ def _hub_or_error(kind: str, hub_id: str, setting: str, loader, needed: str):  #
     )
 
 
+def embedding_rows(model: nn.Module) -> int:
+    """Rows of a text encoder's token embedding (what its tokenizer's vocabulary must fit)."""
+    from torch import nn
+    from transformers import PreTrainedModel  # loaded already: it built the model
+
+    embedding = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"{type(model).__name__} is not a text encoder with a token embedding")
+    return embedding.num_embeddings
+
+
 def check_vocab(tokenizer, rows: int, what: str, setting: str) -> None:  # noqa: ANN001 - a transformers tokenizer
     """Refuse a tokenizer whose vocabulary does not fit the encoder's embedding rows: more tokens than rows, or
     clearly fewer (an empty tokenizer, e.g. transformers 5 built from a missing file, would encode every caption
@@ -174,10 +186,10 @@ def load_clip_tokenizer(folder: str | Path | None, max_length: int = 77, rows: i
 def load_t5_tokenizer(folder: str | Path | None, max_length: int = 512, rows: int | None = None):
     """T5 v1.1 tokenizer from ``folder`` (tokenizer.json), else the hub id when cached or online; ``rows``: as
     for load_clip_tokenizer."""
-    from transformers import T5TokenizerFast
+    from transformers import T5Tokenizer  # transformers 5: the tokenizers-backed class (T5TokenizerFast's alias)
 
     def load(src: str, local_files_only: bool = True):  # noqa: ANN202
-        return T5TokenizerFast.from_pretrained(src, model_max_length=max_length, local_files_only=local_files_only)
+        return T5Tokenizer.from_pretrained(src, model_max_length=max_length, local_files_only=local_files_only)
 
     if folder is None:
         tok = _hub_or_error("T5", T5_HUB_ID, "t5_tokenizer", load, "tokenizer.json")

@@ -9,18 +9,22 @@ the state's tensors. Host memory: rank 0 gathers a whole state on the CPU to sav
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # torch.distributed.checkpoint is imported when a state is saved or loaded
+    from torch.distributed.checkpoint.state_dict import DictValueType, StateDictOptions
 
 
 def shard_dit(dit: nn.Module) -> nn.Module:
     """Shard the DiT in place: one FSDP unit per block (gathered just before it runs, freed after) and the rest."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in [*dit.double_blocks, *dit.single_blocks]:
-        fully_shard(block)
+    for name in ("double_blocks", "single_blocks"):
+        for block in dit.get_submodule(name).children():
+            fully_shard(block)
     fully_shard(dit)
     return dit
 
@@ -43,17 +47,18 @@ def _names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
-def _options(**kwargs: bool):  # noqa: ANN202 - StateDictOptions
+def _options(*, cpu_offload: bool = False, broadcast_from_rank0: bool = False) -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, **kwargs)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, broadcast_from_rank0=broadcast_from_rank0)
 
 
 def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full weights on rank 0's CPU (the other ranks get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(module, options=_options(cpu_offload=True))
+    # a full model state dict holds tensors only (torch types its values as any state value)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(module, options=_options(cpu_offload=True)))
 
 
 def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -61,7 +66,8 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     run); the other ranks get an empty dict."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    by_name = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
+    # {"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]} (torch types it more generally)
+    by_name = cast(dict[str, Any], get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True)))
     if not by_name:
         return {}
     index = {n: i for i, n in enumerate(_names(module))}
@@ -75,7 +81,8 @@ def load_model_state(module: nn.Module, weights: dict[str, torch.Tensor], main: 
     """Rank 0's full weights into every rank's shards (strict)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(module, weights if main else {}, options=_options(broadcast_from_rank0=True))
+    state: DictValueType = dict(weights) if main else {}
+    set_model_state_dict(module, state, options=_options(broadcast_from_rank0=True))
 
 
 def load_optimizer_state(

@@ -54,7 +54,8 @@ def verify_shards(kind: str, shards: tuple[Path, ...]) -> dict[str, str]:
 
 
 def _entries(shards: tuple[Path, ...], digests: dict[str, str]) -> tuple[pd.DataFrame, dict[str, dict]]:
-    rows, stats = [], {}
+    rows: list[dict[str, object]] = []
+    stats: dict[str, dict] = {}
     for shard in shards:
         info, st = read_shard_metadata(shard)
         stats[shard.name] = st.__dict__

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from fluxpipe.data.images import load_rgb, resize_and_crop, to_tensor
-from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.checkpoints import load_ae
 from fluxpipe.io.hashing import cached_sha256
 from fluxpipe.io.shards import ShardStats, build_shard, content_key
 from fluxpipe.io.tables import read_parquet
@@ -62,11 +63,12 @@ class LatentEntry:
     kind: str = ""  # "": a target image; "reference": a Kontext reference (path), ``paths`` = its targets
 
 
-def _sources(r: object, references: bool) -> list[tuple[str, str, str]]:
+def _sources(r: Any, references: bool) -> list[tuple[str, str, str]]:  # r: a row of DataFrame.itertuples()
     """(kind, image path, image sha256) of what a manifest row caches: its image, and its reference if asked."""
     out = [("", str(r.path), str(r.sha256))]
-    if references and getattr(r, "conditioning", ""):
-        out.append(("reference", str(r.conditioning), str(r.conditioning_sha256)))
+    conditioning = getattr(r, "conditioning", None)  # (a column of Kontext manifests only)
+    if references and conditioning:
+        out.append(("reference", str(conditioning), str(r.conditioning_sha256)))
     return out
 
 
@@ -123,6 +125,10 @@ def prepare(entry: LatentEntry) -> torch.Tensor:
     return x.flip(-1) if entry.flip else x
 
 
+def _stacked(batch: list[LatentEntry]) -> torch.Tensor:
+    return torch.stack([prepare(e) for e in batch])
+
+
 def batches(entries: list[LatentEntry], batch_size: int) -> Iterator[list[LatentEntry]]:
     """Batches of one bucket each (images in a batch must share a size)."""
     by_bucket: dict[tuple[int, int], list[LatentEntry]] = {}
@@ -140,7 +146,7 @@ def encode(entries: list[LatentEntry], cfg: CacheLatentsConfig) -> dict[str, dic
     if not entries:
         return {}
     dtype = encode_dtype(cfg.device)
-    ae = load_model(cfg.ae, "ae", dtype=dtype, device=cfg.device)
+    ae = load_ae(cfg.ae, dtype=dtype, device=cfg.device)
     store = getattr(torch, cfg.dtype)
     out: dict[str, dict[str, torch.Tensor]] = {}
     todo = list(batches(entries, cfg.batch_size))
@@ -148,11 +154,11 @@ def encode(entries: list[LatentEntry], cfg: CacheLatentsConfig) -> dict[str, dic
         ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool,
         tqdm(total=len(entries), desc=f"latents shard {cfg.shard}", unit="img", mininterval=2) as bar,
     ):
-        pending = [pool.submit(lambda b=b: torch.stack([prepare(e) for e in b])) for b in todo[:2]]
+        pending = [pool.submit(_stacked, b) for b in todo[:2]]
         for i, batch in enumerate(todo):
             images = pending[i].result()
             if i + 2 < len(todo):
-                pending.append(pool.submit(lambda b=todo[i + 2]: torch.stack([prepare(e) for e in b])))
+                pending.append(pool.submit(_stacked, todo[i + 2]))
             moments = ae.encoder(images.to(cfg.device, dtype)).float().cpu()
             mean, logvar = moments.chunk(2, dim=1)
             for j, e in enumerate(batch):

@@ -12,8 +12,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH, encode_prompts
@@ -96,13 +98,13 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     t5_tok = te.load_t5_tokenizer(cfg.t5_tokenizer, max_length=cfg.max_length)
     clip = load_model(cfg.clip_l, "clip_l", dtype=dtype, device=cfg.device)
     t5 = load_model(cfg.t5xxl, "t5xxl", dtype=dtype, device=cfg.device)
-    te.check_vocab(clip_tok, clip.get_input_embeddings().num_embeddings, "CLIP-L", "clip_tokenizer")
-    te.check_vocab(t5_tok, t5.get_input_embeddings().num_embeddings, "T5", "t5_tokenizer")
+    te.check_vocab(clip_tok, te.embedding_rows(clip), "CLIP-L", "clip_tokenizer")
+    te.check_vocab(t5_tok, te.embedding_rows(t5), "T5", "t5_tokenizer")
     warn_truncated(captions, clip_tok, t5_tok, cfg.max_length)
     if cfg.compile == "true" or (
         cfg.compile == "auto" and cfg.device.startswith("cuda") and len(captions) >= COMPILE_MIN
     ):
-        t5 = torch.compile(t5)
+        t5 = cast(nn.Module, torch.compile(t5))  # an OptimizedModule (torch's stub says a plain callable)
     store = getattr(torch, cfg.dtype)
     keys = list(captions)
     out: dict[str, dict[str, torch.Tensor]] = {}

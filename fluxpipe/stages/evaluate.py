@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -105,7 +107,7 @@ def render(
 
 
 def write_plots(
-    cfg: EvaluateConfig, losses: list[dict], validation: list[dict], distances: list[tuple[int, float]] = ()
+    cfg: EvaluateConfig, losses: list[dict], validation: list[dict], distances: Sequence[tuple[int, float]] = ()
 ) -> None:
     from fluxpipe.inference.report_images import labelled_grid, plot_curves, save_png
 
@@ -195,7 +197,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
     checkpoints = find_checkpoints(cfg.train_dir, cfg.output_name)
     texts = [p.prompt for p in cfg.prompts] + [p.negative_prompt for p in cfg.prompts if p.cfg_scale != 1.0]
-    enc = {
+    enc: dict[str, Any] = {
         "device": cfg.device,
         "dtype": cfg.dtype,
         "max_length": cfg.t5_max_length,

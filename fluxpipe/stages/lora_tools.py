@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from fluxpipe.errors import FluxpipeError
+from fluxpipe.errors import CheckpointError, FluxpipeError
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -41,7 +41,7 @@ def _pairs(path: Path) -> tuple[str, dict, dict[str, str]]:
 def _kohya_tensors(pairs: dict, dtype) -> dict:  # noqa: ANN001
     import torch
 
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, p in pairs.items():
         cast = dtype or p.down.dtype
         out |= {
@@ -125,7 +125,6 @@ def merge_into_dit(base: Path, loras: list, save_to: Path, dtype) -> None:  # no
     import torch
     from safetensors import safe_open
 
-    from fluxpipe.errors import CheckpointError
     from fluxpipe.io.safetensors_file import DTYPES, read_header, save_safetensors_streaming
 
     header = read_header(base)

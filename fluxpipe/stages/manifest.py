@@ -71,20 +71,21 @@ def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candid
     if sub.metadata_file is not None:
         entries = _read_metadata(Path(sub.metadata_file), sub.caption_separator)
         base = Path(sub.image_dir) if sub.image_dir else None
-        paths = [(_metadata_image(base, p), c) for p, c in entries]
+        paths: list[tuple[Path, str | None]] = [(_metadata_image(base, p), c) for p, c in entries]
     else:
-        paths = [(p, None) for p in _image_files(Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir")]
-        _warn_unused_images(Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir")
-    by_stem = None
+        assert sub.image_dir is not None  # the dataset config requires image_dir or metadata_file
+        folder, where = Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir"
+        paths = [(p, None) for p in _image_files(folder, where)]
+        _warn_unused_images(folder, where)
+    by_stem, cond_dir = None, None
     if sub.conditioning_data_dir is not None:
-        by_stem = _by_stem(
-            _image_files(Path(sub.conditioning_data_dir), f"datasets[{di}].subsets[{si}].conditioning_data_dir")
-        )
+        cond_dir = Path(sub.conditioning_data_dir)
+        by_stem = _by_stem(_image_files(cond_dir, f"datasets[{di}].subsets[{si}].conditioning_data_dir"))
     out = []
     for path, caption in paths:
         cond = None
-        if by_stem is not None:
-            cond, problem = _pair(path, by_stem, Path(sub.conditioning_data_dir))
+        if by_stem is not None and cond_dir is not None:
+            cond, problem = _pair(path, by_stem, cond_dir)
             if problem:
                 problems.append(problem)
                 continue
@@ -223,7 +224,7 @@ def _caption(c: Candidate, sub: SubsetConfig) -> str:
 
 def _bucket_spec(ds: DatasetConfig) -> BucketSpec:
     return BucketSpec(
-        resolution=tuple(ds.resolution),
+        resolution=ds.resolution,
         enable_bucket=ds.enable_bucket,
         min_bucket_reso=ds.min_bucket_reso,
         max_bucket_reso=ds.max_bucket_reso,

@@ -59,13 +59,14 @@ def check_widths(specs: dict[str, ModelSpec]) -> None:
     flux = specs.get("flux")
     if flux is None:
         return
+    params = flux.flux_params
     checks = []
     if "clip_l" in specs:
-        checks.append(("clip_l", specs["clip_l"].params.hidden_size, "vec_in_dim", flux.params.vec_in_dim))
+        checks.append(("clip_l", specs["clip_l"].width, "vec_in_dim", params.vec_in_dim))
     if "t5xxl" in specs:
-        checks.append(("t5xxl", specs["t5xxl"].params.d_model, "context_in_dim", flux.params.context_in_dim))
+        checks.append(("t5xxl", specs["t5xxl"].width, "context_in_dim", params.context_in_dim))
     if "ae" in specs:
-        checks.append(("ae", specs["ae"].params.z_channels * 4, "in_channels", flux.params.in_channels))
+        checks.append(("ae", specs["ae"].width, "in_channels", params.in_channels))
     for slot, width, field, expected in checks:
         if width != expected and not (field == "in_channels" and expected == 384):
             raise FluxpipeError(
@@ -84,7 +85,7 @@ def _tokenizer_report(cfg: ValidateConfig, specs: dict[str, ModelSpec]) -> dict[
         if folder is None:
             continue
         tok = loader(folder)
-        rows = specs[slot].params.vocab_size if slot in specs else None
+        rows = specs[slot].vocab_size if slot in specs else None
         if rows is not None:
             te.check_vocab(tok, rows, "CLIP-L" if slot == "clip_l" else "T5", key)
         out[key] = {
@@ -117,13 +118,14 @@ def run(cfg: ValidateConfig) -> dict[str, object]:
     start = time.perf_counter()
     specs = _inspect_all(files)
     check_widths(specs)
-    report: dict[str, object] = {"fluxpipe_version": __version__, "models": {}}
+    models: dict[str, dict[str, object]] = {}
+    report: dict[str, object] = {"fluxpipe_version": __version__, "models": models}
     hashes = HashCache(cfg.hash_cache)
     scans = {slot: scan_file(hashes, spec) for slot, spec in specs.items()}
     hashes.save()
     for slot, spec in specs.items():
         digest, cached = scans[slot]
-        report["models"][slot] = {
+        models[slot] = {
             "path": str(spec.header.path),
             "bytes": spec.header.path.stat().st_size,
             "sha256": digest,
@@ -142,7 +144,7 @@ def run(cfg: ValidateConfig) -> dict[str, object]:
             " (cached)" if cached else "",
         )
     if "flux" in specs:
-        report["variant"] = report["models"]["flux"]["variant"]
+        report["variant"] = models["flux"]["variant"]
     report["tokenizers"] = _tokenizer_report(cfg, specs)
     report["seconds"] = round(time.perf_counter() - start, 3)
     if cfg.out is not None:
