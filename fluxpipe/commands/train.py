@@ -35,6 +35,7 @@ from fluxpipe.data.text_encoding import default_t5_max_length
 from fluxpipe.training.monitor import MonitorSettings
 
 log = logging.getLogger(__name__)
+CHROMA_URL = "https://huggingface.co/lodestones/Chroma"  # modelspec.implementation of Chroma LoRAs (spec §5.7)
 DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -99,14 +100,13 @@ def build_caches(
     """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
     from fluxpipe.config.dataset import check_cacheable
     from fluxpipe.data.text_encoding import default_t5_max_length
-    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
 
     datasets = with_cli_validation(load_datasets(ns), ns)
     check_cacheable(datasets, cache_latents=True, cache_text=True)
     paths = pipeline_caches(work)
     manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = dit_variant(ns)
     for kind in ("latents", "text"):
         shard = work / f"cache/{kind}/shard-000.safetensors"
         shard.unlink(missing_ok=True)
@@ -126,7 +126,7 @@ def build_caches(
             cache_text.run(
                 cache_text.CacheTextConfig(
                     manifest=paths.manifest,
-                    clip_l=Path(ns.clip_l),
+                    clip_l=Path(ns.clip_l) if ns.clip_l else None,
                     t5xxl=Path(ns.t5xxl),
                     clip_tokenizer=clip_tokenizer,
                     t5_tokenizer=t5_tokenizer,
@@ -284,6 +284,9 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
         )
     check_logging(ns.logging_dir, ns.log_with)
     check_kontext(ns, method)
+    check_chroma(ns, method)
+    if ns.pretrained_model_name_or_path and Path(ns.pretrained_model_name_or_path).is_file():
+        dit_variant(ns)  # a FLUX file under --model_type chroma (or the reverse) fails before any work
     if ns.blocks_to_swap and not device.startswith("cuda"):
         log.warning(
             "--blocks_to_swap %d: the model already lives in host memory on the CPU, ignored", ns.blocks_to_swap
@@ -311,6 +314,33 @@ def check_kontext(ns: argparse.Namespace, method: str) -> None:
             "image yet; leave --sample_prompts out and use the evaluate stage or `fluxpipe sample "
             "--reference-image`"
         )
+
+
+def check_chroma(ns: argparse.Namespace, method: str) -> None:
+    """--model_type chroma (spec §7.3): LoRA training only, no CLIP-L, the T5 mask on, guidance 0."""
+    if ns.model_type != "chroma":
+        return
+    problems = [
+        (method != "lora", f"only LoRA training supports Chroma (not `train {method}`); use `fluxpipe train lora`"),
+        (bool(ns.clip_l), f"--clip_l {ns.clip_l}: Chroma uses no CLIP-L text encoder; leave --clip_l out"),
+        (not ns.apply_t5_attn_mask, "Chroma needs the T5 attention mask: add --apply_t5_attn_mask"),
+        (
+            ns.guidance_scale != 0.0,
+            f"--guidance_scale {ns.guidance_scale}: Chroma trains with 0; pass --guidance_scale 0",
+        ),
+        (ns.cpu_offload_checkpointing, "--cpu_offload_checkpointing is not supported for Chroma; leave it out"),
+    ]
+    for bad, text in problems:
+        if bad:
+            raise FluxpipeError(f"--model_type chroma: {text}")
+
+
+def dit_variant(ns: argparse.Namespace) -> str:
+    """The DiT's variant (dev / schnell / chroma), its file checked strictly as the --model_type's model."""
+    from fluxpipe.io.checkpoints import dit_slot, inspect_checkpoint
+
+    slot = dit_slot(ns.model_type)
+    return str(inspect_checkpoint(ns.pretrained_model_name_or_path, slot).describe()["variant"])
 
 
 def check_kontext_pairs(ns: argparse.Namespace, datasets) -> None:  # noqa: ANN001 - DatasetsConfig
@@ -427,13 +457,13 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_network_train_unet_only": str(bool(ns.network_train_unet_only)),
         "ss_mixed_precision": ns.mixed_precision,
         "ss_v2": "False",
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": "chroma" if variant == "chroma" else "flux1",
         "ss_cache_latents": "True",
         "ss_seed": str(ns.seed),
         "ss_optimizer": f"{ns.optimizer_type}({' '.join(ns.optimizer_args or [])})",
         "ss_max_grad_norm": str(ns.max_grad_norm),
         "ss_loss_type": ns.loss_type,
-        "ss_model_type": "flux",
+        "ss_model_type": ns.model_type,
         "ss_apply_t5_attn_mask": str(ns.apply_t5_attn_mask),
         "ss_weighting_scheme": ns.weighting_scheme,
         "ss_logit_mean": str(ns.logit_mean),
@@ -448,8 +478,8 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_fp8_base": str(bool(ns.fp8_base)),
         "ss_fp8_base_unet": str(bool(ns.fp8_base_unet)),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"flux-1-{variant}/lora",
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.architecture": "chroma/lora" if variant == "chroma" else f"flux-1-{variant}/lora",
+        "modelspec.implementation": CHROMA_URL if variant == "chroma" else "https://github.com/black-forest-labs/flux",
         "modelspec.title": ns.output_name or "last",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.implementation_version": f"fluxpipe/{__version__}",
@@ -482,12 +512,12 @@ def flow_settings(ns: argparse.Namespace) -> FlowSettings:
 
 def sample_models(ns: argparse.Namespace, clip_tokenizer: Path | None, t5_tokenizer: Path | None) -> ModelFiles | None:
     """The model files samples need (the text encoders for the prompts, the AE for decoding)."""
-    if not (ns.ae and ns.clip_l and ns.t5xxl):
+    if not (ns.ae and (ns.clip_l or ns.model_type == "chroma") and ns.t5xxl):
         return None
     return ModelFiles(
         flux=Path(ns.pretrained_model_name_or_path),
         ae=Path(ns.ae),
-        clip_l=Path(ns.clip_l),
+        clip_l=Path(ns.clip_l) if ns.clip_l else None,
         t5xxl=Path(ns.t5xxl),
         clip_tokenizer=clip_tokenizer,
         t5_tokenizer=t5_tokenizer,
@@ -534,13 +564,12 @@ def lora_config(
     t5_tokenizer: Path | None = None,
 ) -> TrainLoraConfig:
     """The typed training config from the parsed flags (already checked with check_supported)."""
-    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.io.tables import read_parquet
 
     ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
     datasets = load_datasets(ns)
     table, _ = read_parquet(caches.manifest)
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = dit_variant(ns)
     t5_max_length = ns.t5xxl_max_token_length or default_t5_max_length(variant)
     math_settings = flow_settings(ns)
     return TrainLoraConfig(
@@ -576,7 +605,7 @@ def lora_config(
         resume=Path(ns.resume) if ns.resume else None,
         auto_resume=auto_resume,
         device=device,
-        clip_l=None if ns.network_train_unet_only else Path(ns.clip_l),
+        clip_l=None if ns.network_train_unet_only or not ns.clip_l else Path(ns.clip_l),
         clip_tokenizer=clip_tokenizer,
         fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
         save_last_n_epochs=ns.save_last_n_epochs,
@@ -597,6 +626,7 @@ def lora_config(
         t5_max_length=t5_max_length,
         ema=ema_settings(ns),
         kontext=ns.model_type == "kontext",
+        model_type=ns.model_type,
         sample_models=sample_models(ns, clip_tokenizer, t5_tokenizer),
         metadata=training_metadata(
             ns,
@@ -617,13 +647,12 @@ def full_config(
     t5_tokenizer: Path | None = None,
 ) -> TrainFullConfig:
     """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
-    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.stages.train_full import TrainFullConfig
     from fluxpipe.training.weights import OptimizerSettings
 
     ns.seed = 42 if ns.seed is None else ns.seed
     datasets = load_datasets(ns)
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = dit_variant(ns)
     optim = OptimizerSettings(
         optimizer_type=ns.optimizer_type,
         optimizer_args=parse_optimizer_args(ns.optimizer_args or []),

@@ -27,6 +27,7 @@ from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.maths.kontext import kontext_resolution
 from fluxpipe.maths.packing import image_ids, pack_latents, text_ids, unpack_latents
 from fluxpipe.maths.sampling import denoise, get_noise, get_schedule
+from fluxpipe.models.chroma import is_chroma
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class ModelFiles:
     flux: Path
     ae: Path
-    clip_l: Path
+    clip_l: Path | None  # None: no CLIP-L (Chroma)
     t5xxl: Path
     clip_tokenizer: Path | None = None
     t5_tokenizer: Path | None = None
@@ -101,14 +102,16 @@ def encode_texts(
     from fluxpipe.lora.files import apply_lora
     from fluxpipe.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
 
-    clip = load_model(files.clip_l, "clip_l", dtype=dtype, device=device)
+    clip = load_model(files.clip_l, "clip_l", dtype=dtype, device=device) if files.clip_l is not None else None
     t5 = load_model(files.t5xxl, "t5xxl", dtype=dtype, device=device)
     for parts, mult in loras:
-        if "lora_te1" in parts:
+        if "lora_te1" in parts and clip is not None:
             apply_lora(nn.Identity(), parts["lora_te1"], mult, clip_l=clip)
         if "lora_te3" in parts:
             apply_lora(nn.Identity(), parts["lora_te3"], mult, t5xxl=t5)
-    clip_tok = load_clip_tokenizer(files.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
+    clip_tok = (
+        load_clip_tokenizer(files.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings) if clip else None
+    )
     t5_tok = load_t5_tokenizer(files.t5_tokenizer, max_length, rows=t5.get_input_embeddings().num_embeddings)
     unique = list(dict.fromkeys(texts))
     out: dict[str, Conditioning] = {}
@@ -146,8 +149,10 @@ class Sampler:
         self.dit, self.ae, self.device, self.dtype = dit, ae, device, dtype
         self.reference_size = reference_size  # Kontext: "kontext" (official resize) or "target" (the sample's)
         self.controlnet = controlnet  # a ControlNet-Flux for prompts with a control image (--cn)
-        self.apply_t5_attn_mask = apply_t5_attn_mask
-        self.shift = bool(dit.params.guidance_embed)  # the official sampler shifts for dev, not for schnell
+        # Chroma: always the T5 mask, the shifted schedule, guidance 0 (real CFG comes from a negative prompt)
+        self.chroma = is_chroma(dit)
+        self.apply_t5_attn_mask = apply_t5_attn_mask or self.chroma
+        self.shift = self.chroma or bool(dit.params.guidance_embed)  # official: shifted for dev, not for schnell
 
     def _cond(self, c: Conditioning) -> tuple[Tensor, Tensor, Tensor | None]:
         mask = c.mask.to(self.device) if self.apply_t5_attn_mask else None
@@ -175,7 +180,7 @@ class Sampler:
                 text_ids(1, txt.shape[1], self.device, self.dtype),
                 vec,
                 timesteps,
-                p.guidance,
+                0.0 if self.chroma else p.guidance,
                 txt_mask=mask,
                 negative=neg,
                 cfg_scale=p.cfg_scale,
@@ -250,14 +255,15 @@ def load_sampler(
     compile_blocks: bool = False,
     controlnet: Path | None = None,
     reference_size: str = "kontext",
+    model_type: str = "flux",
 ) -> Sampler:
     """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
-    training's --torch_compile) and AE on ``device``."""
-    from fluxpipe.io.checkpoints import load_model
+    training's --torch_compile) and AE on ``device``; ``model_type`` chroma loads a Chroma DiT."""
+    from fluxpipe.io.checkpoints import dit_slot, load_model
     from fluxpipe.lora.files import apply_lora
 
     swap = blocks_to_swap and device.startswith("cuda")
-    dit = load_model(files.flux, "flux", dtype=dtype, device="cpu" if swap else device)
+    dit = load_model(files.flux, dit_slot(model_type), dtype=dtype, device="cpu" if swap else device)
     for parts, mult in loras:
         if "lora_unet" in parts:
             apply_lora(dit, parts["lora_unet"], mult, merge=merge)

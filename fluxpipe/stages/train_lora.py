@@ -23,7 +23,7 @@ from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.io.atomic import remove_stale_temps, write_text_atomic
-from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.checkpoints import dit_slot, load_model
 from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
 from fluxpipe.maths import flow
 from fluxpipe.maths.kontext import kontext_forward, reference_tokens
@@ -121,6 +121,7 @@ class TrainLoraConfig:
         None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
     )
     kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
+    model_type: str = "flux"  # --model_type: which DiT the file is (chroma: fluxpipe.models.chroma)
 
 
 def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -409,7 +410,7 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
     """The frozen DiT on the device: fp8 storage, block swap (swapped weights stay in pinned host memory),
     checkpointing mode and compiled blocks as configured."""
     swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
-    dit = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
+    dit = load_model(cfg.flux, dit_slot(cfg.model_type), dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     if cfg.fp8_base:
