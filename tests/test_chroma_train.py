@@ -36,7 +36,11 @@ def chroma_command(demo: Path, chroma: Path, out: Path, *extra: str) -> list[str
 def test_train_lora_chroma_on_the_demo_set(demo_dir: Path, tmp_path: Path) -> None:
     chroma = write_chroma_demo(tmp_path / "models")
     out = tmp_path / "run"
-    assert main(["train", "lora", *chroma_command(demo_dir, chroma, out)]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube --n blurry --l 4 --w 64 --h 64 --s 2 --d 1\n")
+    extra = ("--sample_prompts", str(prompts), "--sample_at_first")
+    assert main(["train", "lora", *chroma_command(demo_dir, chroma, out, *extra)]) == 0
+    assert len(list((out / "sample").glob("my_flux_lora_*_00_*_1.png"))) == 1  # --sample_at_first
     with safe_open(str(out / "my_flux_lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
         up = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
