@@ -30,12 +30,12 @@ from fluxpipe.training.optim import parse_optimizer_args
 if TYPE_CHECKING:
     from fluxpipe.stages.train_controlnet import TrainControlNetConfig
     from fluxpipe.stages.train_full import TrainFullConfig
+from fluxpipe.commands.model_types import CHROMA_URL, check_chroma, dit_variant
 from fluxpipe.config.reference_flags import DATASET_FLAGS, FOLDER_FLAGS, dataset_flag_defaults
 from fluxpipe.data.text_encoding import default_t5_max_length
 from fluxpipe.training.monitor import MonitorSettings
 
 log = logging.getLogger(__name__)
-CHROMA_URL = "https://huggingface.co/lodestones/Chroma"  # modelspec.implementation of Chroma LoRAs (spec §5.7)
 DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -314,33 +314,6 @@ def check_kontext(ns: argparse.Namespace, method: str) -> None:
             "image yet; leave --sample_prompts out and use the evaluate stage or `fluxpipe sample "
             "--reference-image`"
         )
-
-
-def check_chroma(ns: argparse.Namespace, method: str) -> None:
-    """--model_type chroma (spec §7.3): LoRA training only, no CLIP-L, the T5 mask on, guidance 0."""
-    if ns.model_type != "chroma":
-        return
-    problems = [
-        (method != "lora", f"only LoRA training supports Chroma (not `train {method}`); use `fluxpipe train lora`"),
-        (bool(ns.clip_l), f"--clip_l {ns.clip_l}: Chroma uses no CLIP-L text encoder; leave --clip_l out"),
-        (not ns.apply_t5_attn_mask, "Chroma needs the T5 attention mask: add --apply_t5_attn_mask"),
-        (
-            ns.guidance_scale != 0.0,
-            f"--guidance_scale {ns.guidance_scale}: Chroma trains with 0; pass --guidance_scale 0",
-        ),
-        (ns.cpu_offload_checkpointing, "--cpu_offload_checkpointing is not supported for Chroma; leave it out"),
-    ]
-    for bad, text in problems:
-        if bad:
-            raise FluxpipeError(f"--model_type chroma: {text}")
-
-
-def dit_variant(ns: argparse.Namespace) -> str:
-    """The DiT's variant (dev / schnell / chroma), its file checked strictly as the --model_type's model."""
-    from fluxpipe.io.checkpoints import dit_slot, inspect_checkpoint
-
-    slot = dit_slot(ns.model_type)
-    return str(inspect_checkpoint(ns.pretrained_model_name_or_path, slot).describe()["variant"])
 
 
 def check_kontext_pairs(ns: argparse.Namespace, datasets) -> None:  # noqa: ANN001 - DatasetsConfig

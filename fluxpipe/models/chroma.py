@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -190,7 +191,7 @@ class Chroma(nn.Module):
         super().__init__()
         self.params = params
         self.in_channels = params.in_channels
-        self.out_channels = params.out_channels
+        self.out_channels: int = params.out_channels or params.in_channels
         self.hidden_size = params.hidden_size
         self.num_heads = params.num_heads
         pe_dim = params.hidden_size // params.num_heads
@@ -249,7 +250,7 @@ class Chroma(nn.Module):
             x = self._run_block(("single", j), block, (x, block_modulations(mods, self.params, "single", j), pe, mask))
         return self.final_layer(x[:, txt.shape[1] :, ...], block_modulations(mods, self.params, "final"))
 
-    def _run_block(self, key: tuple[str, int], block: nn.Module, args: tuple) -> Tensor | tuple[Tensor, Tensor]:
+    def _run_block(self, key: tuple[str, int], block: nn.Module, args: tuple) -> Any:  # Tensor | (Tensor, Tensor)
         if self.block_swapper is not None and key in self.block_swapper.blocks:
             return self.block_swapper.run(key, block, args, self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -410,7 +410,8 @@ def load_dit(cfg: TrainLoraConfig) -> torch.nn.Module:
     """The frozen DiT on the device: fp8 storage, block swap (swapped weights stay in pinned host memory),
     checkpointing mode and compiled blocks as configured."""
     swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
-    dit = load_model(cfg.flux, dit_slot(cfg.model_type), dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
+    slot = dit_slot(getattr(cfg, "model_type", "flux"))  # (the ControlNet config shares this loader; FLUX only)
+    dit = load_model(cfg.flux, slot, dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     if cfg.fp8_base:
