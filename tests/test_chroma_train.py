@@ -59,6 +59,21 @@ def test_train_lora_chroma_on_the_demo_set(demo_dir: Path, tmp_path: Path) -> No
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
     assert meta["ss_model_type"] == "chroma" and meta["ss_guidance_scale"] == "0.0"
     assert up.abs().max() > 0  # trained away from the zero initialisation
+    # the file merges into a Chroma DiT (every module found) and changes its prediction
+    from fluxpipe.inference.sampler import load_lora, split_lora
+    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.lora.files import apply_lora
+    from tests.test_chroma_reference import make_inputs
+
+    inp = make_inputs(1, 2, 2)
+    inp = {k: v.float() for k, v in inp.items()}
+    inp["txt"] = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0]])
+    dit = load_model(chroma, "chroma", dtype=torch.float32)
+    with torch.no_grad():
+        before = dit(**inp, txt_attention_mask=mask)
+        assert apply_lora(dit, split_lora(load_lora(out / "my_flux_lora.safetensors")[1])["lora_unet"], 1.0) == 20
+        assert not torch.allclose(dit(**inp, txt_attention_mask=mask), before, atol=1e-6)
 
 
 @pytest.mark.parametrize(
