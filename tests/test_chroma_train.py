@@ -111,3 +111,16 @@ def test_flux_file_with_model_type_chroma_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("fluxpipe: error: ") and err.count("\n") == 1
     assert err.rstrip().endswith("use --model_type flux")
+
+
+@pytest.mark.parametrize("method", ["full", "controlnet"])
+def test_chroma_trains_loras_only(method: str) -> None:
+    from fluxpipe.commands.model_types import check_chroma
+    from fluxpipe.config.reference_flags import parse_train_args
+    from fluxpipe.errors import FluxpipeError
+
+    flags = ["--network_module", "networks.lora_flux", "--model_type", "chroma", "--apply_t5_attn_mask"]
+    ns = parse_train_args([*flags, "--guidance_scale", "0"])
+    check_chroma(ns, "lora")  # the LoRA trainer takes these flags
+    with pytest.raises(FluxpipeError, match=f"only LoRA training supports Chroma \\(not `train {method}`\\)"):
+        check_chroma(ns, method)
