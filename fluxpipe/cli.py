@@ -31,11 +31,12 @@ def _validate(args: argparse.Namespace) -> None:
         t5_tokenizer=args.t5_tokenizer,
         out=args.out,
         hash_cache=args.hash_cache,
+        model_type=args.model_type,
     )
     report = validate.run(cfg)
-    print(
-        f"ok: {', '.join(report['models'])} valid" + (f" (FLUX.1 {report['variant']})" if "variant" in report else "")
-    )
+    variant = report.get("variant")
+    what = {None: "", "chroma": " (Chroma)"}.get(variant, f" (FLUX.1 {variant})")
+    print(f"ok: {', '.join(report['models'])} valid{what}")
 
 
 def _demo_models(args: argparse.Namespace) -> None:
@@ -542,7 +543,10 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         help="check model files strictly and write a JSON report",
         description="Check FLUX.1 model files (keys, shapes, dtypes, variant) without loading them.",
     )
-    p.add_argument("--flux", type=Path, help="flux1-dev.safetensors or flux1-schnell.safetensors")
+    p.add_argument("--flux", type=Path, help="flux1-dev.safetensors or flux1-schnell.safetensors (or a Chroma file)")
+    p.add_argument(
+        "--model-type", choices=("flux", "chroma"), default="flux", help="chroma: --flux is a Chroma DiT (no CLIP-L)"
+    )
     p.add_argument("--ae", type=Path, help="ae.safetensors")
     p.add_argument("--clip-l", type=Path, help="clip_l.safetensors")
     p.add_argument("--t5xxl", type=Path, help="t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors")

@@ -148,7 +148,7 @@ def test_unknown_and_abbreviated_flags_are_named_without_exiting() -> None:
         (["--t5xxl_max_token_length", "513"], "--t5xxl_max_token_length"),
         (["--use_8bit_adam", "--optimizer_type", "Lion"], "--optimizer_type"),
         (["--full_bf16", "--mixed_precision", "fp16"], "--full_bf16"),
-        (["--model_type", "chroma"], "--model_type"),
+        (["--model_type", "sd3"], "--model_type"),
     ],
 )
 def test_invalid_values_name_the_flag(argv: list[str], flag: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fluxpipe.commands.model_types import dit_variant
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.lora.lycoris import network_kwargs
@@ -116,12 +117,12 @@ def flow_settings(ns: argparse.Namespace) -> FlowSettings:
 
 def sample_models(ns: argparse.Namespace, clip_tokenizer: Path | None, t5_tokenizer: Path | None) -> ModelFiles | None:
     """The model files samples need (the text encoders for the prompts, the AE for decoding)."""
-    if not (ns.ae and ns.clip_l and ns.t5xxl):
+    if not (ns.ae and (ns.clip_l or ns.model_type == "chroma") and ns.t5xxl):
         return None
     return ModelFiles(
         flux=Path(ns.pretrained_model_name_or_path),
         ae=Path(ns.ae),
-        clip_l=Path(ns.clip_l),
+        clip_l=Path(ns.clip_l) if ns.clip_l else None,
         t5xxl=Path(ns.t5xxl),
         clip_tokenizer=clip_tokenizer,
         t5_tokenizer=t5_tokenizer,
@@ -217,13 +218,12 @@ def lora_config(
     t5_tokenizer: Path | None = None,
 ) -> TrainLoraConfig:
     """The typed training config from the parsed flags (already checked with check_supported)."""
-    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.io.tables import read_parquet
     from fluxpipe.training.metadata import dataset_metadata
 
     ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
     table, _ = read_parquet(caches.manifest)
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = dit_variant(ns)
     common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
     data = data_digest(caches, Path(ns.pretrained_model_name_or_path))
     metadata = training_metadata(ns, variant, 0, int((table.split == "train").sum()), data)
@@ -243,7 +243,7 @@ def lora_config(
         lr_scheduler_type=ns.lr_scheduler_type,
         lr_scheduler_args=parse_optimizer_args(ns.lr_scheduler_args or [], "lr_scheduler_args"),
         max_grad_norm=ns.max_grad_norm,
-        clip_l=None if ns.network_train_unet_only else Path(ns.clip_l),
+        clip_l=None if ns.network_train_unet_only or not ns.clip_l else Path(ns.clip_l),
         lycoris=network_kwargs(ns.network_args or []) if ns.network_module == "lycoris.kohya" else None,
         clip_tokenizer=clip_tokenizer,
         fp8_base=bool(ns.fp8_base or ns.fp8_base_unet),
@@ -252,6 +252,7 @@ def lora_config(
         dynamo_backend=ns.dynamo_backend,
         network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32,
         kontext=ns.model_type == "kontext",
+        model_type=ns.model_type,
         metadata=metadata,
     )
 
@@ -271,11 +272,10 @@ def full_config(
     t5_tokenizer: Path | None = None,
 ) -> TrainFullConfig:
     """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
-    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.training.weights import OptimizerSettings
 
     ns.seed = 42 if ns.seed is None else ns.seed
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = dit_variant(ns)
     common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
     optim = OptimizerSettings(
         optimizer_type=ns.optimizer_type,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fluxpipe.config.reference_flags import FOLDER_FLAGS, dataset_flag_defaults
 from fluxpipe.config.results import LATENT_INDEX_IN, MANIFEST_IN, TEXT_INDEX_IN
+from fluxpipe.commands.model_types import dit_variant
 from fluxpipe.errors import FluxpipeError
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,13 @@ def build_caches(
     """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
     from fluxpipe.config.dataset import check_cacheable
     from fluxpipe.data.text_encoding import default_t5_max_length
-    from fluxpipe.io.checkpoints import inspect_checkpoint
     from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
 
     datasets = with_cli_validation(load_datasets(ns), ns)
     check_cacheable(datasets, cache_latents=True, cache_text=True)
     paths = pipeline_caches(work)
     manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = dit_variant(ns)
     for kind in ("latents", "text"):
         shard = work / f"cache/{kind}/shard-000.safetensors"
         shard.unlink(missing_ok=True)
@@ -102,7 +102,7 @@ def build_caches(
             cache_text.run(
                 cache_text.CacheTextConfig(
                     manifest=paths.manifest,
-                    clip_l=Path(ns.clip_l),
+                    clip_l=Path(ns.clip_l) if ns.clip_l else None,
                     t5xxl=Path(ns.t5xxl),
                     clip_tokenizer=clip_tokenizer,
                     t5_tokenizer=t5_tokenizer,

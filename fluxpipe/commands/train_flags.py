@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from fluxpipe.config.reference_flags import DATASET_FLAGS, FOLDER_FLAGS
+from fluxpipe.commands.model_types import check_chroma, dit_variant
 from fluxpipe.errors import FluxpipeError
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
         )
     check_logging(ns.logging_dir, ns.log_with)
     check_kontext(ns, method)
+    check_chroma(ns, method)
+    if ns.pretrained_model_name_or_path and Path(ns.pretrained_model_name_or_path).is_file():
+        dit_variant(ns)  # a FLUX file under --model_type chroma (or the reverse) fails before any work
     if method == "lora" and ns.network_module == "lycoris.kohya" and not ns.network_train_unet_only:
         raise FluxpipeError(
             "--network_module lycoris.kohya: fluxpipe trains LyCORIS on the DiT only: add --network_train_unet_only"

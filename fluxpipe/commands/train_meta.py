@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from fluxpipe import __version__
+from fluxpipe.commands.model_types import CHROMA_URL
 from fluxpipe.commands.train_caches import CachePaths
 
 
@@ -94,13 +95,13 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_network_train_unet_only": str(bool(ns.network_train_unet_only)),
         "ss_mixed_precision": ns.mixed_precision,
         "ss_v2": "False",
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": "chroma" if variant == "chroma" else "flux1",
         "ss_cache_latents": "True",
         "ss_seed": str(ns.seed),
         "ss_optimizer": f"{ns.optimizer_type}({' '.join(ns.optimizer_args or [])})",
         "ss_max_grad_norm": str(ns.max_grad_norm),
         "ss_loss_type": ns.loss_type,
-        "ss_model_type": "flux",
+        "ss_model_type": ns.model_type,
         "ss_apply_t5_attn_mask": str(ns.apply_t5_attn_mask),
         "ss_weighting_scheme": ns.weighting_scheme,
         "ss_logit_mean": str(ns.logit_mean),
@@ -115,8 +116,8 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_fp8_base": str(bool(ns.fp8_base)),
         "ss_fp8_base_unet": str(bool(ns.fp8_base_unet)),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"flux-1-{variant}/lora",
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.architecture": "chroma/lora" if variant == "chroma" else f"flux-1-{variant}/lora",
+        "modelspec.implementation": CHROMA_URL if variant == "chroma" else "https://github.com/black-forest-labs/flux",
         "modelspec.title": ns.output_name or "last",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.implementation_version": f"fluxpipe/{__version__}",

@@ -55,7 +55,7 @@ IGNORED_FOR_FLUX: tuple[str, ...] = (  # spec §4.2, §10.1-10.8 "no-op" notes; 
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {  # checked after parsing, so TOML values are checked as well
-    "model_type": ("flux", "kontext"),
+    "model_type": ("flux", "kontext", "chroma"),
     "timestep_sampling": ("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
     "model_prediction_type": ("raw", "additive", "sigma_scaled"),
     "weighting_scheme": ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"),
@@ -105,8 +105,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {  # checked after parsing, so TOML values
     "offload_param_device": (None, "cpu", "nvme"),
 }
 CHOICE_HINTS = {
-    "model_type": "fluxpipe trains FLUX.1 (flux) and FLUX.1 Kontext [dev] (kontext, fluxpipe's own value) only "
-    "(Chroma is not implemented)",
+    "model_type": "fluxpipe trains FLUX.1 (flux), FLUX.1 Kontext [dev] (kontext, fluxpipe's own value) and "
+    "Chroma (chroma)",
     "save_model_as": "fluxpipe writes safetensors only, never pickle (ckpt/pt)",
 }
 

@@ -27,16 +27,19 @@ class PromptEmbeddings:
     mask: Tensor  # [B, L] int64, 1 = real token
 
 
-def tokenize(clip_tok, t5_tok, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
-    """(clip ids [B, 77], t5 ids [B, L], t5 mask [B, L]) with padding to the full length and truncation."""
-    clip = clip_tok(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
+def tokenize(clip_tok, t5_tok, prompts: list[str], max_length: int) -> tuple[Tensor | None, Tensor, Tensor]:  # noqa: ANN001
+    """(clip ids [B, 77] or None without a CLIP tokenizer, t5 ids [B, L], t5 mask [B, L]) with padding to the
+    full length and truncation."""
     t5 = t5_tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    if clip_tok is None:
+        return None, t5.input_ids, t5.attention_mask
+    clip = clip_tok(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
     return clip.input_ids, t5.input_ids, t5.attention_mask
 
 
 @torch.no_grad()
 def encode_prompts(
-    clip: nn.Module,
+    clip: nn.Module | None,
     t5: nn.Module,
     clip_tok,  # noqa: ANN001 - a transformers tokenizer
     t5_tok,  # noqa: ANN001
@@ -44,11 +47,14 @@ def encode_prompts(
     max_length: int,
     apply_t5_attn_mask: bool,
 ) -> PromptEmbeddings:
-    """Encode ``prompts`` on the encoders' device; outputs stay there, in the encoders' dtype."""
-    clip_ids, t5_ids, mask = tokenize(clip_tok, t5_tok, prompts, max_length)
-    device = next(clip.parameters()).device
-    pooled = clip(clip_ids.to(device)).pooler_output
+    """Encode ``prompts`` on the encoders' device; outputs stay there, in the encoders' dtype. Without CLIP-L
+    (``clip`` None: Chroma) ``pooled`` is an empty [B, 0] tensor."""
+    clip_ids, t5_ids, mask = tokenize(clip_tok if clip is not None else None, t5_tok, prompts, max_length)
     t5_device = next(t5.parameters()).device
+    if clip is None or clip_ids is None:
+        pooled = torch.zeros(len(prompts), 0, device=t5_device, dtype=next(t5.parameters()).dtype)
+    else:
+        pooled = clip(clip_ids.to(next(clip.parameters()).device)).pooler_output
     t5_mask = mask.to(t5_device) if apply_t5_attn_mask else None
     hidden = t5(t5_ids.to(t5_device), attention_mask=t5_mask).last_hidden_state
     return PromptEmbeddings(pooled=pooled, t5=hidden, mask=mask.to(torch.int64))

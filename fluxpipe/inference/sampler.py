@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from fluxpipe.data.images import load_rgb, to_tensor
 from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.data.text_encoding import encode_prompts
 from fluxpipe.errors import CheckpointError, FluxpipeError
-from fluxpipe.io.checkpoints import load_ae, load_flux, load_model
+from fluxpipe.io.checkpoints import dit_slot, load_ae, load_model
 from fluxpipe.io.safetensors_file import read_header, read_tensors
 from fluxpipe.lora.files import apply_lora
 from fluxpipe.lora.layouts import count_modules, to_kohya
@@ -40,6 +41,7 @@ from fluxpipe.models.autoencoder import AutoEncoder
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.models.flux import Flux
 from fluxpipe.models.text_encoders import embedding_rows, load_clip_tokenizer, load_t5_tokenizer
+from fluxpipe.models.chroma import is_chroma
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 class ModelFiles:
     flux: Path
     ae: Path
-    clip_l: Path
+    clip_l: Path | None  # None: no CLIP-L (Chroma)
     t5xxl: Path
     clip_tokenizer: Path | None = None
     t5_tokenizer: Path | None = None
@@ -103,14 +105,14 @@ def encode_texts(
     batch_size: int = 8,
 ) -> dict[str, Conditioning]:
     """Every distinct text encoded once; the encoders (with their LoRA parts merged) are freed afterwards."""
-    clip = load_model(files.clip_l, "clip_l", dtype=dtype, device=device)
+    clip = load_model(files.clip_l, "clip_l", dtype=dtype, device=device) if files.clip_l is not None else None
     t5 = load_model(files.t5xxl, "t5xxl", dtype=dtype, device=device)
     for parts, mult in loras:
-        if "lora_te1" in parts:
+        if "lora_te1" in parts and clip is not None:
             apply_lora(nn.Identity(), parts["lora_te1"], mult, clip_l=clip)
         if "lora_te3" in parts:
             apply_lora(nn.Identity(), parts["lora_te3"], mult, t5xxl=t5)
-    clip_tok = load_clip_tokenizer(files.clip_tokenizer, rows=embedding_rows(clip))
+    clip_tok = load_clip_tokenizer(files.clip_tokenizer, rows=embedding_rows(clip)) if clip is not None else None
     t5_tok = load_t5_tokenizer(files.t5_tokenizer, max_length, rows=embedding_rows(t5))
     unique = list(dict.fromkeys(texts))
     out: dict[str, Conditioning] = {}
@@ -148,8 +150,10 @@ class Sampler:
         self.dit, self.ae, self.device, self.dtype = dit, ae, device, dtype
         self.reference_size = reference_size  # Kontext: "kontext" (official resize) or "target" (the sample's)
         self.controlnet = controlnet  # a ControlNet-Flux for prompts with a control image (--cn)
-        self.apply_t5_attn_mask = apply_t5_attn_mask
-        self.shift = bool(dit.params.guidance_embed)  # the official sampler shifts for dev, not for schnell
+        # Chroma: always the T5 mask, the shifted schedule, guidance 0 (real CFG comes from a negative prompt)
+        self.chroma = is_chroma(dit)
+        self.apply_t5_attn_mask = apply_t5_attn_mask or self.chroma
+        self.shift = self.chroma or bool(dit.params.guidance_embed)  # official: shifted for dev, not for schnell
 
     def _cond(self, c: Conditioning) -> tuple[Tensor, Tensor, Tensor | None]:
         mask = c.mask.to(self.device) if self.apply_t5_attn_mask else None
@@ -177,7 +181,7 @@ class Sampler:
                 text_ids(1, txt.shape[1], self.device, self.dtype),
                 vec,
                 timesteps,
-                p.guidance,
+                0.0 if self.chroma else p.guidance,
                 txt_mask=mask,
                 negative=neg,
                 cfg_scale=p.cfg_scale,
@@ -242,11 +246,13 @@ def load_sampler(
     compile_blocks: bool = False,
     controlnet: Path | None = None,
     reference_size: str = "kontext",
+    model_type: str = "flux",
 ) -> Sampler:
     """DiT (LoRAs merged or attached, optionally block-swapped, resident blocks optionally compiled as in
-    training's --torch_compile) and AE on ``device``."""
+    training's --torch_compile) and AE on ``device``; ``model_type`` chroma loads a Chroma DiT."""
     swap = blocks_to_swap and device.startswith("cuda")
-    dit = load_flux(files.flux, dtype=dtype, device="cpu" if swap else device)
+    # (a Chroma DiT takes the same forward arguments; its ``params`` serve the ControlNet check below)
+    dit = cast(Flux, load_model(files.flux, dit_slot(model_type), dtype=dtype, device="cpu" if swap else device))
     for parts, mult in loras:
         if "lora_unet" in parts:
             apply_lora(dit, parts["lora_unet"], mult, merge=merge)

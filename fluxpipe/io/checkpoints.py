@@ -25,15 +25,18 @@ from fluxpipe.io.hashing import FLOAT_CODES
 from fluxpipe.io.safetensors_file import DTYPE_NAMES, Header, read_header, read_tensors
 from fluxpipe.models import text_encoders as te
 from fluxpipe.models.autoencoder import AutoEncoder, AutoEncoderParams, infer_ae_params
+from fluxpipe.models.chroma import Chroma, ChromaParams, infer_chroma_params
 from fluxpipe.models.flux import Flux, FluxParams, flux_size_class, flux_variant, infer_flux_params
 
 if TYPE_CHECKING:  # transformers loads when a text encoder's config is made (models.text_encoders)
     from transformers import CLIPTextConfig, T5Config
 
-SLOTS = ("flux", "ae", "clip_l", "t5xxl")
+SLOTS = ("flux", "ae", "clip_l", "t5xxl", "chroma")
+DIT_SLOTS = {"flux": "flux", "kontext": "flux", "chroma": "chroma"}  # --model_type -> the DiT's slot
 COMFY_PREFIX = "model.diffusion_model."
 KIND_TEXT = {
     "flux": "a FLUX.1 DiT (flux1-dev/flux1-schnell.safetensors)",
+    "chroma": "a Chroma DiT (Chroma1-Base.safetensors)",
     "ae": "a FLUX.1 autoencoder (ae.safetensors)",
     "clip_l": "a CLIP-L text encoder (clip_l.safetensors)",
     "t5xxl": "a T5-XXL text encoder (t5xxl_fp16.safetensors)",
@@ -43,7 +46,7 @@ KIND_TEXT = {
     "ae-diffusers": "a Diffusers-format autoencoder",
     "unknown": "not a model fluxpipe recognises",
 }
-SLOT_FLAG = {"flux": "--flux", "ae": "--ae", "clip_l": "--clip-l", "t5xxl": "--t5xxl"}
+SLOT_FLAG = {"flux": "--flux", "ae": "--ae", "clip_l": "--clip-l", "t5xxl": "--t5xxl", "chroma": "--flux"}
 DIFFUSERS_FIX = (
     "Diffusers-format weights are not used: take the single top-level files of the release "
     "(flux1-dev.safetensors and ae.safetensors), not the transformer/ or vae/ subfolder"
@@ -55,7 +58,7 @@ class ModelSpec:
     """What a checkpoint file is and how it maps onto a model (built by ``inspect_checkpoint``)."""
 
     slot: str
-    params: FluxParams | AutoEncoderParams | CLIPTextConfig | T5Config
+    params: FluxParams | ChromaParams | AutoEncoderParams | CLIPTextConfig | T5Config
     key_map: dict[str, str]  # file key -> model state-dict key
     ignored: tuple[str, ...]  # file keys deliberately unused (reported, never silent)
     build: Callable[[], nn.Module]
@@ -78,6 +81,14 @@ class ModelSpec:
     def describe(self) -> dict[str, object]:
         """Variant and size facts for reports."""
         p = self.params
+        if isinstance(p, ChromaParams):
+            return {
+                "variant": "chroma",
+                "size": "full" if p.hidden_size == 3072 else "reduced",
+                "depth": p.depth,
+                "depth_single_blocks": p.depth_single_blocks,
+                "hidden_size": p.hidden_size,
+            }
         if isinstance(p, FluxParams):
             return {
                 "variant": flux_variant(p),
@@ -104,7 +115,7 @@ class ModelSpec:
     def width(self) -> int:
         """The width the DiT must fit: CLIP-L's hidden size, T5's d_model, 4 x the AE's latent channels."""
         p = self.params
-        if isinstance(p, FluxParams):
+        if isinstance(p, FluxParams | ChromaParams):
             return p.hidden_size
         if isinstance(p, AutoEncoderParams):
             return p.z_channels * 4
@@ -129,6 +140,8 @@ def detect_kind(keys: set[str]) -> str:
         return "lora"
     if any(k.startswith("controlnet_blocks.") for k in keys):
         return "controlnet"
+    if any(k.startswith("distilled_guidance_layer.") for k in keys):
+        return "chroma"
     if any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys):
         return "flux"
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
@@ -164,7 +177,7 @@ def _file_keys(header: Header, slot: str) -> dict[str, str]:
     """file key -> normalised key (ComfyUI DiT prefix and CLIP ``text_model.`` prefix removed)."""
     out = {}
     for k in header.tensors:
-        nk = k[len(COMFY_PREFIX) :] if slot == "flux" and k.startswith(COMFY_PREFIX) else k
+        nk = k[len(COMFY_PREFIX) :] if slot in ("flux", "chroma") and k.startswith(COMFY_PREFIX) else k
         if slot == "clip_l" and nk.startswith(te.CLIP_FILE_PREFIX):
             nk = nk[len(te.CLIP_FILE_PREFIX) :]
         out[k] = nk
@@ -182,6 +195,11 @@ def _params_and_builder(
                 f"in/out channels {params.in_channels}/{params.out_channels} (FLUX.1 has 64/64, Fill 384/64)"
             )
         return params, lambda: Flux(params)
+    if slot == "chroma":
+        chroma = infer_chroma_params(shapes)
+        if chroma.in_channels != 64 or chroma.out_channels != 64:
+            raise ValueError(f"in/out channels {chroma.in_channels}/{chroma.out_channels} (Chroma has 64/64)")
+        return chroma, lambda: Chroma(chroma)
     if slot == "ae":
         ae_params = infer_ae_params(shapes)
         return ae_params, lambda: AutoEncoder(ae_params)
@@ -196,6 +214,13 @@ def _ignorable(slot: str, file_key: str) -> bool:
     return slot == "clip_l" and file_key in te.CLIP_IGNORED_KEYS
 
 
+def dit_slot(model_type: str) -> str:
+    """The loader slot of the DiT for a --model_type: 'flux' (flux, kontext) or 'chroma'."""
+    if model_type not in DIT_SLOTS:
+        raise CheckpointError(f"--model_type {model_type}: unknown; use one of {', '.join(DIT_SLOTS)}")
+    return DIT_SLOTS[model_type]
+
+
 def inspect_checkpoint(path: str | Path, slot: str) -> ModelSpec:
     """Check ``path`` as the model for ``slot`` from its header alone; raise CheckpointError naming the fix."""
     path = Path(path)
@@ -206,6 +231,10 @@ def inspect_checkpoint(path: str | Path, slot: str) -> ModelSpec:
     kind = detect_kind({k[len(COMFY_PREFIX) :] if k.startswith(COMFY_PREFIX) else k for k in header.tensors})
     if kind in ("flux-diffusers", "ae-diffusers"):
         raise CheckpointError(f"{path}: is {KIND_TEXT[kind]}. {DIFFUSERS_FIX}")
+    if {kind, slot} == {"flux", "chroma"}:
+        raise CheckpointError(
+            f"{path}: is {KIND_TEXT[kind]}, but was loaded as {KIND_TEXT[slot]}; use --model_type {kind}"
+        )
     if kind != slot:
         raise CheckpointError(
             f"{path}: is {KIND_TEXT[kind]}, but was given as {KIND_TEXT[slot]} "

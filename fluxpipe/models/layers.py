@@ -148,6 +148,15 @@ class Modulation(nn.Module):
         return first, (ModulationOut(*out[3:]) if self.is_double else None)
 
 
+def given_modulations(vec: Tensor, count: int) -> list[ModulationOut]:
+    """Precomputed modulation vectors [B, 3 * count, C] (Chroma) -> ``count`` (shift, scale, gate), each [B, 1, C]."""
+    if vec.ndim != 3 or vec.shape[1] != 3 * count:
+        raise ValueError(f"expected {3 * count} modulation vectors [B, {3 * count}, C], got {tuple(vec.shape)}")
+    return [
+        ModulationOut(vec[:, i : i + 1], vec[:, i + 1 : i + 2], vec[:, i + 2 : i + 3]) for i in range(0, 3 * count, 3)
+    ]
+
+
 def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """[B, L, 3*H*D] -> three [B, H, L, D] (rows ordered q | k | v, each head-major)."""
     q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=num_heads)
@@ -157,12 +166,16 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 class DoubleStreamBlock(nn.Module):
     """Separate img / txt weights, one joint attention over [txt; img]."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False, modulation: bool = True
+    ):
         super().__init__()
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        self.img_mod = Modulation(hidden_size, double=True)
+        self.modulation = modulation  # False (Chroma): no img_mod/txt_mod; vec holds the 12 vectors [B, 12, C]
+        if modulation:
+            self.img_mod = Modulation(hidden_size, double=True)
         self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
         self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -171,7 +184,8 @@ class DoubleStreamBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
         )
-        self.txt_mod = Modulation(hidden_size, double=True)
+        if modulation:
+            self.txt_mod = Modulation(hidden_size, double=True)
         self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
         self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -184,8 +198,11 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, attn_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        if self.modulation:
+            img_mod1, img_mod2 = self.img_mod(vec)
+            txt_mod1, txt_mod2 = self.txt_mod(vec)
+        else:
+            img_mod1, img_mod2, txt_mod1, txt_mod2 = given_modulations(vec, 4)
 
         # prepare image for attention
         img_modulated = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
@@ -217,7 +234,14 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP on the joint sequence: linear1 -> (qkv | mlp), linear2 on (attn | act(mlp))."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_scale: float | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_scale: float | None = None,
+        modulation: bool = True,
+    ):
         super().__init__()
         self.hidden_dim = hidden_size
         self.num_heads = num_heads
@@ -230,10 +254,11 @@ class SingleStreamBlock(nn.Module):
         self.hidden_size = hidden_size
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
-        self.modulation = Modulation(hidden_size, double=False)
+        if modulation:  # False (Chroma): no modulation.lin; vec holds (shift, scale, gate) as [B, 3, C]
+            self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        mod, _ = self.modulation(vec)
+        mod = self.modulation(vec)[0] if hasattr(self, "modulation") else given_modulations(vec, 1)[0]
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = _split_heads(qkv, self.num_heads)

@@ -33,7 +33,7 @@ TEXT_CACHE_VERSION = 1
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CacheTextConfig:
     manifest: Path
-    clip_l: Path
+    clip_l: Path | None  # None: no CLIP-L (Chroma); entries hold an empty ``pooled`` [0]
     t5xxl: Path
     clip_tokenizer: Path | None
     t5_tokenizer: Path | None
@@ -55,9 +55,9 @@ def text_identity(cfg: CacheTextConfig) -> dict[str, object]:
     """Everything besides the caption that determines an entry."""
     return {
         "v": TEXT_CACHE_VERSION,
-        "clip": cached_sha256(cfg.clip_l, cfg.hash_cache)[0],
+        "clip": cached_sha256(cfg.clip_l, cfg.hash_cache)[0] if cfg.clip_l is not None else None,
         "t5": cached_sha256(cfg.t5xxl, cfg.hash_cache)[0],
-        "clip_tok": tokenizer_identity(cfg.clip_tokenizer, te.CLIP_HUB_ID, cfg.hash_cache),
+        "clip_tok": tokenizer_identity(cfg.clip_tokenizer, te.CLIP_HUB_ID, cfg.hash_cache) if cfg.clip_l else None,
         "t5_tok": tokenizer_identity(cfg.t5_tokenizer, te.T5_HUB_ID, cfg.hash_cache),
         "max_length": cfg.max_length,
         "mask": cfg.apply_t5_attn_mask,
@@ -72,7 +72,7 @@ def warn_truncated(captions: dict[str, str], clip_tok, t5_tok, max_length: int) 
     texts = list(dict.fromkeys(captions.values()))
     if not texts:
         return
-    clip_counts = [len(ids) for ids in clip_tok(texts, truncation=False).input_ids]
+    clip_counts = [len(ids) for ids in clip_tok(texts, truncation=False).input_ids] if clip_tok else [0] * len(texts)
     t5_counts = [len(ids) for ids in t5_tok(texts, truncation=False).input_ids]
     for text, n_clip, n_t5 in zip(texts, clip_counts, t5_counts, strict=True):
         cut = [
@@ -94,11 +94,13 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     if not captions:
         return {}
     dtype = encode_dtype(cfg.device)
-    clip_tok = te.load_clip_tokenizer(cfg.clip_tokenizer)  # first: a missing tokenizer fails before models load
+    # tokenizers first: a missing tokenizer fails before models load
+    clip_tok = te.load_clip_tokenizer(cfg.clip_tokenizer) if cfg.clip_l is not None else None
     t5_tok = te.load_t5_tokenizer(cfg.t5_tokenizer, max_length=cfg.max_length)
-    clip = load_model(cfg.clip_l, "clip_l", dtype=dtype, device=cfg.device)
+    clip = load_model(cfg.clip_l, "clip_l", dtype=dtype, device=cfg.device) if cfg.clip_l is not None else None
     t5 = load_model(cfg.t5xxl, "t5xxl", dtype=dtype, device=cfg.device)
-    te.check_vocab(clip_tok, te.embedding_rows(clip), "CLIP-L", "clip_tokenizer")
+    if clip is not None:
+        te.check_vocab(clip_tok, te.embedding_rows(clip), "CLIP-L", "clip_tokenizer")
     te.check_vocab(t5_tok, te.embedding_rows(t5), "T5", "t5_tokenizer")
     warn_truncated(captions, clip_tok, t5_tok, cfg.max_length)
     if cfg.compile == "true" or (

@@ -18,7 +18,7 @@ from pathlib import Path
 from fluxpipe import __version__
 from fluxpipe.errors import CheckpointError, FluxpipeError, summarize
 from fluxpipe.io.atomic import write_text_atomic
-from fluxpipe.io.checkpoints import SLOTS, ModelSpec, inspect_checkpoint
+from fluxpipe.io.checkpoints import ModelSpec, dit_slot, inspect_checkpoint
 from fluxpipe.io.hashing import HashCache, tokenizer_identity
 from fluxpipe.models import text_encoders as te
 
@@ -35,9 +35,14 @@ class ValidateConfig:
     t5_tokenizer: Path | None = None
     out: Path | None = None
     hash_cache: Path | None = None
+    model_type: str = "flux"  # "chroma": the DiT file (``flux``) is checked as a Chroma DiT
 
     def files(self) -> dict[str, Path]:
-        return {s: getattr(self, s) for s in SLOTS if getattr(self, s) is not None}
+        """slot -> path of the given files (the DiT under its model type's slot: flux or chroma)."""
+        if self.model_type == "chroma" and self.clip_l is not None:
+            raise FluxpipeError(f"--clip-l {self.clip_l}: Chroma uses no CLIP-L text encoder; leave --clip-l out")
+        slots = {"flux": dit_slot(self.model_type), "ae": "ae", "clip_l": "clip_l", "t5xxl": "t5xxl"}
+        return {slot: getattr(self, f) for f, slot in slots.items() if getattr(self, f) is not None}
 
 
 def _inspect_all(files: dict[str, Path]) -> dict[str, ModelSpec]:
@@ -56,7 +61,7 @@ def _inspect_all(files: dict[str, Path]) -> dict[str, ModelSpec]:
 
 def check_widths(specs: dict[str, ModelSpec]) -> None:
     """The files must fit together: CLIP width = vec_in_dim, T5 width = context_in_dim, AE z*4 = in_channels."""
-    flux = specs.get("flux")
+    flux = specs.get("flux") or specs.get("chroma")
     if flux is None:
         return
     params = flux.flux_params
@@ -143,8 +148,9 @@ def run(cfg: ValidateConfig) -> dict[str, object]:
             digest[:12],
             " (cached)" if cached else "",
         )
-    if "flux" in specs:
-        report["variant"] = models["flux"]["variant"]
+    for slot in ("flux", "chroma"):
+        if slot in specs:
+            report["variant"] = models[slot]["variant"]
     report["tokenizers"] = _tokenizer_report(cfg, specs)
     report["seconds"] = round(time.perf_counter() - start, 3)
     if cfg.out is not None:

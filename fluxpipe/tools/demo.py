@@ -27,6 +27,7 @@ from fluxpipe.io.atomic import write_text_atomic
 from fluxpipe.io.safetensors_file import save_safetensors
 from fluxpipe.models import text_encoders as te
 from fluxpipe.models.autoencoder import AutoEncoder, tiny_ae
+from fluxpipe.models.chroma import Chroma, tiny_chroma
 from fluxpipe.models.flux import Flux, tiny
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,23 @@ def write_demo_models(out: Path, seed: int = 0, trained: bool = False) -> dict[s
     paths["clip_tokenizer"] = out / CLIP_DIR
     paths["t5_tokenizer"] = out / T5_DIR
     return paths
+
+
+CHROMA_FILE = "chroma-tiny.safetensors"
+
+
+def write_chroma_demo(out: Path, seed: int = 0) -> Path:
+    """A tiny random-initialised Chroma DiT (bf16, the Chroma1-Base key layout) fitting the demo's T5 and AE;
+    ``out/chroma-tiny.safetensors``. Chroma uses no CLIP-L: train and sample it with the demo's T5, tokenizers and
+    AE from ``write_demo_models``."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    state = {k: v.bfloat16() for k, v in Chroma(tiny_chroma(context_in_dim=TEXT_WIDTH)).state_dict().items()}
+    path = out / CHROMA_FILE
+    save_safetensors(
+        state, path, metadata={"fluxpipe.tools.demo": f"tiny random-initialised Chroma, seed {seed}; not trained"}
+    )
+    return path
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

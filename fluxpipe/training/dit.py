@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from fluxpipe.errors import FluxpipeError
-from fluxpipe.io.checkpoints import load_model
+from fluxpipe.io.checkpoints import dit_slot, load_model
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def load_dit(cfg: FrozenDit) -> torch.nn.Module:
     """The frozen DiT on the device: fp8 storage, block swap (swapped weights stay in pinned host memory),
     checkpointing mode and compiled blocks as configured."""
     swap = cfg.blocks_to_swap and cfg.device.startswith("cuda")
-    dit: Any = load_model(cfg.flux, "flux", dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
+    slot = dit_slot(getattr(cfg, "model_type", "flux"))  # (the full/ControlNet configs have none: FLUX only)
+    dit: Any = load_model(cfg.flux, slot, dtype=cfg.compute_dtype, device="cpu" if swap else cfg.device)
     dit.gradient_checkpointing = cfg.gradient_checkpointing
     dit.cpu_offload_checkpointing = cfg.cpu_offload_checkpointing
     if cfg.fp8_base:
