@@ -23,8 +23,10 @@ _TOML_TYPES: dict[Any, tuple[type, ...]] = {
 def _coerce_one(kind: Any, value: Any, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, _TOML_TYPES[kind]):
         raise FluxpipeError(f"{where}: {value!r} is not a valid {kind.__name__} value")
-    if kind is str or kind is float:
-        return kind(value)
+    if kind is str:
+        return str(value)
+    if kind is float and isinstance(value, int | float):
+        return float(value)
     if isinstance(value, str):
         try:
             return kind(value)

@@ -127,7 +127,7 @@ class ModelSpec:
     def vocab_size(self) -> int:
         """A text encoder's embedding rows."""
         p = self.params
-        if isinstance(p, FluxParams | AutoEncoderParams):
+        if isinstance(p, FluxParams | ChromaParams | AutoEncoderParams):
             raise TypeError(f"{self.header.path} is {self.slot}, not a text encoder")
         return p.vocab_size
 
@@ -186,7 +186,7 @@ def _file_keys(header: Header, slot: str) -> dict[str, str]:
 
 def _params_and_builder(
     slot: str, header: Header
-) -> tuple[FluxParams | AutoEncoderParams | CLIPTextConfig | T5Config, Callable[[], nn.Module]]:
+) -> tuple[FluxParams | ChromaParams | AutoEncoderParams | CLIPTextConfig | T5Config, Callable[[], nn.Module]]:
     shapes = {nk: header.tensors[k].shape for k, nk in _file_keys(header, slot).items()}
     if slot == "flux":
         params = infer_flux_params(shapes)
