@@ -20,6 +20,8 @@ from fluxpipe.errors import CheckpointError, FluxpipeError, summarize
 from fluxpipe.io.atomic import write_text_atomic
 from fluxpipe.io.checkpoints import ModelSpec, dit_slot, inspect_checkpoint
 from fluxpipe.io.hashing import HashCache, tokenizer_identity
+from fluxpipe.models.chroma import ChromaParams
+from fluxpipe.models.flux import FluxParams
 from fluxpipe.models import text_encoders as te
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,10 @@ def check_widths(specs: dict[str, ModelSpec]) -> None:
     flux = specs.get("flux") or specs.get("chroma")
     if flux is None:
         return
-    params = flux.flux_params
+    params = flux.params
+    assert isinstance(params, FluxParams | ChromaParams)  # the flux and chroma slots hold DiT params
     checks = []
-    if "clip_l" in specs:
+    if "clip_l" in specs and isinstance(params, FluxParams):  # (Chroma has no CLIP-L input)
         checks.append(("clip_l", specs["clip_l"].width, "vec_in_dim", params.vec_in_dim))
     if "t5xxl" in specs:
         checks.append(("t5xxl", specs["t5xxl"].width, "context_in_dim", params.context_in_dim))
