@@ -220,7 +220,7 @@ def lora_config(
 
     ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
     table, _ = read_parquet(caches.manifest)
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = str(inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"])
     common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
     data = data_digest(caches, Path(ns.pretrained_model_name_or_path))
     metadata = training_metadata(ns, variant, 0, int((table.split == "train").sum()), data)
@@ -269,7 +269,7 @@ def full_config(
     from fluxpipe.training.weights import OptimizerSettings
 
     ns.seed = 42 if ns.seed is None else ns.seed
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = str(inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"])
     common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
     optim = OptimizerSettings(
         optimizer_type=ns.optimizer_type,

@@ -83,7 +83,7 @@ def build_caches(
     check_cacheable(datasets, cache_latents=True, cache_text=True)
     paths = pipeline_caches(work)
     manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
-    variant = inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"]
+    variant = str(inspect_checkpoint(ns.pretrained_model_name_or_path, "flux").describe()["variant"])
     for kind in ("latents", "text"):
         shard = work / f"cache/{kind}/shard-000.safetensors"
         shard.unlink(missing_ok=True)
