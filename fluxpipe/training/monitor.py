@@ -137,6 +137,8 @@ class Monitor:
 
         stamp = time.strftime("%Y%m%d%H%M%S")
         written = []
+        controlnet = self.sampler.controlnet  # (a trained ControlNet: the sampler sets it to eval mode)
+        was_training = controlnet is not None and controlnet.training
         with (
             self.weights(),
             torch.random.fork_rng(devices=[self.sampler.device] if self.sampler.device.startswith("cuda") else []),
@@ -152,6 +154,8 @@ class Monitor:
                 path = self.output_dir / "sample" / sample_name(self.output_name, step, epoch, p.index, seed, stamp)
                 if self.writes:
                     written.append(save_png(image, path))
+        if controlnet is not None:
+            controlnet.train(was_training)
         log.info("samples at step %d: %s", step, ", ".join(p.name for p in written))
         return written
 
