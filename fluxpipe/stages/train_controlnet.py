@@ -103,7 +103,7 @@ class ControlNetLoss(torch.nn.Module):
     def forward(self, batch: dict, gen: torch.Generator, rows: list[int] | None) -> Tensor:
         draws = draw_flow_noise(batch, self.m, gen)  # every rank draws for the whole batch, in the same order
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
-            return sum(p.sum() for p in self.controlnet.parameters()) * 0.0
+            return torch.stack([p.sum() for p in self.controlnet.parameters()]).sum() * 0.0
         if rows is not None:
             batch, draws = select_rows(batch, draws, rows)
         model = ControlledFlux(self.dit[0], self.controlnet, batch["hint"])

@@ -125,7 +125,7 @@ def check_fused(cfg: TrainFullConfig) -> None:
 
 
 def full_method(cfg: TrainFullConfig, s: LoopSettings, d: TrainData, w: World) -> Method:
-    dit = load_trainable_dit(cfg)
+    dit: Any = load_trainable_dit(cfg)
     if w.size > 1:
         from fluxpipe.parallel.fsdp import shard_dit
 

@@ -55,7 +55,7 @@ class LoraLoss(torch.nn.Module):
             batch = {**batch, "pooled": self.pooled_fn(captions or [])}
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
             draw_flow_noise(batch, self.m, gen)  # the same draws as the other ranks, no forward pass
-            return sum(p.sum() for p in self.network.parameters()) * 0.0
+            return torch.stack([p.sum() for p in self.network.parameters()]).sum() * 0.0
         return flow_loss(self.dit[0], batch, self.m, gen, rows=rows)
 
 
@@ -77,7 +77,7 @@ def trained_clip(cfg: TrainLoraConfig) -> tuple[torch.nn.Module | None, PooledFn
     from fluxpipe.io.tables import read_parquet
     from fluxpipe.models.text_encoders import load_clip_tokenizer
 
-    clip = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
+    clip: Any = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
     tokenizer = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
     captions = read_parquet(cfg.manifest)[0].caption.tolist()
     return clip, (lambda texts: clip_pooled(clip, tokenizer, texts, cfg.compute_dtype)), captions

@@ -60,7 +60,8 @@ class Ema:
     def __init__(
         self, s: EmaSettings, named: dict[str, torch.nn.Parameter], on_change: Callable[[], None] | None = None
     ) -> None:
-        self.s, self.names, self.params = s, list(named), list(named.values())
+        self.params: list[torch.Tensor] = list(named.values())
+        self.s, self.names = s, list(named)
         self.shadow = [p.detach().to("cpu" if s.on_cpu else p.device, torch.float32, copy=True) for p in self.params]
         self.updates = 0
         self.on_change = on_change  # called after the weights were swapped (a block swapper drops its copies)

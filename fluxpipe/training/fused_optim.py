@@ -175,7 +175,7 @@ class FusedBackward:
             if param.grad is None:
                 return
             if _clip_enabled(self.max_grad_norm):
-                nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+                nn.utils.clip_grad_norm_([param], float(self.max_grad_norm or 0.0))
             adafactor_step_param(self.optimizer, param, group)
             param.grad = None
 
@@ -245,7 +245,7 @@ class BlockwiseFusedOptimizers:
 
     def _step(self, key: GroupKey) -> None:
         if _clip_enabled(self.max_grad_norm):
-            nn.utils.clip_grad_norm_(self.groups[key], self.max_grad_norm)
+            nn.utils.clip_grad_norm_(self.groups[key], float(self.max_grad_norm or 0.0))
         self.optimizers[key].step()
         self.optimizers[key].zero_grad(set_to_none=True)
         self._arrived[key] = 0

@@ -52,20 +52,24 @@ class MonitorSettings:
     sigmas: tuple[float, ...] = VALIDATION_SIGMAS
 
 
+def _every(n: int | None, count: int) -> bool:
+    return bool(n) and count % (n or 1) == 0
+
+
 def sample_due(s: MonitorSettings, step: int, epoch_end: int | None) -> bool:
     """Whether to sample now: after optimizer step ``step`` (epoch_end None) or at the end of epoch
     ``epoch_end`` (1-based). sample_every_n_epochs, when set, replaces the step trigger (as the reference)."""
     if not s.sample_prompts:
         return False
     if epoch_end is not None:
-        return bool(s.sample_every_n_epochs) and epoch_end % s.sample_every_n_epochs == 0
-    return not s.sample_every_n_epochs and bool(s.sample_every_n_steps) and step % s.sample_every_n_steps == 0
+        return _every(s.sample_every_n_epochs, epoch_end)
+    return not s.sample_every_n_epochs and _every(s.sample_every_n_steps, step)
 
 
 def validation_due(s: MonitorSettings, step: int, epoch_end: int | None) -> bool:
     if epoch_end is not None:
-        return bool(s.validate_every_n_epochs) and epoch_end % s.validate_every_n_epochs == 0
-    return bool(s.validate_every_n_steps) and step % s.validate_every_n_steps == 0
+        return _every(s.validate_every_n_epochs, epoch_end)
+    return _every(s.validate_every_n_steps, step)
 
 
 def sample_name(output_name: str, step: int, epoch: int | None, index: int, seed: int, stamp: str) -> str:
@@ -102,7 +106,9 @@ class Monitor:
         self.sampler, self.conds, self.pooled_fn = sampler, conds or {}, pooled_fn
         self.validation, self.logger = validation, logger
         self.validation_file = output_dir / f"{output_name}-validation.jsonl"
-        self.weights = contextlib.nullcontext  # --ema_for_eval: a context with the EMA weights swapped in
+        self.weights: Callable[[], contextlib.AbstractContextManager] = (
+            contextlib.nullcontext
+        )  # --ema_for_eval: a context with the EMA weights swapped in
 
     def at_start(self, step: int) -> None:
         if step == 0:
@@ -131,6 +137,8 @@ class Monitor:
 
         stamp = time.strftime("%Y%m%d%H%M%S")
         written = []
+        controlnet = self.sampler.controlnet  # (a trained ControlNet: the sampler sets it to eval mode)
+        was_training = controlnet is not None and controlnet.training
         with (
             self.weights(),
             torch.random.fork_rng(devices=[self.sampler.device] if self.sampler.device.startswith("cuda") else []),
@@ -146,10 +154,13 @@ class Monitor:
                 path = self.output_dir / "sample" / sample_name(self.output_name, step, epoch, p.index, seed, stamp)
                 if self.writes:
                     written.append(save_png(image, path))
+        if controlnet is not None:
+            controlnet.train(was_training)
         log.info("samples at step %d: %s", step, ", ".join(p.name for p in written))
         return written
 
     def validate(self, step: int, epoch: int) -> float:
+        assert self.validation is not None  # (validate runs only when a validation is configured)
         with self.weights(), torch.random.fork_rng(devices=[]):
             result = self.validation()
         if not self.writes:
