@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
+from fluxpipe.data.batches import CachedTensors, epoch_batches, epoch_captions, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
@@ -207,11 +207,11 @@ def train(cfg: TrainControlNetConfig) -> Path:
     )
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, sizes, epoch, cfg.seed)
+        batches, epoch_items = epoch_batches(items, sizes, epoch, cfg.seed), epoch_captions(items, epoch)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
-            batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
+            batch = make_batch(epoch_items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
             batch["hint"] = hints(rows_table, items, batch, images, cfg.device)
             rows, share = w.part(len(batches[bi]))
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():

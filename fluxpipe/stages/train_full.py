@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
+from fluxpipe.data.batches import CachedTensors, epoch_batches, epoch_captions, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.io.atomic import remove_stale_temps
@@ -329,12 +329,17 @@ def train(cfg: TrainFullConfig) -> Path:
     )
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, sizes, epoch, cfg.seed)
+        batches, epoch_items = epoch_batches(items, sizes, epoch, cfg.seed), epoch_captions(items, epoch)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
             batch = make_batch(
-                items, batches[bi], tensors, gen, cfg.device, torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype
+                epoch_items,
+                batches[bi],
+                tensors,
+                gen,
+                cfg.device,
+                torch.bfloat16 if cfg.full_bf16 else cfg.compute_dtype,
             )
             rows, share = w.part(len(batches[bi]))
             # a rank left no rows of a short batch still runs one (weighted 0): every forward gathers from all ranks

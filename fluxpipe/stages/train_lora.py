@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, epoch_batches, load_items, make_batch
+from fluxpipe.data.batches import CachedTensors, epoch_batches, epoch_captions, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.io.atomic import remove_stale_temps, write_text_atomic
@@ -32,6 +32,7 @@ from fluxpipe.parallel.distributed import world, wrap
 from fluxpipe.training.ema import EmaSettings, ema_metadata, save_beside
 from fluxpipe.training.ema import create as create_ema
 from fluxpipe.training.log import TrainLogger
+from fluxpipe.training.loss import packed_mask, weighted_loss
 from fluxpipe.training.monitor import Monitor, MonitorSettings, validation_loss
 from fluxpipe.training.optim import build_optimizer, build_scheduler, load_optimizer_state, resolve_warmup
 from fluxpipe.training.state import TrainState, capture_rng, load_state, newest_state, restore_rng, save_state
@@ -121,6 +122,7 @@ class TrainLoraConfig:
         None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
     )
     kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
+    prior_loss_weight: float = 1.0  # loss weight of the regularisation (is_reg) images
 
 
 def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -196,7 +198,8 @@ def prediction_loss(
     perturbed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-item loss [B] at timesteps ``t``: x_t from ``perturbed`` noise (default ``noise``), velocity prediction
-    against noise - x0 (the validation loss calls this with fixed t and noise). A Kontext batch's ``reference``
+    against noise - x0 (the validation loss calls this with fixed t and noise), masked by the batch's
+    ``loss_mask`` and weighted by its ``loss_weights`` (``fluxpipe.training.loss.weighted_loss``). A Kontext batch's ``reference``
     latents join the sequence un-noised (``fluxpipe.maths.kontext``); the loss is on the target tokens only."""
     x0 = batch["latents"]
     bsz, _, h, w = x0.shape
@@ -226,7 +229,8 @@ def prediction_loss(
         else None
     )
     loss = flow.loss(pred, target, m.loss_type, c, weighting=weighting)
-    return loss.reshape(bsz, -1).mean(dim=1)
+    mask = packed_mask(batch["loss_mask"]) if batch.get("loss_mask") is not None else None
+    return weighted_loss(loss, mask, batch.get("loss_weights"))
 
 
 def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
@@ -613,13 +617,13 @@ def train(cfg: TrainLoraConfig) -> Path:
     )
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(items, sizes, epoch, cfg.seed)
+        batches, e_items = epoch_batches(items, sizes, epoch, cfg.seed), epoch_captions(items, epoch)
         first = start_batch if epoch == start_epoch else 0
         for bi in range(first, len(batches)):
             boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
-            batch = make_batch(items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype)
+            batch = make_batch(e_items, batches[bi], tensors, gen, cfg.device, cfg.compute_dtype, cfg.prior_loss_weight)
             rows, share = w.part(len(batches[bi]))  # this rank's rows, and its loss's weight in DDP's average
-            texts = [captions[items[i].row] for i in batches[bi]] if clip is not None else None
+            texts = [e_items[i].caption for i in batches[bi]] if clip is not None else None
             with model.no_sync() if w.size > 1 and not boundary else contextlib.nullcontext():
                 loss = model(batch, gen, rows, texts)
                 scaler.scale(loss * share / accum).backward()
