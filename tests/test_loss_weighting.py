@@ -36,6 +36,14 @@ def test_packed_mask_follows_the_packing_order() -> None:
     assert packed[0, 0].tolist() == [1.0, 2.0, 3.0, 4.0] * 16  # feature c·4 + ph·2 + pw
 
 
+def test_the_packed_mask_weights_the_flow_loss() -> None:
+    from fluxpipe.maths import flow
+
+    pred, target = torch.ones(1, 1, 64), torch.zeros(1, 1, 64)  # squared error 1 everywhere
+    mask = packed_mask(torch.tensor([[[1.0, 0.0], [0.5, 1.0]]]))
+    assert flow.loss(pred, target, "l2", mask=mask).tolist() == [0.625]  # (1 + 0 + 0.5 + 1) / 4
+
+
 def test_latent_mask_is_the_mean_of_each_cell() -> None:
     pixels = torch.zeros(16, 16)
     pixels[:, :8] = 1.0

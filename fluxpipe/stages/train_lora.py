@@ -228,9 +228,9 @@ def prediction_loss(
         if m.loss_type in ("huber", "smooth_l1")
         else None
     )
-    loss = flow.loss(pred, target, m.loss_type, c, weighting=weighting)
     mask = packed_mask(batch["loss_mask"]) if batch.get("loss_mask") is not None else None
-    return weighted_loss(loss, mask, batch.get("loss_weights"))
+    loss = flow.loss(pred, target, m.loss_type, c, weighting=weighting, mask=mask)
+    return weighted_loss(loss, None, batch.get("loss_weights"))
 
 
 def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
