@@ -506,14 +506,25 @@ def test_json_dataset_config_reads_as_the_toml(tmp_path: Path) -> None:
     [
         ({"cache_info": True}, r"subsets\[0\].cache_info: not supported .*remove it"),
         (
-            {"custom_attributes": {"diff_output_preservation": True}},
-            r"subsets\[0\].custom_attributes: not supported yet.*remove diff_output_preservation",
+            {"custom_attributes": {"diff_output_preserve": True}},
+            r"subsets\[0\].custom_attributes.diff_output_preserve: unknown attribute.*remove it",
+        ),
+        (
+            {"custom_attributes": {"diff_output_preservation": "yes"}},
+            r"custom_attributes.diff_output_preservation: expected true or false",
         ),
     ],
 )
 def test_unsupported_subset_keys_are_refused(subset: dict[str, Any], pattern: str) -> None:
     _fails(_one(subset), pattern)
     _fails({"general": subset, **_one()}, pattern)
+
+
+def test_diff_output_preservation_is_read() -> None:
+    from fluxpipe.config.dataset import preserves_output
+
+    (ds,) = parse_datasets(_one({"custom_attributes": {"diff_output_preservation": True}}), "d").datasets
+    assert preserves_output(ds.subsets[0]) and not preserves_output(parse_datasets(_one(), "d").datasets[0].subsets[0])
 
 
 def test_folder_mode_concept_subfolders(tmp_path: Path) -> None:

@@ -130,3 +130,43 @@ def test_a_mask_of_the_wrong_size_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("fluxpipe: error:") and "mask is 32x32 but its image" in lines[0]
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_diff_output_preservation_trains_towards_the_base_prediction() -> None:
+    from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
+    from fluxpipe.maths.packing import image_ids, pack_latents, text_ids
+    from fluxpipe.stages.train_lora import FlowSettings, prediction_loss
+    from tests.test_lora_network import WIDTH, tiny_flux
+
+    dit = tiny_flux()
+    net = FluxLoRANetwork(dit, LoraSpec(network_dim=4, network_alpha=4))
+    net.apply_to()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)  # a LoRA that changes the output
+    x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+    t = torch.tensor([0.3, 0.7])
+    batch = {
+        "latents": x0,
+        "t5": torch.randn(2, 3, WIDTH, generator=g),
+        "pooled": torch.randn(2, WIDTH, generator=g),
+        "t5_mask": torch.ones(2, 3, dtype=torch.bool),
+        "preserve": torch.tensor([True, False]),
+    }
+    m = FlowSettings(guidance_scale=1.0)
+    img = pack_latents((1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise)
+
+    def predict(multiplier: float) -> torch.Tensor:
+        net.set_multiplier(multiplier)
+        args = (img, image_ids(2, 4, 4), batch["t5"], text_ids(2, 3), t, batch["pooled"], torch.ones(2))
+        return dit(*args)
+
+    with torch.no_grad():
+        got = prediction_loss(dit, batch, m, t, noise, network=net)
+        plain = prediction_loss(dit, batch, m, t, noise)
+        with_lora, base = predict(1.0), predict(0.0)
+    net.set_multiplier(1.0)
+    assert torch.allclose(got[0], ((with_lora[0] - base[0]) ** 2).mean(), rtol=1e-5)  # target: the base output
+    assert torch.allclose(got[1], plain[1]) and not torch.allclose(got[0], plain[0])
+    assert net.multiplier == 1.0

@@ -344,12 +344,22 @@ def _subset(table: Any, inherited: dict[str, Any], where: str) -> SubsetConfig:
             f"{where}.cache_info: not supported (fluxpipe never writes metadata_cache.json into "
             "image folders; its manifest already caches sizes and captions by content hash): remove it"
         )
-    if sub.custom_attributes:
-        raise ConfigError(
-            f"{where}.custom_attributes: not supported yet (e.g. diff_output_preservation needs "
-            f"the regularisation machinery): remove {', '.join(map(str, sub.custom_attributes))}"
-        )
+    for key, value in (sub.custom_attributes or {}).items():
+        if key != "diff_output_preservation":
+            raise ConfigError(
+                f"{where}.custom_attributes.{key}: unknown attribute (the FLUX trainer reads only "
+                "diff_output_preservation): remove it"
+            )
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{where}.custom_attributes.diff_output_preservation: expected true or false, got {value!r}"
+            )
     return sub
+
+
+def preserves_output(sub: SubsetConfig) -> bool:
+    """custom_attributes diff_output_preservation = true: the subset trains towards the base model's prediction."""
+    return bool((sub.custom_attributes or {}).get("diff_output_preservation"))
 
 
 def _read_level(table: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:

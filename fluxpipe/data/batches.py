@@ -55,6 +55,7 @@ class TrainItem:
     text_variants: tuple[tuple[str, str], ...] = ()  # (key, caption) per cached caption slot (epoch e: e mod n)
     drop_every: int = 0  # caption_dropout_every_n_epochs: those epochs train on empty_text
     empty_text: str = ""  # the key of the empty caption
+    preserve: bool = False  # custom_attributes diff_output_preservation: the target is the base model's output
 
 
 # ---- joining the manifest with the cache indexes ---------------------------------------------------------
@@ -151,6 +152,7 @@ def load_items(
                 repeats=int(r.repeats),
                 reference_keys=tuple(str(k) for k in ref_keys),
                 mask_keys=tuple(str(k) for k in mask_keys),
+                preserve=bool(getattr(r, "preserve", False)),
                 caption=caption,
                 **variants,
             )
@@ -354,7 +356,7 @@ def make_batch(
     ``indices`` (list of int); for Kontext items ``reference`` (``reference_latents``); ``loss_weights`` [B]
     float32 (``prior_loss_weight`` for regularisation items, else 1); ``loss_mask`` [B, H/8, W/8] float32 when
     an item has a cached loss mask (flipped with its latent; items without one get ones, as the reference), else
-    None.
+    None; ``preserve`` [B] bool (differential output preservation).
     """
     chosen = [items[i] for i in indices]
     assert chosen, "make_batch needs at least one item"
@@ -381,6 +383,7 @@ def make_batch(
             [prior_loss_weight if it.is_reg else 1.0 for it in chosen], dtype=torch.float32, device=device
         ),
         "loss_mask": loss_masks(chosen, flipped, tensors, tuple(mean.shape[2:]), device),
+        "preserve": torch.tensor([it.preserve for it in chosen], dtype=torch.bool, device=device),
     }
 
 
@@ -399,6 +402,15 @@ def loss_masks(
         for it, f in zip(chosen, flipped, strict=True)
     ]
     return torch.stack(masks).to(device)
+
+
+def refuse_preservation(items: Sequence[TrainItem], trainer: str) -> None:
+    """Differential output preservation is the LoRA trainer's (a LoRA at multiplier 0 gives the base model)."""
+    if any(it.preserve for it in items):
+        raise FluxpipeError(
+            f"custom_attributes diff_output_preservation: the {trainer} has no base model beside the trained "
+            "weights (the reference supports it for LoRA training only); remove it from the dataset config"
+        )
 
 
 def epoch_captions(items: Sequence[TrainItem], epoch: int) -> list[TrainItem]:

@@ -30,6 +30,7 @@ from fluxpipe.config.dataset import (
     DatasetsConfig,
     SubsetConfig,
     non_utf8_names,
+    preserves_output,
     refuse_non_utf8,
 )
 from fluxpipe.data.captions import CaptionAugment, caption_slots, slot_entries
@@ -307,6 +308,7 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
         "repeats": sub.num_repeats,
         "is_reg": sub.is_reg,
         "caption_drop_every": sub.caption_dropout_every_n_epochs,
+        "preserve": preserves_output(sub),
         "flip_aug": sub.flip_aug,
         "bucket_w": plan.bucket[0],
         "bucket_h": plan.bucket[1],

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, epoch_batches, epoch_captions, load_items, make_batch
+from fluxpipe.data.batches import (
+    CachedTensors,
+    epoch_batches,
+    epoch_captions,
+    load_items,
+    make_batch,
+    refuse_preservation,
+)
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
@@ -143,6 +150,7 @@ def train(cfg: TrainControlNetConfig) -> Path:
 
     gen = torch.Generator().manual_seed(cfg.seed)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
+    refuse_preservation(items, "ControlNet trainer")
     if not items:
         raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
     w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)

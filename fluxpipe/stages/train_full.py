@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, epoch_batches, epoch_captions, load_items, make_batch
+from fluxpipe.data.batches import (
+    CachedTensors,
+    epoch_batches,
+    epoch_captions,
+    load_items,
+    make_batch,
+    refuse_preservation,
+)
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.io.atomic import remove_stale_temps
@@ -253,6 +260,7 @@ def train(cfg: TrainFullConfig) -> Path:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     items = load_items(cfg.manifest, cfg.latent_index, cfg.text_index, split="train")
+    refuse_preservation(items, "full fine-tune")
     if not items:
         raise FluxpipeError(f"{cfg.manifest}: no training images (all in the validation split?)")
     w = world()  # data parallel: every rank walks the global batches (per-process batch x world size)

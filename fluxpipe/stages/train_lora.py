@@ -9,10 +9,12 @@ data in fluxpipe.data.batches, the state in fluxpipe.training.state. A run resum
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,14 +154,19 @@ def draw_flow_noise(batch: dict, m: FlowSettings, gen: torch.Generator) -> tuple
 
 
 def flow_loss(
-    dit: torch.nn.Module, batch: dict, m: FlowSettings, gen: torch.Generator, rows: list[int] | None = None
+    dit: torch.nn.Module,
+    batch: dict,
+    m: FlowSettings,
+    gen: torch.Generator,
+    rows: list[int] | None = None,
+    network: FluxLoRANetwork | None = None,
 ) -> torch.Tensor:
     """Mean loss of one batch: ``draw_flow_noise``, then ``prediction_loss``. With ``rows`` (a data-parallel
     rank's share) every draw is still made for the whole batch, then only those rows compute."""
     draws = draw_flow_noise(batch, m, gen)
     if rows is not None:
         batch, draws = select_rows(batch, draws, rows)
-    return prediction_loss(dit, batch, m, *draws).mean()
+    return prediction_loss(dit, batch, m, *draws, network=network).mean()
 
 
 def select_rows(batch: dict, draws: tuple[torch.Tensor, ...], rows: list[int]) -> tuple[dict, tuple]:
@@ -186,7 +193,7 @@ class LoraLoss(torch.nn.Module):
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
             draw_flow_noise(batch, self.m, gen)  # the same draws as the other ranks, no forward pass
             return sum(p.sum() for p in self.network.parameters()) * 0.0
-        return flow_loss(self.dit[0], batch, self.m, gen, rows=rows)
+        return flow_loss(self.dit[0], batch, self.m, gen, rows=rows, network=self.network)
 
 
 def prediction_loss(
@@ -196,6 +203,7 @@ def prediction_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     perturbed: torch.Tensor | None = None,
+    network: FluxLoRANetwork | None = None,
 ) -> torch.Tensor:
     """Per-item loss [B] at timesteps ``t``: x_t from ``perturbed`` noise (default ``noise``), velocity prediction
     against noise - x0 (the validation loss calls this with fixed t and noise), masked by the batch's
@@ -208,7 +216,8 @@ def prediction_loss(
     img = pack_latents(x_t)
     txt = batch["t5"]
     reference = reference_tokens(batch["reference"]) if "reference" in batch else None  # Kontext: loss on targets
-    pred = kontext_forward(
+    forward = functools.partial(
+        kontext_forward,
         dit,
         img,
         image_ids(bsz, h, w, device=device, dtype=dtype),
@@ -220,8 +229,12 @@ def prediction_loss(
         guidance=torch.full((bsz,), m.guidance_scale, device=device, dtype=dtype),
         txt_attention_mask=batch["t5_mask"] if m.apply_t5_attn_mask else None,
     )
-    pred = flow.apply_prediction_type(pred.float(), img.float(), t, m.model_prediction_type)
+    pred = flow.apply_prediction_type(forward().float(), img.float(), t, m.model_prediction_type)
     target = pack_latents(flow.velocity_target(x0, noise)).float()
+    if network is not None and batch.get("preserve") is not None and bool(batch["preserve"].any()):
+        base = base_prediction(network, forward)
+        base = flow.apply_prediction_type(base.float(), img.float(), t, m.model_prediction_type)
+        target = preserved_targets(target, base, batch["preserve"])
     weighting = flow.loss_weighting(m.weighting_scheme, t) if m.model_prediction_type == "sigma_scaled" else None
     c = (
         flow.huber_c(m.huber_schedule, m.huber_c, t, huber_scale=m.huber_scale)
@@ -231,6 +244,24 @@ def prediction_loss(
     mask = packed_mask(batch["loss_mask"]) if batch.get("loss_mask") is not None else None
     loss = flow.loss(pred, target, m.loss_type, c, weighting=weighting, mask=mask)
     return weighted_loss(loss, None, batch.get("loss_weights"))
+
+
+def base_prediction(network: FluxLoRANetwork, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The base model's prediction (LoRA multiplier 0, no gradient) for differential output preservation."""
+    multiplier = network.multiplier
+    network.set_multiplier(0.0)
+    try:
+        with torch.no_grad():
+            return forward()
+    finally:
+        network.set_multiplier(multiplier)
+
+
+def preserved_targets(target: torch.Tensor, base: torch.Tensor, preserve: torch.Tensor) -> torch.Tensor:
+    """Differential output preservation (spec §4.5): the rows of a subset with custom_attributes
+    diff_output_preservation = true train towards the base model's processed prediction instead of noise - x0."""
+    rows = preserve.bool().to(target.device).reshape(-1, *([1] * (target.dim() - 1)))
+    return torch.where(rows, base.to(target.dtype), target)
 
 
 def clip_pooled(clip: torch.nn.Module, tokenizer, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
