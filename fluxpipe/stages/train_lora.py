@@ -166,7 +166,8 @@ def flow_loss(
     draws = draw_flow_noise(batch, m, gen)
     if rows is not None:
         batch, draws = select_rows(batch, draws, rows)
-    return prediction_loss(dit, batch, m, *draws, network=network).mean()
+    t, noise, perturbed = draws
+    return prediction_loss(dit, batch, m, t, noise, perturbed, network=network).mean()
 
 
 def select_rows(batch: dict, draws: tuple[torch.Tensor, ...], rows: list[int]) -> tuple[dict, tuple]:
