@@ -72,6 +72,7 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _manifest(args: argparse.Namespace) -> None:
+    from fluxpipe import workflow
     from fluxpipe.stages import manifest
 
     cfg = _pipeline(args)
@@ -90,6 +91,9 @@ def _manifest(args: argparse.Namespace) -> None:
             skip_bad_images=cfg.cache.skip_bad_images,
             hash_cache=cfg.hash_cache,
             workers=cfg.cache.decode_workers,
+            masked_loss=workflow.masked_loss(cfg),
+            caption_seed=workflow.caption_seed(cfg),
+            caption_variants=cfg.cache.caption_variants,
         )
     )
 

@@ -390,13 +390,15 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 # --- caching -------------------------------------------------------------------------------------------------------
 
 
+NO_UNCACHED = "always trains from its latent cache (it has no uncached latent mode yet): remove the option"
+
+
 @pytest.mark.parametrize(
     ("option", "value", "reason"),
     [
-        ("color_aug", True, "would need a fresh latent every step; turn off cache_latents or the option"),
-        ("random_crop", True, "would need a fresh latent every step"),
-        ("alpha_mask", True, "not supported by fluxpipe's latent cache yet"),
-        ("face_crop_aug_range", [2.0, 4.0], "not supported"),
+        ("color_aug", True, "needs a fresh latent every step, and fluxpipe " + NO_UNCACHED),
+        ("random_crop", True, "needs a fresh latent every step"),
+        ("face_crop_aug_range", [2.0, 4.0], "crops each step differently, and fluxpipe " + NO_UNCACHED),
     ],
 )
 def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
@@ -409,22 +411,28 @@ def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
     check_cacheable(cfg, cache_latents=False, cache_text=True)
 
 
+def test_token_warmup_is_refused_with_the_text_cache() -> None:
+    cfg = parse_datasets(_one(general={"token_warmup_step": 10}), "d.toml")
+    with pytest.raises(ConfigError, match=r"subsets\[0\]\.token_warmup_step = 10.*no per-step text encoding yet"):
+        check_cacheable(cfg, cache_latents=False, cache_text=True)
+    check_cacheable(cfg, cache_latents=True, cache_text=False)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
         ("shuffle_caption", True),
         ("caption_dropout_rate", 0.1),
         ("caption_tag_dropout_rate", 0.1),
-        ("token_warmup_step", 10),
         ("enable_wildcard", True),
         ("caption_dropout_every_n_epochs", 2),
+        ("alpha_mask", True),
     ],
 )
-def test_text_cache_blockers(option: str, value: Any) -> None:
-    cfg = parse_datasets(_one(general={option: value}), "d.toml")
-    with pytest.raises(ConfigError, match=r"datasets\[0\]\.subsets\[0\]\." + option + r" = .*turn off cache_text"):
-        check_cacheable(cfg, cache_latents=False, cache_text=True)
-    check_cacheable(cfg, cache_latents=True, cache_text=False)
+def test_caption_augmentation_and_alpha_masks_are_cacheable(option: str, value: Any) -> None:
+    where = "subsets" if option == "alpha_mask" else "general"
+    data = _one({option: value}) if where == "subsets" else _one(general={option: value})
+    check_cacheable(parse_datasets(data, "d.toml"), cache_latents=True, cache_text=True)
 
 
 def test_cacheable_allows_deterministic_options() -> None:
@@ -498,14 +506,25 @@ def test_json_dataset_config_reads_as_the_toml(tmp_path: Path) -> None:
     [
         ({"cache_info": True}, r"subsets\[0\].cache_info: not supported .*remove it"),
         (
-            {"custom_attributes": {"diff_output_preservation": True}},
-            r"subsets\[0\].custom_attributes: not supported yet.*remove diff_output_preservation",
+            {"custom_attributes": {"diff_output_preserve": True}},
+            r"subsets\[0\].custom_attributes.diff_output_preserve: unknown attribute.*remove it",
+        ),
+        (
+            {"custom_attributes": {"diff_output_preservation": "yes"}},
+            r"custom_attributes.diff_output_preservation: expected true or false",
         ),
     ],
 )
 def test_unsupported_subset_keys_are_refused(subset: dict[str, Any], pattern: str) -> None:
     _fails(_one(subset), pattern)
     _fails({"general": subset, **_one()}, pattern)
+
+
+def test_diff_output_preservation_is_read() -> None:
+    from fluxpipe.config.dataset import preserves_output
+
+    (ds,) = parse_datasets(_one({"custom_attributes": {"diff_output_preservation": True}}), "d").datasets
+    assert preserves_output(ds.subsets[0]) and not preserves_output(parse_datasets(_one(), "d").datasets[0].subsets[0])
 
 
 def test_folder_mode_concept_subfolders(tmp_path: Path) -> None:

@@ -27,8 +27,7 @@ def run(tmp_path: Path, toml_extra: str, capsys: pytest.CaptureFixture[str], sub
         ("colour_aug = true", "", "unknown key"),
         ("batch_size = 'two'", "", "batch_size"),
         ("", "random_crop = true", "random_crop"),
-        ("", "shuffle_caption = true", "shuffle_caption"),
-        ("", "caption_dropout_rate = 0.1", "caption_dropout_rate"),
+        ("", "token_warmup_step = 10", "token_warmup_step"),
         ("", "color_aug = true", "color_aug"),
     ],
 )
@@ -70,3 +69,21 @@ def test_bench_caches_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["stage"] for r in records] == ["manifest", "cache_latents", "cache_text"]
     assert records[1]["items"] == 2 and records[2]["items"] == 2
+
+
+def test_augmented_captions_are_cached_as_slots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fluxpipe.data.captions import CaptionAugment, augment_caption, caption_rng, caption_sha256
+    from fluxpipe.io.tables import read_parquet
+
+    subset = "shuffle_caption = true\nkeep_tokens = 1\ncaption_dropout_every_n_epochs = 3"
+    code, err = run(tmp_path, "", capsys, subset)
+    assert code == 0, err
+    table, _ = read_parquet(tmp_path / "m.parquet")
+    aug = CaptionAugment(shuffle_caption=True, keep_tokens=1)
+    for r in table.itertuples():
+        slots = json.loads(r.caption_slots)
+        # cached slot v = the caption the uncached mode draws in epoch v for this item (default seed 42)
+        assert slots == [augment_caption(r.caption, aug, caption_rng(42, v, f"0:{r.path}")) for v in range(4)]
+        entries = json.loads(r.text_captions)
+        assert {sha for sha, _, _ in entries} == {caption_sha256(t) for t in [*slots, ""]}
+        assert r.caption_drop_every == 3

@@ -428,3 +428,51 @@ def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir
     assert again.returncode == 0, again.stderr[-3000:]
     with Image.open(out / "final.png") as final:
         assert final.tobytes() != with_reference
+
+
+def test_augmented_captions_masks_and_reg_images_train_a_lora(workdir: Path) -> None:
+    """One run of the modes the caches used to refuse: shuffled / dropped captions (cached variants), a reg subset
+    with alpha masks, --prior_loss_weight and differential output preservation, and --masked_loss masks from
+    conditioning images."""
+    import yaml
+    from PIL import Image
+
+    reg = workdir / "config/demo/reg"
+    reg.mkdir()
+    for name in ("cat", "coffee"):  # RGBA copies: their left half is opaque, the right half transparent
+        with Image.open(workdir / f"config/demo/images/{name}.jpg") as img:
+            rgba = img.convert("RGBA")
+        alpha = Image.new("L", rgba.size, 0)
+        alpha.paste(255, (0, 0, rgba.size[0] // 2, rgba.size[1]))
+        rgba.putalpha(alpha)
+        rgba.save(reg / f"{name}.png")
+    (workdir / "config/demo/dataset.toml").write_text(
+        '[general]\ncaption_extension = ".txt"\nresolution = 256\nbatch_size = 2\nenable_bucket = true\n'
+        "min_bucket_reso = 128\nmax_bucket_reso = 512\nbucket_reso_steps = 64\n"
+        "[[datasets]]\n"
+        '  [[datasets.subsets]]\n  image_dir = "config/demo/images"\n  shuffle_caption = true\n'
+        "  keep_tokens = 1\n  caption_separator = ' '\n  caption_dropout_rate = 0.2\n"
+        "  caption_dropout_every_n_epochs = 2\n"
+        '  [[datasets.subsets]]\n  image_dir = "config/demo/reg"\n  is_reg = true\n  alpha_mask = true\n'
+        '  class_tokens = "a photo"\n  custom_attributes = { diff_output_preservation = true }\n'
+        "[[datasets]]\n"
+        '  [[datasets.subsets]]\n  image_dir = "config/demo/images"\n'
+        '  conditioning_data_dir = "config/demo/conditioning"\n'
+    )
+    config = workdir / "config/config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"].pop("save_every_n_epochs")
+    cfg["train"].update(max_train_epochs=2, prior_loss_weight=0.5, masked_loss=True)
+    config.write_text(yaml.safe_dump(cfg))
+    result = snakemake(workdir, "train_lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "results/train/lora/demo_lora.safetensors").is_file()
+    import pandas as pd
+
+    (index,) = (workdir / "results/cache/latents").glob("*.parquet")
+    kinds = pd.read_parquet(index).kind.fillna("").value_counts().to_dict()
+    assert kinds["mask:alpha"] == 2 and kinds["mask:conditioning"] == 6, kinds  # reg alpha, the edge maps
+    text = json.loads((workdir / "results/cache/text/summary.json").read_text())
+    assert text["entries"] > 6 + 1, text  # the shuffled variants and the empty caption beside the plain ones
+    again = snakemake(workdir, "-n", "train_lora")
+    assert "Nothing to be done" in again.stdout + again.stderr

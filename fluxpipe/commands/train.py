@@ -252,6 +252,7 @@ def lora_config(
         dynamo_backend=ns.dynamo_backend,
         network_dtype=torch.bfloat16 if ns.full_bf16 else torch.float32,
         kontext=ns.model_type == "kontext",
+        prior_loss_weight=ns.prior_loss_weight,
         model_type=ns.model_type,
         metadata=metadata,
     )

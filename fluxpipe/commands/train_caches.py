@@ -81,7 +81,17 @@ def build_caches(
     datasets = with_cli_validation(load_datasets(ns), ns)
     check_cacheable(datasets, cache_latents=True, cache_text=True)
     paths = pipeline_caches(work)
-    manifest.run(manifest.ManifestConfig(datasets=datasets, out=paths.manifest, latent_shards=1, text_shards=1))
+    seed = 42 if ns.seed is None else ns.seed  # (cached caption slot v is each item's caption of epoch v)
+    manifest.run(
+        manifest.ManifestConfig(
+            datasets=datasets,
+            out=paths.manifest,
+            latent_shards=1,
+            text_shards=1,
+            masked_loss=bool(ns.masked_loss),
+            caption_seed=seed,
+        )
+    )
     variant = dit_variant(ns)
     for kind in ("latents", "text"):
         shard = work / f"cache/{kind}/shard-000.safetensors"

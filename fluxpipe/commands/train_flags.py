@@ -35,7 +35,7 @@ use_8bit_adam use_lion_optimizer caption_extension caption_extention train_batch
 full_bf16 save_n_epoch_ratio logging_dir log_with log_prefix log_tracker_name torch_compile dynamo_backend
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first validation_seed validation_split
 validate_every_n_steps validate_every_n_epochs max_validation_steps model_type
-ema_decay ema_update_every ema_on_cpu ema_for_eval
+ema_decay ema_update_every ema_on_cpu ema_for_eval prior_loss_weight masked_loss
 """.split()
     )
     | {"max_data_loader_n_workers", "persistent_data_loader_workers", "highvram"}
@@ -67,6 +67,7 @@ HONOURED_FULL = frozenset(
         "fp8_base_unet",
         "torch_compile",
         "dynamo_backend",
+        "prior_loss_weight",
     }
     | {"fused_backward_pass", "blockwise_fused_optimizers", "mem_eff_save"}
 )
@@ -86,6 +87,7 @@ HONOURED_CONTROLNET = frozenset(
         }
     )
     - set(FOLDER_FLAGS)  # ControlNet folder mode (with --conditioning_data_dir): not yet
+    - {"masked_loss"}  # (its conditioning images are the ControlNet's input, not masks)
 )
 
 
@@ -155,6 +157,11 @@ def check_kontext(ns: argparse.Namespace, method: str) -> None:
         raise FluxpipeError(
             f"--model_type kontext: only LoRA training supports Kontext (not `train {method}`); "
             "use `fluxpipe train lora`"
+        )
+    if ns.masked_loss:
+        raise FluxpipeError(
+            "--model_type kontext with --masked_loss: a Kontext conditioning image is the reference, not a "
+            "mask; remove --masked_loss (alpha_mask in the dataset config masks by the image's alpha)"
         )
     if ns.sample_prompts:
         raise FluxpipeError(

@@ -5,8 +5,10 @@ the reference's folder mode (``N_concept`` subfolders); ``parse_datasets(mapping
 structure from config.yaml (a null value there means "unset"). Keys merge subset > dataset > general > command
 line > defaults. Unknown or misplaced keys, wrong types and impossible values raise ``ConfigError`` naming the
 file and the key's location (``datasets[0].subsets[1].num_repeats``). Paths are not checked here: the manifest stage does that.
-``check_cacheable`` applies the reference's caching rules; unlike the reference, fluxpipe applies ``caption_prefix`` and
-``caption_suffix`` to cached captions, so both are allowed with the text-encoder cache.
+``check_cacheable`` refuses what the caches cannot honour. Unlike the reference, fluxpipe applies ``caption_prefix``,
+``caption_suffix`` and caption augmentation (shuffle, dropout, tag dropout, wildcards, every-n-epochs dropout) to
+cached captions: each item's augmented captions are cached as a few content-addressed variants
+(``fluxpipe.data.captions``); the alpha-channel loss mask is cached with the latents.
 """
 
 from __future__ import annotations
@@ -248,8 +250,8 @@ def dataset_kind(ds: DatasetConfig) -> str:
 def check_cacheable(cfg: DatasetsConfig, *, cache_latents: bool, cache_text: bool) -> None:
     """Raise ConfigError for the first subset option that the requested caches cannot honour.
 
-    Subsets with num_repeats = 0 are ignored (as by the reference). caption_prefix/caption_suffix are allowed:
-    fluxpipe applies them before encoding cached captions (the reference ignores them for cached outputs).
+    Subsets with num_repeats = 0 are ignored (as by the reference). Caption prefix, suffix and augmentation are
+    allowed: fluxpipe caches the augmented captions (the reference refuses or ignores them with cached outputs).
     """
     rules = (_LATENT_RULES if cache_latents else ()) + (_TEXT_RULES if cache_text else ())
     for i, ds in enumerate(cfg.datasets):
@@ -265,36 +267,27 @@ def check_cacheable(cfg: DatasetsConfig, *, cache_latents: bool, cache_text: boo
                     )
 
 
-_FRESH_LATENT = "would need a fresh latent every step; turn off cache_latents or the option"
-_FRESH_TEXT = (
-    "changes the caption every step, so a cached text-encoder output would be stale; turn off cache_text or the option"
+_FRESH_LATENT = (
+    "needs a fresh latent every step, and fluxpipe always trains from its latent cache (it has no uncached "
+    "latent mode yet): remove the option"
 )
 _Rule = tuple[str, Callable[[SubsetConfig], bool], str]
 _LATENT_RULES: tuple[_Rule, ...] = (
     ("color_aug", lambda s: s.color_aug, _FRESH_LATENT),
     ("random_crop", lambda s: s.random_crop, _FRESH_LATENT),
     (
-        "alpha_mask",
-        lambda s: s.alpha_mask,
-        "not supported by fluxpipe's latent cache yet; turn off cache_latents or alpha_mask",
-    ),
-    (
         "face_crop_aug_range",
         lambda s: s.face_crop_aug_range is not None,
-        "face-crop augmentation is not supported with fluxpipe's latent cache; turn off cache_latents or the option",
+        "face-crop augmentation crops each step differently, and fluxpipe always trains from its latent cache "
+        "(it has no uncached latent mode yet): remove the option",
     ),
 )
 _TEXT_RULES: tuple[_Rule, ...] = (
-    ("shuffle_caption", lambda s: s.shuffle_caption, _FRESH_TEXT),
-    ("caption_dropout_rate", lambda s: s.caption_dropout_rate > 0, _FRESH_TEXT),
-    ("caption_tag_dropout_rate", lambda s: s.caption_tag_dropout_rate > 0, _FRESH_TEXT),
-    ("token_warmup_step", lambda s: s.token_warmup_step > 0, _FRESH_TEXT),
-    ("enable_wildcard", lambda s: s.enable_wildcard, _FRESH_TEXT),
     (
-        "caption_dropout_every_n_epochs",
-        lambda s: s.caption_dropout_every_n_epochs > 0,
-        "drops captions in some epochs, which a cached text-encoder output cannot do (the reference silently "
-        "ignores it; fluxpipe refuses); turn off cache_text or the option",
+        "token_warmup_step",
+        lambda s: s.token_warmup_step > 0,
+        "token warm-up changes the caption with the training step, and fluxpipe always trains from its "
+        "text-encoder cache (it has no per-step text encoding yet): remove the option",
     ),
 )
 
@@ -351,12 +344,22 @@ def _subset(table: Any, inherited: dict[str, Any], where: str) -> SubsetConfig:
             f"{where}.cache_info: not supported (fluxpipe never writes metadata_cache.json into "
             "image folders; its manifest already caches sizes and captions by content hash): remove it"
         )
-    if sub.custom_attributes:
-        raise ConfigError(
-            f"{where}.custom_attributes: not supported yet (e.g. diff_output_preservation needs "
-            f"the regularisation machinery): remove {', '.join(map(str, sub.custom_attributes))}"
-        )
+    for key, value in (sub.custom_attributes or {}).items():
+        if key != "diff_output_preservation":
+            raise ConfigError(
+                f"{where}.custom_attributes.{key}: unknown attribute (the FLUX trainer reads only "
+                "diff_output_preservation): remove it"
+            )
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{where}.custom_attributes.diff_output_preservation: expected true or false, got {value!r}"
+            )
     return sub
+
+
+def preserves_output(sub: SubsetConfig) -> bool:
+    """custom_attributes diff_output_preservation = true: the subset trains towards the base model's prediction."""
+    return bool((sub.custom_attributes or {}).get("diff_output_preservation"))
 
 
 def _read_level(table: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:

@@ -85,9 +85,19 @@ class CacheConfig:
     """Threads decoding and resizing images while the AE encodes."""
     compile_text_encoder: str = "auto"
     """torch.compile T5-XXL: auto (on CUDA, for 5000+ captions to encode), true, false."""
+    caption_variants: int = 4
+    """Cached captions per image of a subset that augments captions (shuffle_caption, caption dropout, tag
+    dropout, wildcards): epoch e trains on the caption drawn for epoch e mod caption_variants."""
 
     def __post_init__(self) -> None:
-        for name in ("latent_shards", "text_shards", "vae_batch_size", "text_encoder_batch_size", "decode_workers"):
+        for name in (
+            "latent_shards",
+            "text_shards",
+            "vae_batch_size",
+            "text_encoder_batch_size",
+            "decode_workers",
+            "caption_variants",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("latent_dtype", "text_dtype"):

@@ -15,6 +15,7 @@ the sha256 its index recorded when first opened), and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from fluxpipe.data.captions import caption_sha256
 from fluxpipe.errors import FluxpipeError, summarize
 from fluxpipe.io.shards import DamagedShard, check_shard
 from fluxpipe.io.tables import read_parquet
@@ -48,6 +50,12 @@ class TrainItem:
     is_reg: bool
     repeats: int
     reference_keys: tuple[str, ...] = ()  # Kontext: the reference latent entries, one per latent key (flip)
+    mask_keys: tuple[str, ...] = ()  # alpha_mask / masked_loss: the loss-mask entries, one per latent key (flip)
+    caption: str = ""  # the caption text_key encodes (the CLIP-L LoRA re-encodes it)
+    text_variants: tuple[tuple[str, str], ...] = ()  # (key, caption) per cached caption slot (epoch e: e mod n)
+    drop_every: int = 0  # caption_dropout_every_n_epochs: those epochs train on empty_text
+    empty_text: str = ""  # the key of the empty caption
+    preserve: bool = False  # custom_attributes diff_output_preservation: the target is the base model's output
 
 
 # ---- joining the manifest with the cache indexes ---------------------------------------------------------
@@ -73,6 +81,24 @@ def _text_lookup(index: pd.DataFrame) -> dict[str, str]:
     return {str(sha): str(key) for key, sha in zip(index.key, index.caption_sha256, strict=True)}
 
 
+def _mask_keys(r: Any, masks: dict[str, dict], bucket: tuple[int, int], flips: tuple[bool, ...]) -> list[str | None]:
+    """A manifest row's loss-mask entries, one per flip ([] without a mask; None where one is missing)."""
+    source = str(getattr(r, "mask_source", "") or "")
+    return [masks[f"mask:{source}"].get((str(r.path), bucket, flip)) for flip in flips] if source else []
+
+
+def _caption_variants(r: Any, texts: dict[str, str]) -> dict[str, Any] | None:
+    """A manifest row's cached caption slots and empty caption (``epoch_captions``); None if one is not cached."""
+    slots = json.loads(str(getattr(r, "caption_slots", "[]") or "[]"))
+    drop_every = int(getattr(r, "caption_drop_every", 0) or 0)
+    keys = [texts.get(caption_sha256(t)) for t in slots]
+    empty = texts.get(caption_sha256("")) if drop_every else ""
+    if None in keys or empty is None:
+        return None
+    pairs = tuple((str(k), t) for k, t in zip(keys, slots, strict=True))
+    return {"text_variants": pairs, "drop_every": drop_every, "empty_text": str(empty)}
+
+
 def _missing_error(kind: str, missing: list[str]) -> FluxpipeError:
     return FluxpipeError(f"{len(missing)} manifest rows have no {kind} cache entry ({summarize(missing, 3)}); {RERUN}")
 
@@ -89,6 +115,7 @@ def load_items(
     latent_table = read_parquet(latent_index)[0]
     latents = _latent_lookup(latent_table)
     refs = _latent_lookup(latent_table, "reference") if references else {}
+    masks = {kind: _latent_lookup(latent_table, kind) for kind in ("mask:alpha", "mask:conditioning")}
     texts = _text_lookup(read_parquet(text_index)[0])
     items: list[TrainItem] = []
     no_latent: list[str] = []
@@ -100,16 +127,19 @@ def load_items(
         bucket = (int(r.bucket_w), int(r.bucket_h))
         flips = (False, True) if bool(r.flip_aug) else (False,)
         keys = [latents.get((str(r.path), bucket, flip)) for flip in flips]
-        text_key = texts.get(str(r.caption_sha256))
+        variants = _caption_variants(r, texts)  # (a row with cached caption slots starts on its first)
+        slots = variants["text_variants"] if variants else ()
+        text_key, caption = slots[0] if slots else (texts.get(str(r.caption_sha256)), str(r.caption))
         ref_keys = [refs.get((str(r.path), bucket, flip)) for flip in flips] if references else []
+        mask_keys = _mask_keys(r, masks, bucket, flips)
         if None in ref_keys:
             no_reference.append(f"{r.path} at {bucket[0]}x{bucket[1]}")
             continue
-        if any(k is None for k in keys):
+        if any(k is None for k in keys + mask_keys):
             no_latent.append(f"{r.path} at {bucket[0]}x{bucket[1]}")
-        if text_key is None:
-            no_text.append(f"{r.path} (caption {str(r.caption_sha256)[:12]})")
-        if None in keys or text_key is None:
+        if text_key is None or variants is None:
+            no_text.append(f"{r.path} (caption {str(r.caption_sha256)[:12]} or one of its cached variants)")
+        if None in keys or None in mask_keys or text_key is None or variants is None:
             continue
         items.append(
             TrainItem(
@@ -121,8 +151,17 @@ def load_items(
                 is_reg=bool(r.is_reg),
                 repeats=int(r.repeats),
                 reference_keys=tuple(str(k) for k in ref_keys),
+                mask_keys=tuple(str(k) for k in mask_keys),
+                preserve=bool(getattr(r, "preserve", False)),
+                caption=caption,
+                **variants,
             )
         )
+    _raise_missing(no_reference, no_latent, no_text)
+    return items
+
+
+def _raise_missing(no_reference: list[str], no_latent: list[str], no_text: list[str]) -> None:
     if no_reference:
         raise FluxpipeError(
             f"{len(no_reference)} manifest rows have no Kontext reference latent "
@@ -134,7 +173,6 @@ def load_items(
         raise _missing_error("latent", no_latent)
     if no_text:
         raise _missing_error("text", no_text)
-    return items
 
 
 # ---- reading cache entries ----------------------------------------------------------------------------------
@@ -194,6 +232,10 @@ class CachedTensors:
     def latent(self, key: str) -> tuple[Tensor, Tensor]:
         """(mean, logvar), each [16, H/8, W/8]: the AE posterior before FLUX's scale and shift."""
         return self._get(key, "mean"), self._get(key, "logvar")
+
+    def mask(self, key: str) -> Tensor:
+        """[H/8, W/8] loss mask in [0, 1] on the latent grid."""
+        return self._get(key, "mask")
 
     def text(self, key: str) -> tuple[Tensor, Tensor, Tensor]:
         """(pooled [768], t5 [L, 4096], mask [L] uint8 with 1 = real token)."""
@@ -302,6 +344,7 @@ def make_batch(
     generator: torch.Generator,
     device: torch.device | str,
     dtype: torch.dtype,
+    prior_loss_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Tensors ready for the DiT for the items at ``indices`` (all in one bucket).
 
@@ -310,7 +353,10 @@ def make_batch(
     both float32 on the generator's device. Returns ``latents`` [B, 16, H/8, W/8] = 0.3611·(mean +
     exp(logvar/2)·ε − 0.1159) computed in float32 on ``device`` and cast to ``dtype``; ``pooled`` [B, 768]
     and ``t5`` [B, L, 4096] in ``dtype``; ``t5_mask`` [B, L] bool; ``is_reg`` and ``flipped`` [B] bool;
-    ``indices`` (list of int); for Kontext items ``reference`` (``reference_latents``).
+    ``indices`` (list of int); for Kontext items ``reference`` (``reference_latents``); ``loss_weights`` [B]
+    float32 (``prior_loss_weight`` for regularisation items, else 1); ``loss_mask`` [B, H/8, W/8] float32 when
+    an item has a cached loss mask (flipped with its latent; items without one get ones, as the reference), else
+    None; ``preserve`` [B] bool (differential output preservation).
     """
     chosen = [items[i] for i in indices]
     assert chosen, "make_batch needs at least one item"
@@ -333,7 +379,54 @@ def make_batch(
         "is_reg": torch.tensor([it.is_reg for it in chosen], dtype=torch.bool, device=device),
         "flipped": torch.tensor(flipped, dtype=torch.bool, device=device),
         "indices": list(indices),
+        "loss_weights": torch.tensor(
+            [prior_loss_weight if it.is_reg else 1.0 for it in chosen], dtype=torch.float32, device=device
+        ),
+        "loss_mask": loss_masks(chosen, flipped, tensors, tuple(mean.shape[2:]), device),
+        "preserve": torch.tensor([it.preserve for it in chosen], dtype=torch.bool, device=device),
     }
+
+
+def loss_masks(
+    chosen: Sequence[TrainItem],
+    flipped: Sequence[bool],
+    tensors: CachedTensors,
+    size: tuple[int, ...],
+    device: torch.device | str,
+) -> Tensor | None:
+    """[B, h, w] float32 cached loss masks of the items (ones for an item without one); None if none has one."""
+    if not any(it.mask_keys for it in chosen):
+        return None
+    masks = [
+        tensors.mask(it.mask_keys[1 if f else 0]).float() if it.mask_keys else torch.ones(size)
+        for it, f in zip(chosen, flipped, strict=True)
+    ]
+    return torch.stack(masks).to(device)
+
+
+def refuse_preservation(items: Sequence[TrainItem], trainer: str) -> None:
+    """Differential output preservation is the LoRA trainer's (a LoRA at multiplier 0 gives the base model)."""
+    if any(it.preserve for it in items):
+        raise FluxpipeError(
+            f"custom_attributes diff_output_preservation: the {trainer} has no base model beside the trained "
+            "weights (the reference supports it for LoRA training only); remove it from the dataset config"
+        )
+
+
+def epoch_captions(items: Sequence[TrainItem], epoch: int) -> list[TrainItem]:
+    """The items with the text entry they train on in ``epoch`` (0-based): the empty caption in the
+    caption_dropout_every_n_epochs epochs (counted from 1, as the reference), else cached slot epoch mod n
+    (``fluxpipe.data.captions.caption_slots``); items without slots are returned unchanged."""
+    out = []
+    for it in items:
+        if it.drop_every and (epoch + 1) % it.drop_every == 0:
+            out.append(dataclasses.replace(it, text_key=it.empty_text, caption=""))
+        elif it.text_variants:
+            key, text = it.text_variants[epoch % len(it.text_variants)]
+            out.append(dataclasses.replace(it, text_key=key, caption=text))
+        else:
+            out.append(it)
+    return out
 
 
 def reference_latents(

@@ -188,15 +188,14 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return pixels.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
 
 
-def read_caption(path: Path) -> str:
-    """The first non-empty line of a UTF-8 caption (BOM allowed, CRLF/CR line ends), stripped; '' if none."""
+def read_caption(path: Path, all_lines: bool = False) -> str:
+    """The first non-empty line of a UTF-8 caption (BOM allowed, CRLF/CR line ends), stripped; '' if none.
+    ``all_lines`` (wildcard captions, as the reference): every non-empty stripped line, joined by newlines."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError as e:
         raise BadCaption(f"{path}: caption file not found") from e
     except UnicodeDecodeError as e:
         raise BadCaption(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason}); re-save the caption as UTF-8") from e
-    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        if line.strip():
-            return line.strip()
-    return ""
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+    return "\n".join(lines) if all_lines else (lines[0] if lines else "")

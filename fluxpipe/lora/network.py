@@ -391,6 +391,12 @@ class FluxLoRANetwork(nn.Module):
         for m in self.loras:
             m.remove()
 
+    def set_multiplier(self, multiplier: float) -> None:
+        """Every module's multiplier (0: the base model; differential output preservation)."""
+        self.multiplier = multiplier
+        for m in self.loras:
+            m.multiplier = multiplier
+
     @torch.no_grad()
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """``<name>.lora_down.weight / .lora_up.weight / .alpha`` on CPU in ``dtype`` (None: the LoRA dtype)."""

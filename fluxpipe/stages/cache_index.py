@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fluxpipe.data.captions import text_entries
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import write_text_atomic
 from fluxpipe.io.shards import REUSE_DIR, DamagedShard, check_shard, prune_reuse, read_shard_metadata, reuse_name
@@ -74,7 +75,12 @@ def _entries(shards: tuple[Path, ...], digests: dict[str, str]) -> tuple[pd.Data
 def _check_complete(kind: str, manifest: pd.DataFrame, index: pd.DataFrame) -> None:
     """Every manifest row must find its entries (a stale shard would otherwise surface during training)."""
     if kind == "text":
-        missing = set(manifest.caption_sha256) - set(index.get("caption_sha256", []))
+        wanted = (
+            {sha for column in manifest.text_captions for sha, _, _ in text_entries(column)}
+            if "text_captions" in manifest
+            else set(manifest.caption_sha256)
+        )
+        missing = wanted - set(index.get("caption_sha256", []))
     else:
         if "kind" in index:  # (Kontext reference entries are listed under their targets' paths: not the targets')
             index = index[index.kind.fillna("") == ""]

@@ -8,7 +8,8 @@ previous shards (.reuse), new ones are encoded batched by bucket while threads d
 Kontext runs (``references``) also cache each paired row's reference image (its ``conditioning`` column) as a
 second entry kind, ``reference``: keyed the same way by the reference's sha256 (plus ``kind``), resized and
 cropped exactly as its target (so the pair stays pixel-aligned) and flipped with it; its index rows name the
-target images it serves.
+target images it serves. Rows with a loss mask (``mask_source``: a subset's alpha_mask, or --masked_loss with a
+conditioning image) also cache it, kind ``mask:alpha`` / ``mask:conditioning``, on the latent grid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fluxpipe.data.images import load_rgb, resize_and_crop, to_tensor
+from fluxpipe.data.masks import cached_mask, mask_pixels
 from fluxpipe.io.checkpoints import load_ae
 from fluxpipe.io.hashing import cached_sha256
 from fluxpipe.io.shards import ShardStats, build_shard, content_key
@@ -60,15 +62,23 @@ class LatentEntry:
     crop: tuple[int, int]
     flip: bool
     interpolation: str = ""  # the subset's resize_interpolation ("": area when shrinking, lanczos when enlarging)
-    kind: str = ""  # "": a target image; "reference": a Kontext reference (path), ``paths`` = its targets
+    kind: str = ""  # "": a target image; "reference": a Kontext reference (path), ``paths`` = its targets;
+    # "mask:alpha" / "mask:conditioning": the loss mask of ``paths`` (no AE: ``mask`` [H/8, W/8] in [0, 1])
+    image_size: tuple[int, int] = (0, 0)  # the target image's (W, H)
 
 
-def _sources(r: Any, references: bool) -> list[tuple[str, str, str]]:  # r: a row of DataFrame.itertuples()
-    """(kind, image path, image sha256) of what a manifest row caches: its image, and its reference if asked."""
+def _sources(r: Any, references: bool) -> list[tuple[str, str, str]]:
+    """(kind, image path, image sha256) of what a manifest row caches: its image, its reference if asked, and its
+    loss mask ("mask:alpha" from the image, "mask:conditioning" from the conditioning image) if it has one."""
     out = [("", str(r.path), str(r.sha256))]
-    conditioning = getattr(r, "conditioning", None)  # (a column of Kontext manifests only)
+    conditioning = getattr(r, "conditioning", None)  # (a column of Kontext and mask manifests only)
     if references and conditioning:
-        out.append(("reference", str(conditioning), str(r.conditioning_sha256)))
+        out.append(("reference", str(r.conditioning), str(r.conditioning_sha256)))
+    source = getattr(r, "mask_source", "") or ""
+    if source == "alpha":
+        out.append(("mask:alpha", str(r.path), str(r.sha256)))
+    elif source == "conditioning":
+        out.append(("mask:conditioning", str(r.conditioning), str(r.conditioning_sha256)))
     return out
 
 
@@ -98,6 +108,7 @@ def latent_entries(rows: pd.DataFrame, ae_sha: str, cfg: CacheLatentsConfig) -> 
                 key = content_key(**fields)
                 old = entries.get(key)
                 entries[key] = LatentEntry(
+                    image_size=(int(r.width), int(r.height)),
                     key=key,
                     path=old.path if old else path,
                     paths=(*(old.paths if old else ()), r.path),
@@ -140,15 +151,28 @@ def batches(entries: list[LatentEntry], batch_size: int) -> Iterator[list[Latent
             yield group[i : i + batch_size]
 
 
+def masks(entries: list[LatentEntry]) -> dict[str, dict[str, torch.Tensor]]:
+    """The loss-mask entries: ``mask`` [H/8, W/8] float32 (``fluxpipe.data.masks``)."""
+    out = {}
+    for e in entries:
+        pixels = mask_pixels(
+            e.kind.split(":")[1], Path(e.path), e.image_size, e.resized, e.crop, e.bucket, e.interpolation or None
+        )
+        out[e.key] = {"mask": cached_mask(pixels, e.flip).contiguous()}
+    return out
+
+
 @torch.no_grad()
 def encode(entries: list[LatentEntry], cfg: CacheLatentsConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """Encode ``entries`` with the AE; image decoding runs in threads one batch ahead of the encoder."""
+    """Encode ``entries`` with the AE (loss masks without it); image decoding runs in threads one batch ahead
+    of the encoder."""
+    out = masks([e for e in entries if e.kind.startswith("mask:")])
+    entries = [e for e in entries if not e.kind.startswith("mask:")]
     if not entries:
-        return {}
+        return out
     dtype = encode_dtype(cfg.device)
     ae = load_ae(cfg.ae, dtype=dtype, device=cfg.device)
     store = getattr(torch, cfg.dtype)
-    out: dict[str, dict[str, torch.Tensor]] = {}
     todo = list(batches(entries, cfg.batch_size))
     with (
         ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool,

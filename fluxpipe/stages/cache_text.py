@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from fluxpipe.data.captions import text_entries
 from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH, encode_prompts
 from fluxpipe.io.checkpoints import load_model
 from fluxpipe.io.hashing import cached_sha256, tokenizer_identity
@@ -126,16 +128,22 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     return out
 
 
+def shard_captions(table: pd.DataFrame, shard: int) -> list[tuple[str, str]]:
+    """(sha256, text) of every distinct caption of the text shard: each row's ``text_captions`` (its cached
+    caption slots, the empty caption for every-n-epochs dropout), or its one caption (manifests without them)."""
+    if "text_captions" not in table:
+        rows = table[table.text_shard == shard].drop_duplicates("caption_sha256")
+        return list(zip(rows.caption_sha256, rows.caption, strict=True))
+    found = {sha: text for column in table.text_captions for sha, s, text in text_entries(column) if s == shard}
+    return sorted(found.items())
+
+
 def run(cfg: CacheTextConfig) -> ShardStats:
     """Build one text shard: reuse what exists, encode the rest, write atomically."""
     start = time.perf_counter()
     table, _ = read_parquet(cfg.manifest)
-    rows = table[table.text_shard == cfg.shard].drop_duplicates("caption_sha256")
     identity = text_identity(cfg)
-    entries = {
-        content_key(caption=sha, **identity): (sha, text)
-        for sha, text in zip(rows.caption_sha256, rows.caption, strict=True)
-    }
+    entries = {content_key(caption=sha, **identity): (sha, text) for sha, text in shard_captions(table, cfg.shard)}
     info = {k: {"caption_sha256": sha} for k, (sha, _) in entries.items()}
     stats = build_shard(cfg.out, info, lambda keys: encode({k: entries[k][1] for k in keys}, cfg))
     log.info(

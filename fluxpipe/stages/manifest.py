@@ -30,8 +30,10 @@ from fluxpipe.config.dataset import (
     DatasetsConfig,
     SubsetConfig,
     non_utf8_names,
+    preserves_output,
     refuse_non_utf8,
 )
+from fluxpipe.data.captions import CaptionAugment, caption_slots, slot_entries
 from fluxpipe.data.buckets import BucketSpec, check_spec, make_buckets, plan_resize
 from fluxpipe.data.images import BadCaption, BadImage, is_image_file, load_rgb, read_caption
 from fluxpipe.errors import FluxpipeError, summarize
@@ -54,6 +56,9 @@ class ManifestConfig:
     skip_bad_images: bool = False
     hash_cache: Path | None = None
     workers: int = 2
+    masked_loss: bool = False  # --masked_loss: a row with a conditioning image takes its R channel as loss mask
+    caption_seed: int = 42  # the training seed: cached caption slot v of an item is its caption of epoch v
+    caption_variants: int = 4  # cached caption slots per item of a subset with caption augmentation
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ def _caption(c: Candidate, sub: SubsetConfig) -> str:
     if text is None:
         file = c.path.with_suffix(sub.caption_extension)
         if file.is_file():
-            text = read_caption(file)
+            text = read_caption(file, all_lines=sub.enable_wildcard)
             if not text:  # the reference stops here too ("caption file is empty")
                 raise BadCaption(
                     f"{file}: caption file is empty (or only whitespace); write a caption into it, or "
@@ -283,6 +288,14 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
         plan = plan_resize(width, height, spec, make_buckets(spec) if spec.enable_bucket else None)
     except ValueError as e:
         raise BadImage(f"{c.path}: {width}x{height} cannot be bucketed ({e})") from e
+    cond = _conditioning_columns(c, (width, height), ds.enable_bucket, hashes, decoded)
+    if cfg.masked_loss and cond["conditioning"]:
+        mask_size = _decoded_size(Path(cond["conditioning"]), cond["conditioning_sha256"], decoded)
+        if mask_size != (width, height):
+            raise BadImage(
+                f"{cond['conditioning']}: the --masked_loss mask is {mask_size[0]}x{mask_size[1]} but its image "
+                f"{c.path} is {width}x{height}; give the mask its image's size"
+            )
     return {
         "path": str(c.path),
         "dataset": c.dataset,
@@ -295,6 +308,8 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
         "caption_sha256": hashlib.sha256(caption.encode("utf-8")).hexdigest(),
         "repeats": sub.num_repeats,
         "is_reg": sub.is_reg,
+        "caption_drop_every": sub.caption_dropout_every_n_epochs,
+        "preserve": preserves_output(sub),
         "flip_aug": sub.flip_aug,
         "bucket_w": plan.bucket[0],
         "bucket_h": plan.bucket[1],
@@ -304,8 +319,13 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
         "crop_top": plan.crop_top,
         "upscaled": plan.upscale,
         "resize_interpolation": sub.resize_interpolation or "",
-        **_conditioning_columns(c, (width, height), ds.enable_bucket, hashes, decoded),
+        **cond,
+        "mask_source": "conditioning" if cfg.masked_loss and cond.get("conditioning") else _alpha(sub),
     }
+
+
+def _alpha(sub: SubsetConfig) -> str:
+    return "alpha" if sub.alpha_mask else ""
 
 
 def _assign_split(rows: list[dict[str, object]], datasets: DatasetsConfig) -> None:
@@ -320,6 +340,21 @@ def _assign_split(rows: list[dict[str, object]], datasets: DatasetsConfig) -> No
         mine.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['sha256']}:{r['path']}".encode()).hexdigest())
         for row in mine[: round(len(mine) * ds.validation_split)]:
             row["split"] = "val"
+
+
+def _caption_slots(row: dict[str, object], cfg: ManifestConfig) -> None:
+    """The captions a training row trains on (``fluxpipe.data.captions.caption_slots``; validation rows keep
+    their caption), each with its text shard, as the ``text_captions`` column."""
+    sub = cfg.datasets.datasets[int(str(row["dataset"]))].subsets[int(str(row["subset"]))]
+    aug = CaptionAugment.of(sub)
+    caption, train = str(row["caption"]), row["split"] == "train"
+    slots = caption_slots(caption, aug, cfg.caption_seed, f"{row['dataset']}:{row['path']}", cfg.caption_variants)
+    if not train:
+        slots, row["caption_drop_every"] = [], 0
+    row["caption_slots"] = json.dumps(slots, ensure_ascii=False)
+    row["text_captions"] = slot_entries(
+        caption, slots, int(str(row["caption_drop_every"])), lambda sha: stable_shard(sha, cfg.text_shards)
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -384,6 +419,7 @@ def run(cfg: ManifestConfig) -> pd.DataFrame:
     for row in rows:
         row["latent_shard"] = stable_shard(str(row["path"]), cfg.latent_shards)
         row["text_shard"] = stable_shard(str(row["caption_sha256"]), cfg.text_shards)
+        _caption_slots(row, cfg)
     table = pd.DataFrame(rows).sort_values(["dataset", "subset", "path"], kind="stable").reset_index(drop=True)
     write_parquet_atomic(
         table, cfg.out, {"fluxpipe.manifest_version": str(MANIFEST_VERSION), "fluxpipe.left_out": json.dumps(problems)}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fluxpipe.data.batches import refuse_preservation
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.models.controlnet import ControlledFlux, ControlNetFlux, load_controlnet_state
 from fluxpipe.parallel.distributed import World, world, wrap
@@ -181,6 +182,7 @@ def run(cfg: TrainControlNetConfig) -> Path:
     check_parallel(cfg, w, sharded=False)
     s = LoopSettings.of(cfg)
     d = load_data(s, w)
+    refuse_preservation(d.items, "ControlNet trainer")
     method = controlnet_method(cfg, s, d, w)
     torch.manual_seed(cfg.seed)
     return train_loop(s, method, d)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fluxpipe.data.batches import refuse_preservation
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.checkpoints import load_model
 from fluxpipe.parallel.distributed import World, world
@@ -174,6 +175,7 @@ def run(cfg: TrainFullConfig) -> Path:
     check_fused(cfg)
     s = LoopSettings.of(cfg)
     d = load_data(s, w)
+    refuse_preservation(d.items, "full fine-tune")
     return train_loop(s, full_method(cfg, s, d, w), d)
 
 

@@ -56,7 +56,7 @@ class LoraLoss(torch.nn.Module):
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
             draw_flow_noise(batch, self.m, gen)  # the same draws as the other ranks, no forward pass
             return torch.stack([p.sum() for p in self.network.parameters()]).sum() * 0.0
-        return flow_loss(self.dit[0], batch, self.m, gen, rows=rows)
+        return flow_loss(self.dit[0], batch, self.m, gen, rows=rows, network=self.network)
 
 
 def clip_pooled(clip: torch.nn.Module, tokenizer: Any, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN401
@@ -155,7 +155,7 @@ def lora_method(cfg: TrainLoraConfig, s: LoopSettings, d: TrainData, w: World) -
     model = wrap(LoraLoss(network, dit, cfg.math, pooled_fn), w)
 
     def loss(batch: dict, gen: torch.Generator, rows: list[int] | None, indices: list[int]) -> torch.Tensor:
-        texts = [captions[d.items[i].row] for i in indices] if pooled_fn is not None else None
+        texts = batch["captions"] if pooled_fn is not None else None  # (this epoch's caption variants)
         out: torch.Tensor = model(batch, gen, rows, texts)
         return out
 

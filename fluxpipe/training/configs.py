@@ -84,6 +84,7 @@ class TrainLoraConfig:
         None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
     )
     lycoris: dict[str, str] | None = None  # --network_module lycoris.kohya: its --network_args (fluxpipe.lora.lycoris)
+    prior_loss_weight: float = 1.0  # loss weight of the regularisation (is_reg) images
     model_type: str = "flux"  # --model_type: which DiT the file is (chroma: fluxpipe.models.chroma)
     kontext: bool = False  # --model_type kontext: every item trains with its cached reference latent
 

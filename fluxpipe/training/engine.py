@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fluxpipe.data.batches import CachedTensors, TrainItem, epoch_batches, load_items, make_batch
+from fluxpipe.data.batches import CachedTensors, TrainItem, epoch_batches, epoch_captions, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.parallel.distributed import World
@@ -221,10 +221,12 @@ def train_loop(s: LoopSettings, m: Method, d: TrainData) -> Path:
     with _closing(m, d, bar, logger):
         for epoch in range(start_epoch, d.epochs):
             batches = epoch_batches(d.items, d.sizes, epoch, s.seed)
+            items = epoch_captions(d.items, epoch)  # each item's cached caption variant of this epoch
             first = start_batch if epoch == start_epoch else 0
             for bi in range(first, len(batches)):
                 boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
-                batch = make_batch(d.items, batches[bi], d.tensors, gen, s.device, m.batch_dtype)
+                batch = make_batch(items, batches[bi], d.tensors, gen, s.device, m.batch_dtype, s.prior_loss_weight)
+                batch["captions"] = [items[i].caption for i in batches[bi]]
                 rows, share = w.part(len(batches[bi]))  # this rank's rows, and its loss's weight in the average
                 with m.sync(boundary):
                     loss = m.loss(batch, gen, rows, batches[bi])

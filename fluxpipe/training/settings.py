@@ -50,6 +50,7 @@ class LoopSettings:
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
     ema: EmaSettings | None = None
+    prior_loss_weight: float = 1.0  # the loss weight of regularisation (is_reg) images
     references: bool = False  # Kontext: every item trains with its cached reference latent
 
     @classmethod
