@@ -34,9 +34,10 @@ def _validate(args: argparse.Namespace) -> None:
         model_type=args.model_type,
     )
     report = validate.run(cfg)
-    variant = report.get("variant")
-    what = {None: "", "chroma": " (Chroma)"}.get(variant, f" (FLUX.1 {variant})")
-    print(f"ok: {', '.join(report['models'])} valid{what}")
+    variant, models = report.get("variant"), report["models"]
+    assert isinstance(models, dict)  # slot -> facts (validate.run's report)
+    what = "" if variant is None else " (Chroma)" if variant == "chroma" else f" (FLUX.1 {variant})"
+    print(f"ok: {', '.join(models)} valid{what}")
 
 
 def _demo_models(args: argparse.Namespace) -> None:
@@ -139,7 +140,7 @@ def _cache_text(args: argparse.Namespace) -> None:
             t5_tokenizer=Path(toks["t5_tokenizer"]) if toks["t5_tokenizer"] else None,
             out=args.out,
             shard=args.shard,
-            max_length=c.t5xxl_max_token_length or default_t5_max_length(variant),
+            max_length=c.t5xxl_max_token_length or default_t5_max_length(str(variant)),
             apply_t5_attn_mask=c.apply_t5_attn_mask,
             batch_size=c.text_encoder_batch_size,
             dtype=c.text_dtype,
@@ -369,7 +370,8 @@ def _pipeline_models(args: argparse.Namespace):  # noqa: ANN202 - (PipelineConfi
             "demo_models` (or set the model files in the config)"
         )
     models = ModelFiles(
-        **{k: Path(v) for k, v in files.items()}, **{k: Path(v) if v else None for k, v in toks.items()}
+        **{k: Path(v) for k, v in files.items()},
+        **{k: Path(v) if v else None for k, v in toks.items()},  # type: ignore[arg-type] # (tokenizer folders)
     )
     return cfg, models, inspect_checkpoint(models.flux, "flux").describe()["variant"]
 

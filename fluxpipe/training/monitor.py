@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -276,7 +276,9 @@ def _sampler(s: LoopSettings, dit: torch.nn.Module, dtype: torch.dtype, controln
     """The samples' sampler and their prompts' encodings (the text encoders freed after)."""
     from fluxpipe.errors import FluxpipeError
     from fluxpipe.inference.sampler import Sampler, encode_texts
-    from fluxpipe.io.checkpoints import load_model
+    from fluxpipe.io.checkpoints import load_ae
+    from fluxpipe.models.controlnet import ControlNetFlux
+    from fluxpipe.models.flux import Flux
     from fluxpipe.parallel.devices import encode_dtype
 
     m = s.monitor
@@ -291,8 +293,13 @@ def _sampler(s: LoopSettings, dit: torch.nn.Module, dtype: torch.dtype, controln
         max_length=s.t5_max_length,
         apply_t5_attn_mask=s.math.apply_t5_attn_mask,
     )
-    ae = load_model(s.sample_models.ae, "ae", dtype=encode_dtype(s.device), device=s.device)
+    ae = load_ae(s.sample_models.ae, dtype=encode_dtype(s.device), device=s.device)
     sampler = Sampler(
-        dit, ae, device=s.device, dtype=dtype, apply_t5_attn_mask=s.math.apply_t5_attn_mask, controlnet=controlnet
+        cast(Flux, dit),  # (the trained DiT, or a ControlledFlux's base: the same forward)
+        ae,
+        device=s.device,
+        dtype=dtype,
+        apply_t5_attn_mask=s.math.apply_t5_attn_mask,
+        controlnet=cast(ControlNetFlux | None, controlnet),
     )
     return sampler, conds
