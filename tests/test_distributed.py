@@ -189,7 +189,7 @@ def test_two_fsdp_processes_fine_tune_the_dit_of_one_with_twice_the_batch(demo_d
     one = _run(args(tmp_path / "one", demo_toml), 1)
     assert one.returncode == 0, one.stderr[-2000:]
     two = _run(args(tmp_path / "two", _batch1(tmp_path)), 2)
-    assert two.returncode == 0 and "sharded across 2 processes" in two.stderr, two.stderr[-3000:]
+    assert two.returncode == 0 and "sharded across 2 processes" in two.stderr, two.stderr[:8000]
     a, b = load_file(str(tmp_path / "one/ft.safetensors")), load_file(str(tmp_path / "two/ft.safetensors"))
     assert _worst(a, b) < 1e-5
     assert _worst(a, load_file(str(tmp_path / "one/ft-000001.safetensors"))) > 1e-5  # it trained

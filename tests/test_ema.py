@@ -205,7 +205,7 @@ def test_controlnet_ema_by_hand_and_after_a_resume(demo_dir: Path, tmp_path: Pat
         ("lora", ["--ema_on_cpu"], "--ema_on_cpu: needs --ema_decay"),
         ("lora", ["--ema_decay", "1.0"], "--ema_decay: 1.0 must be between 0 and 1"),
         ("full", ["--ema_decay", "0.9", "--ema_update_every", "0"], "--ema_update_every: 0 must be >= 1"),
-        ("controlnet", ["--ema_decay", "0.9", "--ema_for_eval"], "--ema_for_eval"),
+        ("controlnet", ["--ema_for_eval"], "--ema_for_eval: needs --ema_decay"),
     ],
 )
 def test_bad_ema_flags_are_one_line(

@@ -135,7 +135,7 @@ def test_a_mask_of_the_wrong_size_is_one_line(tmp_path: Path, capsys: pytest.Cap
 def test_diff_output_preservation_trains_towards_the_base_prediction() -> None:
     from fluxpipe.lora.network import FluxLoRANetwork, LoraSpec
     from fluxpipe.maths.packing import image_ids, pack_latents, text_ids
-    from fluxpipe.stages.train_lora import FlowSettings, prediction_loss
+    from fluxpipe.training.loss import FlowSettings, prediction_loss
     from tests.test_lora_network import WIDTH, tiny_flux
 
     dit = tiny_flux()

@@ -35,6 +35,16 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def reshard(module: nn.Module) -> None:
+    """Back to the shards: FSDP2 keeps the root unit's parameters gathered after a forward that had no backward
+    (a sample or validation loss at the end of training), and the state-dict helpers then miss them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a shard (a collective: every rank calls it, in the same order)."""
     from torch.distributed.tensor import DTensor
@@ -57,6 +67,8 @@ def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full weights on rank 0's CPU (the other ranks get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    reshard(module)
+
     # a full model state dict holds tensors only (torch types its values as any state value)
     return cast(dict[str, torch.Tensor], get_model_state_dict(module, options=_options(cpu_offload=True)))
 
@@ -66,6 +78,7 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     run); the other ranks get an empty dict."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    reshard(module)
     # {"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]} (torch types it more generally)
     by_name = cast(dict[str, Any], get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True)))
     if not by_name:

@@ -24,18 +24,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from fluxpipe.config.dataset import (
-    IMAGE_EXTENSIONS,
-    DatasetConfig,
-    DatasetsConfig,
-    SubsetConfig,
-    non_utf8_names,
-    preserves_output,
-    refuse_non_utf8,
-)
+from fluxpipe.config.dataset import DatasetConfig, DatasetsConfig, SubsetConfig, preserves_output
 from fluxpipe.data.captions import CaptionAugment, caption_slots, slot_entries
 from fluxpipe.data.buckets import BucketSpec, check_spec, make_buckets, plan_resize
-from fluxpipe.data.images import BadCaption, BadImage, is_image_file, load_rgb, read_caption
+from fluxpipe.data.images import BadImage, load_rgb
+from fluxpipe.data.sources import Candidate, caption_of, subset_candidates, unpaired_conditioning
 from fluxpipe.errors import FluxpipeError, summarize
 from fluxpipe.io.atomic import write_text_atomic
 from fluxpipe.io.hashing import HashCache
@@ -59,172 +52,6 @@ class ManifestConfig:
     masked_loss: bool = False  # --masked_loss: a row with a conditioning image takes its R channel as loss mask
     caption_seed: int = 42  # the training seed: cached caption slot v of an item is its caption of epoch v
     caption_variants: int = 4  # cached caption slots per item of a subset with caption augmentation
-
-
-@dataclass(frozen=True)
-class Candidate:
-    dataset: int
-    subset: int
-    path: Path
-    caption: str | None  # None: read from the caption file beside the image
-    conditioning: Path | None
-
-
-def _subset_candidates(di: int, si: int, sub: SubsetConfig) -> tuple[list[Candidate], list[str]]:
-    """Images (and captions from a metadata file) of one subset; problems as 'file: reason' strings."""
-    problems: list[str] = []
-    if sub.metadata_file is not None:
-        entries = _read_metadata(Path(sub.metadata_file), sub.caption_separator)
-        base = Path(sub.image_dir) if sub.image_dir else None
-        paths: list[tuple[Path, str | None]] = [(_metadata_image(base, p), c) for p, c in entries]
-    else:
-        assert sub.image_dir is not None  # the dataset config requires image_dir or metadata_file
-        folder, where = Path(sub.image_dir), f"datasets[{di}].subsets[{si}].image_dir"
-        paths = [(p, None) for p in _image_files(folder, where)]
-        _warn_unused_images(folder, where)
-    by_stem, cond_dir = None, None
-    if sub.conditioning_data_dir is not None:
-        cond_dir = Path(sub.conditioning_data_dir)
-        by_stem = _by_stem(_image_files(cond_dir, f"datasets[{di}].subsets[{si}].conditioning_data_dir"))
-    out = []
-    for path, caption in paths:
-        cond = None
-        if by_stem is not None and cond_dir is not None:
-            cond, problem = _pair(path, by_stem, cond_dir)
-            if problem:
-                problems.append(problem)
-                continue
-        out.append(Candidate(dataset=di, subset=si, path=path, caption=caption, conditioning=cond))
-    return out, problems
-
-
-def _image_files(folder: Path, key: str) -> list[Path]:
-    """The image files of a folder (by extension), sorted; FluxpipeError naming the setting if it is no folder."""
-    if not folder.is_dir():
-        raise FluxpipeError(f"{key}: {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-    refuse_non_utf8(non_utf8_names(folder, [p.name for p in files]))
-    return files
-
-
-# image types Pillow reads that the reference does not train on (spec §3.1): left out, but never silently
-OTHER_IMAGE_TYPES = (".gif", ".tif", ".tiff", ".avif", ".jxl", ".heic", ".heif", ".ico", ".tga", ".jp2", ".ppm")
-
-
-def _warn_unused_images(folder: Path, key: str) -> None:
-    others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_TYPES)
-    if others:
-        log.warning(
-            "%s: %d image files of a type not trained on (only %s) are left out: %s; convert them to PNG to use them",
-            key,
-            len(others),
-            " ".join(IMAGE_EXTENSIONS),
-            summarize(others, 20),
-        )
-
-
-def _metadata_image(base: Path | None, key: str) -> Path:
-    """The image of a fine-tuning metadata key: the path as written (under image_dir when relative), or, as the
-    reference globs it, ``<image_dir>/<key>.<ext>`` for a key given without its extension (keyed by file stem)."""
-    path = (base / key) if base and not Path(key).is_absolute() else Path(key)
-    if path.is_file():
-        return path
-    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
-        if (found := path.with_name(path.name + ext)).is_file():
-            return found
-    return path
-
-
-def _by_stem(paths: list[Path]) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    for path in paths:
-        out.setdefault(path.stem, []).append(path)
-    return out
-
-
-def _pair(image: Path, by_stem: dict[str, list[Path]], folder: Path) -> tuple[Path | None, str | None]:
-    """(the conditioning image of ``image``, None) or (None, the problem): none, or several with its stem."""
-    matches = by_stem.get(image.stem, [])
-    if len(matches) == 1:
-        return matches[0], None
-    if not matches:
-        return None, (
-            f"{image}: no conditioning image {image.stem}.* in {folder} (add one with the same stem, "
-            f"or remove the image)"
-        )
-    names = ", ".join(p.name for p in matches)
-    return None, f"{image}: {len(matches)} conditioning images with its stem in {folder}: {names} (keep one)"
-
-
-def _unpaired_conditioning(cfg: DatasetsConfig) -> list[str]:
-    """Conditioning images whose stem no image of the (used) subsets reading that folder has (spec §7.2: no
-    extras). A folder shared by several subsets pairs with the images of all of them."""
-    folders: dict[Path, tuple[Path, set[str], list[str]]] = {}  # resolved -> (as written, target stems, dirs)
-    for ds in cfg.datasets:
-        for sub in ds.subsets:
-            if sub.conditioning_data_dir is None or sub.num_repeats < 1 or not sub.image_dir:
-                continue
-            cond = Path(sub.conditioning_data_dir)
-            _, stems, dirs = folders.setdefault(cond.resolve(), (cond, set(), []))
-            stems.update(p.stem for p in _image_files(Path(sub.image_dir), "image_dir"))
-            dirs.append(sub.image_dir)
-    problems = []
-    for cond, stems, dirs in folders.values():
-        problems += [
-            f"{p}: conditioning image without a target (no image {p.stem}.* in {', '.join(dirs)}; remove "
-            f"it or add the image)"
-            for p in _image_files(cond, "conditioning_data_dir")
-            if p.stem not in stems
-        ]
-    return problems
-
-
-def _with_tags(entry: dict, separator: str) -> str:
-    """The reference's fine-tuning caption: ``caption``, then ``caption_separator`` and ``tags`` when both are
-    given (no space added), ``tags`` alone without a caption, else ""."""
-    caption, tags = entry.get("caption"), entry.get("tags")
-    if caption is None:
-        return tags or ""
-    return f"{caption}{separator}{tags}" if tags else caption
-
-
-def _read_metadata(path: Path, separator: str = ",") -> list[tuple[str, str]]:
-    """The reference's fine-tuning metadata: JSON {path: {caption, tags, ...}} or JSONL {image_path, caption,
-    tags}; tags are appended to the caption after ``separator`` (the subset's caption_separator)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-        if path.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return [(r["image_path"], _with_tags(r, separator)) for r in rows]
-        return [(k, _with_tags(v or {}, separator)) for k, v in json.loads(text).items()]
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise FluxpipeError(
-            f"{path}: unreadable metadata file ({type(e).__name__}: {e}); expected JSON "
-            "{image: {caption: ...}} or JSONL lines {image_path, caption}"
-        ) from e
-
-
-def _caption(c: Candidate, sub: SubsetConfig) -> str:
-    """The caption the encoders see: caption file (or metadata / class_tokens) plus prefix and suffix."""
-    text = c.caption
-    if text is None:
-        file = c.path.with_suffix(sub.caption_extension)
-        if file.is_file():
-            text = read_caption(file, all_lines=sub.enable_wildcard)
-            if not text:  # the reference stops here too ("caption file is empty")
-                raise BadCaption(
-                    f"{file}: caption file is empty (or only whitespace); write a caption into it, or "
-                    "delete it and set class_tokens"
-                )
-        elif sub.class_tokens is not None:
-            text = sub.class_tokens
-        else:
-            raise FluxpipeError(f"{c.path}: no caption file {file.name} (add it, or set class_tokens)")
-    if sub.caption_prefix:
-        text = f"{sub.caption_prefix} {text}"
-    if sub.caption_suffix:
-        text = f"{text} {sub.caption_suffix}"
-    return text
 
 
 def _bucket_spec(ds: DatasetConfig) -> BucketSpec:
@@ -269,7 +96,7 @@ def _describe(c: Candidate, cfg: ManifestConfig, hashes: HashCache, decoded: dic
     """One manifest row (raises FluxpipeError for a bad image, caption or conditioning image)."""
     ds = cfg.datasets.datasets[c.dataset]
     sub = ds.subsets[c.subset]
-    caption = _caption(c, sub)
+    caption = caption_of(c, sub)
     if not c.path.is_file():
         raise BadImage(f"{c.path}: image file not found (check the path or metadata key)")
     sha, _ = hashes.sha256(c.path)
@@ -374,10 +201,10 @@ def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
             if sub.num_repeats < 1:
                 log.info("datasets[%d].subsets[%d]: num_repeats < 1, subset left out", di, si)
                 continue
-            found, bad = _subset_candidates(di, si, sub)
+            found, bad = subset_candidates(di, si, sub)
             candidates += found
             problems += bad
-    problems += _unpaired_conditioning(cfg.datasets)
+    problems += unpaired_conditioning(cfg.datasets)
 
     checked_file = cfg.out.with_name(cfg.out.name + ".decoded.json")
     decoded = _read_json(checked_file)
