@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,22 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def timeout_factor() -> float:
+    """How much longer than on an idle 2-core machine a subprocess may take: FLUXPIPE_TEST_TIMEOUT_FACTOR when set,
+    else from the load on the machine at the start of the session (1 when idle, 8 under a load of 14 on 2 cores)."""
+    if os.environ.get("FLUXPIPE_TEST_TIMEOUT_FACTOR"):
+        return float(os.environ["FLUXPIPE_TEST_TIMEOUT_FACTOR"])
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1) + 1.0)
+
+
+TIMEOUT_FACTOR = timeout_factor()
+
+
+def scaled(seconds: float) -> float:
+    """A subprocess timeout of ``seconds`` on an idle machine, scaled to this one (see ``timeout_factor``)."""
+    return seconds * TIMEOUT_FACTOR
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
@@ -21,6 +39,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _checkout_entries() -> set[str] | None:
+    """Untracked and ignored entries of the checkout (folders collapsed), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line[3:] for line in out.stdout.splitlines() if "__pycache__" not in line and ".pytest_cache" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean() -> Iterator[None]:
+    """Tests write under tmp_path only: a file or folder that appears in the checkout during the session fails it."""
+    before = _checkout_entries()
+    yield
+    after = _checkout_entries()
+    if before is not None and after is not None:
+        assert not after - before, f"the tests wrote into the checkout: {sorted(after - before)}"
 
 
 @pytest.fixture(scope="session")

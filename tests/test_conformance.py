@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, scaled
 
 CHECK = SHARED / "conformance" / "check.py"
 
 
 @pytest.mark.skipif(not CHECK.is_file(), reason="../shared/conformance not present")
 def test_shared_conformance_prints_only_pass() -> None:
-    result = subprocess.run([sys.executable, str(CHECK)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(CHECK)], cwd=REPO, capture_output=True, text=True, timeout=scaled(300))
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     checks = lines[:-1]
     assert result.returncode == 0 and checks, result.stdout + result.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO
+from conftest import REPO, scaled
 from safetensors.torch import load_file
 
 from fluxpipe.parallel.distributed import World, collective_device
@@ -46,7 +46,7 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
@@ -65,7 +65,7 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one/my_flux_lora.safetensors"))
@@ -90,7 +90,7 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     c = load_file(str(tmp_path / "resumed/my_flux_lora.safetensors"))
@@ -103,7 +103,7 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert first.returncode == 0, first.stderr[-3000:]
     rest = subprocess.run(
@@ -117,7 +117,7 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert rest.returncode == 0, rest.stderr[-3000:]
     d = load_file(str(tmp_path / "chain/my_flux_lora.safetensors"))
@@ -131,7 +131,7 @@ def _run(command: list[str], processes: int) -> subprocess.CompletedProcess[str]
         if processes == 1
         else [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "-m", "fluxpipe.cli"]
     )
-    return subprocess.run([*launch, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*launch, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(600))
 
 
 def _worst(a: dict, b: dict) -> float:

@@ -12,15 +12,16 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, scaled
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.workflow
+pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 BIN = Path(sys.executable).parent
 GPU_RULES = (
     "latent_shard",
@@ -34,15 +35,20 @@ GPU_RULES = (
 
 
 @pytest.fixture(scope="module")
-def slurm() -> None:
+def slurm() -> Iterator[None]:
     if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
         pytest.skip("SLURM is not installed and there is no apt-get to install it")
     result = subprocess.run(
-        ["bash", str(REPO / "tests/slurm/start_slurm.sh")], capture_output=True, text=True, timeout=600
+        ["bash", str(REPO / "tests/slurm/start_slurm.sh")], capture_output=True, text=True, timeout=scaled(600)
     )
     if result.returncode in (2, 3):  # not root, or the packages cannot be installed
         pytest.skip(f"cannot start SLURM here: {result.stdout.strip()}")
     assert result.returncode == 0, result.stdout + result.stderr  # it can be started, so it must start
+    started_here = "already running" not in result.stdout
+    yield
+    if started_here:  # the daemons this test started go with it (a cluster found running stays)
+        stop = subprocess.run(["bash", str(REPO / "tests/slurm/stop_slurm.sh")], capture_output=True, text=True)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -77,7 +83,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         "XDG_CACHE_HOME": str(workdir / ".cache"),
     }
     return subprocess.run(
-        [str(BIN / "snakemake"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+        [str(BIN / "snakemake"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=scaled(900)
     )
 
 

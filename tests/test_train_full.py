@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, scaled
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -176,19 +176,21 @@ def test_kill_then_resume_equals_an_uninterrupted_run(demo_dir: Path, tmp_path: 
         args[args.index("--max_train_epochs") + 1] = "2"
         return [str(BIN / "fluxpipe"), "train", "full", *args, "--auto_resume"]
 
-    clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    clean = subprocess.run(
+        command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(300)
+    )
     assert clean.returncode == 0, clean.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + scaled(300)
     while proc.poll() is None and time.monotonic() < deadline and not list(killed.glob("*-step00000003-state")):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(killed.glob("*-step00000003-state")) and not (killed / "ft.safetensors").exists()
-    resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(300))
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     assert "at step 3" in resumed.stderr or "at step 6" in resumed.stderr or "at step 9" in resumed.stderr
     a, b = load_file(str(tmp_path / "clean/ft.safetensors")), load_file(str(killed / "ft.safetensors"))

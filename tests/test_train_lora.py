@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, scaled
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -278,19 +278,21 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_dir: Path, 
         args[args.index("--optimizer_type") + 1] = "AdamW"  # the later flag wins either way; keep one
         return [str(BIN / "fluxpipe"), "train", "lora", *args, "--auto_resume"]
 
-    clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    clean = subprocess.run(
+        command(tmp_path / "clean"), cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(300)
+    )
     assert clean.returncode == 0, clean.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + scaled(300)
     while proc.poll() is None and time.monotonic() < deadline and not list(killed.glob("*-step00000004-state")):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(killed.glob("*-step00000004-state")) and not (killed / "my_flux_lora.safetensors").exists()
-    resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(300))
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
     a, b = (
         load_file(str(tmp_path / "clean/my_flux_lora.safetensors")),

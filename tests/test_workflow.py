@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, scaled
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
@@ -25,7 +25,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=scaled(900),
     )
 
 
@@ -123,7 +123,7 @@ def test_other_model_files_rerun_exactly_what_uses_them(finished_demo: tuple, tm
         [str(BIN / "fluxpipe"), "demo-models", str(tmp_path / "seed1"), "--seed", "1"],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=scaled(900),
     )
     assert demo1.returncode == 0, demo1.stderr
     shutil.copy(tmp_path / "seed1/ae.safetensors", models / "ae.safetensors")
@@ -289,7 +289,9 @@ def test_lint_has_no_findings_but_the_accepted_ones(workdir: Path) -> None:
 
 @pytest.mark.parametrize("command", [[], ["validate"], ["demo-models"]])
 def test_help_of_every_command(command: list[str]) -> None:
-    result = subprocess.run([str(BIN / "fluxpipe"), *command, "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "fluxpipe"), *command, "--help"], capture_output=True, text=True, timeout=scaled(60)
+    )
     assert result.returncode == 0 and "usage: fluxpipe" in result.stdout
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, dataset_toml, make_dataset
+from conftest import REPO, dataset_toml, make_dataset, scaled
 from PIL import Image
 from safetensors import safe_open
 
@@ -33,7 +33,7 @@ def env(workdir: Path) -> dict[str, str]:
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [str(BIN / "snakemake"), "--cores", "2", *args, "--configfile", "test.yaml"]
-    result = subprocess.run(cmd, cwd=workdir, env=env(workdir), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=workdir, env=env(workdir), capture_output=True, text=True, timeout=scaled(600))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -100,7 +100,7 @@ def start_and_kill(workdir: Path, kill_snakemake: bool) -> list[Path]:
     proc = subprocess.Popen(
         cmd, cwd=workdir, env=env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + scaled(300)
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
         done = sorted(shards.glob("shard-*.safetensors"))
@@ -167,7 +167,7 @@ def test_a_damaged_shard_is_deleted_by_the_index_and_a_plain_rerun_rebuilds_it(t
         data[i] ^= 0x5A
     shard.write_bytes(bytes(data))
     cmd = [str(BIN / "snakemake"), "--cores", "2", *TARGETS, "--configfile", "test.yaml"]
-    failed = subprocess.run(cmd, cwd=work, env=env(work), capture_output=True, text=True, timeout=600)
+    failed = subprocess.run(cmd, cwd=work, env=env(work), capture_output=True, text=True, timeout=scaled(600))
     assert failed.returncode != 0 and not shard.exists()
     log = (work / "logs/cache_latents/index.log").read_text()
     assert "shard-001.safetensors: its bytes do not match" in log and "rerun the same snakemake command" in log
