@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fluxpipe.config.dataset import IMAGE_EXTENSIONS  # noqa: F401 - part of this module's interface
 from fluxpipe.errors import FluxpipeError
+
+if TYPE_CHECKING:  # torch is imported by to_tensor: the manifest stage reads images without it
+    import torch
 
 EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5-8 include a quarter turn, so the displayed image is H x W.
@@ -184,6 +187,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """[3, H, W] float32 in [-1, 1] (x / 127.5 - 1) from an RGB image."""
     if img.mode != "RGB":
         raise ValueError(f"to_tensor needs an RGB image, got mode {img.mode!r} (use load_rgb)")
+    import torch
+
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # copy: Pillow's buffer is read-only
     return pixels.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
 

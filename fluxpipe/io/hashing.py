@@ -17,21 +17,31 @@ import hashlib
 import json
 import os
 import threading
+import zlib
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from fluxpipe.io.atomic import write_text_atomic
 
+if TYPE_CHECKING:  # torch is imported by scan_safetensors only: hashing a dataset's images needs no torch
+    import torch
+
 CHUNK = 16 * 1024 * 1024
-FLOAT_CODES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # safetensors' float dtype codes
+
+
+def _float_dtype(code: str) -> torch.dtype:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }[code]
 
 
 def default_cache_path() -> Path:
@@ -50,6 +60,11 @@ def file_identity(stat: os.stat_result) -> dict[str, int]:
     }
 
 
+def stable_shard(item: str, num_shards: int) -> int:
+    """Shard of an item by a stable hash of its identity (not its position in a list)."""
+    return zlib.crc32(item.encode("utf-8")) % num_shards
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,6 +75,8 @@ def sha256_file(path: Path) -> str:
 
 def _count_nonfinite(data: memoryview, dtype: torch.dtype) -> int:
     """NaN/Inf values in raw little-endian bytes of ``dtype`` (fp8 upcast to float32 first)."""
+    import torch
+
     if not len(data):
         return 0
     t = torch.frombuffer(data, dtype=torch.uint8).view(dtype)
@@ -75,7 +92,7 @@ def scan_safetensors(
     read. ``tensors``: name -> (dtype code, start, stop) with offsets relative to ``data_start``, as in the header.
     A value that straddles two read chunks is carried over, so any offsets work."""
     ranges = sorted(
-        (data_start + a, data_start + b, name, FLOAT_CODES[code])
+        (data_start + a, data_start + b, name, _float_dtype(code))
         for name, (code, a, b) in tensors.items()
         if code in FLOAT_CODES and b > a
     )

@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.io.hashing import stable_shard  # noqa: F401 - part of this module's interface
 from fluxpipe.io.safetensors_file import content_digest, read_header, save_safetensors_streaming
 
 REUSE_DIR = ".reuse"
@@ -45,11 +45,6 @@ def content_key(**fields: object) -> str:
     """sha256 hex of the canonical JSON of ``fields`` (the identity of one cache entry)."""
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def stable_shard(item: str, num_shards: int) -> int:
-    """Shard of an item by a stable hash of its identity (not its position in a list)."""
-    return zlib.crc32(item.encode("utf-8")) % num_shards
 
 
 @dataclass(frozen=True)

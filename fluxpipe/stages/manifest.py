@@ -31,8 +31,7 @@ from fluxpipe.data.images import BadImage, load_rgb
 from fluxpipe.data.sources import Candidate, caption_of, subset_candidates, unpaired_conditioning
 from fluxpipe.errors import FluxpipeError, summarize
 from fluxpipe.io.atomic import write_text_atomic
-from fluxpipe.io.hashing import HashCache
-from fluxpipe.io.shards import stable_shard
+from fluxpipe.io.hashing import HashCache, stable_shard
 from fluxpipe.io.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
