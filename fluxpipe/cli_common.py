@@ -1,0 +1,60 @@
+"""What the `fluxpipe` commands share: the pipeline config a command reads, its model files, the compute dtype."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fluxpipe.errors import FluxpipeError
+
+
+def pipeline(args: argparse.Namespace):  # noqa: ANN202 - PipelineConfig
+    """The pipeline config: --config-json (the settings a Snakemake rule passes), else the --config files."""
+    from fluxpipe.config.pipeline import load_pipeline, load_pipeline_file
+
+    if getattr(args, "config_json", None) is not None:
+        import json
+
+        try:
+            data = json.loads(args.config_json)
+        except json.JSONDecodeError as e:
+            raise FluxpipeError(f"--config-json: not valid JSON ({e})") from e
+        return load_pipeline(data)
+    return load_pipeline_file(*(args.config or [Path("config/config.yaml")]))
+
+
+def add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        help="config.yaml (repeatable, later wins)" + ("" if required else "; default config/config.yaml"),
+    )
+    group.add_argument("--config-json", help="the settings as one JSON object (what the Snakemake rules pass)")
+
+
+def pipeline_models(args: argparse.Namespace):  # noqa: ANN202 - (PipelineConfig, ModelFiles, variant)
+    """The pipeline config, its model files (the demo's when none is set) and the DiT's variant."""
+    from fluxpipe.inference.sampler import ModelFiles
+    from fluxpipe.io.checkpoints import inspect_checkpoint
+    from fluxpipe.workflow import model_files, tokenizer_dirs
+
+    cfg = pipeline(args)
+    files, toks = model_files(cfg), tokenizer_dirs(cfg)
+    if cfg.models.demo and not Path(files["flux"]).is_file():
+        raise FluxpipeError(
+            f"{files['flux']}: the demo models are not there yet; run `snakemake --cores 1 "
+            "demo_models` (or set the model files in the config)"
+        )
+    models = ModelFiles(
+        **{k: Path(v) for k, v in files.items()},
+        **{k: Path(v) if v else None for k, v in toks.items()},  # type: ignore[arg-type] # (tokenizer folders)
+    )
+    return cfg, models, inspect_checkpoint(models.flux, "flux").describe()["variant"]
+
+
+def compute_dtype(device: str):  # noqa: ANN202
+    import torch
+
+    return torch.float32 if device == "cpu" else torch.bfloat16
