@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from fluxpipe import __version__
 from fluxpipe.cli_cache import add_cache_commands
+from fluxpipe.cli_common import quiet_library_noise, use_job_threads
 from fluxpipe.cli_models import add_bench, add_demo_models, add_validate
 from fluxpipe.cli_sample import add_evaluate, add_sample
 from fluxpipe.cli_train import add_train
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    quiet_library_noise()
+    use_job_threads(args.command)
     try:
         args.func(args)
     except FluxpipeError as e:

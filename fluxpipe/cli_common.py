@@ -58,3 +58,54 @@ def compute_dtype(device: str):  # noqa: ANN202
     import torch
 
     return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+# commands that compute with torch: they use the job's thread count (the others never import torch)
+TORCH_COMMANDS = frozenset({"cache-latents", "cache-text", "train", "sample", "evaluate", "bench"})
+
+
+def job_threads(env: dict[str, str]) -> int | None:
+    """torch's threads for this process: the job's thread count (OMP_NUM_THREADS, which Snakemake sets from a
+    rule's `threads:`), shared by the processes torchrun starts on this machine; None when it is not set."""
+    try:
+        threads = int(env.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    try:
+        local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, threads // local) if threads > 0 else None
+
+
+def use_job_threads(command: str) -> None:
+    """torch.set_num_threads(the job's threads) for the commands that compute with torch."""
+    import os
+
+    threads = job_threads(dict(os.environ))
+    if command in TORCH_COMMANDS and threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class _DropNoise:
+    """A logging filter: drops library lines that concern nothing fluxpipe uses."""
+
+    # bitsandbytes on a CPU without the `kernels` package: its 4-bit CPU kernel (fluxpipe uses 8-bit optimizers)
+    NOISE = ("pip install kernels",)
+
+    def filter(self, record) -> bool:  # noqa: ANN001 - logging.LogRecord
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+def quiet_library_noise() -> None:
+    """Library noise off the terminal and the logs: bitsandbytes' "pip install kernels" line, the deprecation
+    warnings that fluxpipe's own calls trigger, transformers' chatter."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNoise())
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fluxpipe(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"fluxpipe(\.|$)")

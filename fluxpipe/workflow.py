@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -161,11 +160,11 @@ def evaluate_inputs(cfg: PipelineConfig) -> list[str]:
     return [f for f in (cfg.evaluate.prompts_file, cfg.evaluate.controlnet) if f]
 
 
-def config_args(config: dict) -> str:
-    """`--config-json '<the merged settings>'` for the `fluxpipe` commands: config.yaml, --configfile files and
-    --config values as Snakemake merged them. Not a file (a dry run writes nothing); not tracked either: each
-    rule's params name the settings it depends on."""
-    return f"--config-json {shlex.quote(json.dumps(config, sort_keys=True, separators=(',', ':'), default=str))}"
+def config_json(config: dict) -> str:
+    """The merged settings (config.yaml, --configfile files and --config values as Snakemake merged them) as one
+    JSON object, for `fluxpipe <stage> --config-json`. Not a file (a dry run writes nothing); not tracked either:
+    each rule's params name the settings it depends on."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def failure_lines(logs: list[str], tail: int = 5) -> tuple[list[str], bool]:
@@ -259,6 +258,11 @@ def previous_segment(cfg: PipelineConfig, method: str, end: int) -> list[str]:
     if not k or end % k:
         raise ValueError(f"{segment_state(cfg, method, end)}: not a segment of train_segment_steps {k}")
     return [segment_state(cfg, method, end - k)] if end > k else []
+
+
+def cache_root(latent_summary: str) -> str:
+    """`--cache_dir` of the training rules: the folder holding cache/latents/summary.json (normally results/)."""
+    return str(Path(latent_summary).parents[2])
 
 
 def train_launcher(cfg: PipelineConfig) -> str:

@@ -276,8 +276,6 @@ def test_bad_model_file_stops_the_pipeline_with_the_reason(workdir: Path) -> Non
 ACCEPTED_LINTS = (
     # the rules run the `fluxpipe` command of the environment Snakemake runs in (no per-rule conda env)
     "* Specify a conda environment or container",
-    # CONFIG_ARGS only names the config files to read; the settings each job depends on are in its params
-    "* Shell command directly uses variable CONFIG_ARGS",
 )
 
 
