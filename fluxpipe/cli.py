@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from fluxpipe import __version__
 from fluxpipe.cli_cache import add_cache_commands
-from fluxpipe.cli_common import quiet_library_noise, use_job_threads
+from fluxpipe.cli_common import accept_both_spellings, quiet_library_noise, use_job_threads
 from fluxpipe.cli_models import add_bench, add_demo_models, add_validate
 from fluxpipe.cli_sample import add_evaluate, add_sample
 from fluxpipe.cli_train import add_train
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     for add in adders:
         add(sub)
+    for name, command in sub.choices.items():
+        if name != "train":  # (train parses the reference's own flags, which are spelled as the reference does)
+            accept_both_spellings(command)
     return parser
 
 

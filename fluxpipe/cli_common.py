@@ -109,3 +109,19 @@ def quiet_library_noise() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fluxpipe(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"fluxpipe(\.|$)")
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Each long flag of ``parser`` (and of its subcommands) also under its other spelling: --clip-l and
+    --clip_l alike. The help shows the declared one only."""
+    for action in list(parser._actions):
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                accept_both_spellings(sub)
+            continue
+        for flag in list(action.option_strings):
+            if not flag.startswith("--"):
+                continue
+            name = flag[2:]
+            for other in ("--" + name.replace("-", "_"), "--" + name.replace("_", "-")):
+                parser._option_string_actions.setdefault(other, action)

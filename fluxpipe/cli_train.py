@@ -13,17 +13,15 @@ def _train(args: argparse.Namespace) -> None:
     from fluxpipe.commands import train as train_config
     from fluxpipe.config.reference_flags import parse_train_args
 
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--cache_dir", type=Path, help="use the pipeline's caches under this folder (results/)")
-    extra.add_argument("--clip_tokenizer", type=Path)
-    extra.add_argument("--t5_tokenizer", type=Path)
-    extra.add_argument("--auto_resume", action="store_true", help="resume from the newest state in output_dir")
-    extra.add_argument(
-        "--stop_at_step",
-        type=int,
-        help="end this job at this optimizer step and write its state "
-        "(<output_name>-segNNNNNNNN-state): one segment of a run chained as several jobs",
-    )
+    from fluxpipe.cli_common import accept_both_spellings
+    from fluxpipe.cli_train_help import add_own_flags, print_method_help
+
+    if {"-h", "--help", "--help-all", "--help_all"} & set(args.flags):  # the method's own help
+        print_method_help(args.method, show_all=bool({"--help-all", "--help_all"} & set(args.flags)))
+        return
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_own_flags(extra)
+    accept_both_spellings(extra)
     own, rest = extra.parse_known_args(args.flags)
     if own.stop_at_step is not None and own.stop_at_step < 1:
         raise FluxpipeError(f"--stop_at_step {own.stop_at_step}: give a positive optimizer step")
@@ -116,11 +114,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a LoRA or the whole DiT with the reference trainer's flags",
         description="fluxpipe train lora <flags of flux_train_network.py> | train full <flags of "
-        "flux_train.py> | train controlnet <flags of flux_train_control_net.py> "
+        "flux_train.py> | train controlnet <flags of flux_train_control_net.py>, plus fluxpipe's own "
         "[--cache_dir results] [--clip_tokenizer DIR --t5_tokenizer DIR] [--auto_resume] "
         "[--stop_at_step N: end the job at step N with its state, one segment of a chained "
-        "run]. Under torchrun: data parallel (DDP; FSDP2 for full).",
+        "run]. `fluxpipe train <method> --help` lists a method's flags. Under torchrun: data parallel "
+        "(DDP; FSDP2 for full).",
     )
     p.add_argument("method", choices=("lora", "full", "controlnet"))
-    p.add_argument("flags", nargs=argparse.REMAINDER, help="the reference's flags (see --help of the method)")
+    p.add_argument(
+        "flags",
+        nargs=argparse.REMAINDER,
+        help="the reference's flags and fluxpipe's own (fluxpipe train METHOD --help)",
+    )
     p.set_defaults(func=_train)
