@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
+from fluxpipe.io.progress import progress
 from fluxpipe.config.dataset import (
     IMAGE_EXTENSIONS,
     DatasetConfig,
@@ -391,7 +391,7 @@ def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
 
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         results = list(
-            tqdm(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img", mininterval=2)
+            progress(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img", mininterval=2)
         )
     hashes.save()
     write_text_atomic(checked_file, json.dumps(decoded, sort_keys=True))
