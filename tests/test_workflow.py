@@ -18,7 +18,12 @@ BIN = Path(sys.executable).parent
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / ".cache")}
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "XDG_CACHE_HOME": str(workdir / ".cache"),
+        "PYTHONPATH": str(REPO),  # this checkout's fluxpipe (not the one the environment has installed)
+    }
     return subprocess.run(
         [str(BIN / "snakemake"), "--cores", "1", *args],
         cwd=workdir,
