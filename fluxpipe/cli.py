@@ -22,7 +22,11 @@ from fluxpipe.stages.lora_tools import add_lora_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxpipe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fluxpipe",
+        description="FLUX.1 training, stage by stage (the Snakemake rules run these commands); "
+        "`fluxpipe <stage> --help` tells each stage's flags.",
+    )
     parser.add_argument("--version", action="version", version=f"fluxpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")

@@ -107,3 +107,20 @@ def _q(s: str) -> str:
 )
 def test_job_threads(env: dict[str, str], threads: int | None) -> None:
     assert job_threads(env) == threads
+
+
+def test_torch_commands_take_the_jobs_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from fluxpipe.cli_common import use_job_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        use_job_threads("manifest")  # (no torch work: left alone)
+        assert torch.get_num_threads() == before
+        use_job_threads("train")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
