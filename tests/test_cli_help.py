@@ -9,7 +9,7 @@ import re
 import pytest
 
 from fluxpipe.cli import build_parser, main
-from fluxpipe.cli_train_help import OWN_FLAGS, method_parser
+from fluxpipe.cli.train_help import OWN_FLAGS, method_parser
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):  # noqa: ANN202
@@ -129,8 +129,8 @@ def test_own_commands_accept_both_spellings(argv: list[str], dest: str, value: o
 
 
 def test_train_own_flags_in_both_spellings() -> None:
-    from fluxpipe.cli_common import accept_both_spellings
-    from fluxpipe.cli_train_help import add_own_flags
+    from fluxpipe.cli.common import accept_both_spellings
+    from fluxpipe.cli.train_help import add_own_flags
 
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_own_flags(parser)

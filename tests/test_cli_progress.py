@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxpipe.cli_common import job_threads
+from fluxpipe.cli.common import job_threads
 from fluxpipe.io import progress as progress_mod
 from fluxpipe.io.progress import progress, terminal
 
@@ -112,7 +112,7 @@ def test_job_threads(env: dict[str, str], threads: int | None) -> None:
 def test_torch_commands_take_the_jobs_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from fluxpipe.cli_common import use_job_threads
+    from fluxpipe.cli.common import use_job_threads
 
     before = torch.get_num_threads()
     try:

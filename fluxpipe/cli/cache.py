@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fluxpipe.cli_common import add_config, pipeline
+from fluxpipe.cli.common import add_config, pipeline
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.parallel.devices import resolve_device
 

@@ -1,6 +1,7 @@
 """Pure path helpers for the Snakefile (no torch import): where each stage reads and writes.
 
-The rules stay thin by asking these functions for their inputs; the functions are tested on their own.
+The rules stay thin by asking these functions for their inputs; the functions are tested on their own. The
+manifest and cache digests live in ``workflow.cache`` (re-exported here: the rules read ``fw.<name>``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fluxpipe.config.results import (  # noqa: F401 - the rules read these throu
     shard_path,
 )
 from fluxpipe.config.results import evaluate_dir as _evaluate_dir
-from fluxpipe.workflow_cache import (  # noqa: F401 - the rules read these through this module
+from fluxpipe.workflow.cache import (  # noqa: F401 - the rules read these through this module
     CACHE_FORMAT,
     caption_seed,
     caption_settings,

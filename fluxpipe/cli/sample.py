@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fluxpipe.cli_common import add_config, compute_dtype, pipeline_models
+from fluxpipe.cli.common import add_config, compute_dtype, pipeline_models
 from fluxpipe.config import results
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.parallel.devices import resolve_device

@@ -13,8 +13,8 @@ def _train(args: argparse.Namespace) -> None:
     from fluxpipe.commands import train as train_config
     from fluxpipe.config.reference_flags import parse_train_args
 
-    from fluxpipe.cli_common import accept_both_spellings
-    from fluxpipe.cli_train_help import add_own_flags, print_method_help
+    from fluxpipe.cli.common import accept_both_spellings
+    from fluxpipe.cli.train_help import add_own_flags, print_method_help
 
     if {"-h", "--help", "--help-all", "--help_all"} & set(args.flags):  # the method's own help
         print_method_help(args.method, show_all=bool({"--help-all", "--help_all"} & set(args.flags)))

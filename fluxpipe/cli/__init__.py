@@ -1,5 +1,6 @@
 """``fluxpipe <stage>``: parse flags, build the stage's typed config, call its ``run``.
 
+One module per command group (cache, models, sample, train); ``python -m fluxpipe.cli`` runs it too (torchrun).
 Bad input (FluxpipeError) becomes one line on stderr ("fluxpipe: error: ...") and exit status 2;
 anything else is a bug and keeps its traceback.
 """
@@ -12,11 +13,11 @@ import sys
 from collections.abc import Callable
 
 from fluxpipe import __version__
-from fluxpipe.cli_cache import add_cache_commands
-from fluxpipe.cli_common import accept_both_spellings, quiet_library_noise, use_job_threads
-from fluxpipe.cli_models import add_bench, add_demo_models, add_validate
-from fluxpipe.cli_sample import add_evaluate, add_sample
-from fluxpipe.cli_train import add_train
+from fluxpipe.cli.cache import add_cache_commands
+from fluxpipe.cli.common import accept_both_spellings, quiet_library_noise, use_job_threads
+from fluxpipe.cli.models import add_bench, add_demo_models, add_validate
+from fluxpipe.cli.sample import add_evaluate, add_sample
+from fluxpipe.cli.train import add_train
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.stages.lora_tools import add_lora_commands
 
@@ -61,7 +62,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fluxpipe: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -60,7 +60,7 @@ def _bench(args: argparse.Namespace) -> None:
         elif args.workload == "train":
             bench.bench_train(device, tuple(args.configs.split(",")), steps=args.steps)
         else:
-            bench.bench_dryrun(Path(tmp), args.images, Path(__file__).resolve().parents[1])
+            bench.bench_dryrun(Path(tmp), args.images, Path(__file__).resolve().parents[2])
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
