@@ -21,6 +21,11 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 
 
+# set by rules/common.smk: the merged settings the `fluxpipe` commands read (--config-json)
+envvars:
+    "FLUXPIPE_CONFIG_JSON",
+
+
 # A failed job's error in the terminal (its log in logs/ keeps the rest): the `fluxpipe: error:` line, else the
 # log's last lines; exit status 2 for bad input, as the `fluxpipe` command itself.
 onerror:

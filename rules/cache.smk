@@ -11,10 +11,12 @@ checkpoint dataset_manifest:
         fw.MANIFEST,
     params:
         settings=fw.manifest_params(CFG),
+    # image decoding and hashing (cache.decode_workers threads at most)
+    threads: all_cores()
     log:
         "logs/dataset_manifest.log",
     shell:
-        "fluxpipe manifest {CONFIG_ARGS} --out {output:q} > {log:q} 2>&1"
+        "fluxpipe manifest --config-json \"$FLUXPIPE_CONFIG_JSON\" --out {output:q} > {log:q} 2>&1"
 
 
 rule latent_shard:
@@ -26,12 +28,14 @@ rule latent_shard:
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "latents", wildcards.shard),
         settings=validated_settings(fw.latent_params),
+    # the shard jobs share --cores
+    threads: shared_cores(CFG.cache.latent_shards)
     resources:
         gpu=1,
     log:
         "logs/cache_latents/shard-{shard}.log",
     shell:
-        "fluxpipe cache-latents {CONFIG_ARGS} --manifest {input.manifest:q} --shard {wildcards.shard}"
+        "fluxpipe cache-latents --config-json \"$FLUXPIPE_CONFIG_JSON\" --manifest {input.manifest:q} --shard {wildcards.shard}"
         " --out {output:q} > {log:q} 2>&1"
 
 
@@ -42,6 +46,7 @@ rule cache_latents:
     output:
         index=fw.LATENT_INDEX,
         summary=fw.LATENT_SUMMARY,
+    threads: 1
     log:
         "logs/cache_latents/index.log",
     shell:
@@ -58,12 +63,13 @@ rule text_shard:
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "text", wildcards.shard),
         settings=validated_settings(fw.text_params),
+    threads: shared_cores(CFG.cache.text_shards)
     resources:
         gpu=1,
     log:
         "logs/cache_text/shard-{shard}.log",
     shell:
-        "fluxpipe cache-text {CONFIG_ARGS} --manifest {input.manifest:q} --shard {wildcards.shard}"
+        "fluxpipe cache-text --config-json \"$FLUXPIPE_CONFIG_JSON\" --manifest {input.manifest:q} --shard {wildcards.shard}"
         " --out {output:q} > {log:q} 2>&1"
 
 
@@ -74,6 +80,7 @@ rule cache_text_encoder_outputs:
     output:
         index=fw.TEXT_INDEX,
         summary=fw.TEXT_SUMMARY,
+    threads: 1
     log:
         "logs/cache_text/index.log",
     shell:

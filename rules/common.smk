@@ -1,5 +1,8 @@
 # Shared helpers: the typed config (a typo fails here, before any job) and path helpers.
+import os
 import shlex
+
+from snakemake.exceptions import WorkflowError
 
 from snakemake.exceptions import IncompleteCheckpointException
 
@@ -7,8 +10,10 @@ import fluxpipe
 from fluxpipe import workflow as fw
 
 CFG = fw.load_or_exit(config)  # bad settings: one `fluxpipe: error:` line, exit status 2
-# the merged settings of this run (config files and --config values), passed on to each `fluxpipe` command
-CONFIG_ARGS = fw.config_args(config)
+# the merged settings of this run (config files and --config values), passed on to each `fluxpipe` command as
+# `--config-json "$FLUXPIPE_CONFIG_JSON"`: an environment variable, not a params entry (each rule's params name
+# the settings it depends on, so that an unrelated edit reruns nothing); a cluster job parses this file again
+os.environ["FLUXPIPE_CONFIG_JSON"] = fw.config_json(config)
 FLUXPIPE_VERSION = fluxpipe.__version__
 VALIDATE_REPORT = fw.VALIDATE_REPORT
 
@@ -17,6 +22,20 @@ wildcard_constraints:
     shard=r"\d{3}",
     method="lora|full|controlnet",
     end=r"\d{8}",
+
+
+def all_cores():
+    """What --cores allows (training and the encoders take all of it); without --cores (a cluster run given only
+    --jobs) this machine's CPU count, which --set-threads overrides per rule."""
+    try:
+        return int(workflow.cores)
+    except (WorkflowError, TypeError, ValueError):
+        return os.cpu_count() or 1
+
+
+def shared_cores(jobs):
+    """The threads of one of ``jobs`` shard jobs that run side by side."""
+    return max(1, all_cores() // max(1, jobs))
 
 
 def manifest_file(wildcards):

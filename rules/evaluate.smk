@@ -52,9 +52,10 @@ rule evaluate_samples:
         train_dir=lambda wildcards, input: os.path.dirname(input.lora),
         impl=FLUXPIPE_VERSION,
         settings=validated_settings(fw.evaluate_params),
+    threads: all_cores()
     resources:
         gpu=1,
     log:
         "logs/evaluate_samples.log",
     shell:
-        "fluxpipe evaluate {CONFIG_ARGS} --train-dir {params.train_dir:q} --out {params.out:q} --manifest {input.manifest:q} > {log:q} 2>&1"
+        "fluxpipe evaluate --config-json \"$FLUXPIPE_CONFIG_JSON\" --train-dir {params.train_dir:q} --out {params.out:q} --manifest {input.manifest:q} > {log:q} 2>&1"

@@ -7,6 +7,7 @@ rule demo_models:
     params:
         out=lambda wildcards, output: fw.DEMO_DIR,
         impl=fw.DEMO_VERSION,
+    threads: 1
     log:
         "logs/demo_models.log",
     shell:
@@ -22,6 +23,7 @@ checkpoint validate_models:
     params:
         extra=fw.validate_args(CFG),
         impl=FLUXPIPE_VERSION,
+    threads: 1
     log:
         "logs/validate_models.log",
     shell:

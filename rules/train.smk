@@ -15,14 +15,16 @@ rule train_lora:
     params:
         flags=fw.training_argv(CFG, "lora"),
         launcher=fw.train_launcher(CFG),
+        cache_dir=lambda wildcards, input: fw.cache_root(input.latents),
         resume=resume_flag,
         settings=validated_settings(fw.train_params),
+    threads: all_cores()
     resources:
         gpu=CFG.train_processes,
     log:
         "logs/train_lora.log",
     shell:
-        "{params.launcher} train lora {params.flags:q} --cache_dir {fw.RESULTS} {params.resume} > {log:q} 2>&1"
+        "{params.launcher} train lora {params.flags:q} --cache_dir {params.cache_dir:q} {params.resume} > {log:q} 2>&1"
 
 
 # Full fine-tuning (config.yaml's train_full:, flux_train.py's flags; FSDP2 across processes) and ControlNet
@@ -38,15 +40,17 @@ rule train_full:
     params:
         flags=fw.training_argv(CFG, "full"),
         launcher=fw.train_launcher(CFG),
+        cache_dir=lambda wildcards, input: fw.cache_root(input.latents),
         resume=resume_flag,
         settings=validated_settings(fw.train_params),
         impl=FLUXPIPE_VERSION,
+    threads: all_cores()
     resources:
         gpu=CFG.train_processes,
     log:
         "logs/train_full.log",
     shell:
-        "{params.launcher} train full {params.flags:q} --cache_dir {fw.RESULTS} {params.resume} > {log:q} 2>&1"
+        "{params.launcher} train full {params.flags:q} --cache_dir {params.cache_dir:q} {params.resume} > {log:q} 2>&1"
 
 
 rule train_controlnet:
@@ -60,15 +64,17 @@ rule train_controlnet:
     params:
         flags=fw.training_argv(CFG, "controlnet"),
         launcher=fw.train_launcher(CFG),
+        cache_dir=lambda wildcards, input: fw.cache_root(input.latents),
         resume=resume_flag,
         settings=validated_settings(fw.train_params),
         impl=FLUXPIPE_VERSION,
+    threads: all_cores()
     resources:
         gpu=CFG.train_processes,
     log:
         "logs/train_controlnet.log",
     shell:
-        "{params.launcher} train controlnet {params.flags:q} --cache_dir {fw.RESULTS} {params.resume} > {log:q} 2>&1"
+        "{params.launcher} train controlnet {params.flags:q} --cache_dir {params.cache_dir:q} {params.resume} > {log:q} 2>&1"
 
 
 # One segment of a segmented run: train until step {end}, leave the state, exit. Temporary: Snakemake deletes
@@ -84,14 +90,16 @@ rule train_segment:
     params:
         flags=lambda wc: fw.training_argv(CFG, wc.method),
         launcher=fw.train_launcher(CFG),
+        cache_dir=lambda wildcards, input: fw.cache_root(input.latents),
         end=lambda wc: int(wc.end),
         settings=validated_settings(fw.train_params),
         resume=lambda wc, input: f"--resume {shlex.quote(input.previous[0])}" if input.previous else "",
         impl=FLUXPIPE_VERSION,
+    threads: all_cores()
     resources:
         gpu=CFG.train_processes,
     log:
         "logs/train_{method}-{name}-seg{end}.log",
     shell:
-        "{params.launcher} train {wildcards.method} {params.flags:q} --cache_dir {fw.RESULTS} "
+        "{params.launcher} train {wildcards.method} {params.flags:q} --cache_dir {params.cache_dir:q} "
         "--stop_at_step {params.end} {params.resume} > {log:q} 2>&1"

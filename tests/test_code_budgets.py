@@ -65,5 +65,7 @@ def test_functions_fit_their_budget() -> None:
 @pytest.mark.skipif(shutil.which("ruff", path=str(Path(sys.executable).parent)) is None, reason="ruff not installed")
 def test_ruff_finds_nothing() -> None:
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
-    result = subprocess.run([ruff, "check", "--no-cache", "fluxpipe", "tests"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [ruff, "check", "--no-cache", "fluxpipe", "tests"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:]

@@ -18,7 +18,12 @@ BIN = Path(sys.executable).parent
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / ".cache")}
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "XDG_CACHE_HOME": str(workdir / ".cache"),
+        "PYTHONPATH": str(REPO),  # this checkout's fluxpipe (not the one the environment has installed)
+    }
     return subprocess.run(
         [str(BIN / "snakemake"), "--cores", "1", *args],
         cwd=workdir,
@@ -276,8 +281,6 @@ def test_bad_model_file_stops_the_pipeline_with_the_reason(workdir: Path) -> Non
 ACCEPTED_LINTS = (
     # the rules run the `fluxpipe` command of the environment Snakemake runs in (no per-rule conda env)
     "* Specify a conda environment or container",
-    # CONFIG_ARGS only names the config files to read; the settings each job depends on are in its params
-    "* Shell command directly uses variable CONFIG_ARGS",
 )
 
 
@@ -478,3 +481,19 @@ def test_augmented_captions_masks_and_reg_images_train_a_lora(workdir: Path) -> 
     assert text["entries"] > 6 + 1, text  # the shuffled variants and the empty caption beside the plain ones
     again = snakemake(workdir, "-n", "train_lora")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_rules_declare_their_threads(workdir: Path) -> None:
+    """Training, the manifest and evaluation take what --cores allows; the 4 + 4 shard jobs share it."""
+    result = snakemake(workdir, "-n", "--cores", "8", "train_lora")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-2000:]
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) )", text):
+        head = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
+        if head:
+            found = re.search(r"\n\s+threads: (\d+)", block)
+            jobs.setdefault(head[1], set()).add(int(found[1]) if found else 1)
+    assert jobs["train_lora"] == {8} and jobs["dataset_manifest"] == {8}, jobs
+    assert jobs["latent_shard"] == {2} and jobs["text_shard"] == {2}, jobs  # 8 cores / 4 shards
+    assert jobs["validate_models"] == {1} and jobs["demo_models"] == {1}, jobs

@@ -28,6 +28,7 @@ def env(workdir: Path) -> dict[str, str]:
         "HOME": str(workdir),
         "XDG_CACHE_HOME": str(workdir / ".cache"),
         "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),  # this checkout's fluxpipe (not the one the environment has installed)
     }
 
 

@@ -107,7 +107,7 @@ def check_unhonoured(ns: argparse.Namespace, method: str = "lora") -> None:
         what = {"lora": "LoRA trainer", "full": "full fine-tune", "controlnet": "ControlNet trainer"}[method]
         raise FluxpipeError(
             f"not implemented yet in fluxpipe's {what}: {', '.join('--' + k for k in unused)}; "
-            "leave them out (the list: docs/methods.md)"
+            f"leave them out (`fluxpipe train {method} --help-all` marks them)"
         )
 
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from fluxpipe.io.progress import progress
 from fluxpipe.data.images import load_rgb, to_tensor
 from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.data.text_encoding import encode_prompts
@@ -172,6 +173,7 @@ class Sampler:
         was_training = self.dit.training
         self.dit.eval()
         reference = self.reference(p)
+        bar = progress(total=len(timesteps) - 1, desc=f"sample {p.width}x{p.height}", unit="step", leave=False)
         try:
             x = denoise(
                 model,
@@ -186,8 +188,10 @@ class Sampler:
                 negative=neg,
                 cfg_scale=p.cfg_scale,
                 reference=reference,
+                on_step=bar.update,
             )
         finally:
+            bar.close()
             self.dit.train(was_training)
         return unpack_latents(x.float(), lh, lw)
 

@@ -323,6 +323,9 @@ def load_ae(path: str | Path, dtype: torch.dtype | None = None, device: str | to
     return model
 
 
+LOUD_LOAD_BYTES = 256 * 2**20  # model files from this size on are announced when loaded
+
+
 def load_model(
     path: str | Path, slot: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -331,6 +334,11 @@ def load_model(
     dtype: cast floating tensors while reading (None keeps the stored dtype, e.g. fp8 storage).
     """
     spec = inspect_checkpoint(path, slot)
+    size = Path(spec.header.path).stat().st_size
+    if size >= LOUD_LOAD_BYTES:  # a long load says what it loads (on the terminal too)
+        from fluxpipe.io.progress import announce
+
+        announce(f"loading {slot} from {spec.header.path} ({size / 1e9:.1f} GB) to {device}")
     state = read_tensors(spec.header.path, spec.key_map, dtype)
     if spec.slot == "t5xxl":
         for a, b in (te.T5_TIED_KEYS, te.T5_TIED_KEYS[::-1]):

@@ -72,6 +72,7 @@ def denoise(
     negative: tuple[Tensor, Tensor, Tensor | None] | None = None,
     cfg_scale: float = 1.0,
     reference: tuple[Tensor, Tensor] | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> Tensor:
     """Integrate the model's velocity over ``timesteps`` (packed latents [B, N, 64] in and out).
 
@@ -80,6 +81,7 @@ def denoise(
 
     ``negative`` = (txt, vec, txt_mask) of a negative prompt turns on true CFG at ``cfg_scale`` (≠ 1): the
     negative and positive conditions run as one batch [neg; pos] and combine with ``cfg_combine``.
+    ``on_step`` is called after each step.
     """
     batch = img.shape[0]
     cfg = negative is not None and cfg_scale != 1.0
@@ -113,4 +115,6 @@ def denoise(
         if cfg:
             pred = cfg_combine(pred[:batch], pred[batch:], cfg_scale)
         img = euler_step(img, pred, t_curr, t_prev)
+        if on_step is not None:  # (a progress bar)
+            on_step()
     return img

@@ -24,8 +24,8 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
+from fluxpipe.io.progress import progress
 from fluxpipe.data.images import load_rgb, resize_and_crop, to_tensor
 from fluxpipe.data.masks import cached_mask, mask_pixels
 from fluxpipe.io.checkpoints import load_ae
@@ -176,7 +176,7 @@ def encode(entries: list[LatentEntry], cfg: CacheLatentsConfig) -> dict[str, dic
     todo = list(batches(entries, cfg.batch_size))
     with (
         ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool,
-        tqdm(total=len(entries), desc=f"latents shard {cfg.shard}", unit="img", mininterval=2) as bar,
+        progress(total=len(entries), desc=f"latents shard {cfg.shard}", unit="img", mininterval=2) as bar,
     ):
         pending = [pool.submit(_stacked, b) for b in todo[:2]]
         for i, batch in enumerate(todo):

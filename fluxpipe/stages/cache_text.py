@@ -17,8 +17,8 @@ from typing import cast
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from fluxpipe.io.progress import progress
 from fluxpipe.data.captions import text_entries
 from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH, encode_prompts
 from fluxpipe.io.checkpoints import load_model
@@ -112,7 +112,7 @@ def encode(captions: dict[str, str], cfg: CacheTextConfig) -> dict[str, dict[str
     store = getattr(torch, cfg.dtype)
     keys = list(captions)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with tqdm(total=len(keys), desc=f"text shard {cfg.shard}", unit="caption", mininterval=2) as bar:
+    with progress(total=len(keys), desc=f"text shard {cfg.shard}", unit="caption", mininterval=2) as bar:
         for i in range(0, len(keys), cfg.batch_size):
             batch = keys[i : i + cfg.batch_size]
             emb = encode_prompts(

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from fluxpipe.config.dataset import DatasetConfig, DatasetsConfig, SubsetConfig, preserves_output
+from fluxpipe.io.progress import progress
 from fluxpipe.data.captions import CaptionAugment, caption_slots, slot_entries
 from fluxpipe.data.buckets import BucketSpec, check_spec, make_buckets, plan_resize
 from fluxpipe.data.images import BadImage, load_rgb
@@ -217,7 +217,7 @@ def scan(cfg: ManifestConfig) -> tuple[list[dict[str, object]], list[str]]:
 
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         results = list(
-            tqdm(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img", mininterval=2)
+            progress(pool.map(describe, candidates), total=len(candidates), desc="manifest", unit="img", mininterval=2)
         )
     hashes.save()
     write_text_atomic(checked_file, json.dumps(decoded, sort_keys=True))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fluxpipe.io.progress import progress
 from fluxpipe.data.batches import CachedTensors, TrainItem, epoch_batches, epoch_captions, load_items, make_batch
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import remove_stale_temps
@@ -213,7 +214,7 @@ def train_loop(s: LoopSettings, m: Method, d: TrainData) -> Path:
     if m.ema is not None and s.ema is not None and s.ema.for_eval:
         monitor.weights = m.ema.swapped
     monitor.at_start(step)
-    bar = tqdm(
+    bar = progress(  # (on the terminal under Snakemake too: fluxpipe.io.progress)
         total=d.total, initial=step, desc=f"train {s.output_name}", unit="step", mininterval=2, disable=not w.main
     )
     started = time.monotonic()
