@@ -413,7 +413,7 @@ def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
 
 def test_token_warmup_is_refused_with_the_text_cache() -> None:
     cfg = parse_datasets(_one(general={"token_warmup_step": 10}), "d.toml")
-    with pytest.raises(ConfigError, match=r"subsets\[0\]\.token_warmup_step = 10.*no per-step text encoding yet"):
+    with pytest.raises(ConfigError, match=r"subsets\[0\]\.token_warmup_step = 10.*turn off cache_text_encoder_outputs"):
         check_cacheable(cfg, cache_latents=False, cache_text=True)
     check_cacheable(cfg, cache_latents=True, cache_text=False)
 

@@ -286,8 +286,9 @@ _TEXT_RULES: tuple[_Rule, ...] = (
     (
         "token_warmup_step",
         lambda s: s.token_warmup_step > 0,
-        "token warm-up changes the caption with the training step, and fluxpipe always trains from its "
-        "text-encoder cache (it has no per-step text encoding yet): remove the option",
+        "token warm-up changes the caption with the training step, which cached text-encoder outputs cannot "
+        "follow: turn off cache_text_encoder_outputs (a standalone `fluxpipe train` run then encodes each step's "
+        "captions) or remove the option",
     ),
 )
 
