@@ -30,6 +30,7 @@ from fluxpipe.training.monitor import MonitorSettings
 from fluxpipe.commands.train_caches import (
     CachePaths,
     build_caches,
+    live_latents,
     live_text,
     load_datasets,
     pipeline_caches,
@@ -219,6 +220,7 @@ def common_fields(
         "t5_max_length": ns.t5xxl_max_token_length or default_t5_max_length(variant),
         "ema": ema_settings(ns),
         "live_text": live_text(ns, caches, *models),
+        "live_latents": live_latents(ns, caches),
     }
 
 

@@ -97,6 +97,36 @@ def live_text(ns: argparse.Namespace, caches: CachePaths, clip_tokenizer: Path |
     )
 
 
+def check_fresh_latents(datasets, ns: argparse.Namespace) -> None:  # noqa: ANN001 - DatasetsConfig
+    """random_crop / color_aug (encoded each step) with what is cached pixel-aligned to the centred crop."""
+    for i, ds in enumerate(datasets.datasets):
+        for j, sub in enumerate(ds.subsets):
+            where = f"{datasets.source}: datasets[{i}].subsets[{j}]"
+            if sub.random_crop and (sub.alpha_mask or ns.masked_loss or ns.model_type == "kontext"):
+                raise FluxpipeError(
+                    f"{where}: random_crop with alpha_mask / --masked_loss / Kontext references: their cached "
+                    "masks and references are cut at the centred crop; drop random_crop for this subset"
+                )
+
+
+def live_latents(ns: argparse.Namespace, caches: CachePaths):  # noqa: ANN201 - LiveLatents | None
+    """Uncached latents (fluxpipe.training.live_latents) for a standalone run without --cache_latents whose
+    subsets have random_crop or color_aug; None otherwise."""
+    from fluxpipe.data.augment import ImageAugment
+    from fluxpipe.training.live_latents import LiveLatents
+
+    if ns.cache_latents or uses_pipeline_caches(ns, caches):
+        return None
+    datasets = with_cli_validation(load_datasets(ns), ns)
+    augments = tuple(
+        tuple(ImageAugment(random_crop=sub.random_crop, color_aug=sub.color_aug) for sub in ds.subsets)
+        for ds in datasets.datasets
+    )
+    if not any(a.fresh for row in augments for a in row):
+        return None
+    return LiveLatents(ae=Path(ns.ae), augments=augments, seed=42 if ns.seed is None else ns.seed)
+
+
 def build_caches(
     ns: argparse.Namespace, work: Path, device: str, clip_tokenizer: Path | None, t5_tokenizer: Path | None
 ) -> CachePaths:
@@ -107,8 +137,8 @@ def build_caches(
     from fluxpipe.stages import manifest
 
     datasets = with_cli_validation(load_datasets(ns), ns)
-    # (the latent augmentations stay refused: training has no per-step AE encoding yet)
-    check_cacheable(datasets, cache_latents=True, cache_text=bool(ns.cache_text_encoder_outputs))
+    check_cacheable(datasets, cache_latents=bool(ns.cache_latents), cache_text=bool(ns.cache_text_encoder_outputs))
+    check_fresh_latents(datasets, ns)
     paths = pipeline_caches(work)
     seed = 42 if ns.seed is None else ns.seed  # (cached caption slot v is each item's caption of epoch v)
     manifest.run(

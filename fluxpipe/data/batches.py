@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "load_items",
     "make_batch",
 ]
+FreshLatent = Callable[[TrainItem, bool], tuple[Tensor, Tensor] | None]  # (item, flipped) -> this step's moments
 RERUN = "the caches are older than the manifest: rerun the cache rules"
 
 
@@ -142,6 +143,10 @@ def load_items(
                 subset=int(getattr(r, "subset", 0)),
                 source_caption=str(r.caption),
                 caption_id=f"{r.dataset}:{r.path}",
+                image=str(r.path),
+                resized=(int(r.resized_w), int(r.resized_h)),
+                crop=(int(r.crop_left), int(r.crop_top)),
+                interpolation=str(getattr(r, "resize_interpolation", "") or ""),
                 **variants,
             )
         )
@@ -257,6 +262,7 @@ def make_batch(
     device: torch.device | str,
     dtype: torch.dtype,
     prior_loss_weight: float = 1.0,
+    fresh: FreshLatent | None = None,
 ) -> dict[str, Any]:
     """Tensors ready for the DiT for the items at ``indices`` (all in one bucket).
 
@@ -268,14 +274,18 @@ def make_batch(
     ``indices`` (list of int); for Kontext items ``reference`` (``reference_latents``); ``loss_weights`` [B]
     float32 (``prior_loss_weight`` for regularisation items, else 1); ``loss_mask`` [B, H/8, W/8] float32 when
     an item has a cached loss mask (flipped with its latent; items without one get ones, as the reference), else
-    None; ``preserve`` [B] bool (differential output preservation).
+    None; ``preserve`` [B] bool (differential output preservation). ``fresh(item, flipped)``: the item's (mean,
+    logvar) encoded this step (uncached latents), or None for its cached entry.
     """
     chosen = [items[i] for i in indices]
     assert chosen, "make_batch needs at least one item"
     assert len({it.bucket for it in chosen}) == 1, f"a batch mixes buckets: {sorted({it.bucket for it in chosen})}"
     u = _draw("rand", (len(chosen),), generator, "cpu")
     flipped = [len(it.latent_keys) > 1 and bool(u[b] < 0.5) for b, it in enumerate(chosen)]
-    moments = [tensors.latent(it.latent_keys[1 if f else 0]) for it, f in zip(chosen, flipped, strict=True)]
+    moments = [
+        (fresh and fresh(it, f)) or tensors.latent(it.latent_keys[1 if f else 0])
+        for it, f in zip(chosen, flipped, strict=True)
+    ]
     mean = torch.stack([m for m, _ in moments]).to(device, torch.float32)
     logvar = torch.stack([lv for _, lv in moments]).to(device, torch.float32)
     eps = _draw("randn", tuple(mean.shape), generator, device)

@@ -39,6 +39,10 @@ class TrainItem:
     subset: int = 0
     source_caption: str = ""  # the manifest's caption, before augmentation (uncached text augments it each step)
     caption_id: str = ""  # "dataset:path": the item in caption_rng(seed, epoch, item)
+    image: str = ""  # the image file and its manifest plan (uncached latents encode it each step)
+    resized: tuple[int, int] = (0, 0)
+    crop: tuple[int, int] = (0, 0)
+    interpolation: str = ""
 
 
 # ---- the epoch order ----------------------------------------------------------------------------------------

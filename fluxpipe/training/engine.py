@@ -27,6 +27,7 @@ from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.parallel.distributed import World
 from fluxpipe.training.ema import Ema, ema_metadata, save_beside
+from fluxpipe.training.live_latents import LatentEncoder
 from fluxpipe.training.live_text import TextEncoders, step_captions
 from fluxpipe.training.log import TrainLogger
 from fluxpipe.training.monitor import Monitor, MonitorSettings
@@ -91,6 +92,7 @@ class TrainData:
     epochs: int
     w: World
     encoders: TextEncoders | None = None  # uncached text: the captions are encoded each step
+    latents: LatentEncoder | None = None  # uncached latents (random_crop / color_aug subsets): the AE each step
 
 
 def load_data(s: LoopSettings, w: World) -> TrainData:
@@ -101,7 +103,9 @@ def load_data(s: LoopSettings, w: World) -> TrainData:
     batches = len(epoch_batches(items, sizes, 0, s.seed))
     total, epochs = plan_steps(batches, s)
     encoders = TextEncoders(s.live_text, s.device) if s.live_text is not None else None
-    return TrainData(items, CachedTensors(s.latent_index, s.text_index), sizes, batches, total, epochs, w, encoders)
+    latents = LatentEncoder(s.live_latents, s.device) if s.live_latents is not None else None
+    tensors = CachedTensors(s.latent_index, s.text_index)
+    return TrainData(items, tensors, sizes, batches, total, epochs, w, encoders, latents)
 
 
 def step_batch(
@@ -113,9 +117,12 @@ def step_batch(
     gen: torch.Generator,
     dtype: torch.dtype,
 ) -> dict:
-    """The batch of ``indices`` at (epoch, optimizer step) ``at``: cached tensors, and with uncached text this
-    step's augmented captions encoded now (``fluxpipe.training.live_text``)."""
-    batch = make_batch(items, indices, d.tensors, gen, s.device, dtype, s.prior_loss_weight)
+    """The batch of ``indices`` at (epoch, optimizer step) ``at``: cached tensors; with uncached latents the
+    augmented subsets' images encoded now, with uncached text this step's augmented captions
+    (``fluxpipe.training.live_latents`` / ``live_text``)."""
+    enc = d.latents
+    fresh = (lambda it, flip: enc.moments(it, flip, *at)) if enc is not None else None  # noqa: E731
+    batch = make_batch(items, indices, d.tensors, gen, s.device, dtype, s.prior_loss_weight, fresh)
     chosen = [items[i] for i in indices]
     if d.encoders is None or s.live_text is None:
         batch["captions"] = [it.caption for it in chosen]
