@@ -390,15 +390,14 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 # --- caching -------------------------------------------------------------------------------------------------------
 
 
-NO_UNCACHED = "always trains from its latent cache (it has no uncached latent mode yet): remove the option"
+NO_UNCACHED = "which the latent cache cannot give: turn cache_latents off"
 
 
 @pytest.mark.parametrize(
     ("option", "value", "reason"),
     [
-        ("color_aug", True, "needs a fresh latent every step, and fluxpipe " + NO_UNCACHED),
+        ("color_aug", True, "needs a fresh latent every step, " + NO_UNCACHED),
         ("random_crop", True, "needs a fresh latent every step"),
-        ("face_crop_aug_range", [2.0, 4.0], "crops each step differently, and fluxpipe " + NO_UNCACHED),
     ],
 )
 def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
@@ -411,9 +410,15 @@ def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
     check_cacheable(cfg, cache_latents=False, cache_text=True)
 
 
+def test_face_crop_is_refused_whatever_the_caches() -> None:
+    data = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "img", "face_crop_aug_range": [2.0, 4.0]}]}]}
+    with pytest.raises(ConfigError, match=r"face_crop_aug_range = \(2\.0, 4\.0\).*not implemented in fluxpipe"):
+        check_cacheable(parse_datasets(data, "d.toml"), cache_latents=False, cache_text=False)
+
+
 def test_token_warmup_is_refused_with_the_text_cache() -> None:
     cfg = parse_datasets(_one(general={"token_warmup_step": 10}), "d.toml")
-    with pytest.raises(ConfigError, match=r"subsets\[0\]\.token_warmup_step = 10.*no per-step text encoding yet"):
+    with pytest.raises(ConfigError, match=r"subsets\[0\]\.token_warmup_step = 10.*turn off cache_text_encoder_outputs"):
         check_cacheable(cfg, cache_latents=False, cache_text=True)
     check_cacheable(cfg, cache_latents=True, cache_text=False)
 

@@ -27,7 +27,15 @@ from fluxpipe.training.optim import parse_optimizer_args
 from fluxpipe.data.text_encoding import default_t5_max_length
 from fluxpipe.training.monitor import MonitorSettings
 
-from fluxpipe.commands.train_caches import CachePaths, build_caches, load_datasets, pipeline_caches, with_cli_validation
+from fluxpipe.commands.train_caches import (
+    CachePaths,
+    build_caches,
+    live_latents,
+    live_text,
+    load_datasets,
+    pipeline_caches,
+    with_cli_validation,
+)
 from fluxpipe.commands.train_meta import data_digest, settings_digest, training_metadata
 from fluxpipe.commands.train_flags import (  # re-exported: the flag checks live beside this module
     HONOURED,
@@ -85,10 +93,15 @@ def lora_spec(ns: argparse.Namespace) -> LoraSpec:
         )
     except ValueError as e:
         raise FluxpipeError(f"--network_args: {e}") from e
+    if spec.train_t5xxl and ns.cache_text_encoder_outputs:
+        raise FluxpipeError(
+            "--network_args train_t5xxl=True with --cache_text_encoder_outputs: a T5 LoRA needs T5 to run every "
+            "step; turn off cache_text_encoder_outputs (the reference refuses this too)"
+        )
     if spec.train_t5xxl:
         raise FluxpipeError(
-            "--network_args train_t5xxl=True: a T5 LoRA needs T5 to run every step, which the "
-            "cached text-encoder outputs rule out (the reference refuses this too)"
+            "--network_args train_t5xxl=True: fluxpipe does not train a T5 LoRA yet (the uncached text "
+            "encoders run frozen); drop train_t5xxl"
         )
     return spec
 
@@ -206,6 +219,8 @@ def common_fields(
         "sample_models": sample_models(ns, *models),
         "t5_max_length": ns.t5xxl_max_token_length or default_t5_max_length(variant),
         "ema": ema_settings(ns),
+        "live_text": live_text(ns, caches, *models),
+        "live_latents": live_latents(ns, caches),
     }
 
 

@@ -70,16 +70,75 @@ def load_datasets(ns: argparse.Namespace):  # noqa: ANN201 - DatasetsConfig
     return parse_datasets(data, f"--train_data_dir {ns.train_data_dir}", defaults)
 
 
+def uses_pipeline_caches(ns: argparse.Namespace, caches: CachePaths) -> bool:
+    """Whether the run reads the pipeline's caches (--cache_dir), not its own in <output_dir>/.fluxpipe-cache."""
+    return caches.manifest != pipeline_caches(Path(ns.output_dir) / ".fluxpipe-cache").manifest
+
+
+def live_text(ns: argparse.Namespace, caches: CachePaths, clip_tokenizer: Path | None, t5_tokenizer: Path | None):  # noqa: ANN201 - LiveText | None
+    """Uncached text (fluxpipe.training.live_text) for a standalone run without --cache_text_encoder_outputs;
+    None with it, and with the pipeline's caches (the pipeline always trains from its text cache)."""
+    from fluxpipe.data.captions import CaptionAugment
+    from fluxpipe.data.text_encoding import default_t5_max_length
+    from fluxpipe.training.live_text import LiveText
+
+    if ns.cache_text_encoder_outputs or uses_pipeline_caches(ns, caches):
+        return None
+    datasets = with_cli_validation(load_datasets(ns), ns)
+    return LiveText(
+        t5xxl=Path(ns.t5xxl),
+        clip_l=Path(ns.clip_l) if ns.clip_l else None,
+        clip_tokenizer=clip_tokenizer if ns.clip_l else None,
+        t5_tokenizer=t5_tokenizer,
+        max_length=ns.t5xxl_max_token_length or default_t5_max_length(dit_variant(ns)),
+        apply_t5_attn_mask=ns.apply_t5_attn_mask,
+        augments=tuple(tuple(CaptionAugment.of(sub) for sub in ds.subsets) for ds in datasets.datasets),
+        seed=42 if ns.seed is None else ns.seed,
+    )
+
+
+def check_fresh_latents(datasets, ns: argparse.Namespace) -> None:  # noqa: ANN001 - DatasetsConfig
+    """random_crop / color_aug (encoded each step) with what is cached pixel-aligned to the centred crop."""
+    for i, ds in enumerate(datasets.datasets):
+        for j, sub in enumerate(ds.subsets):
+            where = f"{datasets.source}: datasets[{i}].subsets[{j}]"
+            if sub.random_crop and (sub.alpha_mask or ns.masked_loss or ns.model_type == "kontext"):
+                raise FluxpipeError(
+                    f"{where}: random_crop with alpha_mask / --masked_loss / Kontext references: their cached "
+                    "masks and references are cut at the centred crop; drop random_crop for this subset"
+                )
+
+
+def live_latents(ns: argparse.Namespace, caches: CachePaths):  # noqa: ANN201 - LiveLatents | None
+    """Uncached latents (fluxpipe.training.live_latents) for a standalone run without --cache_latents whose
+    subsets have random_crop or color_aug; None otherwise."""
+    from fluxpipe.data.augment import ImageAugment
+    from fluxpipe.training.live_latents import LiveLatents
+
+    if ns.cache_latents or uses_pipeline_caches(ns, caches):
+        return None
+    datasets = with_cli_validation(load_datasets(ns), ns)
+    augments = tuple(
+        tuple(ImageAugment(random_crop=sub.random_crop, color_aug=sub.color_aug) for sub in ds.subsets)
+        for ds in datasets.datasets
+    )
+    if not any(a.fresh for row in augments for a in row):
+        return None
+    return LiveLatents(ae=Path(ns.ae), augments=augments, seed=42 if ns.seed is None else ns.seed)
+
+
 def build_caches(
     ns: argparse.Namespace, work: Path, device: str, clip_tokenizer: Path | None, t5_tokenizer: Path | None
 ) -> CachePaths:
-    """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries)."""
+    """Manifest and both caches for a standalone run (one shard each; reruns reuse unchanged entries). Without
+    --cache_text_encoder_outputs the text cache still holds the captions (the validation loss reads them) while
+    training encodes each step's."""
     from fluxpipe.config.dataset import check_cacheable
-    from fluxpipe.data.text_encoding import default_t5_max_length
-    from fluxpipe.stages import cache_index, cache_latents, cache_text, manifest
+    from fluxpipe.stages import manifest
 
     datasets = with_cli_validation(load_datasets(ns), ns)
-    check_cacheable(datasets, cache_latents=True, cache_text=True)
+    check_cacheable(datasets, cache_latents=bool(ns.cache_latents), cache_text=bool(ns.cache_text_encoder_outputs))
+    check_fresh_latents(datasets, ns)
     paths = pipeline_caches(work)
     seed = 42 if ns.seed is None else ns.seed  # (cached caption slot v is each item's caption of epoch v)
     manifest.run(
@@ -92,45 +151,70 @@ def build_caches(
             caption_seed=seed,
         )
     )
-    variant = dit_variant(ns)
-    for kind in ("latents", "text"):
-        shard = work / f"cache/{kind}/shard-000.safetensors"
-        shard.unlink(missing_ok=True)
-        if kind == "latents":
-            cache_latents.run(
-                cache_latents.CacheLatentsConfig(
-                    manifest=paths.manifest,
-                    ae=Path(ns.ae),
-                    out=shard,
-                    shard=0,
-                    batch_size=ns.vae_batch_size or 1,
-                    device=device,
-                    references=ns.model_type == "kontext",
-                )
-            )
-        else:
-            cache_text.run(
-                cache_text.CacheTextConfig(
-                    manifest=paths.manifest,
-                    clip_l=Path(ns.clip_l) if ns.clip_l else None,
-                    t5xxl=Path(ns.t5xxl),
-                    clip_tokenizer=clip_tokenizer,
-                    t5_tokenizer=t5_tokenizer,
-                    out=shard,
-                    shard=0,
-                    max_length=ns.t5xxl_max_token_length or default_t5_max_length(variant),
-                    apply_t5_attn_mask=ns.apply_t5_attn_mask,
-                    device=device,
-                )
-            )
-        index = paths.latent_index if kind == "latents" else paths.text_index
-        cache_index.run(
-            cache_index.CacheIndexConfig(
-                kind=kind,
-                manifest=paths.manifest,
-                shards=(shard,),
-                index=index,
-                summary=index.with_name("summary.json"),
-            )
-        )
+    _latent_shard(ns, work, paths, device)
+    _text_shard(ns, work, paths, device, clip_tokenizer, t5_tokenizer)
     return paths
+
+
+def _latent_shard(ns: argparse.Namespace, work: Path, paths: CachePaths, device: str) -> None:
+    from fluxpipe.stages import cache_latents
+
+    shard = _fresh_shard(work, "latents")
+    cache_latents.run(
+        cache_latents.CacheLatentsConfig(
+            manifest=paths.manifest,
+            ae=Path(ns.ae),
+            out=shard,
+            shard=0,
+            batch_size=ns.vae_batch_size or 1,
+            device=device,
+            references=ns.model_type == "kontext",
+        )
+    )
+    _index("latents", paths, shard)
+
+
+def _text_shard(
+    ns: argparse.Namespace,
+    work: Path,
+    paths: CachePaths,
+    device: str,
+    clip_tokenizer: Path | None,
+    t5_tokenizer: Path | None,
+) -> None:
+    from fluxpipe.data.text_encoding import default_t5_max_length
+    from fluxpipe.stages import cache_text
+
+    shard = _fresh_shard(work, "text")
+    cache_text.run(
+        cache_text.CacheTextConfig(
+            manifest=paths.manifest,
+            clip_l=Path(ns.clip_l) if ns.clip_l else None,
+            t5xxl=Path(ns.t5xxl),
+            clip_tokenizer=clip_tokenizer,
+            t5_tokenizer=t5_tokenizer,
+            out=shard,
+            shard=0,
+            max_length=ns.t5xxl_max_token_length or default_t5_max_length(dit_variant(ns)),
+            apply_t5_attn_mask=ns.apply_t5_attn_mask,
+            device=device,
+        )
+    )
+    _index("text", paths, shard)
+
+
+def _fresh_shard(work: Path, kind: str) -> Path:
+    shard = work / f"cache/{kind}/shard-000.safetensors"
+    shard.unlink(missing_ok=True)
+    return shard
+
+
+def _index(kind: str, paths: CachePaths, shard: Path) -> None:
+    from fluxpipe.stages import cache_index
+
+    index = paths.latent_index if kind == "latents" else paths.text_index
+    cache_index.run(
+        cache_index.CacheIndexConfig(
+            kind=kind, manifest=paths.manifest, shards=(shard,), index=index, summary=index.with_name("summary.json")
+        )
+    )

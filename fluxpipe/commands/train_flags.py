@@ -121,6 +121,10 @@ def check_supported(ns: argparse.Namespace, device: str, method: str = "lora") -
     if ns.output_dir is None:
         raise FluxpipeError("--output_dir is required: the folder the trained files go into")
     check_optimizer_args(ns.optimizer_type, list(ns.optimizer_args or []))
+    if method == "lora" and ns.network_module != "lycoris.kohya":
+        from fluxpipe.commands.train import lora_spec
+
+        lora_spec(ns)  # --network_args (train_t5xxl with cached text) fail before the caches are built
     if method == "controlnet" and ns.loss_type in ("huber", "smooth_l1"):
         raise FluxpipeError(
             f"--loss_type {ns.loss_type}: ControlNet training uses l2 or l1 (the reference passes "

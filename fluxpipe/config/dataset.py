@@ -253,7 +253,7 @@ def check_cacheable(cfg: DatasetsConfig, *, cache_latents: bool, cache_text: boo
     Subsets with num_repeats = 0 are ignored (as by the reference). Caption prefix, suffix and augmentation are
     allowed: fluxpipe caches the augmented captions (the reference refuses or ignores them with cached outputs).
     """
-    rules = (_LATENT_RULES if cache_latents else ()) + (_TEXT_RULES if cache_text else ())
+    rules = ALWAYS_RULES + (_LATENT_RULES if cache_latents else ()) + (_TEXT_RULES if cache_text else ())
     for i, ds in enumerate(cfg.datasets):
         for j, sub in enumerate(ds.subsets):
             if sub.num_repeats == 0:
@@ -268,26 +268,30 @@ def check_cacheable(cfg: DatasetsConfig, *, cache_latents: bool, cache_text: boo
 
 
 _FRESH_LATENT = (
-    "needs a fresh latent every step, and fluxpipe always trains from its latent cache (it has no uncached "
-    "latent mode yet): remove the option"
+    "needs a fresh latent every step, which the latent cache cannot give: turn cache_latents off (and "
+    "cache_latents_to_disk) for this run, and a standalone `fluxpipe train` run encodes this subset's images "
+    "each step"
 )
 _Rule = tuple[str, Callable[[SubsetConfig], bool], str]
 _LATENT_RULES: tuple[_Rule, ...] = (
     ("color_aug", lambda s: s.color_aug, _FRESH_LATENT),
     ("random_crop", lambda s: s.random_crop, _FRESH_LATENT),
+)
+# refused whatever the caches (fluxpipe does not implement them)
+ALWAYS_RULES: tuple[_Rule, ...] = (
     (
         "face_crop_aug_range",
         lambda s: s.face_crop_aug_range is not None,
-        "face-crop augmentation crops each step differently, and fluxpipe always trains from its latent cache "
-        "(it has no uncached latent mode yet): remove the option",
+        "face-crop augmentation (face coordinates in the file names) is not implemented in fluxpipe: remove the option",
     ),
 )
 _TEXT_RULES: tuple[_Rule, ...] = (
     (
         "token_warmup_step",
         lambda s: s.token_warmup_step > 0,
-        "token warm-up changes the caption with the training step, and fluxpipe always trains from its "
-        "text-encoder cache (it has no per-step text encoding yet): remove the option",
+        "token warm-up changes the caption with the training step, which cached text-encoder outputs cannot "
+        "follow: turn off cache_text_encoder_outputs (a standalone `fluxpipe train` run then encodes each step's "
+        "captions) or remove the option",
     ),
 )
 

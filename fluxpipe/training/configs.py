@@ -14,6 +14,8 @@ from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.lora.network import LoraSpec
 from fluxpipe.parallel.distributed import World
 from fluxpipe.training.ema import EmaSettings
+from fluxpipe.training.live_latents import LiveLatents
+from fluxpipe.training.live_text import LiveText
 from fluxpipe.training.loss import FlowSettings
 from fluxpipe.training.monitor import MonitorSettings
 from fluxpipe.training.optim import canonical_optimizer
@@ -80,6 +82,8 @@ class TrainLoraConfig:
     sample_models: ModelFiles | None = None  # AE and text encoders for the samples' prompts
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
+    live_text: LiveText | None = None  # uncached text (no --cache_text_encoder_outputs): encoded each step
+    live_latents: LiveLatents | None = None  # uncached latents: random_crop / color_aug subsets encoded each step
     ema: EmaSettings | None = (
         None  # --ema_decay: an EMA of the LoRA, saved as <name>-ema.safetensors (fluxpipe.training.ema)
     )
@@ -130,6 +134,8 @@ class TrainFullConfig:
     sample_models: ModelFiles | None = None
     t5_max_length: int = 512
     stop_at_step: int | None = None  # end this job (one segment of a chained run) at this step, state written
+    live_text: LiveText | None = None  # uncached text (no --cache_text_encoder_outputs): encoded each step
+    live_latents: LiveLatents | None = None  # uncached latents: random_crop / color_aug subsets encoded each step
     ema: EmaSettings | None = (
         None  # --ema_decay: an EMA of the trained weights, <name>-ema.safetensors (fluxpipe.training.ema)
     )

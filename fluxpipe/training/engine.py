@@ -28,6 +28,8 @@ from fluxpipe.errors import FluxpipeError
 from fluxpipe.io.atomic import remove_stale_temps
 from fluxpipe.parallel.distributed import World
 from fluxpipe.training.ema import Ema, ema_metadata, save_beside
+from fluxpipe.training.live_latents import LatentEncoder
+from fluxpipe.training.live_text import TextEncoders, step_captions
 from fluxpipe.training.log import TrainLogger
 from fluxpipe.training.monitor import Monitor, MonitorSettings
 from fluxpipe.training.saving import (
@@ -90,6 +92,8 @@ class TrainData:
     total: int  # optimizer steps of the run
     epochs: int
     w: World
+    encoders: TextEncoders | None = None  # uncached text: the captions are encoded each step
+    latents: LatentEncoder | None = None  # uncached latents (random_crop / color_aug subsets): the AE each step
 
 
 def load_data(s: LoopSettings, w: World) -> TrainData:
@@ -99,7 +103,33 @@ def load_data(s: LoopSettings, w: World) -> TrainData:
     sizes = {k: v * w.size for k, v in s.batch_sizes.items()}
     batches = len(epoch_batches(items, sizes, 0, s.seed))
     total, epochs = plan_steps(batches, s)
-    return TrainData(items, CachedTensors(s.latent_index, s.text_index), sizes, batches, total, epochs, w)
+    encoders = TextEncoders(s.live_text, s.device) if s.live_text is not None else None
+    latents = LatentEncoder(s.live_latents, s.device) if s.live_latents is not None else None
+    tensors = CachedTensors(s.latent_index, s.text_index)
+    return TrainData(items, tensors, sizes, batches, total, epochs, w, encoders, latents)
+
+
+def step_batch(
+    s: LoopSettings,
+    d: TrainData,
+    items: list[TrainItem],
+    indices: list[int],
+    at: tuple[int, int],
+    gen: torch.Generator,
+    dtype: torch.dtype,
+) -> dict:
+    """The batch of ``indices`` at (epoch, optimizer step) ``at``: cached tensors; with uncached latents the
+    augmented subsets' images encoded now, with uncached text this step's augmented captions
+    (``fluxpipe.training.live_latents`` / ``live_text``)."""
+    enc = d.latents
+    fresh = (lambda it, flip: enc.moments(it, flip, *at)) if enc is not None else None  # noqa: E731
+    batch = make_batch(items, indices, d.tensors, gen, s.device, dtype, s.prior_loss_weight, fresh)
+    chosen = [items[i] for i in indices]
+    if d.encoders is None or s.live_text is None:
+        batch["captions"] = [it.caption for it in chosen]
+        return batch
+    captions = step_captions(s.live_text, chosen, at[0], at[1], d.total)
+    return {**batch, **d.encoders(captions, s.device, dtype), "captions": captions}
 
 
 def scales_loss(compute_dtype: torch.dtype, device: str) -> bool:
@@ -226,8 +256,7 @@ def train_loop(s: LoopSettings, m: Method, d: TrainData) -> Path:
             first = start_batch if epoch == start_epoch else 0
             for bi in range(first, len(batches)):
                 boundary = not ((bi + 1 - first) % accum and bi + 1 < len(batches))  # else: accumulate
-                batch = make_batch(items, batches[bi], d.tensors, gen, s.device, m.batch_dtype, s.prior_loss_weight)
-                batch["captions"] = [items[i].caption for i in batches[bi]]
+                batch = step_batch(s, d, items, batches[bi], (epoch, step), gen, m.batch_dtype)
                 rows, share = w.part(len(batches[bi]))  # this rank's rows, and its loss's weight in the average
                 with m.sync(boundary):
                     loss = m.loss(batch, gen, rows, batches[bi])

@@ -12,6 +12,8 @@ import torch
 
 from fluxpipe.inference.sampler import ModelFiles
 from fluxpipe.training.ema import EmaSettings
+from fluxpipe.training.live_latents import LiveLatents
+from fluxpipe.training.live_text import LiveText
 from fluxpipe.training.loss import FlowSettings
 from fluxpipe.training.monitor import MonitorSettings
 
@@ -52,6 +54,8 @@ class LoopSettings:
     ema: EmaSettings | None = None
     prior_loss_weight: float = 1.0  # the loss weight of regularisation (is_reg) images
     references: bool = False  # Kontext: every item trains with its cached reference latent
+    live_text: LiveText | None = None  # uncached text: the captions are augmented and encoded each step
+    live_latents: LiveLatents | None = None  # uncached latents: random_crop / color_aug subsets encoded each step
 
     @classmethod
     def of(cls, cfg: Any, **given: Any) -> LoopSettings:  # noqa: ANN401 - any stage config
