@@ -11,7 +11,7 @@ rule demo_models:
     log:
         "logs/demo_models.log",
     shell:
-        "fluxpipe demo-models {params.out:q} > {log:q} 2>&1"
+        "fluxpipe demo-models --trained {params.out:q} > {log:q} 2>&1"
 
 
 # A checkpoint: once it ran, Snakemake re-plans the jobs after it by their own settings digests.

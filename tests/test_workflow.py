@@ -81,8 +81,8 @@ def test_train_lora_on_the_demo(finished_demo: tuple[Path, subprocess.CompletedP
     losses = [
         json.loads(line) for line in (workdir / "results/train/lora/demo_lora-loss.jsonl").read_text().splitlines()
     ]
-    # 5 training images (one of 6 held out for validation) x 2 repeats / batch 2 = 5 steps x 20 epochs
-    assert lora.is_file() and len(losses) == 100 and losses[-1]["step"] == 100
+    # 5 training flags (one of 6 held out for validation) x 4 repeats / batch 2 = 10 steps x 20 epochs
+    assert lora.is_file() and len(losses) == 200 and losses[-1]["step"] == 200
     validation = [
         json.loads(line)
         for line in (workdir / "results/train/lora/demo_lora-validation.jsonl").read_text().splitlines()
@@ -180,7 +180,7 @@ def test_settings_edits_rerun_exactly_the_jobs_using_them(finished_demo: tuple, 
     edit(training / "config/config.yaml", "  learning_rate: 0.001", "  learning_rate: 0.002")
     assert dry_run(training, "train_lora", "evaluate_samples") == {"evaluate_samples": 1, "train_lora": 1}
     dataset = edited_copy(finished_demo[0], tmp_path / "dataset")
-    (dataset / "config/demo/images/cat.txt").write_text("a close-up photo of a ginger cat\n")
+    (dataset / "config/demo/flags/images/red_white_flag.txt").write_text("a red and white flag with stripes\n")
     targets = ("cache_latents", "cache_text_encoder_outputs")
     result = snakemake(dataset, *targets)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -212,11 +212,11 @@ def evaluate_then_report(workdir: Path) -> None:
         with Image.open(png) as image:
             image.verify()
             assert image.format == "PNG"
-    with Image.open(out / "grid.png") as grid:  # 5 columns (base, epochs 5/10/15, final) of 256-pixel images
-        assert grid.width > 5 * 256 and grid.height > 4 * 256
+    with Image.open(out / "grid.png") as grid:  # 5 columns (base, epochs 5/10/15, final) of 64-pixel images
+        assert grid.width > 5 * 64 and grid.height > 6 * 64  # rows: 3 prompts x 2 seeds
     metrics = json.loads((out / "metrics.json").read_text())
     assert [c["label"] for c in metrics["checkpoints"]] == ["base", "epoch 5", "epoch 10", "epoch 15", "final"]
-    assert [c["step"] for c in metrics["checkpoints"]] == [0, 25, 50, 75, 100]
+    assert [c["step"] for c in metrics["checkpoints"]] == [0, 50, 100, 150, 200]
     assert all(c["validation_loss"] is not None for c in metrics["checkpoints"])
     assert all(0 <= c["train_distance"] <= 1 for c in metrics["checkpoints"])  # RMS of pixels in [0, 1]
     report = snakemake(workdir, "--report", "report.html")
@@ -401,7 +401,7 @@ def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -
 
 
 def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir: Path) -> None:
-    """`snakemake train_lora evaluate_samples` with train.model_type: kontext: the demo photos paired with their
+    """`snakemake train_lora evaluate_samples` with train.model_type: kontext: the demo flags paired with their
     edge maps (conditioning_data_dir), reference latents in the cache, samples made with the reference image."""
     import yaml
     from PIL import Image
@@ -422,7 +422,7 @@ def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir
     result = snakemake(workdir, "train_lora", "evaluate_samples")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / "results/cache/latents/summary.json").read_text())
-    assert summary["entries"] == 12, summary  # 6 photos + their 6 reference edge maps
+    assert summary["entries"] == 12, summary  # 6 flags + their 6 reference edge maps
     assert (workdir / "results/train/lora/demo_lora.safetensors").is_file()
     out = workdir / "results/evaluate/demo_lora/checkpoints"
     with Image.open(out / "final.png") as final:
@@ -466,6 +466,7 @@ def test_augmented_captions_masks_and_reg_images_train_a_lora(workdir: Path) -> 
     )
     config = workdir / "config/config.yaml"
     cfg = yaml.safe_load(config.read_text())
+    cfg["dataset_config"] = "config/demo/dataset.toml"  # the photos (the demo's default is the flags)
     cfg["train"].pop("save_every_n_epochs")
     cfg["train"].update(max_train_epochs=2, prior_loss_weight=0.5, masked_loss=True)
     config.write_text(yaml.safe_dump(cfg))

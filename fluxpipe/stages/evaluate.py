@@ -192,10 +192,50 @@ def metrics(
 
 
 def run(cfg: EvaluateConfig) -> dict:
+    """Render base + every checkpoint, write the grids, the curves and metrics.json; returns the metrics."""
     from fluxpipe.inference.report_images import labelled_grid, save_png
-    from fluxpipe.lora.files import apply_lora, detach_loras
 
     checkpoints = find_checkpoints(cfg.train_dir, cfg.output_name)
+    session = open_session(cfg)
+    refs = training_thumbnails(cfg.manifest) if cfg.manifest is not None and cfg.manifest.is_file() else None
+    columns, distances = [], []
+    for c in checkpoints:
+        images = render_checkpoint(cfg, session, c)
+        columns.append([img for row in images for img in row])
+        distances.append(None if refs is None else mean_nearest_distance(columns[-1], refs))
+        log.info("evaluated %s", c.label)
+    row_labels = [
+        f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts for s in ((p.seed,) if p.seed is not None else cfg.seeds)
+    ]
+    grid = labelled_grid(
+        [list(r) for r in zip(*columns, strict=True)],
+        row_labels,
+        [c.label for c in checkpoints],
+        title=f"{cfg.output_name}: samples across training",
+    )
+    save_png(grid, cfg.out / "grid.png")
+    losses = read_jsonl(cfg.train_dir / f"{cfg.output_name}-loss.jsonl")
+    validation = read_jsonl(cfg.train_dir / f"{cfg.output_name}-validation.jsonl")
+    write_plots(
+        cfg, losses, validation, [(c.step, d) for c, d in zip(checkpoints, distances, strict=True) if d is not None]
+    )
+    result = metrics(checkpoints, losses, validation, distances)
+    write_text_atomic(cfg.out / "metrics.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What every checkpoint is rendered with: the loaded sampler, the base conditioning and how to re-encode."""
+
+    sampler: Sampler
+    texts: list[str]
+    base_conds: dict
+    encode: dict[str, Any]
+
+
+def open_session(cfg: EvaluateConfig) -> Session:
+    """Encode the prompts (encoders freed after), then load the DiT and the AE once for all checkpoints."""
     texts = [p.prompt for p in cfg.prompts] + [p.negative_prompt for p in cfg.prompts if p.cfg_scale != 1.0]
     enc: dict[str, Any] = {
         "device": cfg.device,
@@ -213,56 +253,41 @@ def run(cfg: EvaluateConfig) -> dict:
         controlnet=cfg.controlnet,
         reference_size=cfg.reference_size,
     )
-    row_labels = [
-        f"{p.prompt[:40]} / seed {s}" for p in cfg.prompts for s in ((p.seed,) if p.seed is not None else cfg.seeds)
-    ]
-    refs = training_thumbnails(cfg.manifest) if cfg.manifest is not None and cfg.manifest.is_file() else None
-    columns, distances = [], []
-    for c in checkpoints:
-        conds = base_conds
-        if c.path is not None:
-            layout, kohya = load_lora(c.path)
-            parts, mult = split_lora(kohya), cfg.lora_multiplier
-            if "lora_unet" in parts:
-                apply_lora(sampler.dit, parts["lora_unet"], mult, merge=False)
-            if "lora_te1" in parts or "lora_te3" in parts:  # a text-encoder LoRA changes the conditioning
-                conds = encode_texts(cfg.models, texts, loras=[(parts, mult)], **enc)
-            log.info("%s", lora_line(c.path, layout, kohya))
-        images = render(sampler, cfg.prompts, cfg.seeds, conds)
-        detach_loras(sampler.dit)
-        seeds = (
-            [str(s) for s in cfg.seeds]
-            if all(p.seed is None for p in cfg.prompts)
-            else ["images"] * max(len(r) for r in images)
-        )
-        padded = [r + [Image.new("RGB", r[0].size, "white")] * (len(seeds) - len(r)) for r in images]
-        save_png(
-            labelled_grid(
-                padded,
-                [p.prompt[:60] for p in cfg.prompts],
-                [f"seed {s}" for s in seeds],
-                title=f"{cfg.output_name}: {c.label}",
-            ),
-            cfg.out / "checkpoints" / f"{slug(c.label)}.png",
-        )
-        columns.append([img for row in images for img in row])
-        distances.append(None if refs is None else mean_nearest_distance(columns[-1], refs))
-        log.info("evaluated %s", c.label)
-    grid = labelled_grid(
-        [list(r) for r in zip(*columns, strict=True)],
-        row_labels,
-        [c.label for c in checkpoints],
-        title=f"{cfg.output_name}: samples across training",
+    return Session(sampler, texts, base_conds, enc)
+
+
+def render_checkpoint(cfg: EvaluateConfig, session: Session, c: Checkpoint) -> list[list[Image.Image]]:
+    """One checkpoint's images [prompt][seed] (its LoRA attached unmerged, detached after); writes its grid."""
+    from fluxpipe.inference.report_images import labelled_grid, save_png
+    from fluxpipe.lora.files import apply_lora, detach_loras
+
+    conds, dit = session.base_conds, session.sampler.dit
+    if c.path is not None:
+        layout, kohya = load_lora(c.path)
+        parts, mult = split_lora(kohya), cfg.lora_multiplier
+        if "lora_unet" in parts:
+            apply_lora(dit, parts["lora_unet"], mult, merge=False)
+        if "lora_te1" in parts or "lora_te3" in parts:  # a text-encoder LoRA changes the conditioning
+            conds = encode_texts(cfg.models, session.texts, loras=[(parts, mult)], **session.encode)
+        log.info("%s", lora_line(c.path, layout, kohya))
+    try:
+        images = render(session.sampler, cfg.prompts, cfg.seeds, conds)
+    finally:
+        detach_loras(dit)
+    seeds = (
+        [str(s) for s in cfg.seeds] if all(p.seed is None for p in cfg.prompts) else ["images"] * max(map(len, images))
     )
-    save_png(grid, cfg.out / "grid.png")
-    losses = read_jsonl(cfg.train_dir / f"{cfg.output_name}-loss.jsonl")
-    validation = read_jsonl(cfg.train_dir / f"{cfg.output_name}-validation.jsonl")
-    write_plots(
-        cfg, losses, validation, [(c.step, d) for c, d in zip(checkpoints, distances, strict=True) if d is not None]
+    padded = [r + [Image.new("RGB", r[0].size, "white")] * (len(seeds) - len(r)) for r in images]
+    save_png(
+        labelled_grid(
+            padded,
+            [p.prompt[:60] for p in cfg.prompts],
+            [f"seed {s}" for s in seeds],
+            title=f"{cfg.output_name}: {c.label}",
+        ),
+        cfg.out / "checkpoints" / f"{slug(c.label)}.png",
     )
-    result = metrics(checkpoints, losses, validation, distances)
-    write_text_atomic(cfg.out / "metrics.json", json.dumps(result, indent=1) + "\n")
-    return result
+    return images
 
 
 def slug(label: str) -> str:

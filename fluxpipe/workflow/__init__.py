@@ -56,7 +56,7 @@ DEMO_OUTPUTS = [DEMO_FILES[s] for s in MODEL_SLOTS] + [
     f"{DEMO_FILES['clip_tokenizer']}/vocab.json",
     f"{DEMO_FILES['t5_tokenizer']}/tokenizer.json",
 ]
-DEMO_VERSION = 1  # bump when the demo models' content changes
+DEMO_VERSION = 2  # bump when the demo models' content changes
 
 
 def model_files(cfg: PipelineConfig) -> dict[str, str]:
