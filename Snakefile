@@ -19,6 +19,7 @@ include: "rules/models.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 # A failed job's error in the terminal (its log in logs/ keeps the rest): the `fluxpipe: error:` line, else the
