@@ -19,6 +19,7 @@ include: "rules/models.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 # set by rules/common.smk: the merged settings the `fluxpipe` commands read (--config-json)
