@@ -16,6 +16,7 @@ from fluxpipe import __version__
 from fluxpipe.cli.cache import add_cache_commands
 from fluxpipe.cli.common import accept_both_spellings, quiet_library_noise, use_job_threads
 from fluxpipe.cli.models import add_bench, add_demo_models, add_validate
+from fluxpipe.cli.report import add_parser as add_run_report
 from fluxpipe.cli.sample import add_evaluate, add_sample
 from fluxpipe.cli.train import add_train
 from fluxpipe.errors import FluxpipeError
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_sample,
         add_evaluate,
         add_lora_commands,
+        add_run_report,
     ]
     for add in adders:
         add(sub)
