@@ -89,6 +89,40 @@ def _missing_error(kind: str, missing: list[str]) -> FluxpipeError:
     return FluxpipeError(f"{len(missing)} manifest rows have no {kind} cache entry ({summarize(missing, 3)}); {RERUN}")
 
 
+def _item(
+    row: object,
+    r: Any,  # noqa: ANN401 - a manifest row (pandas namedtuple)
+    keys: list,
+    text_key: str,
+    caption: str,
+    ref_keys: list,
+    mask_keys: list,
+    variants: dict,
+) -> TrainItem:
+    """The TrainItem of one manifest row whose cache entries were all found."""
+    return TrainItem(
+        row=int(str(row)),
+        dataset=int(r.dataset),
+        latent_keys=tuple(str(k) for k in keys),
+        text_key=text_key,
+        bucket=(int(r.bucket_w), int(r.bucket_h)),
+        is_reg=bool(r.is_reg),
+        repeats=int(r.repeats),
+        reference_keys=tuple(str(k) for k in ref_keys),
+        mask_keys=tuple(str(k) for k in mask_keys),
+        preserve=bool(getattr(r, "preserve", False)),
+        caption=caption,
+        subset=int(getattr(r, "subset", 0)),
+        source_caption=str(r.caption),
+        caption_id=f"{r.dataset}:{r.path}",
+        image=str(r.path),
+        resized=(int(r.resized_w), int(r.resized_h)),
+        crop=(int(r.crop_left), int(r.crop_top)),
+        interpolation=str(getattr(r, "resize_interpolation", "") or ""),
+        **variants,
+    )
+
+
 def load_items(
     manifest: Path, latent_index: Path, text_index: Path, split: str = "train", references: bool = False
 ) -> list[TrainItem]:
@@ -127,29 +161,7 @@ def load_items(
             no_text.append(f"{r.path} (caption {str(r.caption_sha256)[:12]} or one of its cached variants)")
         if None in keys or None in mask_keys or text_key is None or variants is None:
             continue
-        items.append(
-            TrainItem(
-                row=int(row),
-                dataset=int(r.dataset),
-                latent_keys=tuple(str(k) for k in keys),
-                text_key=str(text_key),
-                bucket=bucket,
-                is_reg=bool(r.is_reg),
-                repeats=int(r.repeats),
-                reference_keys=tuple(str(k) for k in ref_keys),
-                mask_keys=tuple(str(k) for k in mask_keys),
-                preserve=bool(getattr(r, "preserve", False)),
-                caption=caption,
-                subset=int(getattr(r, "subset", 0)),
-                source_caption=str(r.caption),
-                caption_id=f"{r.dataset}:{r.path}",
-                image=str(r.path),
-                resized=(int(r.resized_w), int(r.resized_h)),
-                crop=(int(r.crop_left), int(r.crop_top)),
-                interpolation=str(getattr(r, "resize_interpolation", "") or ""),
-                **variants,
-            )
-        )
+        items.append(_item(row, r, keys, str(text_key), caption, ref_keys, mask_keys, variants))
     _raise_missing(no_reference, no_latent, no_text)
     return items
 
