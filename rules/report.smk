@@ -6,37 +6,6 @@ import os
 import shlex
 
 
-def run_report_outputs(method, category):
-    """run.html (everything in one page), curves.png and dataset.png of one method, for the report."""
-    out = f"{fw.RESULTS}/report/{method}"
-    return {
-        "html": report(
-            f"{out}/run.html",
-            caption="../report/run_settings.rst",
-            category=category,
-            labels={"figure": "settings, timings, metrics, dataset"},
-        ),
-        "curves": report(
-            f"{out}/curves.png",
-            caption="../report/run_curves.rst",
-            category=category,
-            labels={"figure": "loss, lr, s/step, peak memory"},
-        ),
-        "dataset": report(
-            f"{out}/dataset.png",
-            caption="../report/run_dataset.rst",
-            category=category,
-            labels={"figure": "dataset preview"},
-        ),
-    }
-
-
-RUN_REPORT_SHELL = (
-    "fluxpipe run-report {params.method} --out {params.out:q} --manifest {input.manifest:q} "
-    "--validate-report {input.report:q} {params.metrics} {params.flags:q} > {log:q} 2>&1"
-)
-
-
 rule run_report_lora:
     input:
         trained=fw.lora_output(CFG),
