@@ -32,16 +32,9 @@ FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # 
 
 
 def _float_dtype(code: str) -> torch.dtype:
-    import torch
+    from fluxpipe.io.safetensors_file import DTYPES  # imports torch: only when a file is scanned
 
-    return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-    }[code]
+    return DTYPES[code]
 
 
 def default_cache_path() -> Path:
