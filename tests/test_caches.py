@@ -297,7 +297,7 @@ def test_resize_interpolation_reaches_the_latent_entries(tmp_path: Path) -> None
     blocks = torch.from_numpy(pixels.repeat(2, axis=0).repeat(2, axis=1)).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(cache_latents.prepare(nearest), blocks)
     assert not torch.equal(cache_latents.prepare(auto), blocks)  # lanczos blends neighbours
-    from fluxpipe.workflow import _shard_digests  # the pipeline re-encodes a latent shard when the filter changes
+    from fluxpipe.workflow.cache import _shard_digests  # the pipeline re-encodes a latent shard when the filter changes
 
     digests = {name: _shard_digests(str(tmp_path / f"{name}.parquet"), 0, "latents") for name in rows}
     assert digests["auto"] != digests["nearest"]

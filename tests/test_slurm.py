@@ -90,9 +90,10 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(slurm: None, tmp_path: Path) -> None:
     cluster = copy_workflow(tmp_path / "cluster")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
-    # in segments of 40 steps (a queue's wall-time limit): two train_segment jobs, then train_lora resumes
+    # the demo's 200 steps in segments of 80 (a queue's wall-time limit): two train_segment jobs, then train_lora
+    # resumes
     result = snakemake(
-        cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config", "train_segment_steps=40"
+        cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config", "train_segment_steps=80"
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ran = int(re.findall(r"(\d+) of \d+ steps \(100%\) done", result.stdout + result.stderr)[-1])

@@ -312,12 +312,13 @@ def test_train_processes_launch_torchrun(workdir: Path) -> None:
 def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:
     from safetensors.torch import load_file
 
-    segmented = snakemake(workdir, "-p", "train_lora", "--config", "train_segment_steps=40")
+    segmented = snakemake(workdir, "-p", "train_lora", "--config", "train_segment_steps=80")
     assert segmented.returncode == 0, segmented.stderr[-3000:]
     log = segmented.stdout + segmented.stderr
-    # 100 steps in jobs of 40: two segments, then the final job resuming the second
-    assert log.count("rule train_segment:") == 2 and "--stop_at_step 80 --resume" in log, log[-3000:]
-    assert "--resume results/train/lora/demo_lora-seg00000080-state" in log
+    # the demo's 200 steps (5 images x 4 repeats / batch 2 x 20 epochs) in jobs of 80: two segments, then the final
+    # job (steps 161-200) resuming the second
+    assert log.count("rule train_segment:") == 2 and "--stop_at_step 160 --resume" in log, log[-3000:]
+    assert "--resume results/train/lora/demo_lora-seg00000160-state" in log
     out = workdir / "results/train/lora"
     assert not list(out.glob("*-seg*-state"))  # temporary: deleted once the chain finished
     chained = {p.name: load_file(str(p)) for p in out.glob("demo_lora*.safetensors")}
