@@ -236,7 +236,6 @@ def lora_config(
     from fluxpipe.io.tables import read_parquet
     from fluxpipe.training.metadata import dataset_metadata
 
-    ns.seed = 42 if ns.seed is None else ns.seed  # deterministic by default (the reference draws a random seed)
     table, _ = read_parquet(caches.manifest)
     variant = dit_variant(ns)
     common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
@@ -290,7 +289,6 @@ def full_config(
     """The typed full fine-tune config from the parsed flags (checked with check_unhonoured(ns, "full"))."""
     from fluxpipe.training.weights import OptimizerSettings
 
-    ns.seed = 42 if ns.seed is None else ns.seed
     variant = dit_variant(ns)
     common = common_fields(ns, caches, device, auto_resume, (clip_tokenizer, t5_tokenizer), variant)
     optim = OptimizerSettings(

@@ -93,7 +93,7 @@ def live_text(ns: argparse.Namespace, caches: CachePaths, clip_tokenizer: Path |
         max_length=ns.t5xxl_max_token_length or default_t5_max_length(dit_variant(ns)),
         apply_t5_attn_mask=ns.apply_t5_attn_mask,
         augments=tuple(tuple(CaptionAugment.of(sub) for sub in ds.subsets) for ds in datasets.datasets),
-        seed=42 if ns.seed is None else ns.seed,
+        seed=ns.seed,
     )
 
 
@@ -124,7 +124,7 @@ def live_latents(ns: argparse.Namespace, caches: CachePaths):  # noqa: ANN201 - 
     )
     if not any(a.fresh for row in augments for a in row):
         return None
-    return LiveLatents(ae=Path(ns.ae), augments=augments, seed=42 if ns.seed is None else ns.seed)
+    return LiveLatents(ae=Path(ns.ae), augments=augments, seed=ns.seed)
 
 
 def build_caches(
@@ -140,7 +140,7 @@ def build_caches(
     check_cacheable(datasets, cache_latents=bool(ns.cache_latents), cache_text=bool(ns.cache_text_encoder_outputs))
     check_fresh_latents(datasets, ns)
     paths = pipeline_caches(work)
-    seed = 42 if ns.seed is None else ns.seed  # (cached caption slot v is each item's caption of epoch v)
+    seed = ns.seed  # (cached caption slot v is each item's caption of epoch v)
     manifest.run(
         manifest.ManifestConfig(
             datasets=datasets,

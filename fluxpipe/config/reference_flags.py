@@ -58,6 +58,9 @@ class _Parser(argparse.ArgumentParser):
         raise FluxpipeError(message)
 
 
+DEFAULT_SEED = 42  # --seed when none is given
+
+
 def _help(name: str) -> str:
     if name in EXTENSION_HELP:
         return EXTENSION_HELP[name] + " (default: %(default)s)"
@@ -276,6 +279,7 @@ def _apply_implications(ns: argparse.Namespace) -> None:
     ns.cache_latents = ns.cache_latents or ns.cache_latents_to_disk
     ns.cache_text_encoder_outputs = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
     ns.fp8_base = ns.fp8_base or ns.fp8_base_unet
+    ns.seed = DEFAULT_SEED if ns.seed is None else ns.seed  # deterministic by default (the reference draws one)
     ns.network_module = NETWORK_MODULES.get(ns.network_module)
     if ns.double_blocks_to_swap or ns.single_blocks_to_swap:  # deprecated full fine-tune options (spec §6.1)
         n = (ns.double_blocks_to_swap or 0) + (ns.single_blocks_to_swap or 0) // 2

@@ -10,6 +10,7 @@ import os
 
 from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
 from fluxpipe.config.pipeline import PipelineConfig
+from fluxpipe.config.reference_flags import DEFAULT_SEED
 from fluxpipe.config.results import shard_path
 
 # ---- dataset manifest and caches -------------------------------------------------------------------
@@ -54,7 +55,7 @@ def masked_loss(cfg: PipelineConfig) -> bool:
 def caption_seed(cfg: PipelineConfig) -> int:
     """The seed of the cached caption slots: the LoRA training seed (42 when unset, as the trainer's default)."""
     seed = (cfg.train or {}).get("seed")
-    return 42 if seed is None else int(seed)
+    return DEFAULT_SEED if seed is None else int(seed)
 
 
 def caption_settings(cfg: PipelineConfig) -> list[int] | None:
