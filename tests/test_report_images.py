@@ -89,6 +89,14 @@ def test_labels_and_title_are_drawn_in_their_boxes() -> None:
     assert dark_pixels(blank, (0, 0, blank.width, blank.height)) == 0
 
 
+def test_labels_are_legible_at_100_percent() -> None:
+    """Column labels are drawn in a 15 px font: a capital letter is at least 10 px tall (Pillow's bare default
+    font draws it 7 px tall, too small to read beside 64 px samples)."""
+    grid = labelled_grid([[Image.new("RGB", (120, 64), (255, 255, 255))]], [""], ["EPOCH"], pad=0)
+    ys = [y for y in range(HEADER_HEIGHT) for x in range(grid.width) if grid.getpixel((x, y))[0] < 128]
+    assert ys and max(ys) - min(ys) + 1 >= 10
+
+
 def test_fit_label_wraps_and_cuts_with_an_ellipsis() -> None:
     font = ImageFont.load_default()
     assert fit_label(font, "epoch 1", 200, 2) == ["epoch 1"]

@@ -12,7 +12,7 @@ Grid layout (``labelled_grid``), all sizes in pixels, ``pad`` between and around
   y = ``top + HEADER_HEIGHT + pad + sum(row_h[:i]) + i * pad`` with top = ``pad`` (``2 * pad + TITLE_HEIGHT``
   with a title).
 
-Labels are black text in Pillow's default font on white, centred in their box, word-wrapped to the box and
+Labels are black text in Pillow's scalable default font at ``FONT_SIZE`` px (legible at 100 % zoom) on white, centred in their box, word-wrapped to the box and
 cut with "…" when they still do not fit. Every file is written atomically (fluxpipe.io.atomic): a temporary
 file beside the target, then one rename, so a reader never sees half a PNG.
 """
@@ -30,9 +30,10 @@ from fluxpipe.io.atomic import publish, temp_beside
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ROW_LABEL_WIDTH = 120
-HEADER_HEIGHT = 30
-TITLE_HEIGHT = 20
+FONT_SIZE = 15  # px
+ROW_LABEL_WIDTH = 150
+HEADER_HEIGHT = 40  # two label lines
+TITLE_HEIGHT = 24
 LINE_SPACING = 2
 ELLIPSIS = "…"
 BACKGROUND = (255, 255, 255)
@@ -42,6 +43,14 @@ DPI = 100
 RAW_ALPHA = 0.25  # opacity of the raw line under a moving average
 
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def label_font(size: int = FONT_SIZE) -> Font:
+    """Pillow's own scalable font at ``size`` px (its small bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1, or built without FreeType
+        return ImageFont.load_default()
 
 
 def _text_width(font: Font, text: str) -> float:
@@ -118,7 +127,7 @@ def labelled_grid(
     height = HEADER_HEIGHT + sum(row_h) + pad * (len(row_h) + 2) + (TITLE_HEIGHT + pad if title else 0)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = label_font()
     top = pad
     if title:
         _draw_label(draw, font, title, (pad, top, width - 2 * pad, TITLE_HEIGHT))

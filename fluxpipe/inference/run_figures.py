@@ -8,24 +8,16 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from fluxpipe.inference.report_images import fit_label, moving_average
+from fluxpipe.inference.report_images import label_font as font
 from fluxpipe.io.atomic import publish, temp_beside
 from fluxpipe.io.run_files import EpochTiming
 
-FONT_SIZE = 15  # px: legible at 100 % zoom
 THUMB = 128  # px: longest side of a preview thumbnail
 TILE_W, CAPTION_LINES, PREVIEW_COLUMNS = 184, 3, 6
 HELD_OUT = (200, 40, 40)
-
-
-def font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's own scalable font at ``size`` px (its small bitmap font where FreeType is missing)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1, or built without FreeType
-        return ImageFont.load_default()
 
 
 def png_bytes(image: Image.Image) -> bytes:
