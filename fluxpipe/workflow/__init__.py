@@ -203,18 +203,22 @@ def method_output(cfg: PipelineConfig, method: str) -> str:
     return f"{METHOD_DIRS[method]}/{flags.get('output_name') or 'last'}.safetensors"
 
 
-def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
-    """The reference's flags for `fluxpipe train full|controlnet`: the pipeline's files plus its section."""
+def owned_flags(cfg: PipelineConfig, output_dir: str) -> dict[str, str]:
+    """The training flags the pipeline sets itself: its model files, the dataset config and the output folder."""
     files = model_files(cfg)
-    owned = {
+    return {
         "pretrained_model_name_or_path": files["flux"],
         "clip_l": files["clip_l"],
         "t5xxl": files["t5xxl"],
         "ae": files["ae"],
         "dataset_config": cfg.dataset_config or "",
-        "output_dir": METHOD_DIRS[method],
+        "output_dir": output_dir,
     }
-    return train_argv(getattr(cfg, METHOD_SECTIONS[method]) or {}, owned)
+
+
+def method_argv(cfg: PipelineConfig, method: str) -> list[str]:
+    """The reference's flags for `fluxpipe train full|controlnet`: the pipeline's files plus its section."""
+    return train_argv(getattr(cfg, METHOD_SECTIONS[method]) or {}, owned_flags(cfg, METHOD_DIRS[method]))
 
 
 def method_dir(method: str) -> str:
@@ -275,16 +279,7 @@ def train_launcher(cfg: PipelineConfig) -> str:
 
 def train_lora_argv(cfg: PipelineConfig) -> list[str]:
     """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
-    files = model_files(cfg)
-    owned = {
-        "pretrained_model_name_or_path": files["flux"],
-        "clip_l": files["clip_l"],
-        "t5xxl": files["t5xxl"],
-        "ae": files["ae"],
-        "dataset_config": cfg.dataset_config or "",
-        "output_dir": TRAIN_DIR,
-    }
-    argv = train_argv(cfg.train or {}, owned)
+    argv = train_argv(cfg.train or {}, owned_flags(cfg, TRAIN_DIR))
     clip_tokenizer = tokenizer_dirs(cfg)["clip_tokenizer"]
     if clip_tokenizer:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
         argv += ["--clip_tokenizer", clip_tokenizer]
