@@ -119,3 +119,19 @@ bucket_reso_steps = 16
 image_dir = "{image_dir}"
 """)
     return path
+
+
+def tiny_lora_argv(demo: Path, toml: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`fluxpipe train lora` on the demo models: rank 4, ``steps`` steps in fp32, seed 5, output ``out/lora``."""
+    from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
+
+    return [
+        "train",
+        "lora",
+        *("--pretrained_model_name_or_path", str(demo / FILES["flux"]), "--clip_l", str(demo / FILES["clip_l"])),
+        *("--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]), "--dataset_config", str(toml)),
+        *("--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora_flux"),
+        *("--network_dim", "4", "--max_train_steps", str(steps), "--mixed_precision", "no", "--seed", "5"),
+        *("--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR)),
+        *extra,
+    ]

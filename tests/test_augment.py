@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_lora_argv
 from PIL import Image
 
 from fluxpipe.cli import main
 from fluxpipe.data.augment import ImageAugment, color_aug, fresh_pixels, random_crop_origin
 from fluxpipe.data.images import resize_and_crop, to_tensor
-from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 from fluxpipe.training import live_latents
 
 
@@ -92,17 +91,7 @@ def _dataset(tmp: Path, subset: str) -> Path:
 
 
 def _command(demo: Path, toml: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "lora",
-        *("--pretrained_model_name_or_path", str(demo / FILES["flux"]), "--clip_l", str(demo / FILES["clip_l"])),
-        *("--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]), "--dataset_config", str(toml)),
-        *("--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora_flux"),
-        *("--network_dim", "4", "--max_train_steps", "2", "--mixed_precision", "no", "--seed", "5"),
-        *("--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR)),
-        *("--network_train_unet_only", "--cache_text_encoder_outputs"),
-        *extra,
-    ]
+    return tiny_lora_argv(demo, toml, out, 2, "--network_train_unet_only", "--cache_text_encoder_outputs", *extra)
 
 
 def test_train_lora_encodes_augmented_images_each_step(

@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_lora_argv
 
 from fluxpipe.cli import main
 from fluxpipe.data.captions import CaptionAugment, caption_slots
 from fluxpipe.data.epochs import TrainItem
-from fluxpipe.tools.demo import CLIP_DIR, FILES, T5_DIR
 from fluxpipe.training import live_text
 from fluxpipe.training.live_text import LiveText, step_captions
 
@@ -87,16 +86,7 @@ def _dataset(tmp: Path, general: str) -> Path:
 
 
 def _command(demo: Path, toml: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "lora",
-        *("--pretrained_model_name_or_path", str(demo / FILES["flux"]), "--clip_l", str(demo / FILES["clip_l"])),
-        *("--t5xxl", str(demo / FILES["t5xxl"]), "--ae", str(demo / FILES["ae"]), "--dataset_config", str(toml)),
-        *("--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora_flux"),
-        *("--network_dim", "4", "--max_train_steps", "3", "--mixed_precision", "no", "--seed", "5"),
-        *("--clip_tokenizer", str(demo / CLIP_DIR), "--t5_tokenizer", str(demo / T5_DIR)),
-        *extra,
-    ]
+    return tiny_lora_argv(demo, toml, out, 3, *extra)
 
 
 def test_train_lora_encodes_each_steps_captions(
