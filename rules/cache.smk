@@ -11,12 +11,13 @@ checkpoint dataset_manifest:
         fw.MANIFEST,
     params:
         settings=fw.manifest_params(CFG),
+        shards=f"--latent-shards {LATENT_SHARDS} --text-shards {TEXT_SHARDS}",
     # image decoding and hashing (cache.decode_workers threads at most)
     threads: all_cores()
     log:
         "logs/dataset_manifest.log",
     shell:
-        "fluxpipe manifest --config-json \"$FLUXPIPE_CONFIG_JSON\" --out {output:q} > {log:q} 2>&1"
+        "fluxpipe manifest --config-json \"$FLUXPIPE_CONFIG_JSON\" {params.shards} --out {output:q} > {log:q} 2>&1"
 
 
 rule latent_shard:
@@ -29,7 +30,7 @@ rule latent_shard:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "latents", wildcards.shard),
         settings=validated_settings(fw.latent_params),
     # the shard jobs share --cores
-    threads: shared_cores(CFG.cache.latent_shards)
+    threads: shared_cores(LATENT_SHARDS)
     resources:
         gpu=1,
     log:
@@ -42,7 +43,7 @@ rule latent_shard:
 rule cache_latents:
     input:
         manifest=manifest_file,
-        shards=fw.shard_paths("latents", CFG.cache.latent_shards),
+        shards=fw.shard_paths("latents", LATENT_SHARDS),
     output:
         index=fw.LATENT_INDEX,
         summary=fw.LATENT_SUMMARY,
@@ -63,7 +64,7 @@ rule text_shard:
     params:
         digest=lambda wildcards: fw.shard_digest(fw.MANIFEST, "text", wildcards.shard),
         settings=validated_settings(fw.text_params),
-    threads: shared_cores(CFG.cache.text_shards)
+    threads: shared_cores(TEXT_SHARDS)
     resources:
         gpu=1,
     log:
@@ -76,7 +77,7 @@ rule text_shard:
 rule cache_text_encoder_outputs:
     input:
         manifest=manifest_file,
-        shards=fw.shard_paths("text", CFG.cache.text_shards),
+        shards=fw.shard_paths("text", TEXT_SHARDS),
     output:
         index=fw.TEXT_INDEX,
         summary=fw.TEXT_SUMMARY,

@@ -16,6 +16,9 @@ CFG = fw.load_or_exit(config)  # bad settings: one `fluxpipe: error:` line, exit
 os.environ["FLUXPIPE_CONFIG_JSON"] = fw.config_json(config)
 FLUXPIPE_VERSION = fluxpipe.__version__
 VALIDATE_REPORT = fw.VALIDATE_REPORT
+# shard jobs of the two caches: cache.latent_shards / text_shards, or with "auto" one per 500 images (1 to 16)
+LATENT_SHARDS = fw.shard_count(CFG, "latents")
+TEXT_SHARDS = fw.shard_count(CFG, "text")
 
 
 wildcard_constraints:

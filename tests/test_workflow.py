@@ -151,7 +151,7 @@ def test_other_model_files_rerun_exactly_what_uses_them(finished_demo: tuple, tm
     assert ran_jobs(result) == {
         "cache_latents": 1,
         "evaluate_samples": 1,
-        "latent_shard": 4,
+        "latent_shard": 1,  # cache.latent_shards auto: one job for six images
         "train_lora": 1,
         "validate_models": 1,
     }
@@ -335,6 +335,31 @@ def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:
     ]
 
 
+def test_auto_shard_counts_follow_the_dataset(tmp_path: Path) -> None:
+    from conftest import dataset_toml
+
+    from fluxpipe.config.pipeline import load_pipeline
+    from fluxpipe.config.typed import ConfigError
+    from fluxpipe.workflow import shard_count
+
+    def count(n: int) -> tuple[int, int]:
+        images = tmp_path / f"images{n}"
+        images.mkdir()
+        for i in range(n):  # empty files are enough: the count lists folders only
+            (images / f"{i:05d}.png").touch()
+        (images / "notes.txt").touch()
+        cfg = load_pipeline({"dataset_config": str(dataset_toml(tmp_path / f"d{n}.toml", images))})
+        return shard_count(cfg, "latents"), shard_count(cfg, "text")
+
+    assert count(6) == (1, 1) and count(500) == (1, 1) and count(501) == (2, 2) and count(1700) == (4, 4)
+    assert count(9000) == (16, 16)  # at most 16 jobs
+    with pytest.raises(ConfigError, match="cache.latent_shards: 'many' is neither auto nor a whole number"):
+        load_pipeline({"cache": {"latent_shards": "many"}})
+    with pytest.raises(ConfigError, match="cache.text_shards: 0 is neither auto nor a whole number of at least 1"):
+        load_pipeline({"cache": {"text_shards": 0}})
+    assert shard_count(load_pipeline({"cache": {"latent_shards": 3}}), "latents") == 3
+
+
 def test_segments_are_planned_from_max_train_steps() -> None:
     from fluxpipe.config.pipeline import PipelineConfig
     from fluxpipe.workflow import previous_segment, segment_ends, segment_state
@@ -486,7 +511,8 @@ def test_augmented_captions_masks_and_reg_images_train_a_lora(workdir: Path) -> 
 
 
 def test_rules_declare_their_threads(workdir: Path) -> None:
-    """Training, the manifest and evaluation take what --cores allows; the 4 + 4 shard jobs share it."""
+    """Training, the manifest and evaluation take what --cores allows; the shard jobs share it (the demo's six
+    images: one latent and one text shard, cache.*_shards auto)."""
     result = snakemake(workdir, "-n", "--cores", "8", "train_lora")
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-2000:]
@@ -497,5 +523,5 @@ def test_rules_declare_their_threads(workdir: Path) -> None:
             found = re.search(r"\n\s+threads: (\d+)", block)
             jobs.setdefault(head[1], set()).add(int(found[1]) if found else 1)
     assert jobs["train_lora"] == {8} and jobs["dataset_manifest"] == {8}, jobs
-    assert jobs["latent_shard"] == {2} and jobs["text_shard"] == {2}, jobs  # 8 cores / 4 shards
+    assert jobs["latent_shard"] == {8} and jobs["text_shard"] == {8}, jobs  # 8 cores / 1 shard
     assert jobs["validate_models"] == {1} and jobs["demo_models"] == {1}, jobs

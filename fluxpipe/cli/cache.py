@@ -25,8 +25,8 @@ def _manifest(args: argparse.Namespace) -> None:
         manifest.ManifestConfig(
             datasets=datasets,
             out=args.out,
-            latent_shards=cfg.cache.latent_shards,
-            text_shards=cfg.cache.text_shards,
+            latent_shards=args.latent_shards or workflow.shard_count(cfg, "latents"),
+            text_shards=args.text_shards or workflow.shard_count(cfg, "text"),
             skip_bad_images=cfg.cache.skip_bad_images,
             hash_cache=cfg.hash_cache,
             workers=cfg.cache.decode_workers,
@@ -103,6 +103,10 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("manifest", help="scan the dataset into a Parquet manifest (hashes, captions, buckets)")
     add_config(p)
     p.add_argument("--out", type=Path, required=True, help="manifest .parquet")
+    for kind in ("latent", "text"):
+        p.add_argument(
+            f"--{kind}-shards", type=int, help=f"{kind} shard jobs (default: cache.{kind}_shards, auto: per 500 images)"
+        )
     p.set_defaults(func=_manifest)
     for name, func, what in (
         ("cache-latents", _cache_latents, "AE latents"),

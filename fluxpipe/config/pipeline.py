@@ -55,16 +55,20 @@ class ModelsConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+AUTO_SHARD_IMAGES = 500  # cache.*_shards "auto": one shard job per this many images ...
+AUTO_MAX_SHARDS = 16  # ... and at most this many
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CacheConfig:
     """How the latent and text-encoder caches are built (changing these re-encodes what they affect)."""
 
-    latent_shards: int = 16
-    """Number of latent shard jobs (items assigned by a stable hash of their path); changing it re-shards."""
-    text_shards: int = 16
-    """Number of text shard jobs (captions assigned by a stable hash of their text)."""
+    latent_shards: int | str = "auto"
+    """Number of latent shard jobs (items assigned by a stable hash of their path); changing it re-shards (the
+    entries are reused, not encoded again). "auto": one per AUTO_SHARD_IMAGES images of the dataset, 1 to
+    AUTO_MAX_SHARDS."""
+    text_shards: int | str = "auto"
+    """Number of text shard jobs (captions assigned by a stable hash of their text); "auto" as latent_shards."""
     vae_batch_size: int = 4
     """Images per AE encode batch (one bucket per batch)."""
     text_encoder_batch_size: int = 8
@@ -90,9 +94,11 @@ class CacheConfig:
     dropout, wildcards): epoch e trains on the caption drawn for epoch e mod caption_variants."""
 
     def __post_init__(self) -> None:
+        for name in ("latent_shards", "text_shards"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, str) or value < 1):
+                raise ConfigError(f"cache.{name}: {value!r} is neither auto nor a whole number of at least 1")
         for name in (
-            "latent_shards",
-            "text_shards",
             "vae_batch_size",
             "text_encoder_batch_size",
             "decode_workers",

@@ -40,6 +40,7 @@ from fluxpipe.workflow.cache import (  # noqa: F401 - the rules read these throu
     masked_loss,
     pq_names,
     shard_digest,
+    shard_count,
     shard_paths,
 )
 

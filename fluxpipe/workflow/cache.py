@@ -9,7 +9,7 @@ import json
 import os
 
 from fluxpipe.config.dataset import IMAGE_EXTENSIONS, non_utf8_names, refuse_non_utf8
-from fluxpipe.config.pipeline import PipelineConfig
+from fluxpipe.config.pipeline import AUTO_MAX_SHARDS, AUTO_SHARD_IMAGES, PipelineConfig
 from fluxpipe.config.reference_flags import DEFAULT_SEED
 from fluxpipe.config.results import shard_path
 
@@ -47,6 +47,28 @@ def dataset_files(cfg: PipelineConfig) -> list[str]:
     return sorted(files)
 
 
+def shard_count(cfg: PipelineConfig, kind: str) -> int:
+    """The number of shard jobs of the latent or text cache: the configured number, or with "auto" one per
+    AUTO_SHARD_IMAGES training images found in the dataset's folders (1 to AUTO_MAX_SHARDS): a six-image demo
+    runs one latent and one text job, not 2 x 16 jobs' start-up."""
+    value = cfg.cache.latent_shards if kind == "latents" else cfg.cache.text_shards
+    if value != "auto":
+        return int(value)
+    images = sum(1 for f in dataset_files(cfg) if f.lower().endswith(IMAGE_EXTENSIONS) and not _conditioning(cfg, f))
+    return max(1, min(AUTO_MAX_SHARDS, -(-images // AUTO_SHARD_IMAGES)))
+
+
+def _conditioning(cfg: PipelineConfig, path: str) -> bool:
+    datasets = cfg.datasets()
+    folders = {
+        os.path.normpath(sub.conditioning_data_dir)
+        for ds in (datasets.datasets if datasets else ())
+        for sub in ds.subsets
+        if sub.conditioning_data_dir
+    }
+    return os.path.normpath(os.path.dirname(path)) in folders
+
+
 def masked_loss(cfg: PipelineConfig) -> bool:
     """train.masked_loss: a conditioning image is its target's loss mask (its R channel)."""
     return bool((cfg.train or {}).get("masked_loss"))
@@ -73,7 +95,7 @@ def manifest_params(cfg: PipelineConfig) -> str:
     """The settings the manifest depends on, as one string for Snakemake's params trigger."""
     settings = {
         "datasets": repr(cfg.datasets()),
-        "shards": [cfg.cache.latent_shards, cfg.cache.text_shards],
+        "shards": [shard_count(cfg, "latents"), shard_count(cfg, "text")],
         "skip_bad": cfg.cache.skip_bad_images,
         "format": CACHE_FORMAT["manifest"],
         "captions": caption_settings(cfg),
