@@ -140,7 +140,6 @@ def build_caches(
     check_cacheable(datasets, cache_latents=bool(ns.cache_latents), cache_text=bool(ns.cache_text_encoder_outputs))
     check_fresh_latents(datasets, ns)
     paths = pipeline_caches(work)
-    seed = ns.seed  # (cached caption slot v is each item's caption of epoch v)
     manifest.run(
         manifest.ManifestConfig(
             datasets=datasets,
@@ -148,7 +147,7 @@ def build_caches(
             latent_shards=1,
             text_shards=1,
             masked_loss=bool(ns.masked_loss),
-            caption_seed=seed,
+            caption_seed=ns.seed,  # cached caption slot v is each item's caption of epoch v
         )
     )
     _latent_shard(ns, work, paths, device)

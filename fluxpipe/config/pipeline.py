@@ -98,12 +98,7 @@ class CacheConfig:
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, str) or value < 1):
                 raise ConfigError(f"cache.{name}: {value!r} is neither auto nor a whole number of at least 1")
-        for name in (
-            "vae_batch_size",
-            "text_encoder_batch_size",
-            "decode_workers",
-            "caption_variants",
-        ):
+        for name in ("vae_batch_size", "text_encoder_batch_size", "decode_workers", "caption_variants"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("latent_dtype", "text_dtype"):

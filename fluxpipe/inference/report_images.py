@@ -12,8 +12,8 @@ Grid layout (``labelled_grid``), all sizes in pixels, ``pad`` between and around
   y = ``top + HEADER_HEIGHT + pad + sum(row_h[:i]) + i * pad`` with top = ``pad`` (``2 * pad + TITLE_HEIGHT``
   with a title).
 
-Labels are black text in Pillow's scalable default font at ``FONT_SIZE`` px (legible at 100 % zoom) on white, centred in their box, word-wrapped to the box and
-cut with "…" when they still do not fit. Every file is written atomically (fluxpipe.io.atomic): a temporary
+Labels are black text in Pillow's scalable default font at ``FONT_SIZE`` px (legible at 100 % zoom) on white,
+centred in their box, word-wrapped to the box and cut with "…" when they still do not fit. Every file is written atomically (fluxpipe.io.atomic): a temporary
 file beside the target, then one rename, so a reader never sees half a PNG.
 """
 

@@ -54,19 +54,15 @@ def shard_count(cfg: PipelineConfig, kind: str) -> int:
     value = cfg.cache.latent_shards if kind == "latents" else cfg.cache.text_shards
     if value != "auto":
         return int(value)
-    images = sum(1 for f in dataset_files(cfg) if f.lower().endswith(IMAGE_EXTENSIONS) and not _conditioning(cfg, f))
-    return max(1, min(AUTO_MAX_SHARDS, -(-images // AUTO_SHARD_IMAGES)))
-
-
-def _conditioning(cfg: PipelineConfig, path: str) -> bool:
     datasets = cfg.datasets()
-    folders = {
-        os.path.normpath(sub.conditioning_data_dir)
-        for ds in (datasets.datasets if datasets else ())
-        for sub in ds.subsets
-        if sub.conditioning_data_dir
-    }
-    return os.path.normpath(os.path.dirname(path)) in folders
+    subsets = [sub for ds in (datasets.datasets if datasets else ()) for sub in ds.subsets]
+    conditioning = {os.path.normpath(sub.conditioning_data_dir) for sub in subsets if sub.conditioning_data_dir}
+    images = sum(
+        1
+        for f in dataset_files(cfg)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.normpath(os.path.dirname(f)) not in conditioning
+    )
+    return max(1, min(AUTO_MAX_SHARDS, -(-images // AUTO_SHARD_IMAGES)))
 
 
 def masked_loss(cfg: PipelineConfig) -> bool:
