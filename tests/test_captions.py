@@ -33,14 +33,14 @@ def test_shuffle_keeps_the_first_keep_tokens_tags() -> None:
 def test_shuffle_on_a_known_seed_is_a_fixed_order() -> None:
     # random.Random(0).shuffle of [b, c, d, e] (Python's documented, version-stable Mersenne Twister)
     aug = CaptionAugment(shuffle_caption=True, keep_tokens=1)
-    assert augment_caption("a, b, c, d, e", aug, random.Random(0)) == "a, " + ", ".join(_shuffled(list("bcde"), 0))
+    assert augment_caption("a, b, c, d, e", aug, random.Random(0)) == "a, d, b, c, e"  # the order written out
     assert sorted(augment_caption("a, b, c, d, e", aug, random.Random(0)).split(", ")[1:]) == list("bcde")
 
 
 def test_keep_tokens_separator_fixes_a_prefix_and_a_suffix() -> None:
     aug = CaptionAugment(shuffle_caption=True, keep_tokens_separator="|||", keep_tokens=3)
     got = augment_caption("sks, dog ||| a, b, c ||| best quality, 4k", aug, random.Random(3))
-    assert got == ", ".join(["sks", "dog", *_shuffled(["a", "b", "c"], 3), "best quality", "4k"])
+    assert got == "sks, dog, b, c, a, best quality, 4k"  # random.Random(3).shuffle([a, b, c]) = [b, c, a]
 
 
 def test_keep_tokens_separator_absent_falls_back_to_keep_tokens() -> None:
