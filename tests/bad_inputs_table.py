@@ -40,6 +40,16 @@ Errors (`fluxpipe: error: ...`) stop with exit status 2 before any model loads o
 - Tokenizers: without `clip_tokenizer:` / `t5_tokenizer:` the hub ids are used only if the local hub cache holds
   the tokenizer file or the hub answers one connection attempt (no retries); every tokenizer's size must fit its
   encoder's embedding rows (`rows - min(128, rows // 8) <= tokens <= rows`; CLIP-L 49408/49408, T5 32100/32128).
+- Tested in their own files (their exact lines are asserted there): a `--masked_loss` mask of another size
+  than its image (`tests/test_loss_weighting.py`): `fluxpipe: error: 1 bad dataset files: <tmp>/masks/a.png:
+  the --masked_loss mask is 32x32 but its image <tmp>/img/a.png is 64x64; give the mask its image's size; ...`;
+  a Chroma file given as FLUX and the reverse (`tests/test_chroma.py`): `fluxpipe: error: <file>: is a FLUX.1
+  DiT (flux1-dev/flux1-schnell.safetensors), but was loaded as a Chroma DiT (Chroma1-Base.safetensors); use
+  --model_type flux`; LyCORIS not installed (`tests/test_lycoris.py`): `fluxpipe: error: --network_module
+  lycoris.kohya: needs the package lycoris-lora, which is not installed: pip install 'fluxpipe[lycoris]' (or
+  lycoris-lora)`; a T5 LoRA with cached text (`tests/test_uncached_text.py`): `fluxpipe: error: --network_args
+  train_t5xxl=True with --cache_text_encoder_outputs: a T5 LoRA needs T5 to run every step; turn off
+  cache_text_encoder_outputs (the reference refuses this too)`. Each exits with status 2.
 
 | bad input | what the user sees |
 |---|---|
