@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 
 from fluxpipe.data.prompts import SamplePrompt
 from fluxpipe.errors import FluxpipeError
+from fluxpipe.io.run_files import read_jsonl, saved_files
 from fluxpipe.inference.sample_distance import THUMB, mean_nearest_distance, training_thumbnails
 from fluxpipe.inference.sampler import ModelFiles, Sampler, encode_texts, load_lora, load_sampler, lora_line, split_lora
 from fluxpipe.io.atomic import write_text_atomic
@@ -67,32 +67,13 @@ class Checkpoint:
 
 def find_checkpoints(train_dir: Path, name: str) -> list[Checkpoint]:
     """Base, then the run's saved LoRAs in training order (by step), the final file last."""
-    from safetensors import safe_open
-
-    found = []
-    pattern = re.compile(rf"^{re.escape(name)}(?:-(\d{{6}})|-step(\d{{8}}))?\.safetensors$")
-    for path in train_dir.glob(f"{name}*.safetensors"):
-        m = pattern.match(path.name)
-        if not m:
-            continue
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        step, epoch = int(meta.get("ss_steps", 0)), int(meta.get("ss_epoch", 0)) or None
-        label = f"epoch {int(m.group(1))}" if m.group(1) else f"step {int(m.group(2))}" if m.group(2) else "final"
-        found.append(Checkpoint(label, path, step, epoch))
+    found = [Checkpoint(f.label, f.path, f.step, f.epoch) for f in saved_files(train_dir, name)]
     if not any(c.label == "final" for c in found):
         raise FluxpipeError(
             f"{train_dir / (name + '.safetensors')}: the run's final LoRA is missing; train first "
             "(snakemake --cores 1 train_lora)"
         )
-    found.sort(key=lambda c: (c.label == "final", c.step))
     return [Checkpoint("base", None, 0, 0), *found]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def render(
