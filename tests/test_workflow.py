@@ -309,29 +309,29 @@ def test_train_processes_launch_torchrun(workdir: Path) -> None:
     assert text.count("gpu=2") >= 3
 
 
-def test_a_segmented_train_lora_equals_one_job(workdir: Path) -> None:
+def test_a_segmented_train_lora_equals_one_job(finished_demo: tuple, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    segmented = snakemake(workdir, "-p", "train_lora", "--config", "train_segment_steps=80")
+    single = finished_demo[0] / "results/train/lora"  # the shared demo's LoRA: one job
+    work = edited_copy(finished_demo[0], tmp_path / "work")  # its caches, without its training
+    shutil.rmtree(work / "results/train/lora")
+    segmented = snakemake(work, "-p", "train_lora", "--config", "train_segment_steps=80")
     assert segmented.returncode == 0, segmented.stderr[-3000:]
     log = segmented.stdout + segmented.stderr
     # the demo's 200 steps (5 images x 4 repeats / batch 2 x 20 epochs) in jobs of 80: two segments, then the final
     # job (steps 161-200) resuming the second
     assert log.count("rule train_segment:") == 2 and "--stop_at_step 160 --resume" in log, log[-3000:]
     assert "--resume results/train/lora/demo_lora-seg00000160-state" in log
-    out = workdir / "results/train/lora"
+    assert "rule latent_shard:" not in log and "rule text_shard:" not in log  # the caches were kept
+    out = work / "results/train/lora"
     assert not list(out.glob("*-seg*-state"))  # temporary: deleted once the chain finished
     chained = {p.name: load_file(str(p)) for p in out.glob("demo_lora*.safetensors")}
-    chained_losses = (out / "demo_lora-loss.jsonl").read_text()
-    shutil.rmtree(out)
-    single = snakemake(workdir, "train_lora")
-    assert single.returncode == 0 and "rule train_segment:" not in single.stdout + single.stderr
-    assert sorted(chained) == sorted(p.name for p in out.glob("demo_lora*.safetensors"))
+    assert sorted(chained) == sorted(p.name for p in single.glob("demo_lora*.safetensors"))
     for name, tensors in chained.items():
-        again = load_file(str(out / name))
+        again = load_file(str(single / name))
         assert all(torch.equal(tensors[k], again[k]) for k in tensors), name
-    assert [json.loads(x)["loss"] for x in chained_losses.splitlines()] == [
-        json.loads(x)["loss"] for x in (out / "demo_lora-loss.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in (out / "demo_lora-loss.jsonl").read_text().splitlines()] == [
+        json.loads(x)["loss"] for x in (single / "demo_lora-loss.jsonl").read_text().splitlines()
     ]
 
 
