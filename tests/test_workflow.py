@@ -233,9 +233,10 @@ def evaluate_then_report(workdir: Path) -> None:
         assert name in html, name
 
 
-def test_full_fine_tune_and_controlnet_rules_on_the_demo(workdir: Path) -> None:
+def test_full_fine_tune_and_controlnet_rules_then_every_run_report(finished_demo: tuple, tmp_path: Path) -> None:
     from safetensors import safe_open
 
+    workdir = edited_copy(finished_demo[0], tmp_path / "work")  # the demo's caches and trained LoRA
     result = snakemake(workdir, "--cores", "2", "train_full", "train_controlnet")
     assert result.returncode == 0, result.stderr[-3000:]
     full = workdir / "results/train/full/demo_full.safetensors"
@@ -247,6 +248,19 @@ def test_full_fine_tune_and_controlnet_rules_on_the_demo(workdir: Path) -> None:
     assert (workdir / "results/train/full/demo_full-000002.safetensors").is_file()
     again = snakemake(workdir, "train_full", "train_controlnet")
     assert "Nothing to be done" in again.stdout + again.stderr
+    reports = snakemake(workdir, "run_reports")
+    assert reports.returncode == 0, reports.stderr[-3000:]
+    assert ran_jobs(reports) == {
+        "run_report_lora": 1,
+        "run_report_full": 1,
+        "run_report_controlnet": 1,
+        "run_reports": 1,
+    }
+    for method, title in (("lora", "LoRA"), ("full", "Full fine-tune"), ("controlnet", "ControlNet")):
+        page = (workdir / f"results/report/{method}/run.html").read_text()
+        assert f"<h1>{title} run: demo_{method}</h1>" in page and "<th>seed</th><td>42</td>" in page, method
+        assert (workdir / f"results/report/{method}/dataset.png").is_file()
+    assert "sample distance to training images" in (workdir / "results/report/lora/run.html").read_text()
 
 
 def test_config_typo_fails_before_any_job(workdir: Path) -> None:
