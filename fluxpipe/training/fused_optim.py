@@ -250,10 +250,6 @@ class BlockwiseFusedOptimizers:
         self.optimizers[key].zero_grad(set_to_none=True)
         self._arrived[key] = 0
 
-    def reset_counts(self) -> None:
-        """Forget partial arrivals (after a backward pass that did not reach every parameter of a block)."""
-        self._arrived = dict.fromkeys(self.groups, 0)
-
     def state_dict(self) -> dict[str, dict[str, Any]]:
         return {key_name(key): opt.state_dict() for key, opt in self.optimizers.items()}
 
