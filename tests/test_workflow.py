@@ -539,3 +539,44 @@ def test_rules_declare_their_threads(workdir: Path) -> None:
     assert jobs["train_lora"] == {8} and jobs["dataset_manifest"] == {8}, jobs
     assert jobs["latent_shard"] == {8} and jobs["text_shard"] == {8}, jobs  # 8 cores / 1 shard
     assert jobs["validate_models"] == {1} and jobs["demo_models"] == {1}, jobs
+
+
+def test_uncached_text_and_latents_in_the_pipeline_train_a_lora(finished_demo: tuple, tmp_path: Path) -> None:
+    """train: cache_text_encoder_outputs / cache_latents false: the LoRA's training encodes each step's captions
+    (token warm-up, which no cache can follow) and random_crop images itself, on the demo's caches."""
+    import yaml
+
+    work = edited_copy(finished_demo[0], tmp_path / "work")
+    toml = work / "config/demo/flags/dataset.toml"
+    edit(toml, "  num_repeats = 4", "  num_repeats = 4\n  random_crop = true\n  token_warmup_step = 4")
+    config = work / "config/config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"].pop("save_every_n_epochs")
+    cfg["train"].update(max_train_epochs=1, cache_latents=False, cache_text_encoder_outputs=False)
+    config.write_text(yaml.safe_dump(cfg))
+    result = snakemake(work, "train_lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (work / "logs/train_lora.log").read_text()
+    assert "uncached text: the text encoders encode each step's captions" in log, log[-2000:]
+    assert "uncached latents: the AE encodes the random_crop / color_aug subsets' images each step" in log
+    assert (work / "results/train/lora/demo_lora.safetensors").is_file()
+    cfg["train"].update(cache_latents=True)  # random_crop with the latent cache: one line from the manifest on
+    config.write_text(yaml.safe_dump(cfg))
+    refused = snakemake(work, "train_lora")
+    assert refused.returncode != 0
+    assert "random_crop = True" in refused.stdout + refused.stderr and "turn cache_latents off" in (
+        refused.stdout + refused.stderr
+    )
+
+
+def test_the_manifest_refuses_an_uncacheable_subset_only_when_every_method_caches() -> None:
+    from fluxpipe.config.pipeline import load_pipeline
+    from fluxpipe.workflow import cached_by_every_method
+
+    lora = {"network_module": "networks.lora_flux"}
+    both = load_pipeline({"train": {**lora, "cache_latents": True}, "train_full": {"cache_latents": True}})
+    assert cached_by_every_method(both, "cache_latents")
+    assert not cached_by_every_method(both, "cache_text_encoder_outputs")  # absent: the reference's default, off
+    one_off = load_pipeline({"train": {**lora, "cache_latents": True}, "train_full": {"cache_latents": False}})
+    assert not cached_by_every_method(one_off, "cache_latents")
+    assert not cached_by_every_method(load_pipeline({}), "cache_latents")  # no training section configured

@@ -20,7 +20,11 @@ def _manifest(args: argparse.Namespace) -> None:
         raise FluxpipeError("no dataset configured: set dataset_config (a TOML file) or dataset in config.yaml")
     from fluxpipe.config.dataset import check_cacheable
 
-    check_cacheable(datasets, cache_latents=True, cache_text=True)
+    check_cacheable(
+        datasets,
+        cache_latents=workflow.cached_by_every_method(cfg, "cache_latents"),
+        cache_text=workflow.cached_by_every_method(cfg, "cache_text_encoder_outputs"),
+    )
     manifest.run(
         manifest.ManifestConfig(
             datasets=datasets,

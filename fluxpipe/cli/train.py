@@ -71,6 +71,7 @@ def _train_locked(method: str, own: argparse.Namespace, ns: argparse.Namespace, 
     from fluxpipe.stages import train_lora
 
     if own.cache_dir is not None:
+        train_config.check_pipeline_dataset(ns)
         caches = train_config.pipeline_caches(own.cache_dir)
     else:
         work = Path(ns.output_dir) / ".fluxpipe-cache"

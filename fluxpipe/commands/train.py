@@ -30,6 +30,7 @@ from fluxpipe.training.monitor import MonitorSettings
 from fluxpipe.commands.train_caches import (
     CachePaths,
     build_caches,
+    check_pipeline_dataset,
     live_latents,
     live_text,
     load_datasets,
@@ -51,6 +52,7 @@ from fluxpipe.commands.train_flags import (  # re-exported: the flag checks live
 __all__ = [
     "CachePaths",
     "build_caches",
+    "check_pipeline_dataset",
     "data_digest",
     "load_datasets",
     "pipeline_caches",
@@ -219,8 +221,8 @@ def common_fields(
         "sample_models": sample_models(ns, *models),
         "t5_max_length": ns.t5xxl_max_token_length or default_t5_max_length(variant),
         "ema": ema_settings(ns),
-        "live_text": live_text(ns, caches, *models),
-        "live_latents": live_latents(ns, caches),
+        "live_text": live_text(ns, *models),
+        "live_latents": live_latents(ns),
     }
 
 

@@ -70,19 +70,26 @@ def load_datasets(ns: argparse.Namespace):  # noqa: ANN201 - DatasetsConfig
     return parse_datasets(data, f"--train_data_dir {ns.train_data_dir}", defaults)
 
 
-def uses_pipeline_caches(ns: argparse.Namespace, caches: CachePaths) -> bool:
-    """Whether the run reads the pipeline's caches (--cache_dir), not its own in <output_dir>/.fluxpipe-cache."""
-    return caches.manifest != pipeline_caches(Path(ns.output_dir) / ".fluxpipe-cache").manifest
+def check_pipeline_dataset(ns: argparse.Namespace) -> None:
+    """The checks build_caches makes, for a run on the pipeline's caches (--cache_dir): what this run's
+    cache_latents / cache_text_encoder_outputs cannot honour (the manifest stage refuses it only when every
+    training section caches)."""
+    from fluxpipe.config.dataset import check_cacheable
+
+    datasets = load_datasets(ns)
+    check_cacheable(datasets, cache_latents=bool(ns.cache_latents), cache_text=bool(ns.cache_text_encoder_outputs))
+    check_fresh_latents(datasets, ns)
 
 
-def live_text(ns: argparse.Namespace, caches: CachePaths, clip_tokenizer: Path | None, t5_tokenizer: Path | None):  # noqa: ANN201 - LiveText | None
-    """Uncached text (fluxpipe.training.live_text) for a standalone run without --cache_text_encoder_outputs;
-    None with it, and with the pipeline's caches (the pipeline always trains from its text cache)."""
+def live_text(ns: argparse.Namespace, clip_tokenizer: Path | None, t5_tokenizer: Path | None):  # noqa: ANN201 - LiveText | None
+    """Uncached text (fluxpipe.training.live_text) for a run without --cache_text_encoder_outputs (standalone, or
+    the pipeline's with cache_text_encoder_outputs false: its text cache then serves the validation loss only);
+    None with it."""
     from fluxpipe.data.captions import CaptionAugment
     from fluxpipe.data.text_encoding import default_t5_max_length
     from fluxpipe.training.live_text import LiveText
 
-    if ns.cache_text_encoder_outputs or uses_pipeline_caches(ns, caches):
+    if ns.cache_text_encoder_outputs:
         return None
     datasets = with_cli_validation(load_datasets(ns), ns)
     return LiveText(
@@ -109,13 +116,13 @@ def check_fresh_latents(datasets, ns: argparse.Namespace) -> None:  # noqa: ANN0
                 )
 
 
-def live_latents(ns: argparse.Namespace, caches: CachePaths):  # noqa: ANN201 - LiveLatents | None
-    """Uncached latents (fluxpipe.training.live_latents) for a standalone run without --cache_latents whose
-    subsets have random_crop or color_aug; None otherwise."""
+def live_latents(ns: argparse.Namespace):  # noqa: ANN201 - LiveLatents | None
+    """Uncached latents (fluxpipe.training.live_latents) for a run without --cache_latents (standalone or the
+    pipeline's) whose subsets have random_crop or color_aug; None otherwise."""
     from fluxpipe.data.augment import ImageAugment
     from fluxpipe.training.live_latents import LiveLatents
 
-    if ns.cache_latents or uses_pipeline_caches(ns, caches):
+    if ns.cache_latents:
         return None
     datasets = with_cli_validation(load_datasets(ns), ns)
     augments = tuple(

@@ -269,8 +269,8 @@ def check_cacheable(cfg: DatasetsConfig, *, cache_latents: bool, cache_text: boo
 
 _FRESH_LATENT = (
     "needs a fresh latent every step, which the latent cache cannot give: turn cache_latents off (and "
-    "cache_latents_to_disk) for this run, and a standalone `fluxpipe train` run encodes this subset's images "
-    "each step"
+    "cache_latents_to_disk) for this run (in the pipeline: in its train section of config.yaml); training then "
+    "encodes this subset's images each step"
 )
 _Rule = tuple[str, Callable[[SubsetConfig], bool], str]
 _LATENT_RULES: tuple[_Rule, ...] = (
@@ -290,8 +290,8 @@ _TEXT_RULES: tuple[_Rule, ...] = (
         "token_warmup_step",
         lambda s: s.token_warmup_step > 0,
         "token warm-up changes the caption with the training step, which cached text-encoder outputs cannot "
-        "follow: turn off cache_text_encoder_outputs (a standalone `fluxpipe train` run then encodes each step's "
-        "captions) or remove the option",
+        "follow: turn off cache_text_encoder_outputs (in the pipeline: in its train section of config.yaml; "
+        "training then encodes each step's captions) or remove the option",
     ),
 )
 

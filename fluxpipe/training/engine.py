@@ -11,6 +11,7 @@ how its file is saved and its state captured and restored. Nothing here knows wh
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,8 @@ from fluxpipe.training.saving import (
 from fluxpipe.training.settings import LoopSettings
 from fluxpipe.training.state import TrainState, restore_rng
 from fluxpipe.training.weights import Optimizers
+
+log = logging.getLogger(__name__)
 
 StateParts = tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]  # weights, optimizer, scheduler
 # (batch, noise generator, this rank's rows or None, the batch's item indices) -> this rank's mean loss
@@ -105,6 +108,10 @@ def load_data(s: LoopSettings, w: World) -> TrainData:
     total, epochs = plan_steps(batches, s)
     encoders = TextEncoders(s.live_text, s.device) if s.live_text is not None else None
     latents = LatentEncoder(s.live_latents, s.device) if s.live_latents is not None else None
+    if encoders is not None:
+        log.info("uncached text: the text encoders encode each step's captions")
+    if latents is not None:
+        log.info("uncached latents: the AE encodes the random_crop / color_aug subsets' images each step")
     tensors = CachedTensors(s.latent_index, s.text_index)
     return TrainData(items, tensors, sizes, batches, total, epochs, w, encoders, latents)
 

@@ -33,6 +33,7 @@ from fluxpipe.config.results import (  # noqa: F401 - the rules read these throu
 from fluxpipe.config.results import evaluate_dir as _evaluate_dir
 from fluxpipe.workflow.cache import (  # noqa: F401 - the rules read these through this module
     CACHE_FORMAT,
+    cached_by_every_method,
     caption_seed,
     caption_settings,
     dataset_files,
@@ -278,18 +279,24 @@ def train_launcher(cfg: PipelineConfig) -> str:
     return f"torchrun --standalone --nproc-per-node {cfg.train_processes} -m fluxpipe.cli"
 
 
-def train_lora_argv(cfg: PipelineConfig) -> list[str]:
-    """The reference's flags for `fluxpipe train lora`: the pipeline's files plus config.yaml's train:."""
-    argv = train_argv(cfg.train or {}, owned_flags(cfg, TRAIN_DIR))
-    clip_tokenizer = tokenizer_dirs(cfg)["clip_tokenizer"]
-    if clip_tokenizer:  # fluxpipe's own flag: the CLIP-L LoRA tokenizes captions
-        argv += ["--clip_tokenizer", clip_tokenizer]
+def tokenizer_argv(cfg: PipelineConfig) -> list[str]:
+    """fluxpipe's own --clip_tokenizer / --t5_tokenizer flags for a training job: its samples, a CLIP-L LoRA and
+    uncached text tokenize captions (no flag: the hub's, from its local cache)."""
+    argv: list[str] = []
+    for key, folder in tokenizer_dirs(cfg).items():
+        if folder:
+            argv += [f"--{key}", folder]
     return argv
 
 
 def training_argv(cfg: PipelineConfig, method: str) -> list[str]:
-    """`fluxpipe train <method>`'s flags from config.yaml."""
-    return train_lora_argv(cfg) if method == "lora" else method_argv(cfg, method)
+    """`fluxpipe train <method>`'s flags from config.yaml: the pipeline's files plus the method's section
+    (train:, train_full:, train_controlnet:) and the tokenizer folders."""
+    if method == "lora":
+        argv = train_argv(cfg.train or {}, owned_flags(cfg, TRAIN_DIR))
+    else:
+        argv = method_argv(cfg, method)
+    return argv + tokenizer_argv(cfg)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------
