@@ -1,8 +1,9 @@
-"""Per-step image augmentation (random_crop, color_aug) with latent caching off: the reference's draws on
+"""Per-step image augmentation (random_crop, color_aug, face_crop_aug_range) with latent caching off: the reference's draws on
 hand-computed pixels, and `fluxpipe train lora` encoding those subsets each step (refused with --cache_latents)."""
 
 from __future__ import annotations
 
+import argparse
 import random
 import shutil
 from pathlib import Path
@@ -14,8 +15,12 @@ from conftest import REPO, tiny_lora_argv
 from PIL import Image
 
 from fluxpipe.cli import main
+from fluxpipe.commands.train_caches import check_fresh_latents
+from fluxpipe.config.dataset import parse_datasets
+from fluxpipe.data import augment
 from fluxpipe.data.augment import ImageAugment, color_aug, fresh_pixels, random_crop_origin
 from fluxpipe.data.images import resize_and_crop, to_tensor
+from fluxpipe.errors import FluxpipeError
 from fluxpipe.training import live_latents
 
 
@@ -124,17 +129,67 @@ def test_augmentation_with_cached_latents_is_one_line_exit_2(
     assert len(err) == 1 and "random_crop = True" in err[0] and "turn cache_latents off" in err[0]
 
 
-def test_face_crop_is_one_line_exit_2(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    toml = _dataset(tmp_path, "face_crop_aug_range = [2.0, 4.0]")
-    assert main(_command(demo_dir, toml, tmp_path / "out")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "face_crop_aug_range" in err[0] and "not implemented" in err[0]
+def _face_dataset(tmp: Path, subset: str) -> Path:
+    """The demo's cat, coffee and astronaut named NAME_CX_CY_W_H (a face box), captions NAME.txt."""
+    images = tmp / "images"
+    images.mkdir()
+    for name, face in (("cat", "160_100_60_60"), ("coffee", "150_110_70_50"), ("astronaut", "160_140_90_80")):
+        src = next(p for p in (REPO / "config/demo/images").iterdir() if p.stem == name and p.suffix != ".txt")
+        shutil.copy(src, images / f"{name}_{face}{src.suffix}")
+        (images / f"{name}.txt").write_text(f"a photo of a {name}\n")
+    toml = tmp / "dataset.toml"
+    toml.write_text(
+        '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 128\nbatch_size = 3\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{images}"\n  {subset}\n'
+    )
+    return toml
 
 
-def test_random_crop_with_alpha_mask_is_one_line_exit_2(
+def test_train_lora_crops_around_the_faces_each_step(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = _face_dataset(tmp_path, "face_crop_aug_range = [2.0, 4.0]\n  alpha_mask = true")
+    plans: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    masks: list[torch.Tensor | None] = []
+    plan, moments = augment.face_crop_plan, live_latents.LatentEncoder.moments
+
+    def spy_plan(size, target, face, aug_range, random_crop, rng):  # noqa: ANN001, ANN202
+        out = plan(size, target, face, aug_range, random_crop, rng)
+        plans.append((size, out.resized))
+        return out
+
+    def spy_moments(self: live_latents.LatentEncoder, item, flipped: bool, epoch: int, step: int):  # noqa: ANN001, ANN202
+        out = moments(self, item, flipped, epoch, step)
+        masks.append(None if out is None else out[2])
+        return out
+
+    monkeypatch.setattr(augment, "face_crop_plan", spy_plan)
+    monkeypatch.setattr(live_latents.LatentEncoder, "moments", spy_moments)
+    assert main(_command(demo_dir, toml, tmp_path / "out")) == 0
+    assert (tmp_path / "out/lora.safetensors").is_file()
+    assert len(plans) == 6 and all(size in ((320, 213), (320, 320)) for size, _ in plans)  # 3 images x 2 steps
+    # cat: face 60 px, 128 px target: scale in [max(128/213, 128/240), 1] = [0.601, 1]
+    assert all(128 <= min(resized) <= max(size) for size, resized in plans)
+    assert len(masks) == 6 and all(m is not None and m.shape == (16, 16) for m in masks)  # alpha mask cut each step
+
+
+def test_face_crop_with_cached_latents_is_one_line_exit_2(
     demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    toml = _dataset(tmp_path, "random_crop = true\n  alpha_mask = true")
-    assert main(_command(demo_dir, toml, tmp_path / "out")) == 2
+    toml = _face_dataset(tmp_path, "face_crop_aug_range = [2.0, 4.0]")
+    assert main(_command(demo_dir, toml, tmp_path / "out", "--cache_latents")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "drop random_crop" in err[0]
+    assert len(err) == 1 and "face_crop_aug_range = (2.0, 4.0)" in err[0] and "turn cache_latents off" in err[0]
+
+
+def test_random_crop_or_face_crop_with_kontext_is_refused() -> None:
+    data = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "i", "face_crop_aug_range": [2.0, 4.0]}]}]}
+    kontext, dev = argparse.Namespace(model_type="kontext"), argparse.Namespace(model_type="flux")
+    check_fresh_latents(parse_datasets(data, "d.toml"), dev)  # (no references to misalign)
+    with pytest.raises(FluxpipeError, match=r"d\.toml: datasets\[0\]\.subsets\[0\]: face_crop_aug_range with Kontext"):
+        check_fresh_latents(parse_datasets(data, "d.toml"), kontext)
+    data["datasets"][0]["enable_bucket"] = True  # ignored with buckets: nothing to refuse
+    check_fresh_latents(parse_datasets(data, "d.toml"), kontext)
+    data["datasets"][0]["subsets"][0]["random_crop"] = True
+    with pytest.raises(FluxpipeError, match="random_crop with Kontext"):
+        check_fresh_latents(parse_datasets(data, "d.toml"), kontext)

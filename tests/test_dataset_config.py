@@ -410,10 +410,18 @@ def test_latent_cache_blockers(option: str, value: Any, reason: str) -> None:
     check_cacheable(cfg, cache_latents=False, cache_text=True)
 
 
-def test_face_crop_is_refused_whatever_the_caches() -> None:
+def test_face_crop_needs_uncached_latents_without_buckets(caplog: pytest.LogCaptureFixture) -> None:
     data = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "img", "face_crop_aug_range": [2.0, 4.0]}]}]}
-    with pytest.raises(ConfigError, match=r"face_crop_aug_range = \(2\.0, 4\.0\).*not implemented in fluxpipe"):
-        check_cacheable(parse_datasets(data, "d.toml"), cache_latents=False, cache_text=False)
+    cfg = parse_datasets(data, "d.toml")
+    with pytest.raises(ConfigError, match=r"subsets\[0\]\.face_crop_aug_range = \(2\.0, 4\.0\).*" + NO_UNCACHED):
+        check_cacheable(cfg, cache_latents=True, cache_text=False)
+    check_cacheable(cfg, cache_latents=False, cache_text=True)
+    assert "face_crop_aug_range" not in caplog.text
+    # with buckets the reference ignores it: a warning, and nothing to refuse with the latent cache
+    data["datasets"][0]["enable_bucket"] = True
+    with caplog.at_level("WARNING"):
+        check_cacheable(parse_datasets(data, "d.toml"), cache_latents=True, cache_text=True)
+    assert "face_crop_aug_range (subsets 0) has no effect with enable_bucket" in caplog.text
 
 
 def test_token_warmup_is_refused_with_the_text_cache() -> None:

@@ -8,11 +8,15 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fluxpipe.config.reference_flags import FOLDER_FLAGS, dataset_flag_defaults
 from fluxpipe.config.results import LATENT_INDEX_IN, MANIFEST_IN, TEXT_INDEX_IN
 from fluxpipe.commands.model_types import dit_variant
 from fluxpipe.errors import FluxpipeError
+
+if TYPE_CHECKING:
+    from fluxpipe.data.augment import ImageAugment
 
 log = logging.getLogger(__name__)
 
@@ -105,30 +109,46 @@ def live_text(ns: argparse.Namespace, clip_tokenizer: Path | None, t5_tokenizer:
 
 
 def check_fresh_latents(datasets, ns: argparse.Namespace) -> None:  # noqa: ANN001 - DatasetsConfig
-    """random_crop / color_aug (encoded each step) with what is cached pixel-aligned to the centred crop."""
+    """A crop drawn each step (random_crop, face_crop_aug_range) with Kontext, whose reference latents are cached
+    at the centred crop. (A loss mask is cut with its image each step: fluxpipe.training.live_latents.)"""
+    if ns.model_type != "kontext":
+        return
     for i, ds in enumerate(datasets.datasets):
         for j, sub in enumerate(ds.subsets):
-            where = f"{datasets.source}: datasets[{i}].subsets[{j}]"
-            if sub.random_crop and (sub.alpha_mask or ns.masked_loss or ns.model_type == "kontext"):
+            face = sub.face_crop_aug_range is not None and not ds.enable_bucket
+            if sub.num_repeats and (sub.random_crop or face):
+                option = "random_crop" if sub.random_crop else "face_crop_aug_range"
                 raise FluxpipeError(
-                    f"{where}: random_crop with alpha_mask / --masked_loss / Kontext references: their cached "
-                    "masks and references are cut at the centred crop; drop random_crop for this subset"
+                    f"{datasets.source}: datasets[{i}].subsets[{j}]: {option} with Kontext: the reference "
+                    f"latents are cached at the centred crop; drop {option} for this subset"
                 )
+
+
+def image_augments(datasets) -> tuple[tuple[ImageAugment, ...], ...]:  # noqa: ANN001 - DatasetsConfig
+    """The per-step image keys of every subset; face_crop_aug_range only without buckets (as the reference)."""
+    from fluxpipe.data.augment import ImageAugment
+
+    return tuple(
+        tuple(
+            ImageAugment(
+                random_crop=sub.random_crop,
+                color_aug=sub.color_aug,
+                face_crop=None if ds.enable_bucket else sub.face_crop_aug_range,
+            )
+            for sub in ds.subsets
+        )
+        for ds in datasets.datasets
+    )
 
 
 def live_latents(ns: argparse.Namespace):  # noqa: ANN201 - LiveLatents | None
     """Uncached latents (fluxpipe.training.live_latents) for a run without --cache_latents (standalone or the
-    pipeline's) whose subsets have random_crop or color_aug; None otherwise."""
-    from fluxpipe.data.augment import ImageAugment
+    pipeline's) whose subsets augment their images each step (random_crop, color_aug, face_crop_aug_range); None otherwise."""
     from fluxpipe.training.live_latents import LiveLatents
 
     if ns.cache_latents:
         return None
-    datasets = with_cli_validation(load_datasets(ns), ns)
-    augments = tuple(
-        tuple(ImageAugment(random_crop=sub.random_crop, color_aug=sub.color_aug) for sub in ds.subsets)
-        for ds in datasets.datasets
-    )
+    augments = image_augments(with_cli_validation(load_datasets(ns), ns))
     if not any(a.fresh for row in augments for a in row):
         return None
     return LiveLatents(ae=Path(ns.ae), augments=augments, seed=ns.seed)

@@ -74,7 +74,8 @@ class SubsetConfig:
     flip_aug: bool = False
     """Random horizontal flip."""
     face_crop_aug_range: tuple[float, float] | None = None
-    """Face crop scale range (low, high), using face coordinates encoded in the file names."""
+    """Face crop scale range (low, high): the face (NAME_CX_CY_W_H file names) spans 1/high..1/low of the short
+    side; without buckets only, and per step (cache_latents off)."""
     random_crop: bool = False
     """Random instead of centre crop to the bucket."""
     token_warmup_min: int = 1
@@ -253,13 +254,13 @@ def check_cacheable(cfg: DatasetsConfig, *, cache_latents: bool, cache_text: boo
     Subsets with num_repeats = 0 are ignored (as by the reference). Caption prefix, suffix and augmentation are
     allowed: fluxpipe caches the augmented captions (the reference refuses or ignores them with cached outputs).
     """
-    rules = ALWAYS_RULES + (_LATENT_RULES if cache_latents else ()) + (_TEXT_RULES if cache_text else ())
+    rules = (_LATENT_RULES if cache_latents else ()) + (_TEXT_RULES if cache_text else ())
     for i, ds in enumerate(cfg.datasets):
         for j, sub in enumerate(ds.subsets):
             if sub.num_repeats == 0:
                 continue
             for option, blocked, reason in rules:
-                if blocked(sub):
+                if blocked(ds, sub):
                     value = getattr(sub, option)
                     raise ConfigError(
                         f"{cfg.source}: datasets[{i}].subsets[{j}].{option} = {value!r} "
@@ -272,23 +273,17 @@ _FRESH_LATENT = (
     "cache_latents_to_disk) for this run (in the pipeline: in its train section of config.yaml); training then "
     "encodes this subset's images each step"
 )
-_Rule = tuple[str, Callable[[SubsetConfig], bool], str]
+_Rule = tuple[str, Callable[[DatasetConfig, SubsetConfig], bool], str]
 _LATENT_RULES: tuple[_Rule, ...] = (
-    ("color_aug", lambda s: s.color_aug, _FRESH_LATENT),
-    ("random_crop", lambda s: s.random_crop, _FRESH_LATENT),
-)
-# refused whatever the caches (fluxpipe does not implement them)
-ALWAYS_RULES: tuple[_Rule, ...] = (
-    (
-        "face_crop_aug_range",
-        lambda s: s.face_crop_aug_range is not None,
-        "face-crop augmentation (face coordinates in the file names) is not implemented in fluxpipe: remove the option",
-    ),
+    ("color_aug", lambda d, s: s.color_aug, _FRESH_LATENT),
+    ("random_crop", lambda d, s: s.random_crop, _FRESH_LATENT),
+    # (with buckets the reference ignores it: see _warn_ignored)
+    ("face_crop_aug_range", lambda d, s: s.face_crop_aug_range is not None and not d.enable_bucket, _FRESH_LATENT),
 )
 _TEXT_RULES: tuple[_Rule, ...] = (
     (
         "token_warmup_step",
-        lambda s: s.token_warmup_step > 0,
+        lambda d, s: s.token_warmup_step > 0,
         "token warm-up changes the caption with the training step, which cached text-encoder outputs cannot "
         "follow: turn off cache_text_encoder_outputs (in the pipeline: in its train section of config.yaml; "
         "training then encodes each step's captions) or remove the option",
@@ -335,7 +330,20 @@ def _dataset(table: Any, general: dict[str, Any], where: str) -> DatasetConfig:
         raise ConfigError(f"{where}.resolution: required; set it in [[datasets]] or [general] (e.g. 1024)")
     ds = DatasetConfig(**{k: v for k, v in level.items() if k in _DATASET_KEYS}, subsets=subsets)
     _check_buckets(ds, where)
+    _warn_ignored(ds, where)
     return ds
+
+
+def _warn_ignored(ds: DatasetConfig, where: str) -> None:
+    """face_crop_aug_range with enable_bucket: the reference crops around the face only without buckets."""
+    faces = [j for j, s in enumerate(ds.subsets) if s.face_crop_aug_range is not None and s.num_repeats]
+    if ds.enable_bucket and faces:
+        logging.getLogger(__name__).warning(
+            "%s: face_crop_aug_range (subsets %s) has no effect with enable_bucket (as in the reference: bucketed "
+            "images are scaled and cropped to their bucket); set enable_bucket = false to crop around the faces",
+            where,
+            _idx(faces),
+        )
 
 
 def _subset(table: Any, inherited: dict[str, Any], where: str) -> SubsetConfig:

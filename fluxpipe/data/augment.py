@@ -1,9 +1,10 @@
-"""Per-step image augmentation as the reference does it with latent caching off: ``random_crop`` and ``color_aug``
-(``flip_aug`` is cached: both orientations are encoded once).
+"""Per-step image augmentation as the reference does it with latent caching off: ``random_crop``, ``color_aug``
+and ``face_crop_aug_range`` (``flip_aug`` is cached: both orientations are encoded once).
 
-``fresh_pixels`` loads an image, resizes it to its manifest plan, crops the bucket at a random origin
+``fresh_image`` loads an image, resizes it to its manifest plan, crops the bucket at a random origin
 (``random_crop``: the reference's ``random.randint(0, trim)`` per axis, width first; else the manifest's centred
-crop), applies the colour augmentation, then flips: the reference's order. ``color_aug`` is the reference's
+crop) or, for an image whose file name holds a face (``face_crop``), scales and cuts it around the face
+(``fluxpipe.data.face_crop``); then it applies the colour augmentation, then flips: the reference's order. ``color_aug`` is the reference's
 ``AugHelper.color_aug``: with p = 0.33 either (p = 0.5) a hue shift of U(-8, 8) on OpenCV's 0..180 hue scale of
 the array read as BGR (the reference hands its RGB array to ``cv2.COLOR_BGR2HSV``; this is a NumPy port of that
 conversion, rounding as OpenCV does up to one level), or a gamma U(0.95, 1.05) applied to the 0..255 values
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fluxpipe.data.face_crop import CropPlan, face_box, face_crop_plan
 from fluxpipe.data.images import load_rgb, resize_and_crop, to_tensor
 
 HUE_SHIFT_LIMIT = 8
@@ -31,11 +33,13 @@ class ImageAugment:
 
     random_crop: bool = False
     color_aug: bool = False
+    face_crop: tuple[float, float] | None = None
+    """face_crop_aug_range of a subset whose dataset is not bucketed (the reference ignores it with buckets)."""
 
     @property
     def fresh(self) -> bool:
         """Whether the subset's latents must be encoded each step."""
-        return self.random_crop or self.color_aug
+        return self.random_crop or self.color_aug or self.face_crop is not None
 
 
 def random_crop_origin(resized: tuple[int, int], bucket: tuple[int, int], rng: random.Random) -> tuple[int, int]:
@@ -90,6 +94,45 @@ def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
     return image
 
 
+def step_crop(
+    path: Path,
+    size: tuple[int, int],
+    resized: tuple[int, int],
+    crop: tuple[int, int],
+    bucket: tuple[int, int],
+    aug: ImageAugment,
+    rng: random.Random,
+) -> CropPlan:
+    """This step's scaling and crop origin of an image of ``size``: around its face (``face_crop`` and a face in
+    the file name), else the manifest's ``resized`` cut at a random origin (``random_crop``) or at ``crop``."""
+    face = face_box(path) if aug.face_crop is not None else None
+    if face is not None and aug.face_crop is not None:
+        return face_crop_plan(size, bucket, face, aug.face_crop, aug.random_crop, rng)
+    origin = random_crop_origin(resized, bucket, rng) if aug.random_crop else crop
+    return CropPlan(resized=resized, origin=origin)
+
+
+def fresh_image(
+    path: Path,
+    resized: tuple[int, int],
+    crop: tuple[int, int],
+    bucket: tuple[int, int],
+    interpolation: str | None,
+    flip: bool,
+    aug: ImageAugment,
+    rng: random.Random,
+) -> tuple[torch.Tensor, CropPlan]:
+    """One step's [3, H, W] image in [-1, 1]: resized and cropped (``step_crop``), colour-augmented, flipped
+    (module docstring); and the crop it was cut with (a loss mask is cut the same way)."""
+    image = load_rgb(path)
+    plan = step_crop(path, image.size, resized, crop, bucket, aug, rng)
+    image = resize_and_crop(image, plan.resized, plan.origin[0], plan.origin[1], bucket, interpolation)
+    if aug.color_aug:
+        image = Image.fromarray(color_aug(np.asarray(image), rng))
+    x = to_tensor(image)
+    return (x.flip(-1) if flip else x), plan
+
+
 def fresh_pixels(
     path: Path,
     resized: tuple[int, int],
@@ -100,11 +143,5 @@ def fresh_pixels(
     aug: ImageAugment,
     rng: random.Random,
 ) -> torch.Tensor:
-    """One step's [3, H, W] image in [-1, 1]: resized, cropped (at random with ``random_crop``), colour-augmented,
-    flipped (module docstring)."""
-    origin = random_crop_origin(resized, bucket, rng) if aug.random_crop else crop
-    image = resize_and_crop(load_rgb(path), resized, origin[0], origin[1], bucket, interpolation)
-    if aug.color_aug:
-        image = Image.fromarray(color_aug(np.asarray(image), rng))
-    x = to_tensor(image)
-    return x.flip(-1) if flip else x
+    """``fresh_image``'s image alone."""
+    return fresh_image(path, resized, crop, bucket, interpolation, flip, aug, rng)[0]

@@ -40,7 +40,8 @@ __all__ = [
     "load_items",
     "make_batch",
 ]
-FreshLatent = Callable[[TrainItem, bool], tuple[Tensor, Tensor] | None]  # (item, flipped) -> this step's moments
+# (item, flipped) -> this step's (mean, logvar, loss mask on the latent grid or None), or None for a cached item
+FreshLatent = Callable[[TrainItem, bool], tuple[Tensor, Tensor, Tensor | None] | None]
 RERUN = "the caches are older than the manifest: rerun the cache rules"
 
 
@@ -119,6 +120,9 @@ def _item(
         resized=(int(r.resized_w), int(r.resized_h)),
         crop=(int(r.crop_left), int(r.crop_top)),
         interpolation=str(getattr(r, "resize_interpolation", "") or ""),
+        size=(int(getattr(r, "width", 0)), int(getattr(r, "height", 0))),
+        mask_source=str(getattr(r, "mask_source", "") or "") if mask_keys else "",
+        conditioning=str(getattr(r, "conditioning", "") or ""),
         **variants,
     )
 
@@ -287,16 +291,18 @@ def make_batch(
     float32 (``prior_loss_weight`` for regularisation items, else 1); ``loss_mask`` [B, H/8, W/8] float32 when
     an item has a cached loss mask (flipped with its latent; items without one get ones, as the reference), else
     None; ``preserve`` [B] bool (differential output preservation). ``fresh(item, flipped)``: the item's (mean,
-    logvar) encoded this step (uncached latents), or None for its cached entry.
+    logvar, loss mask or None) encoded this step (uncached latents; the mask cut with the image's crop), or None
+    for its cached entries.
     """
     chosen = [items[i] for i in indices]
     assert chosen, "make_batch needs at least one item"
     assert len({it.bucket for it in chosen}) == 1, f"a batch mixes buckets: {sorted({it.bucket for it in chosen})}"
     u = _draw("rand", (len(chosen),), generator, "cpu")
     flipped = [len(it.latent_keys) > 1 and bool(u[b] < 0.5) for b, it in enumerate(chosen)]
+    encoded = [fresh(it, f) if fresh else None for it, f in zip(chosen, flipped, strict=True)]
     moments = [
-        (fresh and fresh(it, f)) or tensors.latent(it.latent_keys[1 if f else 0])
-        for it, f in zip(chosen, flipped, strict=True)
+        (e[0], e[1]) if e is not None else tensors.latent(it.latent_keys[1 if f else 0])
+        for it, f, e in zip(chosen, flipped, encoded, strict=True)
     ]
     mean = torch.stack([m for m, _ in moments]).to(device, torch.float32)
     logvar = torch.stack([lv for _, lv in moments]).to(device, torch.float32)
@@ -316,7 +322,9 @@ def make_batch(
         "loss_weights": torch.tensor(
             [prior_loss_weight if it.is_reg else 1.0 for it in chosen], dtype=torch.float32, device=device
         ),
-        "loss_mask": loss_masks(chosen, flipped, tensors, tuple(mean.shape[2:]), device),
+        "loss_mask": loss_masks(
+            chosen, flipped, tensors, tuple(mean.shape[2:]), device, [e[2] if e is not None else None for e in encoded]
+        ),
         "preserve": torch.tensor([it.preserve for it in chosen], dtype=torch.bool, device=device),
     }
 
@@ -327,13 +335,18 @@ def loss_masks(
     tensors: CachedTensors,
     size: tuple[int, ...],
     device: torch.device | str,
+    fresh: Sequence[Tensor | None] = (),
 ) -> Tensor | None:
-    """[B, h, w] float32 cached loss masks of the items (ones for an item without one); None if none has one."""
+    """[B, h, w] float32 loss masks of the items: ``fresh[b]`` (cut with this step's crop) where given, else the
+    cached mask (ones for an item without one); None if no item has one."""
     if not any(it.mask_keys for it in chosen):
         return None
+    given = list(fresh) or [None] * len(chosen)
     masks = [
-        tensors.mask(it.mask_keys[1 if f else 0]).float() if it.mask_keys else torch.ones(size)
-        for it, f in zip(chosen, flipped, strict=True)
+        m.float()
+        if m is not None
+        else (tensors.mask(it.mask_keys[1 if f else 0]).float() if it.mask_keys else torch.ones(size))
+        for it, f, m in zip(chosen, flipped, given, strict=True)
     ]
     return torch.stack(masks).to(device)
 

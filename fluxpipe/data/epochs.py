@@ -43,6 +43,9 @@ class TrainItem:
     resized: tuple[int, int] = (0, 0)
     crop: tuple[int, int] = (0, 0)
     interpolation: str = ""
+    size: tuple[int, int] = (0, 0)  # the image's (W, H) as stored (a face crop scales it itself)
+    mask_source: str = ""  # "alpha" / "conditioning": where a loss mask cut each step comes from ("": none)
+    conditioning: str = ""  # the conditioning image (its R channel is the mask with --masked_loss)
 
 
 # ---- the epoch order ----------------------------------------------------------------------------------------

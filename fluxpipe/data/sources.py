@@ -159,11 +159,22 @@ def _read_metadata(path: Path, separator: str = ",") -> list[tuple[str, str]]:
         ) from e
 
 
+def caption_file(image: Path, extension: str) -> Path:
+    """The caption file of an image: NAME.ext, else for a face-coordinate name (NAME_CX_CY_W_H, five tokens or
+    more) the one without its last four tokens, as the reference looks them up; NAME.ext when neither exists."""
+    own = image.with_suffix(extension)
+    tokens = image.stem.split("_")
+    if own.is_file() or len(tokens) < 5:
+        return own
+    stripped = image.with_name("_".join(tokens[:-4]) + extension)
+    return stripped if stripped.is_file() else own
+
+
 def caption_of(c: Candidate, sub: SubsetConfig) -> str:
     """The caption the encoders see: caption file (or metadata / class_tokens) plus prefix and suffix."""
     text = c.caption
     if text is None:
-        file = c.path.with_suffix(sub.caption_extension)
+        file = caption_file(c.path, sub.caption_extension)
         if file.is_file():
             text = read_caption(file, all_lines=sub.enable_wildcard)
             if not text:  # the reference stops here too ("caption file is empty")

@@ -96,7 +96,7 @@ class TrainData:
     epochs: int
     w: World
     encoders: TextEncoders | None = None  # uncached text: the captions are encoded each step
-    latents: LatentEncoder | None = None  # uncached latents (random_crop / color_aug subsets): the AE each step
+    latents: LatentEncoder | None = None  # uncached latents (per-step image augmentation): the AE each step
 
 
 def load_data(s: LoopSettings, w: World) -> TrainData:
@@ -107,6 +107,8 @@ def load_data(s: LoopSettings, w: World) -> TrainData:
     batches = len(epoch_batches(items, sizes, 0, s.seed))
     total, epochs = plan_steps(batches, s)
     encoders = TextEncoders(s.live_text, s.device) if s.live_text is not None else None
+    if s.live_latents is not None:
+        s.live_latents.check(items)
     latents = LatentEncoder(s.live_latents, s.device) if s.live_latents is not None else None
     if encoders is not None:
         log.info("uncached text: the text encoders encode each step's captions")

@@ -37,6 +37,7 @@ def dataset_files(cfg: PipelineConfig) -> list[str]:
                         names = [e.name for e in it if e.is_file()]
                     bad += non_utf8_names(folder, names)
                     stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(IMAGE_EXTENSIONS)}
+                    stems |= {"_".join(t.split("_")[:-4]) for t in stems if t.count("_") >= 4}  # NAME_CX_CY_W_H
                     files.update(
                         os.path.join(folder, n)
                         for n in names
