@@ -73,10 +73,10 @@ def masked_loss(cfg: PipelineConfig) -> bool:
 
 def cached_by_every_method(cfg: PipelineConfig, flag: str) -> bool:
     """Whether every configured training section sets ``flag`` (cache_latents / cache_text_encoder_outputs):
-    only then does the manifest refuse what that cache cannot honour; a section without it trains uncached
-    (fluxpipe.commands.train_caches) and the training command checks its own flags."""
+    only then (or with no training section) does the manifest refuse what that cache cannot honour; a section
+    without it trains uncached (fluxpipe.commands.train_caches) and the training command checks its own flags."""
     sections = [flags for flags in (cfg.train, cfg.train_full, cfg.train_controlnet) if flags]
-    return bool(sections) and all(bool(flags.get(flag)) for flags in sections)
+    return all(bool(flags.get(flag)) for flags in sections)  # no section: strict, as the caching pipeline
 
 
 def caption_seed(cfg: PipelineConfig) -> int:
