@@ -38,7 +38,8 @@ def _reference_te3_names(blocks: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def t5_run(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """One 3-step run: lr 1e-3, --text_encoder_lr 2e-4 5e-5 (CLIP-L, T5), --unet_lr 3e-4, CLIP-L trained too."""
+    """One 3-step run: lr 1e-3, --text_encoder_lr 2e-4 5e-5 (CLIP-L, T5), --unet_lr 3e-4, CLIP-L trained too,
+    gradient checkpointing, a validation image and a sample prompt."""
     tmp = tmp_path_factory.mktemp("t5lora")
     toml = _dataset(tmp, "")
     groups: list[dict] = []
@@ -50,18 +51,22 @@ def t5_run(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
     def t5_spy(self: live_text.TextEncoders, captions: list[str], *rest: object) -> dict:
         calls.append((list(captions), torch.is_grad_enabled()))
+        checkpointing.append(self.t5.training and getattr(self.t5.encoder, "gradient_checkpointing", False))
         return encode(self, captions, *rest)  # type: ignore[arg-type]
 
     calls: list[tuple[list[str], bool]] = []
+    checkpointing: list[bool] = []
     prompts = tmp / "prompts.txt"
     prompts.write_text("a red cube --w 64 --h 64 --s 1 --d 5\n")
     flags = ("--network_args", "train_t5xxl=True", "--learning_rate", "1e-3", "--unet_lr", "3e-4", "--save_state")
+    flags += ("--gradient_checkpointing",)  # T5 checkpointed too, as in the reference: the gradients still arrive
     monitor = ("--validation_split", "0.34", "--validate_every_n_steps", "3", "--sample_prompts", str(prompts))
     argv = tiny_lora_argv(demo_dir, toml, tmp / "out", 3, *flags, "--text_encoder_lr", "2e-4", "5e-5", *monitor)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_lora, "build_optimizer", spy)
         mp.setattr(live_text.TextEncoders, "encode_t5", t5_spy)
         assert main([*argv, "--sample_every_n_steps", "3"]) == 0
+    assert checkpointing and all(checkpointing)
     return tmp / "out", groups, calls
 
 

@@ -97,6 +97,12 @@ def trained_t5(cfg: TrainLoraConfig, d: TrainData) -> tuple[torch.nn.Module | No
     if cfg.lycoris is not None or not cfg.lora.train_t5xxl or enc is None:
         return None, None
     enc.t5_in_loss = True
+    if cfg.gradient_checkpointing:  # as the reference does for a trained text encoder (T5's dropout is 0 here)
+        t5: Any = enc.t5.train()
+        if hasattr(t5, "activation_checkpointing_enable"):  # (transformers' name from late 5.x on)
+            t5.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return enc.t5, (lambda texts: enc.encode_t5(texts, cfg.device, cfg.compute_dtype))
 
 
