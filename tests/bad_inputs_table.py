@@ -49,7 +49,10 @@ Errors (`fluxpipe: error: ...`) stop with exit status 2 before any model loads o
   lycoris.kohya: needs the package lycoris-lora, which is not installed: pip install 'fluxpipe[lycoris]' (or
   lycoris-lora)`; a T5 LoRA with cached text (`tests/test_uncached_text.py`): `fluxpipe: error: --network_args
   train_t5xxl=True with --cache_text_encoder_outputs: a T5 LoRA needs T5 to run every step; turn off
-  cache_text_encoder_outputs (the reference refuses this too)`. Each exits with status 2.
+  cache_text_encoder_outputs (the reference refuses this too)`; a T5 LoRA without text-encoder training
+  (`tests/test_t5_lora.py`): `fluxpipe: error: --network_args train_t5xxl=True with --network_train_unet_only:
+  the reference then drops the T5 LoRA modules and trains no T5 LoRA; drop one of the two`. Each exits with
+  status 2.
 
 | bad input | what the user sees |
 |---|---|

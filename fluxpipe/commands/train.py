@@ -100,10 +100,10 @@ def lora_spec(ns: argparse.Namespace) -> LoraSpec:
             "--network_args train_t5xxl=True with --cache_text_encoder_outputs: a T5 LoRA needs T5 to run every "
             "step; turn off cache_text_encoder_outputs (the reference refuses this too)"
         )
-    if spec.train_t5xxl:
+    if spec.train_t5xxl and ns.network_train_unet_only:
         raise FluxpipeError(
-            "--network_args train_t5xxl=True: fluxpipe does not train a T5 LoRA yet (the uncached text "
-            "encoders run frozen); drop train_t5xxl"
+            "--network_args train_t5xxl=True with --network_train_unet_only: the reference then drops the T5 "
+            "LoRA modules and trains no T5 LoRA; drop one of the two"
         )
     return spec
 

@@ -91,7 +91,6 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "ss_network_dim": str(ns.network_dim),
         "ss_network_alpha": str(ns.network_alpha),
         "ss_network_dropout": str(ns.network_dropout),
-        "ss_network_args": json.dumps(ns.network_args or []),
         "ss_network_train_unet_only": str(bool(ns.network_train_unet_only)),
         "ss_mixed_precision": ns.mixed_precision,
         "ss_v2": "False",
@@ -123,4 +122,15 @@ def training_metadata(ns: argparse.Namespace, variant: str, batches: int, images
         "modelspec.implementation_version": f"fluxpipe/{__version__}",
         "fluxpipe_settings": settings_digest(ns, data),
     }
+    if ns.network_args:
+        meta["ss_network_args"] = network_args_metadata(ns.network_args, ns.network_dropout)
     return meta
+
+
+def network_args_metadata(network_args: list[str], network_dropout: float | None) -> str:
+    """The reference's ss_network_args: a JSON object of the ``key=value`` strings (values kept as strings),
+    ``dropout`` (--network_dropout, null when unset) added when the args do not set it; only written when
+    --network_args is given."""
+    kwargs: dict[str, object] = {k: v for k, _, v in (a.partition("=") for a in network_args if "=" in a)}
+    kwargs.setdefault("dropout", network_dropout)
+    return json.dumps(kwargs)

@@ -55,6 +55,14 @@ def encode_prompts(
         pooled = torch.zeros(len(prompts), 0, device=t5_device, dtype=next(t5.parameters()).dtype)
     else:
         pooled = clip(clip_ids.to(next(clip.parameters()).device)).pooler_output
-    t5_mask = mask.to(t5_device) if apply_t5_attn_mask else None
-    hidden = t5(t5_ids.to(t5_device), attention_mask=t5_mask).last_hidden_state
+    hidden = t5_hidden(t5, t5_ids, mask, apply_t5_attn_mask)
     return PromptEmbeddings(pooled=pooled, t5=hidden, mask=mask.to(torch.int64))
+
+
+def t5_hidden(t5: nn.Module, ids: Tensor, mask: Tensor, apply_t5_attn_mask: bool) -> Tensor:
+    """T5's last hidden state [B, L, ctx] of token ``ids`` [B, L] on T5's device (``mask`` [B, L] given to T5 only
+    with ``apply_t5_attn_mask``). Keeps the caller's grad mode: a trained T5 LoRA (train_t5xxl) gets gradients."""
+    device = next(t5.parameters()).device
+    t5_mask = mask.to(device) if apply_t5_attn_mask else None
+    out: Tensor = t5(ids.to(device), attention_mask=t5_mask).last_hidden_state
+    return out

@@ -36,6 +36,7 @@ from fluxpipe.training.weights import Optimizers
 __all__ = ["TrainLoraConfig", "run", "train"]
 log = logging.getLogger(__name__)
 PooledFn = Callable[[list[str]], torch.Tensor]
+T5Fn = Callable[[list[str]], dict[str, torch.Tensor]]  # captions -> {"t5", "t5_mask"} through a trained T5 LoRA
 Network = FluxLoRANetwork | LycorisFluxNetwork  # what the loop trains (--network_module)
 
 
@@ -43,16 +44,24 @@ class LoraLoss(torch.nn.Module):
     """One rank's loss of a batch, as a module whose only parameters are the LoRA's (what DDP wraps)."""
 
     def __init__(
-        self, network: Network, dit: torch.nn.Module, m: FlowSettings, pooled_fn: PooledFn | None = None
+        self,
+        network: Network,
+        dit: torch.nn.Module,
+        m: FlowSettings,
+        pooled_fn: PooledFn | None = None,
+        t5_fn: T5Fn | None = None,
     ) -> None:
         super().__init__()
-        self.network, self.dit, self.m, self.pooled_fn = network, [dit], m, pooled_fn  # (the DiT is not registered)
+        self.network, self.dit, self.m = network, [dit], m  # (the DiT is not registered)
+        self.pooled_fn, self.t5_fn = pooled_fn, t5_fn
 
     def forward(
         self, batch: dict, gen: torch.Generator, rows: list[int] | None, captions: list[str] | None
     ) -> torch.Tensor:
         if self.pooled_fn is not None:  # a trained CLIP-L LoRA: its pooled vector, inside DDP's forward
             batch = {**batch, "pooled": self.pooled_fn(captions or [])}
+        if self.t5_fn is not None:  # a trained T5 LoRA: T5's hidden states with gradients, inside DDP's forward
+            batch = {**batch, **self.t5_fn(captions or [])}
         if rows == []:  # a short batch left this rank nothing: a zero loss that still reaches every parameter
             draw_flow_noise(batch, self.m, gen)  # the same draws as the other ranks, no forward pass
             return torch.stack([p.sum() for p in self.network.parameters()]).sum() * 0.0
@@ -69,23 +78,46 @@ def clip_pooled(clip: torch.nn.Module, tokenizer: Any, captions: list[str], dtyp
     return clip(ids.to(next(clip.parameters()).device)).pooler_output.to(dtype)
 
 
-def trained_clip(cfg: TrainLoraConfig) -> tuple[torch.nn.Module | None, PooledFn | None, list[str]]:
-    """With --clip_l (not --network_train_unet_only): the CLIP-L whose LoRA trains too, its pooled-vector
-    function and the manifest's captions."""
+def trained_clip(cfg: TrainLoraConfig) -> tuple[torch.nn.Module | None, PooledFn | None]:
+    """With --clip_l (not --network_train_unet_only): the CLIP-L whose LoRA trains too and its pooled-vector
+    function."""
     if cfg.clip_l is None:
-        return None, None, []
-    from fluxpipe.io.tables import read_parquet
+        return None, None
     from fluxpipe.models.text_encoders import load_clip_tokenizer
 
     clip: Any = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
     tokenizer = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
-    captions = read_parquet(cfg.manifest)[0].caption.tolist()
-    return clip, (lambda texts: clip_pooled(clip, tokenizer, texts, cfg.compute_dtype)), captions
+    return clip, (lambda texts: clip_pooled(clip, tokenizer, texts, cfg.compute_dtype))
 
 
-def build_network(cfg: TrainLoraConfig, dit: torch.nn.Module, clip: torch.nn.Module | None) -> Network:
-    """What this method trains: the LoRA of the DiT (and of CLIP-L), applied to the frozen models; or a LyCORIS
-    network of the DiT through its package (--network_module lycoris.kohya)."""
+def trained_t5(cfg: TrainLoraConfig, d: TrainData) -> tuple[torch.nn.Module | None, T5Fn | None]:
+    """With --network_args train_t5xxl=True (uncached text, checked by the command): the uncached text's T5,
+    which then runs inside the loss with gradients to its LoRA, and its hidden-states function."""
+    enc = d.encoders
+    if cfg.lycoris is not None or not cfg.lora.train_t5xxl or enc is None:
+        return None, None
+    enc.t5_in_loss = True
+    if cfg.gradient_checkpointing:  # as the reference does for a trained text encoder (T5's dropout is 0 here)
+        t5: Any = enc.t5.train()
+        if hasattr(t5, "activation_checkpointing_enable"):  # (transformers' name from late 5.x on)
+            t5.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return enc.t5, (lambda texts: enc.encode_t5(texts, cfg.device, cfg.compute_dtype))
+
+
+def manifest_captions(cfg: TrainLoraConfig) -> list[str]:
+    from fluxpipe.io.tables import read_parquet
+
+    captions: list[str] = read_parquet(cfg.manifest)[0].caption.tolist()
+    return captions
+
+
+def build_network(
+    cfg: TrainLoraConfig, dit: torch.nn.Module, clip: torch.nn.Module | None, t5: torch.nn.Module | None = None
+) -> Network:
+    """What this method trains: the LoRA of the DiT (and of CLIP-L, and of T5 with train_t5xxl), applied to the
+    frozen models; or a LyCORIS network of the DiT through its package (--network_module lycoris.kohya)."""
     network: Network
     if cfg.lycoris is not None:
         lora = cfg.lora
@@ -93,7 +125,7 @@ def build_network(cfg: TrainLoraConfig, dit: torch.nn.Module, clip: torch.nn.Mod
             dit, cfg.lycoris, lora.network_dim, lora.network_alpha, lora.dropout, cfg.network_dtype
         )
     else:
-        network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, dtype=cfg.network_dtype)
+        network = FluxLoRANetwork(dit, cfg.lora, clip_l=clip, t5xxl=t5, dtype=cfg.network_dtype)
     network = network.to(cfg.device)
     if cfg.network_weights is not None:
         network.load_kohya(load_lora_file(cfg.network_weights), strict=True)
@@ -146,16 +178,17 @@ def lora_saver(cfg: TrainLoraConfig, network: Network, meta: dict[str, str]) -> 
 
 def lora_method(cfg: TrainLoraConfig, s: LoopSettings, d: TrainData, w: World) -> Method:
     dit = load_dit(cfg)
-    clip, pooled_fn, captions = trained_clip(cfg)
-    network = build_network(cfg, dit, clip)
+    (clip, pooled_fn), (t5, t5_fn) = trained_clip(cfg), trained_t5(cfg, d)
+    captions = manifest_captions(cfg) if pooled_fn or t5_fn else []  # (the validation's, for a trained encoder)
+    network = build_network(cfg, dit, clip, t5)
     dit.train()
     ema = create_ema(cfg.ema, network)
     optim = lora_optimizers(cfg, network, d.total)
     opt, sched = optim.optimizers["main"], optim.schedulers["main"]
-    model = wrap(LoraLoss(network, dit, cfg.math, pooled_fn), w)
+    model = wrap(LoraLoss(network, dit, cfg.math, pooled_fn, t5_fn), w)
 
     def loss(batch: dict, gen: torch.Generator, rows: list[int] | None, indices: list[int]) -> torch.Tensor:
-        texts = batch["captions"] if pooled_fn is not None else None  # (this epoch's caption variants)
+        texts = batch["captions"] if pooled_fn or t5_fn else None  # (this epoch's / this step's captions)
         out: torch.Tensor = model(batch, gen, rows, texts)
         return out
 
@@ -164,10 +197,13 @@ def lora_method(cfg: TrainLoraConfig, s: LoopSettings, d: TrainData, w: World) -
         load_optimizer_state(opt, state.optimizer)
         sched.load_state_dict(state.scheduler)
 
-    def prepare(batch: dict, items: list) -> dict:  # the validation's pooled vector of a trained CLIP-L
-        if pooled_fn is None:
+    def prepare(batch: dict, items: list) -> dict:  # the validation's encodings of a trained CLIP-L / T5
+        if pooled_fn is None and t5_fn is None:
             return batch
-        return {**batch, "pooled": pooled_fn([captions[items[i].row] for i in batch["indices"]]).to(cfg.compute_dtype)}
+        texts = [captions[items[i].row] for i in batch["indices"]]
+        if pooled_fn is not None:
+            batch = {**batch, "pooled": pooled_fn(texts).to(cfg.compute_dtype)}
+        return batch if t5_fn is None else {**batch, **t5_fn(texts)}
 
     def monitor(logger: Any, writes: bool) -> Any:  # noqa: ANN401
         return build_monitor(
@@ -179,6 +215,7 @@ def lora_method(cfg: TrainLoraConfig, s: LoopSettings, d: TrainData, w: World) -
             dtype=cfg.compute_dtype,
             writes=writes,
             pooled_fn=pooled_fn,
+            txt_fn=None if t5_fn is None else (lambda texts: t5_fn(texts)["t5"]),
             prepare=prepare,
         )
 

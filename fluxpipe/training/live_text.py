@@ -47,7 +47,9 @@ def step_captions(live: LiveText, items: Sequence[TrainItem], epoch: int, step: 
 
 
 class TextEncoders:
-    """CLIP-L and T5 loaded once on ``device`` (in the frozen encoders' dtype), encoding a batch's captions."""
+    """CLIP-L and T5 loaded once on ``device`` (in the frozen encoders' dtype), encoding a batch's captions.
+    A T5 LoRA run (``train_t5xxl``) attaches its lora_te3 modules to ``t5`` and sets ``t5_in_loss``: ``__call__``
+    then leaves T5 out and the loss calls ``encode_t5`` with gradients."""
 
     def __init__(self, live: LiveText, device: str) -> None:
         from fluxpipe.io.checkpoints import load_model
@@ -55,6 +57,7 @@ class TextEncoders:
         from fluxpipe.parallel.devices import encode_dtype
 
         self.live, dtype = live, encode_dtype(device)
+        self.t5_in_loss = False  # True: a trained T5 LoRA; T5 runs inside the loss (encode_t5), not in __call__
         self.clip_tok: Any = te.load_clip_tokenizer(live.clip_tokenizer) if live.clip_l is not None else None
         self.t5_tok: Any = te.load_t5_tokenizer(live.t5_tokenizer, max_length=live.max_length)
         self.clip = load_model(live.clip_l, "clip_l", dtype=dtype, device=device) if live.clip_l else None
@@ -67,10 +70,20 @@ class TextEncoders:
         te.check_vocab(self.t5_tok, te.embedding_rows(self.t5), "T5", "t5_tokenizer")
 
     def __call__(self, captions: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """``pooled`` [B, 768], ``t5`` [B, L, 4096] in ``dtype`` and ``t5_mask`` [B, L] bool, as ``make_batch``'s."""
-        from fluxpipe.data.text_encoding import encode_prompts
+        """``pooled`` [B, 768], ``t5`` [B, L, 4096] in ``dtype`` and ``t5_mask`` [B, L] bool, as ``make_batch``'s
+        (``pooled`` only with ``t5_in_loss``)."""
+        from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH, encode_prompts
 
         live = self.live
+        if self.t5_in_loss:
+            if self.clip is None:  # Chroma: no pooled vector
+                return {"pooled": torch.zeros(len(captions), 0, device=device, dtype=dtype)}
+            ids = self.clip_tok(
+                captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
+            with torch.no_grad():
+                pooled = self.clip(ids.to(next(self.clip.parameters()).device)).pooler_output
+            return {"pooled": pooled.to(device, dtype)}
         emb = encode_prompts(
             self.clip, self.t5, self.clip_tok, self.t5_tok, captions, live.max_length, live.apply_t5_attn_mask
         )
@@ -79,3 +92,12 @@ class TextEncoders:
             "t5": emb.t5.to(device, dtype),
             "t5_mask": emb.mask.to(device).bool(),
         }
+
+    def encode_t5(self, captions: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``t5`` [B, L, 4096] in ``dtype`` and ``t5_mask`` [B, L] bool of ``captions``, in the caller's grad mode
+        (the training step's: gradients reach the T5 LoRA attached to ``self.t5``)."""
+        from fluxpipe.data.text_encoding import t5_hidden, tokenize
+
+        _, ids, mask = tokenize(None, self.t5_tok, captions, self.live.max_length)
+        hidden = t5_hidden(self.t5, ids, mask, self.live.apply_t5_attn_mask)
+        return {"t5": hidden.to(device, dtype), "t5_mask": mask.to(device).bool()}

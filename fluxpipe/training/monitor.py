@@ -97,13 +97,14 @@ class Monitor:
         sampler=None,  # noqa: ANN001
         conds: dict | None = None,
         pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
+        txt_fn: Callable[[list[str]], torch.Tensor] | None = None,
         validation: Callable[[], dict[str, float]] | None = None,
         logger=None,  # noqa: ANN001
         writes: bool = True,
     ) -> None:
         self.s, self.output_dir, self.output_name, self.seed = s, output_dir, output_name, seed
         self.writes = writes  # False: compute (a sharded model needs every process) but leave the files to rank 0
-        self.sampler, self.conds, self.pooled_fn = sampler, conds or {}, pooled_fn
+        self.sampler, self.conds, self.pooled_fn, self.txt_fn = sampler, conds or {}, pooled_fn, txt_fn
         self.validation, self.logger = validation, logger
         self.validation_file = output_dir / f"{output_name}-validation.jsonl"
         self.weights: Callable[[], contextlib.AbstractContextManager] = (
@@ -150,6 +151,10 @@ class Monitor:
                     with torch.no_grad():
                         cond = replace(cond, vec=self.pooled_fn([p.prompt]).cpu())
                         neg = None if neg is None else replace(neg, vec=self.pooled_fn([p.negative_prompt]).cpu())
+                if self.txt_fn is not None:  # a trained T5 LoRA: the T5 hidden states of the current weights
+                    with torch.no_grad():
+                        cond = replace(cond, txt=self.txt_fn([p.prompt]).cpu())
+                        neg = None if neg is None else replace(neg, txt=self.txt_fn([p.negative_prompt]).cpu())
                 image = self.sampler.image(p, cond, neg, seed)
                 path = self.output_dir / "sample" / sample_name(self.output_name, step, epoch, p.index, seed, stamp)
                 if self.writes:
@@ -229,6 +234,7 @@ def build_monitor(
     dtype: torch.dtype,
     writes: bool = True,
     pooled_fn: Callable[[list[str]], torch.Tensor] | None = None,
+    txt_fn: Callable[[list[str]], torch.Tensor] | None = None,
     model_for: Callable[[dict], torch.nn.Module] | None = None,
     prepare: Callable[[dict, list], dict] | None = None,
     controlnet: torch.nn.Module | None = None,
@@ -266,6 +272,7 @@ def build_monitor(
         sampler=sampler,
         conds=conds,
         pooled_fn=pooled_fn,
+        txt_fn=txt_fn,
         validation=validation,
         logger=logger,
         writes=writes,
