@@ -3,6 +3,7 @@ model, exact resume, and the refused inputs."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,30 @@ def test_a_dataset_without_conditioning_images_is_refused(
     plain.write_text("\n".join(line for line in toml.splitlines() if "conditioning_data_dir" not in line))
     assert main(["train", "controlnet", *cn_command(demo_dir, tmp_path / "out", dataset=plain)]) == 2
     assert "no conditioning image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "bucket", "says"),
+    [
+        ("random_crop = true", "true", "random_crop"),
+        ("face_crop_aug_range = [2.0, 4.0]", "false", "face_crop_aug_range"),
+    ],
+)
+def test_a_crop_drawn_each_step_is_refused_before_any_work(
+    demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, bucket: str, says: str
+) -> None:
+    """The conditioning image is cut at the target's centred crop (as the reference's ControlNetDataset, which
+    refuses random_crop): a crop drawn each step would train on misaligned pairs. Latent caching off, so only
+    the ControlNet rule can refuse it; nothing is written."""
+    toml = (REPO / "config/demo/dataset.toml").read_text()
+    toml = re.sub(r"enable_bucket = \w+", f"enable_bucket = {bucket}", toml)
+    cropped = tmp_path / "cropped.toml"
+    cropped.write_text(toml.replace("[[datasets.subsets]]", f"[[datasets.subsets]]\n{setting}", 1))
+    flags = [f for f in cn_command(demo_dir, tmp_path / "out", dataset=cropped) if f != "--cache_latents"]
+    assert main(["train", "controlnet", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "ControlNet" in err[0] and "cropped.toml" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> None:
     w = world()  # under torchrun: this process's rank (DDP for LoRA and ControlNet, FSDP2 for the full fine-tune)
     device = device_for(w, resolve_device("auto"))
     train_config.check_supported(ns, device, args.method)  # before any work: a refused flag costs nothing
-    _check_datasets(own, ns)
+    _check_datasets(args.method, own, ns)
     from fluxpipe.io.output_dir import check_output_dir, output_lock
 
     check_output_dir(Path(ns.output_dir))  # (creates it: after every check of the settings)
@@ -43,13 +43,16 @@ def _train(args: argparse.Namespace) -> None:
         _train_locked(args.method, own, ns, w, device)
 
 
-def _check_datasets(own: argparse.Namespace, ns: argparse.Namespace) -> None:
+def _check_datasets(method: str, own: argparse.Namespace, ns: argparse.Namespace) -> None:
     """The dataset settings, in every process, before the output folder is touched: a bad one costs nothing."""
     from fluxpipe.commands import train as train_config
     from fluxpipe.config.reference_flags import given_dataset_flags
 
+    datasets = train_config.load_datasets(ns) if own.cache_dir is None or method == "controlnet" else None
+    if datasets is not None:
+        train_config.check_controlnet_crops(method, ns, datasets)
     if own.cache_dir is None:
-        train_config.check_kontext_pairs(ns, train_config.load_datasets(ns))
+        train_config.check_kontext_pairs(ns, datasets)
         return
     if given_dataset_flags(ns):
         raise FluxpipeError(

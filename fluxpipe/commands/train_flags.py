@@ -191,3 +191,20 @@ def check_kontext_pairs(ns: argparse.Namespace, datasets) -> None:  # noqa: ANN0
             "--model_type kontext trains on pairs: add conditioning_data_dir (a folder with one "
             "reference image per target image, same file stem)"
         )
+
+
+def check_controlnet_crops(method: str, ns: argparse.Namespace, datasets) -> None:  # noqa: ANN001 - DatasetsConfig
+    """ControlNet pairs are cut at the target's centred crop (as the reference's ControlNetDataset, which refuses
+    random_crop): a crop drawn each step (random_crop; face_crop_aug_range without buckets) would misalign them."""
+    if method != "controlnet":
+        return
+    for i, ds in enumerate(datasets.datasets):
+        for j, sub in enumerate(ds.subsets):
+            face = sub.face_crop_aug_range is not None and not ds.enable_bucket
+            if sub.random_crop or face:
+                option = "random_crop" if sub.random_crop else "face_crop_aug_range"
+                raise FluxpipeError(
+                    f"{datasets.source}: datasets[{i}].subsets[{j}]: {option} with ControlNet: the conditioning "
+                    f"image is cut at the target's centred crop, so a crop drawn each step would misalign the "
+                    f"pair (the reference refuses random_crop here too); drop {option} for this subset"
+                )
