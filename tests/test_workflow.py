@@ -543,8 +543,10 @@ def test_rules_declare_their_threads(workdir: Path) -> None:
 
 def test_uncached_text_and_latents_in_the_pipeline_train_a_lora(finished_demo: tuple, tmp_path: Path) -> None:
     """train: cache_text_encoder_outputs / cache_latents false: the LoRA's training encodes each step's captions
-    (token warm-up, which no cache can follow) and random_crop images itself, on the demo's caches."""
+    (token warm-up, which no cache can follow) and random_crop images itself, on the demo's caches; with uncached
+    text a T5 LoRA (network_args train_t5xxl=True) trains beside the DiT's."""
     import yaml
+    from safetensors import safe_open
 
     work = edited_copy(finished_demo[0], tmp_path / "work")
     toml = work / "config/demo/flags/dataset.toml"
@@ -553,9 +555,13 @@ def test_uncached_text_and_latents_in_the_pipeline_train_a_lora(finished_demo: t
     cfg = yaml.safe_load(config.read_text())
     cfg["train"].pop("save_every_n_epochs")
     cfg["train"].update(max_train_epochs=1, cache_latents=False, cache_text_encoder_outputs=False)
+    cfg["train"].update(network_train_unet_only=False, network_args=["train_t5xxl=True"])
     config.write_text(yaml.safe_dump(cfg))
     result = snakemake(work, "train_lora")
     assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(str(work / "results/train/lora/demo_lora.safetensors"), "pt") as f:
+        prefixes = {k.split("_")[1] for k in f.keys()}
+    assert prefixes == {"unet", "te1", "te3"}, prefixes  # the DiT's, CLIP-L's and T5's LoRA
     log = (work / "logs/train_lora.log").read_text()
     assert "uncached text: the text encoders encode each step's captions" in log, log[-2000:]
     assert "uncached latents: the AE encodes the random_crop / color_aug subsets' images each step" in log
