@@ -18,7 +18,7 @@ from fluxpipe.cli import main
 from fluxpipe.commands.train_caches import check_fresh_latents
 from fluxpipe.config.dataset import parse_datasets
 from fluxpipe.data import augment
-from fluxpipe.data.augment import ImageAugment, color_aug, fresh_pixels, random_crop_origin
+from fluxpipe.data.augment import ImageAugment, color_aug, fresh_image, random_crop_origin
 from fluxpipe.data.images import resize_and_crop, to_tensor
 from fluxpipe.errors import FluxpipeError
 from fluxpipe.training import live_latents
@@ -69,11 +69,11 @@ def test_fresh_pixels_crop_at_the_drawn_origin(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (72, 104, 3), dtype=np.uint8)).save(path)
     aug = ImageAugment(random_crop=True)
-    got = fresh_pixels(path, (104, 72), (20, 4), (64, 64), None, True, aug, random.Random(5))
+    got = fresh_image(path, (104, 72), (20, 4), (64, 64), None, True, aug, random.Random(5))[0]
     left, top = random_crop_origin((104, 72), (64, 64), random.Random(5))
     want = to_tensor(resize_and_crop(Image.open(path).convert("RGB"), (104, 72), left, top, (64, 64))).flip(-1)
     assert torch.equal(got, want)
-    centred = fresh_pixels(path, (104, 72), (20, 4), (64, 64), None, False, ImageAugment(), random.Random(5))
+    centred = fresh_image(path, (104, 72), (20, 4), (64, 64), None, False, ImageAugment(), random.Random(5))[0]
     assert torch.equal(centred, to_tensor(resize_and_crop(Image.open(path).convert("RGB"), (104, 72), 20, 4, (64, 64))))
 
 

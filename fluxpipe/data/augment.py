@@ -131,17 +131,3 @@ def fresh_image(
         image = Image.fromarray(color_aug(np.asarray(image), rng))
     x = to_tensor(image)
     return (x.flip(-1) if flip else x), plan
-
-
-def fresh_pixels(
-    path: Path,
-    resized: tuple[int, int],
-    crop: tuple[int, int],
-    bucket: tuple[int, int],
-    interpolation: str | None,
-    flip: bool,
-    aug: ImageAugment,
-    rng: random.Random,
-) -> torch.Tensor:
-    """``fresh_image``'s image alone."""
-    return fresh_image(path, resized, crop, bucket, interpolation, flip, aug, rng)[0]
