@@ -72,11 +72,11 @@ def _cache_text(args: argparse.Namespace) -> None:
     cfg = pipeline(args)
     c = cfg.cache
     files, toks = workflow.model_files(cfg), workflow.tokenizer_dirs(cfg)
-    variant = inspect_checkpoint(files["flux"], "flux").describe()["variant"]
+    variant = inspect_checkpoint(files["flux"], workflow.dit_slot(cfg)).describe()["variant"]
     cache_text.run(
         cache_text.CacheTextConfig(
             manifest=args.manifest,
-            clip_l=Path(files["clip_l"]),
+            clip_l=Path(files["clip_l"]) if "clip_l" in files else None,  # (none for Chroma)
             t5xxl=Path(files["t5xxl"]),
             clip_tokenizer=Path(toks["clip_tokenizer"]) if toks["clip_tokenizer"] else None,
             t5_tokenizer=Path(toks["t5_tokenizer"]) if toks["t5_tokenizer"] else None,

@@ -38,20 +38,22 @@ def pipeline_models(args: argparse.Namespace):  # noqa: ANN202 - (PipelineConfig
     """The pipeline config, its model files (the demo's when none is set) and the DiT's variant."""
     from fluxpipe.inference.sampler import ModelFiles
     from fluxpipe.io.checkpoints import inspect_checkpoint
-    from fluxpipe.workflow import model_files, tokenizer_dirs
+    from fluxpipe.workflow import dit_slot, model_files, tokenizer_dirs
 
     cfg = pipeline(args)
     files, toks = model_files(cfg), tokenizer_dirs(cfg)
-    if cfg.models.demo and not Path(files["flux"]).is_file():
+    if cfg.models.demo and not all(Path(f).is_file() for f in files.values()):
+        rules = "demo_models demo_chroma" if cfg.chroma else "demo_models"
         raise FluxpipeError(
             f"{files['flux']}: the demo models are not there yet; run `snakemake --cores 1 "
-            "demo_models` (or set the model files in the config)"
+            f"{rules}` (or set the model files in the config)"
         )
     models = ModelFiles(
-        **{k: Path(v) for k, v in files.items()},
+        **{k: Path(v) for k, v in files.items() if k != "clip_l"},
+        clip_l=Path(files["clip_l"]) if "clip_l" in files else None,  # (none for Chroma)
         **{k: Path(v) if v else None for k, v in toks.items()},  # type: ignore[arg-type] # (tokenizer folders)
     )
-    return cfg, models, inspect_checkpoint(models.flux, "flux").describe()["variant"]
+    return cfg, models, inspect_checkpoint(models.flux, dit_slot(cfg)).describe()["variant"]
 
 
 def compute_dtype(device: str):  # noqa: ANN202

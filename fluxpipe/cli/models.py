@@ -32,6 +32,9 @@ def _validate(args: argparse.Namespace) -> None:
 def _demo_models(args: argparse.Namespace) -> None:
     from fluxpipe.tools import demo as demo_models
 
+    if args.chroma:
+        print(f"chroma: {demo_models.write_chroma_demo(args.out, seed=args.seed)}")
+        return
     demo_models.run(demo_models.DemoModelsConfig(out=args.out, seed=args.seed, trained=args.trained))
 
 
@@ -122,5 +125,11 @@ def add_demo_models(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the DiT and AE trained on a world of coloured shapes "
         "(64 px, prompts like 'a red circle on a blue background'; seed 0 only)",
+    )
+    p.add_argument(
+        "--chroma",
+        action="store_true",
+        help="write only the tiny random Chroma DiT (chroma-tiny.safetensors), which pairs with the AE, T5 and "
+        "tokenizers written without --chroma",
     )
     p.set_defaults(func=_demo_models)

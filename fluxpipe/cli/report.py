@@ -97,7 +97,8 @@ def settings_rows(ns: argparse.Namespace, method: str) -> list[tuple[str, str]]:
 
 
 def _model_files(ns: argparse.Namespace, method: str) -> tuple[tuple[str, Path], ...]:
-    files = [("flux", ns.pretrained_model_name_or_path), ("ae", ns.ae), ("clip_l", ns.clip_l), ("t5xxl", ns.t5xxl)]
+    dit = "chroma" if ns.model_type == "chroma" else "flux"
+    files = [(dit, ns.pretrained_model_name_or_path), ("ae", ns.ae), ("clip_l", ns.clip_l), ("t5xxl", ns.t5xxl)]
     if method == "controlnet" and ns.controlnet_model_name_or_path:
         files.append(("controlnet (start)", ns.controlnet_model_name_or_path))
     return tuple((slot, Path(p)) for slot, p in files if p)

@@ -17,7 +17,7 @@ def _sample(args: argparse.Namespace) -> None:
     from fluxpipe.inference.sampler import default_steps
     from fluxpipe.stages import sample
 
-    _, models, variant = pipeline_models(args)
+    cfg, models, variant = pipeline_models(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise FluxpipeError("give either --prompt TEXT or --prompts-file FILE")
     if args.prompt is not None:
@@ -50,11 +50,12 @@ def _sample(args: argparse.Namespace) -> None:
             device=device,
             dtype=compute_dtype(device),
             t5_max_length=args.t5xxl_max_token_length or default_t5_max_length(variant),
-            apply_t5_attn_mask=args.apply_t5_attn_mask,
+            apply_t5_attn_mask=args.apply_t5_attn_mask or cfg.chroma,  # (Chroma always encodes with the mask)
             blocks_to_swap=args.blocks_to_swap,
             compile_blocks=args.compile,
             controlnet=args.controlnet,
             reference_size=args.reference_size,
+            model_type="chroma" if cfg.chroma else "flux",
         )
     )
 
@@ -103,6 +104,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             blocks_to_swap=ev.blocks_to_swap,
             controlnet=Path(ev.controlnet) if ev.controlnet else None,
             reference_size=ev.reference_size,
+            model_type="chroma" if cfg.chroma else "flux",
             manifest=args.manifest,
         )
     )

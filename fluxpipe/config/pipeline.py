@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
+from fluxpipe.config.model_types import check_chroma
 from fluxpipe.config.dataset import DatasetsConfig, load_dataset_toml, parse_datasets
 from fluxpipe.config.reference_flags import given_dataset_flags, parse_train_args
 from fluxpipe.config.typed import ConfigError, from_dict
@@ -44,14 +46,21 @@ class ModelsConfig:
     def demo(self) -> bool:
         return all(getattr(self, s) is None for s in MODEL_SLOTS)
 
-    def __post_init__(self) -> None:
-        given = [s for s in MODEL_SLOTS if getattr(self, s) is not None]
-        if given and len(given) != len(MODEL_SLOTS):
-            missing = [s for s in MODEL_SLOTS if s not in given]
+    def check(self, chroma: bool) -> None:
+        """All four model files or none (the demo); Chroma (train.model_type: chroma): no CLIP-L, the other three
+        or none."""
+        if chroma and self.clip_l is not None:
             raise ConfigError(
-                f"models: set all four model files or none (none = demo models); missing: "
-                f"{', '.join('models.' + m for m in missing)}"
+                f"models.clip_l: {self.clip_l}: Chroma (train.model_type: chroma) uses no CLIP-L text encoder; "
+                "leave models.clip_l empty"
             )
+        slots = [s for s in MODEL_SLOTS if not (chroma and s == "clip_l")]
+        given = [s for s in slots if getattr(self, s) is not None]
+        if given and len(given) != len(slots):
+            missing = [s for s in slots if s not in given]
+            what = "the Chroma DiT (models.flux), ae and t5xxl" if chroma else "all four model files"
+            named = ", ".join("models." + m for m in missing)
+            raise ConfigError(f"models: set {what} or none (none = demo models); missing: {named}")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -182,6 +191,14 @@ class PipelineConfig:
             raise ConfigError(f"train_processes: {self.train_processes} is not a positive number of processes")
         if self.train_segment_steps < 0:
             raise ConfigError(f"train_segment_steps: {self.train_segment_steps} is negative (0: no segments)")
+        self.models.check(self.chroma)
+        if self.chroma:
+            check_chroma_pipeline(self)
+
+    @property
+    def chroma(self) -> bool:
+        """The pipeline's model is Chroma (train.model_type: chroma): models.flux names a Chroma DiT."""
+        return (self.train or {}).get("model_type") == "chroma"
 
     def datasets(self) -> DatasetsConfig | None:
         """The validated dataset structure (None when no dataset is configured)."""
@@ -192,6 +209,22 @@ class PipelineConfig:
         return None
 
 
+def check_chroma_pipeline(cfg: PipelineConfig) -> None:
+    """What a Chroma pipeline needs beyond the training flags (those are checked as `fluxpipe train lora
+    --model_type chroma` checks them): LoRA training only, the T5 mask in the text cache."""
+    others = [s for s in ("train_full", "train_controlnet") if getattr(cfg, s) is not None]
+    if others:
+        raise ConfigError(
+            f"{', '.join(others)}: train.model_type chroma: only LoRA training supports Chroma; leave "
+            f"{' and '.join(others)} empty (`{others[0]}:` with no value)"
+        )
+    if not cfg.cache.apply_t5_attn_mask:
+        raise ConfigError(
+            "cache.apply_t5_attn_mask: false, but Chroma (train.model_type: chroma) needs the T5 attention mask "
+            "in the text cache: set cache.apply_t5_attn_mask: true"
+        )
+
+
 def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
     """PipelineConfig from the parsed config.yaml mapping (empty strings count as unset); the dataset
     structure is validated too, so a typo anywhere fails here."""
@@ -200,8 +233,10 @@ def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
     for section, method in (("train", "lora"), ("train_full", "full"), ("train_controlnet", "controlnet")):
         flags = getattr(cfg, section)
         if flags is not None:
+            owned = {k: "x" for k in PIPELINE_OWNED_FLAGS if not (cfg.chroma and k == "clip_l")}
             try:  # fails on any bad flag, naming the section
-                ns = parse_train_args(train_argv(flags, {k: "x" for k in PIPELINE_OWNED_FLAGS}), method)
+                ns = parse_train_args(train_argv(flags, owned), method)
+                check_chroma(ns, method)  # (as the standalone command: LoRA only, the T5 mask, guidance 0)
             except FluxpipeError as e:
                 raise ConfigError(f"{section}: {e}") from e
             if given_dataset_flags(ns):
@@ -217,7 +252,7 @@ def load_pipeline(data: dict[str, Any] | None) -> PipelineConfig:
 PIPELINE_OWNED_FLAGS = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "dataset_config", "output_dir")
 
 
-def train_argv(train: dict[str, Any], owned: dict[str, str]) -> list[str]:
+def train_argv(train: dict[str, Any], owned: Mapping[str, str | None]) -> list[str]:
     """config.yaml's ``train:`` mapping as the reference's command line (true -> --flag, lists -> nargs)."""
     clash = sorted(set(train) & set(PIPELINE_OWNED_FLAGS))
     if clash:

@@ -53,6 +53,7 @@ class EvaluateConfig:
     apply_t5_attn_mask: bool = False
     blocks_to_swap: int = 0
     reference_size: str = "kontext"  # Kontext prompts' reference resize: kontext (official) or target (sample size)
+    model_type: str = "flux"  # chroma: models.flux is a Chroma DiT (T5 mask, guidance 0, the shifted schedule)
     controlnet: Path | None = None  # for prompts with a control image (--cn)
     manifest: Path | None = None  # the dataset manifest: its training images for the sample distance
 
@@ -233,6 +234,7 @@ def open_session(cfg: EvaluateConfig) -> Session:
         apply_t5_attn_mask=cfg.apply_t5_attn_mask,
         controlnet=cfg.controlnet,
         reference_size=cfg.reference_size,
+        model_type=cfg.model_type,
     )
     return Session(sampler, texts, base_conds, enc)
 

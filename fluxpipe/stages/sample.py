@@ -37,6 +37,7 @@ class SampleConfig:
     compile_blocks: bool = False
     controlnet: Path | None = None  # a ControlNet-Flux for prompts with a control image
     reference_size: str = "kontext"  # Kontext reference resize: kontext (official) or target (the sample's size)
+    model_type: str = "flux"  # chroma: models.flux is a Chroma DiT (T5 mask, guidance 0, the shifted schedule)
 
 
 def parse_lora_arg(value: str) -> tuple[Path, float]:
@@ -85,6 +86,7 @@ def run(cfg: SampleConfig) -> list[Path]:
         compile_blocks=cfg.compile_blocks,
         controlnet=cfg.controlnet,
         reference_size=cfg.reference_size,
+        model_type=cfg.model_type,
     )
     for path, layout, kohya in loaded:  # every module matched its layer (apply_lora is strict): all patched
         print(lora_line(path, layout, kohya))

@@ -59,34 +59,57 @@ DEMO_OUTPUTS = [DEMO_FILES[s] for s in MODEL_SLOTS] + [
     f"{DEMO_FILES['t5_tokenizer']}/tokenizer.json",
 ]
 DEMO_VERSION = 2  # bump when the demo models' content changes
+# rule demo_chroma: the DiT of the demo with train.model_type chroma
+DEMO_CHROMA = f"{DEMO_DIR}/chroma-tiny.safetensors"
+
+
+def model_slots(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The model files the pipeline uses: all four, or without CLIP-L for Chroma (train.model_type: chroma)."""
+    return tuple(s for s in MODEL_SLOTS if not (cfg.chroma and s == "clip_l"))
 
 
 def model_files(cfg: PipelineConfig) -> dict[str, str]:
-    """slot -> model file: the configured paths, or the demo models when none is configured."""
+    """slot -> model file: the configured paths, or the demo models when none is configured (the tiny Chroma DiT
+    under ``flux`` for Chroma); Chroma has no ``clip_l``."""
     if cfg.models.demo:
-        return {s: DEMO_FILES[s] for s in MODEL_SLOTS}
-    return {s: getattr(cfg.models, s) for s in MODEL_SLOTS}
+        return {s: DEMO_CHROMA if cfg.chroma and s == "flux" else DEMO_FILES[s] for s in model_slots(cfg)}
+    return {s: getattr(cfg.models, s) for s in model_slots(cfg)}
 
 
 def tokenizer_dirs(cfg: PipelineConfig) -> dict[str, str | None]:
-    """Tokenizer folders: the demo's own with the demo models, else the configured ones (None: hub id)."""
+    """Tokenizer folders: the demo's own with the demo models, else the configured ones (None: hub id); no CLIP
+    tokenizer for Chroma."""
     if cfg.models.demo:
-        return {k: DEMO_FILES[k] for k in ("clip_tokenizer", "t5_tokenizer")}
-    return {"clip_tokenizer": cfg.models.clip_tokenizer, "t5_tokenizer": cfg.models.t5_tokenizer}
+        dirs: dict[str, str | None] = {k: DEMO_FILES[k] for k in ("clip_tokenizer", "t5_tokenizer")}
+    else:
+        dirs = {"clip_tokenizer": cfg.models.clip_tokenizer, "t5_tokenizer": cfg.models.t5_tokenizer}
+    return {**dirs, "clip_tokenizer": None} if cfg.chroma else dirs
+
+
+def dit_slot(cfg: PipelineConfig) -> str:
+    """The loader slot of models.flux: ``chroma`` for Chroma (fluxpipe.io.checkpoints.dit_slot), else ``flux``."""
+    return "chroma" if cfg.chroma else "flux"
 
 
 def validate_inputs(cfg: PipelineConfig) -> dict[str, str]:
     """Files the validate rule depends on (model files plus tokenizer files when they are local)."""
     inputs = model_files(cfg)
     if cfg.models.demo:
-        inputs["clip_vocab"] = f"{DEMO_FILES['clip_tokenizer']}/vocab.json"
+        if not cfg.chroma:
+            inputs["clip_vocab"] = f"{DEMO_FILES['clip_tokenizer']}/vocab.json"
         inputs["t5_vocab"] = f"{DEMO_FILES['t5_tokenizer']}/tokenizer.json"
     return inputs
 
 
+def validate_files_argv(cfg: PipelineConfig) -> list[str]:
+    """`fluxpipe validate`'s model files (--flux FILE --ae FILE ...; no --clip-l for Chroma)."""
+    return [word for slot, path in model_files(cfg).items() for word in (f"--{slot.replace('_', '-')}", path)]
+
+
 def validate_args(cfg: PipelineConfig) -> list[str]:
-    """Extra command-line words for `fluxpipe validate` (tokenizers, hash cache); quote with {params.x:q}."""
-    args: list[str] = []
+    """Extra command-line words for `fluxpipe validate` (the model type, tokenizers, hash cache); quote with
+    {params.x:q}."""
+    args: list[str] = ["--model-type", "chroma"] if cfg.chroma else []
     for key, folder in tokenizer_dirs(cfg).items():
         if folder:
             args += [f"--{key.replace('_', '-')}", folder]
@@ -126,9 +149,11 @@ def latent_params(cfg: PipelineConfig, report: str) -> str:
 
 def text_params(cfg: PipelineConfig, report: str) -> str:
     c, files = cfg.cache, validated_digests(report)
+    # (Chroma: the report names its DiT "chroma" and has no clip_l, so no FLUX cache digest matches a Chroma one)
+    used = ("clip_l", "t5xxl", "flux", "chroma", "clip_tokenizer", "t5_tokenizer")
     return settings_digest(
         {
-            **{k: files[k] for k in ("clip_l", "t5xxl", "flux", "clip_tokenizer", "t5_tokenizer")},
+            **{k: files[k] for k in used if k in files},
             "len": c.t5xxl_max_token_length,
             "mask": c.apply_t5_attn_mask,
             "dtype": c.text_dtype,
@@ -205,12 +230,12 @@ def method_output(cfg: PipelineConfig, method: str) -> str:
     return f"{METHOD_DIRS[method]}/{flags.get('output_name') or 'last'}.safetensors"
 
 
-def owned_flags(cfg: PipelineConfig, output_dir: str) -> dict[str, str]:
+def owned_flags(cfg: PipelineConfig, output_dir: str) -> dict[str, str | None]:
     """The training flags the pipeline sets itself: its model files, the dataset config and the output folder."""
     files = model_files(cfg)
     return {
         "pretrained_model_name_or_path": files["flux"],
-        "clip_l": files["clip_l"],
+        "clip_l": files.get("clip_l"),  # (none for Chroma)
         "t5xxl": files["t5xxl"],
         "ae": files["ae"],
         "dataset_config": cfg.dataset_config or "",
