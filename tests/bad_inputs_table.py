@@ -51,7 +51,12 @@ Errors (`fluxpipe: error: ...`) stop with exit status 2 before any model loads o
   train_t5xxl=True with --cache_text_encoder_outputs: a T5 LoRA needs T5 to run every step; turn off
   cache_text_encoder_outputs (the reference refuses this too)`; a T5 LoRA without text-encoder training
   (`tests/test_t5_lora.py`): `fluxpipe: error: --network_args train_t5xxl=True with --network_train_unet_only:
-  the reference then drops the T5 LoRA modules and trains no T5 LoRA; drop one of the two`. Each exits with
+  the reference then drops the T5 LoRA modules and trains no T5 LoRA; drop one of the two`; a Chroma pipeline
+  with a training section it cannot run (`tests/test_chroma_pipeline.py`): `fluxpipe: error: train_full:
+  train.model_type chroma: only LoRA training supports Chroma; leave train_full empty (`train_full:` with no
+  value)` (and one line each for `models.clip_l` set, `cache.apply_t5_attn_mask: false`, a `train:` without
+  the T5 mask or with guidance other than 0; a FLUX.1 file as the Chroma DiT stops `validate_models` with the
+  line above). Each exits with
   status 2.
 
 | bad input | what the user sees |
