@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,9 @@ torch.set_num_threads(1)  # tests may run beside other work on a 2-core machine
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPO = Path(__file__).resolve().parents[1]
+# PATH of the tests' local Snakemake runs: tests/no_slurm first (its `scontrol` fails at once: without it, every
+# Snakemake start spends ~9 s in the SLURM plugin's `scontrol show config` where SLURM is installed but not running)
+NO_SLURM_PATH = f"{REPO / 'tests/no_slurm'}:{Path(sys.executable).parent}:/usr/bin:/bin"
 
 
 def timeout_factor() -> float:

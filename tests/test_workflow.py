@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, scaled
+from conftest import NO_SLURM_PATH, REPO, scaled
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
-        "PATH": f"{BIN}:/usr/bin:/bin",
+        "PATH": NO_SLURM_PATH,
         "HOME": str(workdir),
         "XDG_CACHE_HOME": str(workdir / ".cache"),
         "PYTHONPATH": str(REPO),  # this checkout's fluxpipe (not the one the environment has installed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, dataset_toml, make_dataset, scaled
+from conftest import NO_SLURM_PATH, REPO, dataset_toml, make_dataset, scaled
 from PIL import Image
 from safetensors import safe_open
 
@@ -24,7 +24,7 @@ TARGETS = ("cache_latents", "cache_text_encoder_outputs")
 
 def env(workdir: Path) -> dict[str, str]:
     return {
-        "PATH": f"{BIN}:/usr/bin:/bin",
+        "PATH": NO_SLURM_PATH,
         "HOME": str(workdir),
         "XDG_CACHE_HOME": str(workdir / ".cache"),
         "OMP_NUM_THREADS": "1",
