@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _checkout_entries() -> set[str] | None:
     """Untracked and ignored entries of the checkout (folders collapsed), or None outside a git checkout."""
-    import subprocess
-
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, timeout=60
@@ -77,6 +76,21 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo_models")
     write_demo_models(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One finished demo project (`snakemake --cores 1 train_lora`, then evaluate_samples), shared by the whole
+    session: the tests that edit or rerun it each work on their own copy (test_workflow.edited_copy), and
+    tests/test_slurm.py compares its cluster-trained LoRA with this one's."""
+    from test_workflow import copy_repo, snakemake
+
+    work = copy_repo(tmp_path_factory.mktemp("demo"))
+    result = snakemake(work, "train_lora")  # the README's main job
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = snakemake(work, "evaluate_samples")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    return work, result
 
 
 def write_st(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

@@ -55,18 +55,6 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """One finished demo project (train_lora, then evaluate_samples), shared by the tests below; the edit tests
-    each work on their own copy (`edited_copy`)."""
-    work = copy_repo(tmp_path_factory.mktemp("demo"))
-    result = snakemake(work, "train_lora")  # the README's main job
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = snakemake(work, "evaluate_samples")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    return work, result
-
-
 def edited_copy(finished: Path, dest: Path) -> Path:
     shutil.copytree(finished, dest, symlinks=True)  # keeps mtimes and Snakemake's records
     return dest
