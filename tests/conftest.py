@@ -93,6 +93,19 @@ def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpr
     return work, result
 
 
+@pytest.fixture(scope="session")
+def validated_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch copy of the workflow in which `snakemake validate_models` ran (the demo models written and
+    validated, with Snakemake's records of them): the tests about what comes after it start from a copy of it
+    (test_workflow.edited_copy) rather than each writing and hashing the demo models again (~11 s a run)."""
+    from test_workflow import copy_repo, snakemake
+
+    work = copy_repo(tmp_path_factory.mktemp("validated"))
+    result = snakemake(work, "validate_models")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
 def write_st(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file for a test (plain, non-atomic: the code under test reads it)."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
