@@ -428,11 +428,15 @@ def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -
     assert failure_lines([]) == ([], False)
 
 
-def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir: Path) -> None:
+def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(
+    validated_models: Path, tmp_path: Path
+) -> None:
     """`snakemake train_lora evaluate_samples` with train.model_type: kontext: the demo flags paired with their
     edge maps (conditioning_data_dir), reference latents in the cache, samples made with the reference image."""
     import yaml
     from PIL import Image
+
+    workdir = edited_copy(validated_models, tmp_path / "work")  # the demo models, validated: no cache yet
 
     config = workdir / "config/config.yaml"
     cfg = yaml.safe_load(config.read_text())
@@ -463,12 +467,14 @@ def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir
         assert final.tobytes() != with_reference
 
 
-def test_augmented_captions_masks_and_reg_images_train_a_lora(workdir: Path) -> None:
+def test_augmented_captions_masks_and_reg_images_train_a_lora(validated_models: Path, tmp_path: Path) -> None:
     """One run of the modes the caches used to refuse: shuffled / dropped captions (cached variants), a reg subset
     with alpha masks, --prior_loss_weight and differential output preservation, and --masked_loss masks from
     conditioning images."""
     import yaml
     from PIL import Image
+
+    workdir = edited_copy(validated_models, tmp_path / "work")  # the demo models, validated: no cache yet
 
     reg = workdir / "config/demo/reg"
     reg.mkdir()
