@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,9 @@ torch.set_num_threads(1)  # tests may run beside other work on a 2-core machine
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPO = Path(__file__).resolve().parents[1]
+# PATH of the tests' local Snakemake runs: tests/no_slurm first (its `scontrol` fails at once: without it, every
+# Snakemake start spends ~9 s in the SLURM plugin's `scontrol show config` where SLURM is installed but not running)
+NO_SLURM_PATH = f"{REPO / 'tests/no_slurm'}:{Path(sys.executable).parent}:/usr/bin:/bin"
 
 
 def timeout_factor() -> float:
@@ -43,8 +48,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _checkout_entries() -> set[str] | None:
     """Untracked and ignored entries of the checkout (folders collapsed), or None outside a git checkout."""
-    import subprocess
-
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, timeout=60
@@ -73,6 +76,34 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo_models")
     write_demo_models(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One finished demo project (`snakemake --cores 1 train_lora`, then evaluate_samples), shared by the whole
+    session: the tests that edit or rerun it each work on their own copy (test_workflow.edited_copy), and
+    tests/test_slurm.py compares its cluster-trained LoRA with this one's."""
+    from test_workflow import copy_repo, snakemake
+
+    work = copy_repo(tmp_path_factory.mktemp("demo"))
+    result = snakemake(work, "train_lora")  # the README's main job
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = snakemake(work, "evaluate_samples")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    return work, result
+
+
+@pytest.fixture(scope="session")
+def validated_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch copy of the workflow in which `snakemake validate_models` ran (the demo models written and
+    validated, with Snakemake's records of them): the tests about what comes after it start from a copy of it
+    (test_workflow.edited_copy) rather than each writing and hashing the demo models again (~11 s a run)."""
+    from test_workflow import copy_repo, snakemake
+
+    work = copy_repo(tmp_path_factory.mktemp("validated"))
+    result = snakemake(work, "validate_models")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
 
 
 def write_st(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

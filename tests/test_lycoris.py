@@ -217,13 +217,13 @@ def test_tiny_training_run_writes_a_lokr_file_both_loaders_read(
 
 
 @pytest.mark.workflow
-def test_snakemake_train_lora_with_lycoris_on_the_demo(tmp_path: Path) -> None:
+def test_snakemake_train_lora_with_lycoris_on_the_demo(finished_demo: tuple, tmp_path: Path) -> None:
     """The demo pipeline with a LoKr network ends with a LyCORIS file that fluxpipe's sampler path reads."""
-    from test_workflow import copy_repo, snakemake
+    from test_workflow import edited_copy, snakemake
 
     from fluxpipe.inference.sampler import load_lora
 
-    work = copy_repo(tmp_path)
+    work = edited_copy(finished_demo[0], tmp_path / "work")  # the demo's caches; its LoRA is trained again
     cfg = work / "config" / "config.yaml"
     text = cfg.read_text()
     for old, new in (
@@ -239,6 +239,7 @@ def test_snakemake_train_lora_with_lycoris_on_the_demo(tmp_path: Path) -> None:
     cfg.write_text(text)
     result = snakemake(work, "train_lora")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "rule train_lora:" in result.stdout + result.stderr  # the network changed: trained again
     final = work / "results/train/lora/demo_lora.safetensors"
     layout, sd = load_lora(final)
     assert layout == "kohya" and any(k.endswith(".lokr_w1") for k in sd)

@@ -1,13 +1,13 @@
 """The demo's train_lora through a real SLURM: a single-node cluster started on this machine
 (tests/slurm/start_slurm.sh: Debian's slurm-wlm 22.05, slurmdbd on MariaDB for sacct, munge) and
 snakemake-executor-plugin-slurm 2.8.0 with config/profiles/slurm (its GPU requests set to 0: the test node has
-no GPU). Every job must show in sacct as COMPLETED, and the LoRA must equal a local run's. Skips, saying why,
-only where SLURM cannot be started (not root, no package manager)."""
+no GPU). Every job must show in sacct as COMPLETED, and the LoRA must equal a local run's (the session's shared
+finished demo, tests/conftest.py). Skips, saying why, only where SLURM cannot be started (not root, no package
+manager)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -61,17 +61,20 @@ def copy_workflow(dest: Path) -> Path:
 
 
 def slurm_profile(dest: Path) -> Path:
-    """config/profiles/slurm for this one-node test cluster: its partition, no account, no GPUs, quick polls."""
+    """config/profiles/slurm for this one-node test cluster: its partition, no account, no GPUs, quick polls, one
+    thread a job (as the local run it is compared with: CPU matmuls split their sums by thread, so another count
+    rounds differently)."""
     profile = yaml.safe_load((REPO / "config/profiles/slurm/config.yaml").read_text())
     profile.update(
         {
             "jobs": 4,
             "slurm-no-account": True,
-            "slurm-init-seconds-before-status-checks": 2,
+            "slurm-init-seconds-before-status-checks": 1,  # the least: later checks add 10 s each
             "default-resources": {"slurm_partition": "cpu", "mem_mb": 2000, "runtime": 30},
         }
     )
     profile["set-resources"] = {rule: {"gpu": 0, "tasks_per_gpu": 0} for rule in GPU_RULES}
+    profile["set-threads"] = {rule: 1 for rule in (*GPU_RULES, "dataset_manifest")}
     (dest / "profile").mkdir()
     (dest / "profile/config.yaml").write_text(yaml.safe_dump(profile))
     return dest / "profile"
@@ -88,7 +91,9 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(slurm: None, tmp_path: Path) -> None:
+def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(
+    slurm: None, finished_demo: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     cluster = copy_workflow(tmp_path / "cluster")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     # the demo's 200 steps in segments of 80 (a queue's wall-time limit): two train_segment jobs, then train_lora
@@ -110,10 +115,9 @@ def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(slurm: None, 
     assert {"demo_models", "validate_models", "dataset_manifest", "latent_shard", "text_shard", "train_lora"} <= set(
         rules
     ) and rules.count("train_segment") == 2, rules
-    # one job, no segments: the same LoRA, bit for bit, at the cluster jobs' thread count (each job there takes
-    # this node's CPUs; CPU matmuls split their sums by thread, so another count rounds differently)
-    local = copy_workflow(tmp_path / "local")
-    assert snakemake(local, "--cores", str(os.cpu_count()), "train_lora").returncode == 0
+    # one local job at --cores 1, no segments (the session's finished demo): the same LoRA, bit for bit, as the
+    # cluster jobs ran at one thread each too
+    local = finished_demo[0]
     a = load_file(str(cluster / "results/train/lora/demo_lora.safetensors"))
     b = load_file(str(local / "results/train/lora/demo_lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

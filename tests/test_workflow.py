@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, scaled
+from conftest import NO_SLURM_PATH, REPO, scaled
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
-        "PATH": f"{BIN}:/usr/bin:/bin",
+        "PATH": NO_SLURM_PATH,
         "HOME": str(workdir),
         "XDG_CACHE_HOME": str(workdir / ".cache"),
         "PYTHONPATH": str(REPO),  # this checkout's fluxpipe (not the one the environment has installed)
@@ -53,18 +53,6 @@ def copy_repo(dest: Path) -> Path:
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     return dest
-
-
-@pytest.fixture(scope="module")
-def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """One finished demo project (train_lora, then evaluate_samples), shared by the tests below; the edit tests
-    each work on their own copy (`edited_copy`)."""
-    work = copy_repo(tmp_path_factory.mktemp("demo"))
-    result = snakemake(work, "train_lora")  # the README's main job
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = snakemake(work, "evaluate_samples")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    return work, result
 
 
 def edited_copy(finished: Path, dest: Path) -> Path:
@@ -440,11 +428,15 @@ def test_failed_jobs_show_their_error_line_or_their_last_lines(tmp_path: Path) -
     assert failure_lines([]) == ([], False)
 
 
-def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir: Path) -> None:
+def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(
+    validated_models: Path, tmp_path: Path
+) -> None:
     """`snakemake train_lora evaluate_samples` with train.model_type: kontext: the demo flags paired with their
     edge maps (conditioning_data_dir), reference latents in the cache, samples made with the reference image."""
     import yaml
     from PIL import Image
+
+    workdir = edited_copy(validated_models, tmp_path / "work")  # the demo models, validated: no cache yet
 
     config = workdir / "config/config.yaml"
     cfg = yaml.safe_load(config.read_text())
@@ -475,12 +467,14 @@ def test_kontext_lora_on_the_paired_demo_then_samples_with_the_reference(workdir
         assert final.tobytes() != with_reference
 
 
-def test_augmented_captions_masks_and_reg_images_train_a_lora(workdir: Path) -> None:
+def test_augmented_captions_masks_and_reg_images_train_a_lora(validated_models: Path, tmp_path: Path) -> None:
     """One run of the modes the caches used to refuse: shuffled / dropped captions (cached variants), a reg subset
     with alpha masks, --prior_loss_weight and differential output preservation, and --masked_loss masks from
     conditioning images."""
     import yaml
     from PIL import Image
+
+    workdir = edited_copy(validated_models, tmp_path / "work")  # the demo models, validated: no cache yet
 
     reg = workdir / "config/demo/reg"
     reg.mkdir()

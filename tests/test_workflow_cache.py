@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, dataset_toml, make_dataset, scaled
+from conftest import NO_SLURM_PATH, REPO, dataset_toml, make_dataset, scaled
 from PIL import Image
 from safetensors import safe_open
 
@@ -24,7 +24,7 @@ TARGETS = ("cache_latents", "cache_text_encoder_outputs")
 
 def env(workdir: Path) -> dict[str, str]:
     return {
-        "PATH": f"{BIN}:/usr/bin:/bin",
+        "PATH": NO_SLURM_PATH,
         "HOME": str(workdir),
         "XDG_CACHE_HOME": str(workdir / ".cache"),
         "OMP_NUM_THREADS": "1",
@@ -43,11 +43,10 @@ def summaries(workdir: Path) -> tuple[dict, dict]:
     return tuple(json.loads((workdir / f"results/cache/{k}/summary.json").read_text()) for k in ("latents", "text"))
 
 
-def setup_workdir(root: Path, n_images: int, latent_shards: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "rules", "config"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+def setup_workdir(root: Path, n_images: int, latent_shards: int, validated: Path) -> Path:
+    """A copy of ``validated`` (conftest's validated_models: the workflow with the demo models validated, no cache)
+    with a dataset of ``n_images``."""
+    shutil.copytree(validated, root, symlinks=True, dirs_exist_ok=True)  # keeps mtimes and Snakemake's records
     make_dataset(root / "data", n_images)
     dataset_toml(root / "data.toml", Path("data"))
     (root / "test.yaml").write_text(
@@ -60,8 +59,8 @@ def image_of(folder: Path, i: int) -> Path:
     return next(p for p in folder.glob(f"img{i:04d}.*") if p.suffix != ".txt")
 
 
-def test_dataset_edits_rerun_only_what_changed(tmp_path: Path) -> None:
-    work = setup_workdir(tmp_path, 200, 4)
+def test_dataset_edits_rerun_only_what_changed(validated_models: Path, tmp_path: Path) -> None:
+    work = setup_workdir(tmp_path, 200, 4, validated_models)
     snakemake(work, *TARGETS)
     latents, text = summaries(work)
     assert (latents["encoded"], text["encoded"]) == (200, 5)
@@ -131,24 +130,24 @@ def cache_tensors_equal(a_dir: Path, b_dir: Path) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
 
 
-def test_sigkill_of_a_cache_job_then_plain_rerun_completes_equal(tmp_path: Path) -> None:
+def test_sigkill_of_a_cache_job_then_plain_rerun_completes_equal(validated_models: Path, tmp_path: Path) -> None:
     from fluxpipe.io.shards import read_shard_metadata
 
-    killed = setup_workdir(tmp_path / "killed", 60, 3)
+    killed = setup_workdir(tmp_path / "killed", 60, 3, validated_models)
     done = start_and_kill(killed, kill_snakemake=False)  # kills the job building a later shard
     assert not (killed / "results/cache/latents/summary.json").exists()
     before = [read_shard_metadata(p)[1].build_id for p in done]
     snakemake(killed, *TARGETS)  # a plain rerun: the failed job left nothing behind
     assert [read_shard_metadata(p)[1].build_id for p in done] == before  # finished shards kept, not rebuilt
-    clean = setup_workdir(tmp_path / "clean", 60, 3)
+    clean = setup_workdir(tmp_path / "clean", 60, 3, validated_models)
     snakemake(clean, *TARGETS)
     cache_tensors_equal(killed, clean)
 
 
-def test_sigkill_of_snakemake_then_unlock_and_rerun_incomplete(tmp_path: Path) -> None:
+def test_sigkill_of_snakemake_then_unlock_and_rerun_incomplete(validated_models: Path, tmp_path: Path) -> None:
     from fluxpipe.io.shards import read_shard_metadata
 
-    killed = setup_workdir(tmp_path / "killed", 60, 3)
+    killed = setup_workdir(tmp_path / "killed", 60, 3, validated_models)
     done = start_and_kill(killed, kill_snakemake=True)
     # Snakemake's own bookkeeping after a SIGKILL: its lock, and outputs it marked incomplete. fluxpipe renames
     # an output into place as the job's last step, so a marked file is complete and rerunning it re-reads it.
@@ -158,8 +157,10 @@ def test_sigkill_of_snakemake_then_unlock_and_rerun_incomplete(tmp_path: Path) -
     assert json.loads((killed / "results/cache/latents/summary.json").read_text())["entries"] == 60
 
 
-def test_a_damaged_shard_is_deleted_by_the_index_and_a_plain_rerun_rebuilds_it(tmp_path: Path) -> None:
-    work = setup_workdir(tmp_path / "w", 6, 2)
+def test_a_damaged_shard_is_deleted_by_the_index_and_a_plain_rerun_rebuilds_it(
+    validated_models: Path, tmp_path: Path
+) -> None:
+    work = setup_workdir(tmp_path / "w", 6, 2, validated_models)
     snakemake(work, *TARGETS)
     shard = work / "results/cache/latents/shard-001.safetensors"
     expected = {k: v.clone() for k, v in shard_tensors(work / "results/cache/latents").items()}  # (mmap)
