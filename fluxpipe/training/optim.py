@@ -157,8 +157,6 @@ def build_scheduler(
     """The schedule as the reference builds it (spec §8.2): a constant one for the schedule-free optimizers,
     Adafactor's own for ``adafactor``, a ``scheduler_type`` class (module.Class, or a torch.optim.lr_scheduler
     name) over ``scheduler_args``, else transformers' schedule of that name (``scheduler_args`` on top)."""
-    from transformers import get_scheduler
-
     args = dict(scheduler_args or {})
     if type(optimizer).__module__.startswith("schedulefree"):  # the reference's DummyScheduler: lr stays as set
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -176,6 +174,10 @@ def build_scheduler(
         raise FluxpipeError(f"--lr_scheduler {name!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if name == "constant" and warmup_steps:
         raise FluxpipeError("--lr_scheduler constant takes no warmup: use constant_with_warmup")
+    if name == "constant":  # transformers' constant schedule (it ignores scheduler_args), without importing
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # transformers.optimization (peft, ~1 s)
+    from transformers import get_scheduler
+
     extra: dict[str, Any] = {}
     if name == "cosine_with_restarts":
         extra["num_cycles"] = num_cycles
