@@ -21,6 +21,7 @@ import torch
 import yaml
 from conftest import REPO, scaled
 from safetensors.torch import load_file
+from test_workflow import edited_copy
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 BIN = Path(sys.executable).parent
@@ -50,14 +51,6 @@ def slurm() -> Iterator[None]:
     if started_here:  # the daemons this test started go with it (a cluster found running stays)
         stop = subprocess.run(["bash", str(REPO / "tests/slurm/stop_slurm.sh")], capture_output=True, text=True)
         assert stop.returncode == 0, stop.stdout + stop.stderr
-
-
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in ("Snakefile", "rules", "config", "report"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    return dest
 
 
 def slurm_profile(dest: Path) -> Path:
@@ -92,14 +85,16 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(
-    slurm: None, finished_demo: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+    slurm: None, finished_demo: tuple[Path, subprocess.CompletedProcess[str]], validated_models: Path, tmp_path: Path
 ) -> None:
-    cluster = copy_workflow(tmp_path / "cluster")
+    # from the session's validated demo models (each job wave on the cluster costs a status poll of about 10 s):
+    # the dataset checkpoint, the shards, their indexes and the training run as SLURM jobs
+    cluster = edited_copy(validated_models, tmp_path / "cluster")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
-    # the demo's 200 steps in segments of 80 (a queue's wall-time limit): two train_segment jobs, then train_lora
-    # resumes
+    # the demo's 200 steps in segments of 100 (a queue's wall-time limit): one train_segment job, then train_lora
+    # resumes its state
     result = snakemake(
-        cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config", "train_segment_steps=80"
+        cluster, "--profile", str(slurm_profile(tmp_path)), "train_lora", "--config", "train_segment_steps=100"
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ran = int(re.findall(r"(\d+) of \d+ steps \(100%\) done", result.stdout + result.stderr)[-1])
@@ -112,9 +107,8 @@ def test_demo_train_lora_runs_through_slurm_and_equals_a_local_run(
     ours = [line.split("|") for line in jobs if line.split("|")[3].startswith(str(cluster))]
     rules = sorted(comment.split("_wildcards_")[0].removeprefix("rule_") for _, comment, _, _ in ours)
     assert len(ours) == ran and all(state == "COMPLETED" for _, _, state, _ in ours), jobs
-    assert {"demo_models", "validate_models", "dataset_manifest", "latent_shard", "text_shard", "train_lora"} <= set(
-        rules
-    ) and rules.count("train_segment") == 2, rules
+    assert {"dataset_manifest", "latent_shard", "text_shard", "train_lora"} <= set(rules), rules
+    assert rules.count("train_segment") == 1 and "demo_models" not in rules, rules  # (validated before)
     # one local job at --cores 1, no segments (the session's finished demo): the same LoRA, bit for bit, as the
     # cluster jobs ran at one thread each too
     local = finished_demo[0]
