@@ -115,7 +115,7 @@ def test_flux_file_with_model_type_chroma_is_one_line(
 
 @pytest.mark.parametrize("method", ["full", "controlnet"])
 def test_chroma_trains_loras_only(method: str) -> None:
-    from fluxpipe.commands.model_types import check_chroma
+    from fluxpipe.config.model_types import check_chroma
     from fluxpipe.config.reference_flags import parse_train_args
     from fluxpipe.errors import FluxpipeError
 

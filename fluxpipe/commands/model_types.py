@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from fluxpipe.config.model_types import check_chroma  # noqa: F401 - the rule lives with the config
 
 CHROMA_URL = "https://huggingface.co/lodestones/Chroma"  # modelspec.implementation of Chroma LoRAs (spec §5.7)
 

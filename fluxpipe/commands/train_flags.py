@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from fluxpipe.config.reference_flags import DATASET_FLAGS, FOLDER_FLAGS
-from fluxpipe.commands.model_types import check_chroma, dit_variant
+from fluxpipe.commands.model_types import dit_variant
+from fluxpipe.config.model_types import check_chroma
 from fluxpipe.errors import FluxpipeError
 
 log = logging.getLogger(__name__)
