@@ -33,8 +33,22 @@ def tokenize(clip_tok, t5_tok, prompts: list[str], max_length: int) -> tuple[Ten
     t5 = t5_tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     if clip_tok is None:
         return None, t5.input_ids, t5.attention_mask
-    clip = clip_tok(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
-    return clip.input_ids, t5.input_ids, t5.attention_mask
+    return clip_ids(clip_tok, prompts), t5.input_ids, t5.attention_mask
+
+
+def clip_ids(clip_tok, prompts: list[str]) -> Tensor:  # noqa: ANN001 - a transformers tokenizer
+    """CLIP-L token ids [B, 77], padded to the full length and truncated."""
+    ids: Tensor = clip_tok(
+        prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids
+
+
+def clip_pooled(clip: nn.Module, clip_tok, prompts: list[str]) -> Tensor:  # noqa: ANN001
+    """CLIP-L's pooled vectors [B, 768] of ``prompts`` on CLIP's device, in the caller's grad mode (a trained CLIP
+    LoRA gets gradients)."""
+    out: Tensor = clip(clip_ids(clip_tok, prompts).to(next(clip.parameters()).device)).pooler_output
+    return out
 
 
 @torch.no_grad()

@@ -68,26 +68,17 @@ class LoraLoss(torch.nn.Module):
         return flow_loss(self.dit[0], batch, self.m, gen, rows=rows, network=self.network)
 
 
-def clip_pooled(clip: torch.nn.Module, tokenizer: Any, captions: list[str], dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN401
-    """CLIP-L pooled vectors [B, 768] with gradients to the CLIP LoRA (the T5 outputs stay cached)."""
-    from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH
-
-    ids = tokenizer(
-        captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids
-    return clip(ids.to(next(clip.parameters()).device)).pooler_output.to(dtype)
-
-
 def trained_clip(cfg: TrainLoraConfig) -> tuple[torch.nn.Module | None, PooledFn | None]:
     """With --clip_l (not --network_train_unet_only): the CLIP-L whose LoRA trains too and its pooled-vector
     function."""
     if cfg.clip_l is None:
         return None, None
+    from fluxpipe.data.text_encoding import clip_pooled
     from fluxpipe.models.text_encoders import load_clip_tokenizer
 
     clip: Any = load_model(cfg.clip_l, "clip_l", dtype=cfg.compute_dtype, device=cfg.device).train()
     tokenizer = load_clip_tokenizer(cfg.clip_tokenizer, rows=clip.get_input_embeddings().num_embeddings)
-    return clip, (lambda texts: clip_pooled(clip, tokenizer, texts, cfg.compute_dtype))
+    return clip, (lambda texts: clip_pooled(clip, tokenizer, texts).to(cfg.compute_dtype))
 
 
 def trained_t5(cfg: TrainLoraConfig, d: TrainData) -> tuple[torch.nn.Module | None, T5Fn | None]:

@@ -72,17 +72,14 @@ class TextEncoders:
     def __call__(self, captions: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """``pooled`` [B, 768], ``t5`` [B, L, 4096] in ``dtype`` and ``t5_mask`` [B, L] bool, as ``make_batch``'s
         (``pooled`` only with ``t5_in_loss``)."""
-        from fluxpipe.data.text_encoding import CLIP_MAX_LENGTH, encode_prompts
+        from fluxpipe.data.text_encoding import clip_pooled, encode_prompts
 
         live = self.live
         if self.t5_in_loss:
             if self.clip is None:  # Chroma: no pooled vector
                 return {"pooled": torch.zeros(len(captions), 0, device=device, dtype=dtype)}
-            ids = self.clip_tok(
-                captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
-            ).input_ids
             with torch.no_grad():
-                pooled = self.clip(ids.to(next(self.clip.parameters()).device)).pooler_output
+                pooled = clip_pooled(self.clip, self.clip_tok, captions)
             return {"pooled": pooled.to(device, dtype)}
         emb = encode_prompts(
             self.clip, self.t5, self.clip_tok, self.t5_tok, captions, live.max_length, live.apply_t5_attn_mask
