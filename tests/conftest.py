@@ -94,16 +94,23 @@ def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpr
 
 
 @pytest.fixture(scope="session")
-def validated_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def validated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """A scratch copy of the workflow in which `snakemake validate_models` ran (the demo models written and
-    validated, with Snakemake's records of them): the tests about what comes after it start from a copy of it
-    (test_workflow.edited_copy) rather than each writing and hashing the demo models again (~11 s a run)."""
+    validated, with Snakemake's records of them), and that run: the tests about what comes after it start from a
+    copy of it (test_workflow.edited_copy) rather than each writing and hashing the demo models again (~11 s a
+    run)."""
     from test_workflow import copy_repo, snakemake
 
     work = copy_repo(tmp_path_factory.mktemp("validated"))
     result = snakemake(work, "validate_models")
     assert result.returncode == 0, result.stderr[-3000:]
-    return work
+    return work, result
+
+
+@pytest.fixture(scope="session")
+def validated_models(validated_run: tuple[Path, subprocess.CompletedProcess[str]]) -> Path:
+    """validated_run's workflow (never changed in place: copy it)."""
+    return validated_run[0]
 
 
 def write_st(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

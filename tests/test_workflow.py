@@ -39,11 +39,12 @@ def workdir(tmp_path: Path) -> Path:
     return copy_repo(tmp_path)
 
 
-def test_validate_models_on_the_demo_then_nothing_to_do(workdir: Path) -> None:
-    first = snakemake(workdir, "validate_models")
-    assert first.returncode == 0, first.stderr[-3000:]
-    report = json.loads((workdir / "results/validate/models.json").read_text())
+def test_validate_models_on_the_demo_then_nothing_to_do(validated_run: tuple, tmp_path: Path) -> None:
+    validated, first = validated_run  # `snakemake validate_models` in a fresh copy of the workflow
+    assert ran_jobs(first) == {"demo_models": 1, "validate_models": 1}, first.stderr[-3000:]
+    report = json.loads((validated / "results/validate/models.json").read_text())
     assert report["variant"] == "dev" and set(report["models"]) == {"flux", "ae", "clip_l", "t5xxl"}
+    workdir = edited_copy(validated, tmp_path / "work")  # Snakemake's records travel with the copy
     again = snakemake(workdir, "validate_models")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
