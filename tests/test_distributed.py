@@ -29,73 +29,31 @@ def test_rows_split_a_batch_evenly() -> None:
 def test_two_processes_train_the_lora_of_one_with_twice_the_batch(demo_dir: Path, tmp_path: Path) -> None:
     from test_train_lora import seed_command
 
-    toml = (REPO / "config/demo/dataset.toml").read_text()
-    per_process = tmp_path / "batch1.toml"
-    per_process.write_text(toml.replace("batch_size = 2", "batch_size = 1"))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    per_process = _batch1(tmp_path)
 
-    def args(out: Path, dataset: Path) -> list[str]:
+    def args(out: Path, dataset: Path = REPO / "config/demo/dataset.toml") -> list[str]:
         a = seed_command(demo_dir, out, "--network_train_unet_only", "--optimizer_type", "AdamW", "--save_state")
         a[a.index("--dataset_config") + 1] = str(dataset)
         a[a.index("--mixed_precision") + 1] = "no"  # fp32: the two layouts differ only by float summation order
-        return a
+        return ["train", "lora", *a]
 
-    one = subprocess.run(
-        [str(BIN / "fluxpipe"), "train", "lora", *args(tmp_path / "one", REPO / "config/demo/dataset.toml")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-    )
+    one = _run(args(tmp_path / "one"), 1)
     assert one.returncode == 0, one.stderr[-2000:]
     # the 2-process run in two segments: 2 processes stop at step 3 (mid-epoch), 2 processes resume and finish
-    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fluxpipe.cli", "train", "lora"]
-    first = subprocess.run(
-        [*torchrun, *args(tmp_path / "two", per_process), "--stop_at_step", "3"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-    )
+    first = _run([*args(tmp_path / "two", per_process), "--stop_at_step", "3"], 2)
     assert first.returncode == 0, first.stderr[-3000:]
     state = tmp_path / "two/my_flux_lora-seg00000003-state"
-    rest = subprocess.run(
-        [*torchrun, *args(tmp_path / "two", per_process), "--resume", str(state)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-    )
+    rest = _run([*args(tmp_path / "two", per_process), "--resume", str(state)], 2)
     assert rest.returncode == 0 and "resuming from" in rest.stderr, rest.stderr[-3000:]
     a = load_file(str(tmp_path / "one/my_flux_lora.safetensors"))
     b = load_file(str(tmp_path / "two/my_flux_lora.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert worst < 1e-5, worst
+    assert _worst(a, b) < 1e-5
     assert any(a[k].abs().sum() > 0 for k in a if "lora_up" in k)
     assert not list((tmp_path / "two").glob("*.tmp*"))  # rank 0 alone wrote, atomically
     # the 2-process run's mid-epoch state, resumed by 1 process: the world size may change between runs
-    resumed = subprocess.run(
-        [
-            str(BIN / "fluxpipe"),
-            "train",
-            "lora",
-            *args(tmp_path / "resumed", REPO / "config/demo/dataset.toml"),
-            "--resume",
-            str(state),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-    )
+    resumed = _run([*args(tmp_path / "resumed"), "--resume", str(state)], 1)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
-    c = load_file(str(tmp_path / "resumed/my_flux_lora.safetensors"))
-    assert max(float((a[k].float() - c[k].float()).abs().max()) for k in a) < 1e-5
+    assert _worst(a, load_file(str(tmp_path / "resumed/my_flux_lora.safetensors"))) < 1e-5
 
 
 def _run(command: list[str], processes: int) -> subprocess.CompletedProcess[str]:
