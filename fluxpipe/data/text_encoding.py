@@ -63,12 +63,12 @@ def encode_prompts(
 ) -> PromptEmbeddings:
     """Encode ``prompts`` on the encoders' device; outputs stay there, in the encoders' dtype. Without CLIP-L
     (``clip`` None: Chroma) ``pooled`` is an empty [B, 0] tensor."""
-    clip_ids, t5_ids, mask = tokenize(clip_tok if clip is not None else None, t5_tok, prompts, max_length)
-    t5_device = next(t5.parameters()).device
-    if clip is None or clip_ids is None:
-        pooled = torch.zeros(len(prompts), 0, device=t5_device, dtype=next(t5.parameters()).dtype)
+    _, t5_ids, mask = tokenize(None, t5_tok, prompts, max_length)
+    if clip is None:
+        t5_param = next(t5.parameters())
+        pooled = torch.zeros(len(prompts), 0, device=t5_param.device, dtype=t5_param.dtype)
     else:
-        pooled = clip(clip_ids.to(next(clip.parameters()).device)).pooler_output
+        pooled = clip_pooled(clip, clip_tok, prompts)
     hidden = t5_hidden(t5, t5_ids, mask, apply_t5_attn_mask)
     return PromptEmbeddings(pooled=pooled, t5=hidden, mask=mask.to(torch.int64))
 
